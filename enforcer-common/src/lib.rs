@@ -1,0 +1,481 @@
+//! Map key and value types shared by the ztseg eBPF programs and the userspace enforcer.
+//!
+//! Every type here is `#[repr(C)]`, has explicit padding fields and no `bool`, so the byte
+//! layout the kernel sees is the layout userspace writes. A compile-time assertion pins the size
+//! of each type; changing one is an ABI change and must bump [`ABI_VERSION`], which the enforcer
+//! checks against the pin directory before it reuses pinned maps.
+//!
+//! Addresses are stored as 16 bytes in network byte order; IPv4 uses the IPv4-mapped form
+//! `::ffff:a.b.c.d` so one key type serves both families.
+#![no_std]
+
+/// Layout version of every pinned map. Bump on any change to a type in this crate.
+pub const ABI_VERSION: u32 = 1;
+
+// ---- reserved identities and tenants -------------------------------------------------------
+
+/// No identity (never stored).
+pub const IDENTITY_UNKNOWN: u32 = 0;
+/// The host itself (loopback, host addresses).
+pub const IDENTITY_HOST: u32 = 1;
+/// Anything outside every known identity and CIDR.
+pub const IDENTITY_WORLD: u32 = 2;
+/// First identity number available to workloads and CIDR peers.
+pub const IDENTITY_FIRST_USER: u32 = 256;
+/// Wildcard identity in a [`PolicyKey`] probe.
+pub const IDENTITY_ANY: u32 = u32::MAX;
+
+/// Not a tenant: host, world and CIDR peers. Traffic to or from it is never cross-tenant.
+pub const TENANT_NONE: u32 = 0;
+/// Wildcard tenant in an [`AdminKey`].
+pub const TENANT_ANY: u32 = u32::MAX;
+
+/// Direction of a check, seen from the local workload.
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// Wildcard protocol / port in policy and admin keys.
+pub const PROTO_ANY: u8 = 0;
+pub const PORT_ANY: u16 = 0;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// ICMP and ICMPv6 rules match the message type, encoded as `ICMP_PORT_BASE | type` in the
+/// port field so that type 0 (echo reply) is not the port wildcard.
+pub const ICMP_PORT_BASE: u16 = 0x100;
+
+/// Policy port for an ICMP/ICMPv6 message type.
+#[must_use]
+pub const fn icmp_port(icmp_type: u8) -> u16 {
+    ICMP_PORT_BASE | icmp_type as u16
+}
+
+/// Slot value meaning "no rule slot" (failsafe and audit conntrack entries).
+pub const SLOT_NONE: u32 = u32::MAX;
+
+// ---- identities ------------------------------------------------------------------------------
+
+/// Value of the exact-match and LPM identity maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IdentityInfo {
+    pub identity: u32,
+    pub tenant: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 12);
+
+/// LPM key data for CIDR peers: 16 bytes, IPv4 in mapped form (prefix length + 96).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CidrAddr {
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<CidrAddr>() == 16);
+
+/// Endpoint mode flags.
+pub const ENDPOINT_F_AUDIT: u32 = 1;
+pub const ENDPOINT_F_HAS_V4: u32 = 2;
+pub const ENDPOINT_F_HAS_V6: u32 = 4;
+
+/// A managed workload as seen from one attachment point (an interface index for TC, a cgroup
+/// id for cgroup programs). The addresses are the only ones the workload may use as source:
+/// anything else leaving its interface is spoofed and dropped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub identity: u32,
+    pub tenant: u32,
+    pub flags: u32,
+    pub _pad: u32,
+    pub addr_v4: [u8; 16],
+    pub addr_v6: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 48);
+
+// ---- policy ------------------------------------------------------------------------------------
+
+/// Exact policy key. For an egress check `src` is the local workload, for ingress `dst` is.
+/// Wildcards: the peer side may be [`IDENTITY_ANY`], `proto` may be [`PROTO_ANY`] (then
+/// `dport` is [`PORT_ANY`]), `dport` may be [`PORT_ANY`]. For ICMP `dport` holds the type.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+}
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+
+pub const ACTION_ALLOW: u32 = 1;
+pub const ACTION_DENY: u32 = 2;
+/// Admin tier only: hand the decision to the tenant tier.
+pub const ACTION_PASS: u32 = 3;
+
+/// Value of a policy entry. Its expiry and liveness live in the rule-state slot it names, so
+/// one write moves the expiry of every entry and every established flow a rule admitted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    pub cookie: u32,
+    pub slot: u32,
+    pub action: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 16);
+
+/// Rule-state flag: the slot holds a live rule or grant.
+pub const RULE_F_ACTIVE: u32 = 1;
+
+/// One element of the rule-state array, indexed by slot. `expires_at` is `CLOCK_MONOTONIC`
+/// nanoseconds (the clock of `bpf_ktime_get_ns`); 0 means no expiry. The kernel checks it on
+/// every packet that relies on the rule, new or established.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleState {
+    pub expires_at: u64,
+    pub cookie: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<RuleState>() == 16);
+
+impl RuleState {
+    /// Whether a rule with `cookie` may still admit traffic at monotonic time `now`.
+    #[inline(always)]
+    #[must_use]
+    pub fn admits(&self, cookie: u32, now: u64) -> bool {
+        self.cookie == cookie
+            && self.flags & RULE_F_ACTIVE != 0
+            && (self.expires_at == 0 || now < self.expires_at)
+    }
+}
+
+/// Admin-tier key: tenant pair plus an optional protocol/port. Either tenant may be
+/// [`TENANT_ANY`] (cluster-wide rules), `proto`/`dport` may be wildcards.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AdminKey {
+    pub src_tenant: u32,
+    pub dst_tenant: u32,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<AdminKey>() == 12);
+
+/// Admin-tier value: ALLOW and DENY are final, PASS hands over to the tenant tier. Among
+/// several matching admin rules the lowest `priority` wins.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AdminValue {
+    pub cookie: u32,
+    pub slot: u32,
+    pub action: u32,
+    pub priority: u32,
+}
+const _: () = assert!(core::mem::size_of::<AdminValue>() == 16);
+
+// ---- probe shapes --------------------------------------------------------------------------
+
+/// Policy probe shapes, in probe order. The config map counts entries per shape so the kernel
+/// only probes shapes that exist.
+pub const POLICY_SHAPES: usize = 6;
+/// (peer, proto, port), (peer, proto, *), (peer, *, *), (*, proto, port), (*, proto, *), (*, *, *)
+pub const POLICY_SHAPE_PEER: [bool; POLICY_SHAPES] = [true, true, true, false, false, false];
+pub const POLICY_SHAPE_PROTO: [bool; POLICY_SHAPES] = [true, true, false, true, true, false];
+pub const POLICY_SHAPE_PORT: [bool; POLICY_SHAPES] = [true, false, false, true, false, false];
+
+/// Admin probe shapes: tenant pair × (proto+port | any).
+/// (s,d,p), (s,d,*), (s,*,p), (s,*,*), (*,d,p), (*,d,*), (*,*,p), (*,*,*)
+pub const ADMIN_SHAPES: usize = 8;
+
+/// Shape index of a policy key (`None` for an invalid combination such as a port without a
+/// protocol).
+#[must_use]
+pub fn policy_shape(peer_any: bool, proto: u8, dport: u16) -> Option<usize> {
+    let proto_any = proto == PROTO_ANY;
+    let port_any = dport == PORT_ANY;
+    match (peer_any, proto_any, port_any) {
+        (false, false, false) => Some(0),
+        (false, false, true) => Some(1),
+        (false, true, true) => Some(2),
+        (true, false, false) => Some(3),
+        (true, false, true) => Some(4),
+        (true, true, true) => Some(5),
+        (_, true, false) => None,
+    }
+}
+
+/// Shape index of an admin key.
+#[must_use]
+pub fn admin_shape(key: &AdminKey) -> Option<usize> {
+    let ports = match (key.proto == PROTO_ANY, key.dport == PORT_ANY) {
+        (false, _) => 0,
+        (true, true) => 1,
+        (true, false) => return None,
+    };
+    let s = usize::from(key.src_tenant == TENANT_ANY) * 4;
+    let d = usize::from(key.dst_tenant == TENANT_ANY) * 2;
+    Some(s + d + ports)
+}
+
+// ---- config ------------------------------------------------------------------------------------
+
+/// Maximum failsafe {proto, port} pairs.
+pub const MAX_FAILSAFE: usize = 8;
+
+/// Failsafe entry: traffic to this port passes in both directions whatever the policy, so an
+/// operator cannot lock out their own management plane. Port 0 = unused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Failsafe {
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Global datapath configuration, element 0 of the config array. The shape counters are kept
+/// by the map writer: it raises a counter before inserting an entry and lowers it after
+/// removing one, so a crash can only leave a counter too high (an extra probe), never too low
+/// (a skipped deny).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Config {
+    pub policy_shape_count: [u32; POLICY_SHAPES],
+    pub admin_shape_count: [u32; ADMIN_SHAPES],
+    /// Number of DENY entries in the policy map; while 0 the first ALLOW probe wins.
+    pub policy_deny_count: u32,
+    pub cidr_count: u32,
+    /// Non-zero: emit an event for every new allowed flow.
+    pub flow_events: u32,
+    pub failsafe_count: u32,
+    /// Written by userspace on creation: [`ABI_VERSION`] of the maps in this pin directory.
+    pub abi_version: u32,
+    pub failsafe: [Failsafe; MAX_FAILSAFE],
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 4 * (6 + 8 + 5) + 4 * MAX_FAILSAFE);
+
+// ---- conntrack ---------------------------------------------------------------------------------
+
+/// Conntrack key, in the orientation of the packet that opened the flow at this check point.
+/// `dir` is the check direction that admitted it, so one map serves both ends of a flow
+/// between two local workloads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+
+/// The flow was admitted while its workload was in audit mode (would have been dropped).
+pub const CT_F_AUDIT: u32 = 1;
+/// Admitted by a failsafe port: not bound to a rule.
+pub const CT_F_FAILSAFE: u32 = 2;
+
+/// Conntrack value. `slot`/`cookie` name the rule or grant that admitted the flow; each packet
+/// re-checks that rule's state, so expiry and revocation cut established flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub cookie: u32,
+    pub slot: u32,
+    pub local_identity: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
+
+// ---- events and counters -----------------------------------------------------------------------
+
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DROP: u8 = 2;
+pub const VERDICT_AUDIT: u8 = 3;
+
+/// Ring-buffer event: a drop, an audit (would-be drop that passed) or a new allowed flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub cookie: u32,
+    pub local_identity: u32,
+    pub peer_identity: u32,
+    pub local_tenant: u32,
+    pub peer_tenant: u32,
+    pub ifindex: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub dir: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 80);
+
+/// Why a packet got its verdict; index into the per-CPU counter array.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// New flow allowed by a tenant-tier rule or grant.
+    AllowPolicy = 0,
+    /// New flow allowed by an admin-tier rule.
+    AllowAdmin = 1,
+    /// Packet of an established flow (conntrack hit, rule still valid).
+    AllowEstablished = 2,
+    /// Reply of an established flow.
+    AllowReply = 3,
+    /// Failsafe port.
+    AllowFailsafe = 4,
+    /// ARP, neighbour discovery, MLD: link-layer housekeeping.
+    PassLinkLocal = 5,
+    /// No rule matched: default deny.
+    DropDefault = 6,
+    /// Explicit tenant-tier deny.
+    DropPolicy = 7,
+    /// Admin-tier deny.
+    DropAdmin = 8,
+    /// Cross-tenant without an admin allow.
+    DropCrossTenant = 9,
+    /// Malformed or truncated header.
+    DropMalformed = 10,
+    /// IP fragment (dropped by design, see docs/datapath.md).
+    DropFragment = 11,
+    /// Source (egress) or destination (ingress) address is not the workload's.
+    DropSpoofed = 12,
+    /// Program attached where no endpoint is registered (fail closed).
+    DropNoEndpoint = 13,
+    /// Neither IPv4, IPv6 nor ARP.
+    DropNonIp = 14,
+    /// Would have been dropped; workload is in audit mode.
+    Audit = 15,
+    /// Established flow whose rule expired or was revoked (then re-evaluated).
+    CtInvalidated = 16,
+    /// Conntrack insert failed (map full); the packet itself was still allowed.
+    CtFull = 17,
+    /// Ring-buffer reservation failed: an event was lost.
+    EventLost = 18,
+}
+
+pub const REASON_COUNT: u32 = 19;
+
+impl Reason {
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::AllowPolicy,
+        Reason::AllowAdmin,
+        Reason::AllowEstablished,
+        Reason::AllowReply,
+        Reason::AllowFailsafe,
+        Reason::PassLinkLocal,
+        Reason::DropDefault,
+        Reason::DropPolicy,
+        Reason::DropAdmin,
+        Reason::DropCrossTenant,
+        Reason::DropMalformed,
+        Reason::DropFragment,
+        Reason::DropSpoofed,
+        Reason::DropNoEndpoint,
+        Reason::DropNonIp,
+        Reason::Audit,
+        Reason::CtInvalidated,
+        Reason::CtFull,
+        Reason::EventLost,
+    ];
+
+    #[must_use]
+    pub fn from_u8(v: u8) -> Option<Reason> {
+        Self::ALL.get(usize::from(v)).copied()
+    }
+
+    /// Stable snake_case name used in metrics and logs.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::AllowPolicy => "allow_policy",
+            Reason::AllowAdmin => "allow_admin",
+            Reason::AllowEstablished => "allow_established",
+            Reason::AllowReply => "allow_reply",
+            Reason::AllowFailsafe => "allow_failsafe",
+            Reason::PassLinkLocal => "pass_link_local",
+            Reason::DropDefault => "drop_default",
+            Reason::DropPolicy => "drop_policy",
+            Reason::DropAdmin => "drop_admin",
+            Reason::DropCrossTenant => "drop_cross_tenant",
+            Reason::DropMalformed => "drop_malformed",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropSpoofed => "drop_spoofed",
+            Reason::DropNoEndpoint => "drop_no_endpoint",
+            Reason::DropNonIp => "drop_non_ip",
+            Reason::Audit => "audit",
+            Reason::CtInvalidated => "ct_invalidated",
+            Reason::CtFull => "ct_full",
+            Reason::EventLost => "event_lost",
+        }
+    }
+}
+
+// ---- map names (pinned files under the pin directory) -------------------------------------
+
+pub mod map_names {
+    pub const IDENTITY: &str = "ZT_IDENTITY";
+    pub const CIDR: &str = "ZT_CIDR";
+    pub const ENDPOINTS: &str = "ZT_ENDPOINTS";
+    pub const CGROUPS: &str = "ZT_CGROUPS";
+    pub const POLICY: &str = "ZT_POLICY";
+    pub const ADMIN: &str = "ZT_ADMIN";
+    pub const RULES: &str = "ZT_RULES";
+    pub const CONFIG: &str = "ZT_CONFIG";
+    pub const CONNTRACK: &str = "ZT_CONNTRACK";
+    pub const EVENTS: &str = "ZT_EVENTS";
+    pub const COUNTERS: &str = "ZT_COUNTERS";
+}
+
+pub mod program_names {
+    /// TC program for packets leaving a workload (host-side veth ingress): egress check.
+    pub const TC_FROM_WORKLOAD: &str = "zt_tc_from_wl";
+    /// TC program for packets entering a workload (host-side veth egress): ingress check.
+    pub const TC_TO_WORKLOAD: &str = "zt_tc_to_wl";
+    pub const CGROUP_SKB_INGRESS: &str = "zt_cg_ingress";
+    pub const CGROUP_SKB_EGRESS: &str = "zt_cg_egress";
+    pub const CONNECT4: &str = "zt_connect4";
+    pub const CONNECT6: &str = "zt_connect6";
+    pub const SENDMSG4: &str = "zt_sendmsg4";
+    pub const SENDMSG6: &str = "zt_sendmsg6";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{
+        AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue, Endpoint, Event, IdentityInfo,
+        PolicyKey, PolicyValue, RuleState,
+    };
+    // SAFETY: every type is repr(C), Copy, has explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for IdentityInfo {}
+    unsafe impl aya::Pod for CidrAddr {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for RuleState {}
+    unsafe impl aya::Pod for AdminKey {}
+    unsafe impl aya::Pod for AdminValue {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for Event {}
+}

@@ -1,0 +1,461 @@
+//! ztseg kernel data plane.
+//!
+//! Programs:
+//! - `zt_tc_from_wl` / `zt_tc_to_wl`: TC (TCX on Linux ≥ 6.6) on the host side of a workload's
+//!   interface; egress and ingress checks of that workload.
+//! - `zt_cg_egress` / `zt_cg_ingress`: cgroup_skb for cgroup-scoped workloads (from L3).
+//! - `zt_connect4/6`, `zt_sendmsg4/6`: cgroup sock_addr hooks, so a denied local connect fails
+//!   at once with `EPERM` instead of timing out.
+//!
+//! Decision order: malformed → drop; admin tier; explicit deny; allow (exact key, then
+//! wildcard probes); default deny. Conntrack only caches allows and re-checks the admitting
+//! rule's slot on every packet. Requires Linux ≥ 5.8 (ring buffer); TCX needs ≥ 6.6.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod parse;
+mod policy;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier},
+    programs::{SkBuffContext, SockAddrContext, TcContext, sk_buff::SkBuff},
+};
+use enforcer_common::{
+    CT_F_AUDIT, CT_F_FAILSAFE, Config, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_AUDIT,
+    ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_WORLD, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, TENANT_NONE, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DROP,
+};
+use maps::{
+    ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_CONNTRACK, ZT_COUNTERS, ZT_ENDPOINTS, ZT_EVENTS,
+    ZT_IDENTITY,
+};
+use parse::{Flow, ParseError};
+use policy::{Local, decide, still_admitted};
+
+#[inline(always)]
+fn count(reason: Reason) {
+    if let Some(p) = ZT_COUNTERS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Default used when the config element is missing (never after a load): no shapes, so every
+/// new flow is denied — fail closed.
+static EMPTY_CONFIG: Config = Config {
+    policy_shape_count: [0; 6],
+    admin_shape_count: [0; 8],
+    policy_deny_count: 0,
+    cidr_count: 0,
+    flow_events: 0,
+    failsafe_count: 0,
+    abi_version: 0,
+    failsafe: [enforcer_common::Failsafe { port: 0, proto: 0, _pad: 0 }; MAX_FAILSAFE],
+};
+
+#[inline(always)]
+fn config() -> &'static Config {
+    ZT_CONFIG.get(0).unwrap_or(&EMPTY_CONFIG)
+}
+
+/// Pack verdict, reason and direction with the interface index for [`emit`] (BPF calls take at
+/// most five arguments).
+#[inline(always)]
+fn meta(verdict: u8, reason: Reason, dir: u8, ifindex: u32) -> u64 {
+    u64::from(verdict) | (u64::from(reason as u8) << 8) | (u64::from(dir) << 16) | (u64::from(ifindex) << 32)
+}
+
+/// Write one event into the ring buffer, field by field in place (no stack copy); a full ring
+/// counts as `EventLost`.
+#[inline(never)]
+fn emit(flow: &Flow, ep: &Endpoint, peer: &IdentityInfo, meta: u64, cookie: u32) {
+    let Some(mut entry) = ZT_EVENTS.reserve::<Event>(0) else {
+        count(Reason::EventLost);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at a reserved, exclusively owned ring-buffer record of Event size.
+    unsafe {
+        (*e).ts_ns = now();
+        (*e).cookie = cookie;
+        (*e).local_identity = ep.identity;
+        (*e).peer_identity = peer.identity;
+        (*e).local_tenant = ep.tenant;
+        (*e).peer_tenant = peer.tenant;
+        (*e).ifindex = (meta >> 32) as u32;
+        (*e).saddr = flow.saddr;
+        (*e).daddr = flow.daddr;
+        (*e).sport = flow.sport;
+        (*e).dport = flow.policy_port;
+        (*e).proto = flow.proto;
+        (*e).family = flow.family;
+        (*e).dir = (meta >> 16) as u8;
+        (*e).verdict = meta as u8;
+        (*e).reason = (meta >> 8) as u8;
+        (*e)._pad = [0; 7];
+    }
+    entry.submit(0);
+}
+
+/// Identity of a peer address: exact map, then CIDR trie (only if any CIDR exists), else world.
+#[inline(always)]
+fn peer_identity(cfg: &Config, addr: &[u8; 16]) -> IdentityInfo {
+    // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+    if let Some(id) = unsafe { ZT_IDENTITY.get(addr) } {
+        return *id;
+    }
+    if cfg.cidr_count != 0 {
+        let key = aya_ebpf::maps::lpm_trie::Key::new(128, enforcer_common::CidrAddr { addr: *addr });
+        if let Some(id) = ZT_CIDR.get(&key) {
+            return *id;
+        }
+    }
+    IdentityInfo { identity: IDENTITY_WORLD, tenant: TENANT_NONE, flags: 0 }
+}
+
+#[inline(always)]
+fn failsafe(cfg: &Config, proto: u8, port: u16) -> bool {
+    let n = cfg.failsafe_count as usize;
+    let mut i = 0;
+    while i < MAX_FAILSAFE && i < n {
+        let f = &cfg.failsafe[i];
+        if f.port == port && f.proto == proto {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn ct_live(ct: &CtValue, ep: &Endpoint, now: u64) -> bool {
+    if ct.flags & CT_F_AUDIT != 0 {
+        return ep.flags & ENDPOINT_F_AUDIT != 0;
+    }
+    if ct.flags & CT_F_FAILSAFE != 0 {
+        return true;
+    }
+    still_admitted(ct.slot, ct.cookie, now)
+}
+
+/// Conntrack hit on `key`: `Some(true)` pass, `Some(false)` entry invalid and removed, `None`
+/// no entry.
+#[inline(always)]
+fn ct_check(key: &CtKey, ep: &Endpoint, now: u64) -> Option<bool> {
+    let p = ZT_CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: the value stays valid for this program run; races on the statistics fields with
+    // other CPUs are benign.
+    let ct = unsafe { &mut *p };
+    if ct_live(ct, ep, now) {
+        ct.last_seen_ns = now;
+        ct.packets += 1;
+        Some(true)
+    } else {
+        let _ = ZT_CONNTRACK.remove(key);
+        count(Reason::CtInvalidated);
+        Some(false)
+    }
+}
+
+/// Conntrack check of the reply orientation of `key`; restores `key` before returning so the
+/// caller can insert it (one key on the stack instead of two).
+#[inline(always)]
+fn ct_check_reply(key: &mut CtKey, ep: &Endpoint, now: u64) -> bool {
+    swap_ct(key);
+    let hit = ct_check(key, ep, now) == Some(true);
+    swap_ct(key);
+    hit
+}
+
+#[inline(always)]
+fn swap_ct(key: &mut CtKey) {
+    core::mem::swap(&mut key.saddr, &mut key.daddr);
+    core::mem::swap(&mut key.sport, &mut key.dport);
+    key.dir ^= 1;
+}
+
+/// The verdict for one parsed packet of the workload `ep`, checked in direction `dir`.
+/// Returns true to pass.
+#[inline(never)]
+fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
+    if flow.link_local {
+        count(Reason::PassLinkLocal);
+        return true;
+    }
+    let ts = now();
+    let mut key = CtKey {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+        dir,
+        _pad: [0; 2],
+    };
+    if ct_check(&key, ep, ts) == Some(true) {
+        count(Reason::AllowEstablished);
+        return true;
+    }
+    if ct_check_reply(&mut key, ep, ts) {
+        count(Reason::AllowReply);
+        return true;
+    }
+
+    let cfg = config();
+    let peer_addr = if dir == DIR_EGRESS { &flow.daddr } else { &flow.saddr };
+    let peer = peer_identity(cfg, peer_addr);
+
+    let (allow, reason, cookie, slot, flags) = if cfg.failsafe_count != 0
+        && flow.proto != IPPROTO_ICMP
+        && flow.proto != IPPROTO_ICMPV6
+        && failsafe(cfg, flow.proto, flow.policy_port)
+    {
+        (true, Reason::AllowFailsafe, 0, SLOT_NONE, CT_F_FAILSAFE)
+    } else {
+        let local = Local { identity: ep.identity, tenant: ep.tenant };
+        let d = decide(cfg, &local, &peer, dir, flow.proto, flow.policy_port, ts);
+        (d.allow, d.reason, d.cookie, d.slot, 0)
+    };
+
+    let audit = !allow && ep.flags & ENDPOINT_F_AUDIT != 0;
+    if allow || audit {
+        let value = CtValue {
+            created_ns: ts,
+            last_seen_ns: ts,
+            packets: 1,
+            cookie,
+            slot: if audit { SLOT_NONE } else { slot },
+            local_identity: ep.identity,
+            flags: if audit { CT_F_AUDIT } else { flags },
+        };
+        if ZT_CONNTRACK.insert(&key, &value, 0).is_err() {
+            count(Reason::CtFull);
+        }
+        if audit {
+            count(Reason::Audit);
+            emit(flow, ep, &peer, meta(VERDICT_AUDIT, reason, dir, ifindex), cookie);
+        } else {
+            count(reason);
+            if cfg.flow_events != 0 {
+                emit(flow, ep, &peer, meta(VERDICT_ALLOW, reason, dir, ifindex), cookie);
+            }
+        }
+        return true;
+    }
+    count(reason);
+    emit(flow, ep, &peer, meta(VERDICT_DROP, reason, dir, ifindex), cookie);
+    false
+}
+
+/// Drop reasons that come before any policy (parse errors): counted and reported.
+#[inline(always)]
+fn parse_drop(err: ParseError) -> Option<Reason> {
+    match err {
+        ParseError::Arp => {
+            count(Reason::PassLinkLocal);
+            None
+        }
+        ParseError::NonIp => Some(Reason::DropNonIp),
+        ParseError::Malformed => Some(Reason::DropMalformed),
+        ParseError::Fragment => Some(Reason::DropFragment),
+    }
+}
+
+/// Anti-spoofing: the workload's own address must be the source (egress) or destination
+/// (ingress) of everything crossing its interface.
+#[inline(always)]
+fn own_address(flow: &Flow, ep: &Endpoint, dir: u8) -> bool {
+    let local = if dir == DIR_EGRESS { &flow.saddr } else { &flow.daddr };
+    if flow.family == 4 {
+        ep.flags & ENDPOINT_F_HAS_V4 != 0 && *local == ep.addr_v4
+    } else {
+        ep.flags & ENDPOINT_F_HAS_V6 != 0 && *local == ep.addr_v6
+    }
+}
+
+#[inline(always)]
+fn tc_main(ctx: &TcContext, dir: u8) -> i32 {
+    let skb: &SkBuff = &ctx.skb;
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*skb.skb).ifindex };
+    let mut flow = Flow::EMPTY;
+    match parse::parse_l2(skb, &mut flow) {
+        Ok(()) => {}
+        Err(e) => {
+            return match parse_drop(e) {
+                None => TC_ACT_OK,
+                Some(r) => {
+                    count(r);
+                    TC_ACT_SHOT
+                }
+            };
+        }
+    };
+    // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+    let Some(ep) = (unsafe { ZT_ENDPOINTS.get(&ifindex) }) else {
+        count(Reason::DropNoEndpoint);
+        return TC_ACT_SHOT;
+    };
+    if !flow.link_local && !own_address(&flow, ep, dir) {
+        count(Reason::DropSpoofed);
+        let peer = IdentityInfo::default();
+        emit(&flow, ep, &peer, meta(VERDICT_DROP, Reason::DropSpoofed, dir, ifindex), 0);
+        return TC_ACT_SHOT;
+    }
+    if verdict(&flow, ep, dir, ifindex) { TC_ACT_OK } else { TC_ACT_SHOT }
+}
+
+/// Packets leaving a workload: attached at the host-side interface's ingress.
+#[classifier]
+pub fn zt_tc_from_wl(ctx: TcContext) -> i32 {
+    tc_main(&ctx, DIR_EGRESS)
+}
+
+/// Packets entering a workload: attached at the host-side interface's egress.
+#[classifier]
+pub fn zt_tc_to_wl(ctx: TcContext) -> i32 {
+    tc_main(&ctx, DIR_INGRESS)
+}
+
+#[inline(always)]
+fn cg_main(ctx: &SkBuffContext, dir: u8) -> i32 {
+    let skb: &SkBuff = &ctx.skb;
+    let mut flow = Flow::EMPTY;
+    match parse::parse_l3(skb, &mut flow) {
+        Ok(()) => {}
+        Err(e) => {
+            return match parse_drop(e) {
+                None => 1,
+                Some(r) => {
+                    count(r);
+                    0
+                }
+            };
+        }
+    };
+    // SAFETY: helper on the program's own context.
+    let cgid = unsafe { bpf_skb_cgroup_id(skb.skb) };
+    // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+    let Some(ep) = (unsafe { ZT_CGROUPS.get(&cgid) }) else {
+        count(Reason::DropNoEndpoint);
+        return 0;
+    };
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*skb.skb).ifindex };
+    i32::from(verdict(&flow, ep, dir, ifindex))
+}
+
+#[cgroup_skb(ingress)]
+pub fn zt_cg_ingress(ctx: SkBuffContext) -> i32 {
+    cg_main(&ctx, DIR_INGRESS)
+}
+
+#[cgroup_skb(egress)]
+pub fn zt_cg_egress(ctx: SkBuffContext) -> i32 {
+    cg_main(&ctx, DIR_EGRESS)
+}
+
+/// connect()/sendmsg() check: 1 lets the call proceed, 0 fails it with EPERM. No conntrack
+/// entry is created here; the packets that follow are checked by the cgroup_skb programs.
+#[inline(always)]
+fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
+    // SAFETY: reading fields of the program's own context.
+    let sa = unsafe { &*ctx.sock_addr };
+    let proto = sa.protocol as u8;
+    if proto != enforcer_common::IPPROTO_TCP
+        && proto != enforcer_common::IPPROTO_UDP
+        && proto != enforcer_common::IPPROTO_SCTP
+    {
+        // ICMP sockets and others are judged per packet by cgroup_skb.
+        return 1;
+    }
+    // SAFETY: helper without arguments.
+    let cgid = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+    let Some(ep) = (unsafe { ZT_CGROUPS.get(&cgid) }) else {
+        count(Reason::DropNoEndpoint);
+        return 0;
+    };
+    let daddr = if v6 {
+        let w = sa.user_ip6;
+        let mut a = [0u8; 16];
+        a[0..4].copy_from_slice(&w[0].to_ne_bytes());
+        a[4..8].copy_from_slice(&w[1].to_ne_bytes());
+        a[8..12].copy_from_slice(&w[2].to_ne_bytes());
+        a[12..16].copy_from_slice(&w[3].to_ne_bytes());
+        a
+    } else {
+        let b = sa.user_ip4.to_ne_bytes();
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
+    };
+    let dport = u16::from_be(sa.user_port as u16);
+    let flow = Flow {
+        saddr: [0; 16],
+        daddr,
+        sport: 0,
+        dport,
+        policy_port: dport,
+        proto,
+        family: if v6 && daddr[..12] != [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] { 6 } else { 4 },
+        link_local: false,
+    };
+    let ts = now();
+    let cfg = config();
+    let peer = peer_identity(cfg, &daddr);
+    if cfg.failsafe_count != 0 && failsafe(cfg, proto, dport) {
+        return 1;
+    }
+    let local = Local { identity: ep.identity, tenant: ep.tenant };
+    let d = decide(cfg, &local, &peer, DIR_EGRESS, proto, dport, ts);
+    if d.allow {
+        return 1;
+    }
+    if ep.flags & ENDPOINT_F_AUDIT != 0 {
+        count(Reason::Audit);
+        emit(&flow, ep, &peer, meta(VERDICT_AUDIT, d.reason, DIR_EGRESS, 0), d.cookie);
+        return 1;
+    }
+    count(d.reason);
+    emit(&flow, ep, &peer, meta(VERDICT_DROP, d.reason, DIR_EGRESS, 0), d.cookie);
+    0
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
+    sock_main(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
+    sock_main(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn zt_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_main(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn zt_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock_main(&ctx, true)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

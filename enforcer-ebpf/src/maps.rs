@@ -1,0 +1,58 @@
+//! Every map of the data plane. All are pinned by name under the enforcer's pin directory so a
+//! restart of the daemon reuses them. Sizes here are defaults; the loader may override them.
+//! No LRU map holds allow state: a full map is an error userspace sees, never a silent eviction.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+use enforcer_common::{
+    AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue, Endpoint, IdentityInfo, PolicyKey,
+    PolicyValue, REASON_COUNT, RuleState,
+};
+
+/// Exact /32 and /128 address (16 bytes, IPv4 mapped) → identity.
+#[map]
+pub static ZT_IDENTITY: HashMap<[u8; 16], IdentityInfo> = HashMap::pinned(65536, 0);
+
+/// CIDR peers only; consulted when the exact map misses and `Config::cidr_count` is non-zero.
+#[map]
+pub static ZT_CIDR: LpmTrie<CidrAddr, IdentityInfo> =
+    LpmTrie::pinned(16384, 0);
+
+/// Interface index (TC attachment) → managed workload.
+#[map]
+pub static ZT_ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(4096, 0);
+
+/// cgroup v2 id → managed workload (cgroup_skb and sock_addr attachments).
+#[map]
+pub static ZT_CGROUPS: HashMap<u64, Endpoint> = HashMap::pinned(4096, 0);
+
+/// Tenant tier: exact key plus wildcard probes.
+#[map]
+pub static ZT_POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(65536, 0);
+
+/// Admin tier: tenant pairs and cluster-wide rules.
+#[map]
+pub static ZT_ADMIN: HashMap<AdminKey, AdminValue> = HashMap::pinned(4096, 0);
+
+/// Rule and grant state (expiry, liveness), indexed by slot.
+#[map]
+pub static ZT_RULES: Array<RuleState> = Array::pinned(262_144, 0);
+
+/// Global configuration, element 0.
+#[map]
+pub static ZT_CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// Connection tracking. A plain hash: userspace garbage-collects idle entries; when it is full
+/// new flows are still evaluated per packet (slower, never more permissive).
+#[map]
+pub static ZT_CONNTRACK: HashMap<CtKey, CtValue> = HashMap::pinned(262_144, 0);
+
+/// Drops, audits and new allowed flows.
+#[map]
+pub static ZT_EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+
+/// Per-CPU packet counters indexed by `Reason`.
+#[map]
+pub static ZT_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);

@@ -1,0 +1,239 @@
+//! Header parsing for TC (from L2) and cgroup_skb (from L3) programs.
+//!
+//! Reads go through `bpf_skb_load_bytes`, which bounds-checks against the skb, so a truncated
+//! header is an error here, never an out-of-bounds read. Every failure is a reason the caller
+//! counts and drops on.
+
+use aya_ebpf::programs::sk_buff::SkBuff;
+use enforcer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
+
+/// IPv6 extension headers walked before giving up (the packet is then malformed).
+const MAX_EXT_HEADERS: usize = 6;
+
+/// A parsed flow. Addresses are 16 bytes, IPv4 mapped. `policy_port` is what policy matches:
+/// the destination port, or `ICMP_PORT_BASE | type` for ICMP/ICMPv6. `sport`/`dport` are
+/// the conntrack ports (the echo identifier for ICMP echo).
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub policy_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    /// Link-local housekeeping (neighbour discovery, MLD): passes without policy.
+    pub link_local: bool,
+}
+
+pub enum ParseError {
+    Arp,
+    NonIp,
+    Malformed,
+    Fragment,
+}
+
+#[inline(always)]
+fn load<T>(skb: &SkBuff, off: usize) -> Result<T, ParseError> {
+    skb.load::<T>(off).map_err(|_| ParseError::Malformed)
+}
+
+impl Flow {
+    pub const EMPTY: Flow = Flow {
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: 0,
+        dport: 0,
+        policy_port: 0,
+        proto: 0,
+        family: 0,
+        link_local: false,
+    };
+}
+
+/// Parse a frame seen by a TC program (Ethernet first) into `flow`. Not inlined: its header
+/// buffers live in their own stack frame, released before the verdict runs.
+#[inline(never)]
+pub fn parse_l2(skb: &SkBuff, flow: &mut Flow) -> Result<(), ParseError> {
+    let proto = u16::from_be(load::<u16>(skb, 12)?);
+    match proto {
+        ETH_P_IP => parse_ipv4(skb, ETH_HLEN, flow),
+        ETH_P_IPV6 => parse_ipv6(skb, ETH_HLEN, flow),
+        ETH_P_ARP => Err(ParseError::Arp),
+        _ => Err(ParseError::NonIp),
+    }
+}
+
+/// Parse a packet seen by a cgroup_skb program (network header first).
+#[inline(never)]
+pub fn parse_l3(skb: &SkBuff, flow: &mut Flow) -> Result<(), ParseError> {
+    let first = load::<u8>(skb, 0)?;
+    match first >> 4 {
+        4 => parse_ipv4(skb, 0, flow),
+        6 => parse_ipv6(skb, 0, flow),
+        _ => Err(ParseError::Malformed),
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Hdr {
+    ver_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    csum: u16,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Hdr {
+    ver_tc_flow: u32,
+    payload_len: u16,
+    next_hdr: u8,
+    hop_limit: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+#[inline(always)]
+fn mapped(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+#[inline(always)]
+fn parse_ipv4(skb: &SkBuff, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
+    let ip = load::<Ipv4Hdr>(skb, off)?;
+    let ihl = usize::from(ip.ver_ihl & 0x0f) * 4;
+    let tot_len = usize::from(u16::from_be(ip.tot_len));
+    // tot_len 0 is legal for BIG TCP super-packets; otherwise the header must fit inside it
+    // and the datagram inside the buffer.
+    if ip.ver_ihl >> 4 != 4
+        || ihl < 20
+        || (tot_len != 0 && (tot_len < ihl || off + tot_len > skb.len() as usize))
+    {
+        return Err(ParseError::Malformed);
+    }
+    // More-fragments flag or a non-zero offset.
+    if u16::from_be(ip.frag_off) & 0x3fff != 0 {
+        return Err(ParseError::Fragment);
+    }
+    flow.saddr = mapped(ip.saddr);
+    flow.daddr = mapped(ip.daddr);
+    flow.proto = ip.proto;
+    flow.family = 4;
+    parse_l4(skb, off + ihl, flow)
+}
+
+#[inline(always)]
+fn parse_ipv6(skb: &SkBuff, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
+    let ip = load::<Ipv6Hdr>(skb, off)?;
+    let payload = usize::from(u16::from_be(ip.payload_len));
+    if (u32::from_be(ip.ver_tc_flow) >> 28) != 6
+        || (payload != 0 && off + 40 + payload > skb.len() as usize)
+    {
+        return Err(ParseError::Malformed);
+    }
+    let mut next = ip.next_hdr;
+    let mut l4 = off + 40;
+    let mut done = false;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
+            0 | 43 | 60 => {
+                let h = load::<[u8; 2]>(skb, l4)?;
+                next = h[0];
+                l4 += (usize::from(h[1]) + 1) * 8;
+            }
+            // Authentication header: (len + 2) * 4 bytes.
+            51 => {
+                let h = load::<[u8; 2]>(skb, l4)?;
+                next = h[0];
+                l4 += (usize::from(h[1]) + 2) * 4;
+            }
+            44 => return Err(ParseError::Fragment),
+            _ => {
+                done = true;
+                break;
+            }
+        }
+    }
+    if !done {
+        return Err(ParseError::Malformed);
+    }
+    flow.saddr = ip.saddr;
+    flow.daddr = ip.daddr;
+    flow.proto = next;
+    flow.family = 6;
+    parse_l4(skb, l4, flow)
+}
+
+/// Policy port of an ICMP/ICMPv6 type (see `enforcer_common::icmp_port`).
+#[inline(always)]
+fn icmp_policy_port(ty: u8) -> u16 {
+    enforcer_common::ICMP_PORT_BASE | u16::from(ty)
+}
+
+#[inline(always)]
+fn parse_l4(skb: &SkBuff, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
+    let len = skb.len() as usize;
+    match flow.proto {
+        IPPROTO_TCP => {
+            let h = load::<[u8; 14]>(skb, off)?;
+            let doff = usize::from(h[12] >> 4) * 4;
+            if doff < 20 || off + doff > len {
+                return Err(ParseError::Malformed);
+            }
+            set_ports(flow, h[0], h[1], h[2], h[3]);
+        }
+        IPPROTO_UDP => {
+            let h = load::<[u8; 8]>(skb, off)?;
+            let ulen = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            // UDP length 0 is the jumbogram case; otherwise header fits and data is present.
+            if ulen != 0 && (ulen < 8 || off + ulen > len) {
+                return Err(ParseError::Malformed);
+            }
+            set_ports(flow, h[0], h[1], h[2], h[3]);
+        }
+        IPPROTO_SCTP => {
+            // Common header: ports, verification tag, checksum.
+            let h = load::<[u8; 12]>(skb, off)?;
+            set_ports(flow, h[0], h[1], h[2], h[3]);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let h = load::<[u8; 8]>(skb, off)?;
+            let ty = h[0];
+            let id = u16::from_be_bytes([h[4], h[5]]);
+            flow.policy_port = icmp_policy_port(ty);
+            let v6 = flow.proto == IPPROTO_ICMPV6;
+            let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
+            if ty == request {
+                flow.sport = id;
+            } else if ty == reply {
+                flow.dport = id;
+            } else if v6 && matches!(ty, 130..=137 | 143) {
+                // MLD (130-132, 143) and neighbour discovery (133-137).
+                flow.link_local = true;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn set_ports(flow: &mut Flow, s0: u8, s1: u8, d0: u8, d1: u8) {
+    flow.sport = u16::from_be_bytes([s0, s1]);
+    flow.dport = u16::from_be_bytes([d0, d1]);
+    flow.policy_port = flow.dport;
+}

@@ -1,0 +1,146 @@
+//! Verdict for a new flow: admin tier, then the tenant tier's exact key and wildcard probes,
+//! then default deny. Every rule is honoured only while its rule-state slot admits it, so an
+//! expired grant denies from the next packet without userspace.
+
+use enforcer_common::{
+    ACTION_ALLOW, ACTION_DENY, ACTION_PASS, ADMIN_SHAPES, AdminKey, Config, DIR_EGRESS,
+    IDENTITY_ANY, IdentityInfo, POLICY_SHAPE_PEER, POLICY_SHAPE_PORT, POLICY_SHAPE_PROTO,
+    POLICY_SHAPES, PORT_ANY, PROTO_ANY, PolicyKey, Reason, TENANT_ANY, TENANT_NONE,
+};
+
+use crate::maps::{ZT_ADMIN, ZT_POLICY, ZT_RULES};
+
+pub struct Decision {
+    pub allow: bool,
+    pub reason: Reason,
+    pub cookie: u32,
+    pub slot: u32,
+}
+
+impl Decision {
+    #[inline(always)]
+    const fn new(allow: bool, reason: Reason, cookie: u32, slot: u32) -> Self {
+        Self { allow, reason, cookie, slot }
+    }
+}
+
+#[inline(always)]
+fn rule_admits(slot: u32, cookie: u32, now: u64) -> bool {
+    match ZT_RULES.get(slot) {
+        Some(st) => st.admits(cookie, now),
+        None => false,
+    }
+}
+
+/// Whether conntrack state bound to (`slot`, `cookie`) is still backed by a live rule.
+#[inline(always)]
+pub fn still_admitted(slot: u32, cookie: u32, now: u64) -> bool {
+    rule_admits(slot, cookie, now)
+}
+
+pub struct Local {
+    pub identity: u32,
+    pub tenant: u32,
+}
+
+/// Decide a new flow between the local workload and `peer`, checked in direction `dir`.
+#[inline(always)]
+pub fn decide(
+    cfg: &Config,
+    local: &Local,
+    peer: &IdentityInfo,
+    dir: u8,
+    proto: u8,
+    port: u16,
+    now: u64,
+) -> Decision {
+    let egress = dir == DIR_EGRESS;
+    let (src_t, dst_t) = if egress {
+        (local.tenant, peer.tenant)
+    } else {
+        (peer.tenant, local.tenant)
+    };
+
+    // ---- admin tier: lowest priority number among live matches wins.
+    let mut best_prio = u32::MAX;
+    let mut best_action = 0u32;
+    let mut best_cookie = 0u32;
+    let mut best_slot = 0u32;
+    let mut shape = 0usize;
+    while shape < ADMIN_SHAPES {
+        if cfg.admin_shape_count[shape] != 0 {
+            let key = AdminKey {
+                src_tenant: if shape & 4 != 0 { TENANT_ANY } else { src_t },
+                dst_tenant: if shape & 2 != 0 { TENANT_ANY } else { dst_t },
+                dport: if shape & 1 != 0 { PORT_ANY } else { port },
+                proto: if shape & 1 != 0 { PROTO_ANY } else { proto },
+                _pad: 0,
+            };
+            // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+            if let Some(v) = unsafe { ZT_ADMIN.get(&key) } {
+                if v.priority < best_prio && rule_admits(v.slot, v.cookie, now) {
+                    best_prio = v.priority;
+                    best_action = v.action;
+                    best_cookie = v.cookie;
+                    best_slot = v.slot;
+                }
+            }
+        }
+        shape += 1;
+    }
+    if best_action == ACTION_ALLOW {
+        return Decision::new(true, Reason::AllowAdmin, best_cookie, best_slot);
+    }
+    if best_action == ACTION_DENY {
+        return Decision::new(false, Reason::DropAdmin, best_cookie, best_slot);
+    }
+    let cross_tenant = src_t != TENANT_NONE && dst_t != TENANT_NONE && src_t != dst_t;
+    if cross_tenant && best_action != ACTION_PASS {
+        return Decision::new(false, Reason::DropCrossTenant, 0, 0);
+    }
+
+    // ---- tenant tier: deny beats allow; while no deny exists the first live allow wins.
+    let mut allow_cookie = 0u32;
+    let mut allow_slot = 0u32;
+    let mut allowed = false;
+    let mut shape = 0usize;
+    while shape < POLICY_SHAPES {
+        if cfg.policy_shape_count[shape] != 0 {
+            let peer_id = if POLICY_SHAPE_PEER[shape] { peer.identity } else { IDENTITY_ANY };
+            let (src, dst) = if egress {
+                (local.identity, peer_id)
+            } else {
+                (peer_id, local.identity)
+            };
+            let key = PolicyKey {
+                src_identity: src,
+                dst_identity: dst,
+                dport: if POLICY_SHAPE_PORT[shape] { port } else { PORT_ANY },
+                proto: if POLICY_SHAPE_PROTO[shape] { proto } else { PROTO_ANY },
+                dir,
+            };
+            // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+            if let Some(v) = unsafe { ZT_POLICY.get(&key) } {
+                if rule_admits(v.slot, v.cookie, now) {
+                    if v.action == ACTION_DENY {
+                        return Decision::new(false, Reason::DropPolicy, v.cookie, v.slot);
+                    }
+                    if !allowed && v.action == ACTION_ALLOW {
+                        allowed = true;
+                        allow_cookie = v.cookie;
+                        allow_slot = v.slot;
+                        if cfg.policy_deny_count == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        shape += 1;
+    }
+    if allowed {
+        Decision::new(true, Reason::AllowPolicy, allow_cookie, allow_slot)
+    } else {
+        Decision::new(false, Reason::DropDefault, 0, 0)
+    }
+}

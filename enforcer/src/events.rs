@@ -1,0 +1,125 @@
+//! Reading drop, audit and new-flow events from the ring buffer.
+
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use enforcer_common::{DIR_EGRESS, Event, Reason, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP};
+
+use crate::{Error, addr};
+
+/// Verdict of an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Allow,
+    Drop,
+    Audit,
+}
+
+/// A decoded event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub ts_ns: u64,
+    pub verdict: Verdict,
+    pub reason: Option<Reason>,
+    /// Cookie of the rule or grant behind the verdict (0 = none: default deny, malformed...).
+    pub cookie: u32,
+    pub local_identity: u32,
+    pub peer_identity: u32,
+    pub local_tenant: u32,
+    pub peer_tenant: u32,
+    pub ifindex: u32,
+    pub egress: bool,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    /// Destination port, or `ICMP_PORT_BASE | type` for ICMP.
+    pub dport: u16,
+    pub proto: u8,
+}
+
+impl FlowEvent {
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < std::mem::size_of::<Event>() {
+            return None;
+        }
+        // SAFETY: length checked; Event is plain old data; the read is unaligned-safe.
+        let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
+        let verdict = match e.verdict {
+            VERDICT_ALLOW => Verdict::Allow,
+            VERDICT_DROP => Verdict::Drop,
+            VERDICT_AUDIT => Verdict::Audit,
+            _ => return None,
+        };
+        Some(Self {
+            ts_ns: e.ts_ns,
+            verdict,
+            reason: Reason::from_u8(e.reason),
+            cookie: e.cookie,
+            local_identity: e.local_identity,
+            peer_identity: e.peer_identity,
+            local_tenant: e.local_tenant,
+            peer_tenant: e.peer_tenant,
+            ifindex: e.ifindex,
+            egress: e.dir == DIR_EGRESS,
+            src: addr::from_key(e.saddr),
+            dst: addr::from_key(e.daddr),
+            sport: e.sport,
+            dport: e.dport,
+            proto: e.proto,
+        })
+    }
+}
+
+/// Consumer of the events ring buffer (one per pin directory at a time).
+pub struct EventReader {
+    ring: RingBuf<MapData>,
+}
+
+impl std::fmt::Debug for EventReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventReader").finish_non_exhaustive()
+    }
+}
+
+impl EventReader {
+    pub(crate) fn new(ring: RingBuf<MapData>) -> Self {
+        Self { ring }
+    }
+
+    /// Next event if one is ready (records of an unknown shape are skipped).
+    pub fn try_next(&mut self) -> Option<FlowEvent> {
+        loop {
+            let item = self.ring.next()?;
+            if let Some(e) = FlowEvent::decode(&item) {
+                return Some(e);
+            }
+        }
+    }
+
+    /// Every event ready now.
+    pub fn drain(&mut self) -> Vec<FlowEvent> {
+        std::iter::from_fn(|| self.try_next()).collect()
+    }
+
+    /// Wait up to `timeout` for the ring to have data.
+    pub fn wait(&mut self, timeout: Duration) -> Result<bool, Error> {
+        let mut pfd = libc::pollfd { fd: self.ring.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one pollfd we own.
+        let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if rc < 0 {
+            return Err(Error::Poll(std::io::Error::last_os_error()));
+        }
+        Ok(rc > 0)
+    }
+
+    /// The raw file descriptor, for async readiness (tokio `AsyncFd`).
+    #[must_use]
+    pub fn as_raw_fd(&self) -> i32 {
+        self.ring.as_fd().as_raw_fd()
+    }
+}

@@ -1,0 +1,724 @@
+//! Typed writer for the data-plane maps.
+//!
+//! Invariants this module keeps:
+//! - A rule (or grant) is a set of policy keys sharing one rule-state slot and cookie. Its keys
+//!   are inserted while the slot is inactive and the slot is switched on with one write, so a
+//!   rule is live entirely or not at all; a full map or a failed insert rolls back and nothing
+//!   of the rule was ever visible.
+//! - Revocation clears the slot first (one write: every key and every established flow the rule
+//!   admitted stops at once), then frees the keys.
+//! - Probe-shape counters in the config map are raised before entries appear and lowered after
+//!   they disappear, so the kernel never skips a shape that has entries.
+//! - Nothing is ever flushed and refilled. Expiry is enforced by the kernel; [`Writer::gc`]
+//!   only frees memory.
+
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    net::IpAddr,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::{Key as LpmKey, LpmTrie}},
+};
+use enforcer_common::{
+    ACTION_ALLOW, ACTION_DENY, ACTION_PASS, AdminKey, AdminValue, CidrAddr, Config, CtKey,
+    CtValue, DIR_EGRESS, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint,
+    Failsafe, IDENTITY_ANY, IdentityInfo, MAX_FAILSAFE, PORT_ANY, PROTO_ANY, PolicyKey,
+    PolicyValue, RULE_F_ACTIVE, Reason, RuleState, SLOT_NONE, admin_shape, map_names,
+    policy_shape,
+};
+
+use crate::{Error, addr, time};
+
+/// Allow or deny (tenant tier); admin rules may also pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+    /// Admin tier only: hand the decision to the tenant tier.
+    Pass,
+}
+
+impl Action {
+    fn code(self) -> u32 {
+        match self {
+            Action::Allow => ACTION_ALLOW,
+            Action::Deny => ACTION_DENY,
+            Action::Pass => ACTION_PASS,
+        }
+    }
+    fn from_code(c: u32) -> Option<Self> {
+        match c {
+            ACTION_ALLOW => Some(Action::Allow),
+            ACTION_DENY => Some(Action::Deny),
+            ACTION_PASS => Some(Action::Pass),
+            _ => None,
+        }
+    }
+}
+
+/// A tenant-tier rule or grant: policy keys sharing one action, lifetime and cookie.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub keys: Vec<PolicyKey>,
+    pub action: Action,
+    /// `None`: until revoked. `Some(ttl)`: the kernel stops honouring it `ttl` from now.
+    pub ttl: Option<Duration>,
+}
+
+impl Rule {
+    /// Policy key for `local`'s check in direction `dir` against `peer` (`None` = any peer).
+    /// `proto` 0 = any protocol, `port` 0 = any port.
+    #[must_use]
+    pub fn key(dir: u8, local: u32, peer: Option<u32>, proto: u8, port: u16) -> PolicyKey {
+        let peer = peer.unwrap_or(IDENTITY_ANY);
+        let (src, dst) = if dir == DIR_EGRESS { (local, peer) } else { (peer, local) };
+        PolicyKey { src_identity: src, dst_identity: dst, dport: port, proto, dir }
+    }
+}
+
+/// An admin-tier rule.
+#[derive(Clone, Debug)]
+pub struct AdminRule {
+    pub key: AdminKey,
+    pub action: Action,
+    /// Lower wins among matching admin rules.
+    pub priority: u32,
+    pub ttl: Option<Duration>,
+}
+
+/// What [`Writer::install`] returns: the cookie names the rule in events and for revocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleHandle {
+    pub cookie: u32,
+    pub slot: u32,
+    /// Monotonic nanoseconds; 0 = no expiry.
+    pub expires_at: u64,
+}
+
+/// An installed rule as the maps hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub cookie: u32,
+    pub slot: u32,
+    pub action: Action,
+    pub expires_at: u64,
+    pub policy_keys: Vec<PolicyKey>,
+    pub admin_key: Option<AdminKey>,
+    pub priority: u32,
+}
+
+/// A managed workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub identity: u32,
+    pub tenant: u32,
+    pub ipv4: Option<std::net::Ipv4Addr>,
+    pub ipv6: Option<std::net::Ipv6Addr>,
+    /// Audit mode: would-be drops pass and are reported.
+    pub audit: bool,
+}
+
+impl Workload {
+    fn endpoint(&self) -> Endpoint {
+        let mut ep = Endpoint { identity: self.identity, tenant: self.tenant, ..Endpoint::default() };
+        if let Some(v4) = self.ipv4 {
+            ep.flags |= ENDPOINT_F_HAS_V4;
+            ep.addr_v4 = addr::key(IpAddr::V4(v4));
+        }
+        if let Some(v6) = self.ipv6 {
+            ep.flags |= ENDPOINT_F_HAS_V6;
+            ep.addr_v6 = addr::key(IpAddr::V6(v6));
+        }
+        if self.audit {
+            ep.flags |= ENDPOINT_F_AUDIT;
+        }
+        ep
+    }
+}
+
+/// Garbage-collection result.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcStats {
+    pub rules_removed: usize,
+    pub conntrack_removed: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    slot: u32,
+    action: Action,
+    expires_at: u64,
+    keys: Vec<PolicyKey>,
+    admin: Option<(AdminKey, u32)>,
+}
+
+/// The map writer. Obtain it from [`crate::Datapath::writer`].
+pub struct Writer {
+    identity: HashMap<MapData, [u8; 16], IdentityInfo>,
+    cidr: LpmTrie<MapData, CidrAddr, IdentityInfo>,
+    endpoints: HashMap<MapData, u32, Endpoint>,
+    cgroups: HashMap<MapData, u64, Endpoint>,
+    policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    admin: HashMap<MapData, AdminKey, AdminValue>,
+    rules: Array<MapData, RuleState>,
+    config: Array<MapData, Config>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    counters: PerCpuArray<MapData, u64>,
+    records: BTreeMap<u32, Record>,
+    owners: StdHashMap<PolicyKey, u32>,
+    admin_owners: StdHashMap<AdminKey, u32>,
+    free_slots: Vec<u32>,
+    next_slot: u32,
+    next_cookie: u32,
+    policy_capacity: u32,
+    admin_capacity: u32,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("rules", &self.records.len()).finish_non_exhaustive()
+    }
+}
+
+/// `BPF_NOEXIST` update flag: fail instead of overwriting an existing entry.
+const BPF_NOEXIST: u64 = 1;
+
+fn capacity(pin_dir: &std::path::Path, name: &'static str) -> Result<u32, Error> {
+    let info = aya::maps::MapInfo::from_pin(pin_dir.join(name)).map_err(Error::map(name))?;
+    Ok(info.max_entries())
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
+    T::try_from(m).map_err(Error::map(name))
+}
+
+impl Writer {
+    /// Take the maps out of `ebpf` and rebuild the in-memory index from what is pinned.
+    pub(crate) fn open(ebpf: &mut Ebpf, pin_dir: &std::path::Path) -> Result<Self, Error> {
+        let policy: HashMap<MapData, PolicyKey, PolicyValue> = take(ebpf, map_names::POLICY)?;
+        let admin: HashMap<MapData, AdminKey, AdminValue> = take(ebpf, map_names::ADMIN)?;
+        let rules: Array<MapData, RuleState> = take(ebpf, map_names::RULES)?;
+        let policy_capacity = capacity(pin_dir, map_names::POLICY)?;
+        let admin_capacity = capacity(pin_dir, map_names::ADMIN)?;
+        let mut w = Self {
+            identity: take(ebpf, map_names::IDENTITY)?,
+            cidr: take(ebpf, map_names::CIDR)?,
+            endpoints: take(ebpf, map_names::ENDPOINTS)?,
+            cgroups: take(ebpf, map_names::CGROUPS)?,
+            policy,
+            admin,
+            rules,
+            config: take(ebpf, map_names::CONFIG)?,
+            conntrack: take(ebpf, map_names::CONNTRACK)?,
+            counters: take(ebpf, map_names::COUNTERS)?,
+            records: BTreeMap::new(),
+            owners: StdHashMap::new(),
+            admin_owners: StdHashMap::new(),
+            free_slots: Vec::new(),
+            next_slot: 0,
+            next_cookie: 1,
+            policy_capacity,
+            admin_capacity,
+        };
+        w.rebuild()?;
+        Ok(w)
+    }
+
+    /// Rebuild the index from the pinned maps after a restart. Entries whose slot was never
+    /// activated (a crash in the middle of an install) are removed; shape counters are
+    /// recomputed from what is really there.
+    fn rebuild(&mut self) -> Result<(), Error> {
+        let mut states = StdHashMap::new();
+        let mut max_cookie = 0u32;
+        let mut max_slot = None::<u32>;
+        let mut stale_policy = Vec::new();
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(Error::map(map_names::POLICY))?;
+            let st = *states.entry(v.slot).or_insert_with(|| self.rules.get(&v.slot, 0).unwrap_or_default());
+            max_cookie = max_cookie.max(v.cookie);
+            if st.cookie != v.cookie || st.flags & RULE_F_ACTIVE == 0 {
+                stale_policy.push(k);
+                continue;
+            }
+            max_slot = max_slot.max(Some(v.slot));
+            let rec = self.records.entry(v.cookie).or_insert_with(|| Record {
+                slot: v.slot,
+                action: Action::from_code(v.action).unwrap_or(Action::Deny),
+                expires_at: st.expires_at,
+                keys: Vec::new(),
+                admin: None,
+            });
+            rec.keys.push(k);
+            self.owners.insert(k, v.cookie);
+        }
+        let mut stale_admin = Vec::new();
+        for item in self.admin.iter() {
+            let (k, v) = item.map_err(Error::map(map_names::ADMIN))?;
+            let st = self.rules.get(&v.slot, 0).unwrap_or_default();
+            max_cookie = max_cookie.max(v.cookie);
+            if st.cookie != v.cookie || st.flags & RULE_F_ACTIVE == 0 {
+                stale_admin.push(k);
+                continue;
+            }
+            max_slot = max_slot.max(Some(v.slot));
+            self.records.insert(v.cookie, Record {
+                slot: v.slot,
+                action: Action::from_code(v.action).unwrap_or(Action::Deny),
+                expires_at: st.expires_at,
+                keys: Vec::new(),
+                admin: Some((k, v.priority)),
+            });
+            self.admin_owners.insert(k, v.cookie);
+        }
+        for k in stale_policy {
+            let _ = self.policy.remove(&k);
+        }
+        for k in stale_admin {
+            let _ = self.admin.remove(&k);
+        }
+        // Slots: every slot up to the highest used one that no record holds is free; clear
+        // leftovers so a stale cookie can never be re-admitted.
+        let used: std::collections::HashSet<u32> = self.records.values().map(|r| r.slot).collect();
+        self.next_slot = max_slot.map_or(0, |s| s + 1);
+        for slot in (0..self.next_slot).rev() {
+            if !used.contains(&slot) {
+                self.rules.set(slot, RuleState::default(), 0).map_err(Error::map(map_names::RULES))?;
+                self.free_slots.push(slot);
+            }
+        }
+        // Cookies stay unique across restarts: also look at rule state past the last used slot
+        // (revoked rules leave cookie 0, active leftovers keep theirs).
+        for slot in self.next_slot..self.rules.len().min(self.next_slot + 1024) {
+            if let Ok(st) = self.rules.get(&slot, 0) {
+                max_cookie = max_cookie.max(st.cookie);
+                if st.flags & RULE_F_ACTIVE != 0 {
+                    self.rules.set(slot, RuleState::default(), 0).map_err(Error::map(map_names::RULES))?;
+                }
+            }
+        }
+        self.next_cookie = max_cookie.wrapping_add(1).max(1);
+        self.recount()
+    }
+
+    /// Recompute the probe-shape counters from the index and write them.
+    fn recount(&mut self) -> Result<(), Error> {
+        let mut cfg = self.config()?;
+        cfg.policy_shape_count = [0; enforcer_common::POLICY_SHAPES];
+        cfg.admin_shape_count = [0; enforcer_common::ADMIN_SHAPES];
+        cfg.policy_deny_count = 0;
+        for rec in self.records.values() {
+            for k in &rec.keys {
+                if let Some(s) = key_shape(k) {
+                    cfg.policy_shape_count[s] += 1;
+                }
+                if rec.action == Action::Deny {
+                    cfg.policy_deny_count += 1;
+                }
+            }
+            if let Some((k, _)) = &rec.admin
+                && let Some(s) = admin_shape(k)
+            {
+                cfg.admin_shape_count[s] += 1;
+            }
+        }
+        let cidrs = self.cidr.keys().count();
+        cfg.cidr_count = u32::try_from(cidrs).unwrap_or(u32::MAX);
+        self.set_config(cfg)
+    }
+
+    fn config(&self) -> Result<Config, Error> {
+        self.config.get(&0, 0).map_err(Error::map(map_names::CONFIG))
+    }
+
+    fn set_config(&mut self, cfg: Config) -> Result<(), Error> {
+        self.config.set(0, cfg, 0).map_err(Error::map(map_names::CONFIG))
+    }
+
+    fn alloc_slot(&mut self) -> Result<u32, Error> {
+        if let Some(s) = self.free_slots.pop() {
+            return Ok(s);
+        }
+        if self.next_slot >= self.rules.len() {
+            return Err(Error::SlotsExhausted { capacity: self.rules.len() });
+        }
+        self.next_slot += 1;
+        Ok(self.next_slot - 1)
+    }
+
+    fn alloc_cookie(&mut self) -> u32 {
+        loop {
+            let c = self.next_cookie;
+            self.next_cookie = self.next_cookie.wrapping_add(1).max(1);
+            if !self.records.contains_key(&c) {
+                return c;
+            }
+        }
+    }
+
+    fn activate(&mut self, slot: u32, cookie: u32, expires_at: u64) -> Result<(), Error> {
+        let st = RuleState { expires_at, cookie, flags: RULE_F_ACTIVE };
+        self.rules.set(slot, st, 0).map_err(Error::map(map_names::RULES))
+    }
+
+    fn clear_slot(&mut self, slot: u32) -> Result<(), Error> {
+        self.rules.set(slot, RuleState::default(), 0).map_err(Error::map(map_names::RULES))
+    }
+
+    /// Install a tenant-tier rule or grant. All of its keys become live at the same instant,
+    /// or none does.
+    pub fn install(&mut self, rule: &Rule) -> Result<RuleHandle, Error> {
+        if rule.action == Action::Pass {
+            return Err(Error::InvalidRule { field: "action", reason: "pass is an admin-tier action".into() });
+        }
+        if rule.keys.is_empty() {
+            return Err(Error::InvalidRule { field: "keys", reason: "a rule needs at least one key".into() });
+        }
+        let mut shapes = Vec::with_capacity(rule.keys.len());
+        let mut seen = std::collections::HashSet::new();
+        for k in &rule.keys {
+            let s = key_shape(k).ok_or_else(|| Error::InvalidRule {
+                field: "keys",
+                reason: format!("{k:?}: a port needs a protocol, and the local side cannot be a wildcard"),
+            })?;
+            if !seen.insert(*k) {
+                return Err(Error::InvalidRule { field: "keys", reason: format!("{k:?} appears twice") });
+            }
+            if let Some(owner) = self.owners.get(k) {
+                return Err(Error::KeyOwned { key: *k, owner: *owner });
+            }
+            shapes.push(s);
+        }
+        let needed = u32::try_from(rule.keys.len()).unwrap_or(u32::MAX);
+        let used = u32::try_from(self.owners.len()).unwrap_or(u32::MAX);
+        if used.saturating_add(needed) > self.policy_capacity {
+            return Err(Error::MapFull { map: map_names::POLICY, capacity: self.policy_capacity, needed });
+        }
+        let expires_at = match rule.ttl {
+            Some(ttl) => time::deadline(ttl)?,
+            None => 0,
+        };
+        let slot = self.alloc_slot()?;
+        let cookie = self.alloc_cookie();
+        // The slot stays inactive (cleared) while keys go in.
+        self.clear_slot(slot)?;
+        let mut cfg = self.config()?;
+        for s in &shapes {
+            cfg.policy_shape_count[*s] += 1;
+        }
+        if rule.action == Action::Deny {
+            cfg.policy_deny_count += needed;
+        }
+        self.set_config(cfg)?;
+        let value = PolicyValue { cookie, slot, action: rule.action.code(), _pad: 0 };
+        let mut inserted = 0;
+        let mut failure = None;
+        for k in &rule.keys {
+            if let Err(e) = self.policy.insert(k, value, BPF_NOEXIST) {
+                failure = Some(e);
+                break;
+            }
+            inserted += 1;
+        }
+        if let Some(e) = failure {
+            for k in &rule.keys[..inserted] {
+                let _ = self.policy.remove(k);
+            }
+            self.lower_counts(&shapes, rule.action, needed)?;
+            self.free_slots.push(slot);
+            return Err(match e {
+                aya::maps::MapError::SyscallError(ref s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                    Error::MapFull { map: map_names::POLICY, capacity: self.policy_capacity, needed }
+                }
+                other => Error::Map { name: map_names::POLICY, source: Box::new(other) },
+            });
+        }
+        self.activate(slot, cookie, expires_at)?;
+        for k in &rule.keys {
+            self.owners.insert(*k, cookie);
+        }
+        self.records.insert(cookie, Record {
+            slot,
+            action: rule.action,
+            expires_at,
+            keys: rule.keys.clone(),
+            admin: None,
+        });
+        Ok(RuleHandle { cookie, slot, expires_at })
+    }
+
+    fn lower_counts(&mut self, shapes: &[usize], action: Action, n: u32) -> Result<(), Error> {
+        let mut cfg = self.config()?;
+        for s in shapes {
+            cfg.policy_shape_count[*s] = cfg.policy_shape_count[*s].saturating_sub(1);
+        }
+        if action == Action::Deny {
+            cfg.policy_deny_count = cfg.policy_deny_count.saturating_sub(n);
+        }
+        self.set_config(cfg)
+    }
+
+    /// Install an admin-tier rule.
+    pub fn install_admin(&mut self, rule: &AdminRule) -> Result<RuleHandle, Error> {
+        let shape = admin_shape(&rule.key).ok_or_else(|| Error::InvalidRule {
+            field: "admin.key",
+            reason: "a port needs a protocol".into(),
+        })?;
+        if let Some(owner) = self.admin_owners.get(&rule.key) {
+            return Err(Error::InvalidRule {
+                field: "admin.key",
+                reason: format!("{:?} already belongs to admin rule cookie {owner}", rule.key),
+            });
+        }
+        if u32::try_from(self.admin_owners.len()).unwrap_or(u32::MAX) >= self.admin_capacity {
+            return Err(Error::MapFull { map: map_names::ADMIN, capacity: self.admin_capacity, needed: 1 });
+        }
+        let expires_at = match rule.ttl {
+            Some(ttl) => time::deadline(ttl)?,
+            None => 0,
+        };
+        let slot = self.alloc_slot()?;
+        let cookie = self.alloc_cookie();
+        self.clear_slot(slot)?;
+        let mut cfg = self.config()?;
+        cfg.admin_shape_count[shape] += 1;
+        self.set_config(cfg)?;
+        let value = AdminValue { cookie, slot, action: rule.action.code(), priority: rule.priority };
+        if let Err(e) = self.admin.insert(rule.key, value, BPF_NOEXIST) {
+            let mut cfg = self.config()?;
+            cfg.admin_shape_count[shape] = cfg.admin_shape_count[shape].saturating_sub(1);
+            self.set_config(cfg)?;
+            self.free_slots.push(slot);
+            return Err(Error::Map { name: map_names::ADMIN, source: Box::new(e) });
+        }
+        self.activate(slot, cookie, expires_at)?;
+        self.admin_owners.insert(rule.key, cookie);
+        self.records.insert(cookie, Record {
+            slot,
+            action: rule.action,
+            expires_at,
+            keys: Vec::new(),
+            admin: Some((rule.key, rule.priority)),
+        });
+        Ok(RuleHandle { cookie, slot, expires_at })
+    }
+
+    /// Revoke a rule or grant: from the next packet neither new nor established flows it
+    /// admitted pass. Then its entries are freed.
+    pub fn revoke(&mut self, cookie: u32) -> Result<(), Error> {
+        let rec = self.records.remove(&cookie).ok_or(Error::UnknownCookie { cookie })?;
+        self.clear_slot(rec.slot)?;
+        for k in &rec.keys {
+            let _ = self.policy.remove(k);
+            self.owners.remove(k);
+        }
+        let shapes: Vec<usize> = rec.keys.iter().filter_map(key_shape).collect();
+        self.lower_counts(&shapes, rec.action, u32::try_from(rec.keys.len()).unwrap_or(u32::MAX))?;
+        if let Some((k, _)) = rec.admin {
+            let _ = self.admin.remove(&k);
+            self.admin_owners.remove(&k);
+            if let Some(s) = admin_shape(&k) {
+                let mut cfg = self.config()?;
+                cfg.admin_shape_count[s] = cfg.admin_shape_count[s].saturating_sub(1);
+                self.set_config(cfg)?;
+            }
+        }
+        self.free_slots.push(rec.slot);
+        Ok(())
+    }
+
+    /// Change the lifetime of a rule or grant (`None` = no expiry). One write; applies to
+    /// established flows too.
+    pub fn set_ttl(&mut self, cookie: u32, ttl: Option<Duration>) -> Result<RuleHandle, Error> {
+        let expires_at = match ttl {
+            Some(ttl) => time::deadline(ttl)?,
+            None => 0,
+        };
+        let rec = self.records.get_mut(&cookie).ok_or(Error::UnknownCookie { cookie })?;
+        rec.expires_at = expires_at;
+        let slot = rec.slot;
+        self.activate(slot, cookie, expires_at)?;
+        Ok(RuleHandle { cookie, slot, expires_at })
+    }
+
+    /// Every installed rule, grant and admin rule (expired ones included until [`Self::gc`]).
+    #[must_use]
+    pub fn rules(&self) -> Vec<RuleInfo> {
+        self.records
+            .iter()
+            .map(|(cookie, r)| RuleInfo {
+                cookie: *cookie,
+                slot: r.slot,
+                action: r.action,
+                expires_at: r.expires_at,
+                policy_keys: r.keys.clone(),
+                admin_key: r.admin.map(|(k, _)| k),
+                priority: r.admin.map_or(0, |(_, p)| p),
+            })
+            .collect()
+    }
+
+    /// Number of entries in the policy map.
+    #[must_use]
+    pub fn policy_len(&self) -> usize {
+        self.owners.len()
+    }
+
+    /// Map an exact address (/32 or /128) to an identity and tenant.
+    pub fn set_identity(&mut self, ip: IpAddr, identity: u32, tenant: u32) -> Result<(), Error> {
+        let info = IdentityInfo { identity, tenant, flags: 0 };
+        self.identity.insert(addr::key(ip), info, 0).map_err(|e| full_or(e, map_names::IDENTITY))
+    }
+
+    pub fn remove_identity(&mut self, ip: IpAddr) -> Result<(), Error> {
+        match self.identity.remove(&addr::key(ip)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(Error::Map { name: map_names::IDENTITY, source: Box::new(e) }),
+        }
+    }
+
+    /// Map a CIDR peer to an identity (host bits are masked).
+    pub fn set_cidr(&mut self, ip: IpAddr, len: u8, identity: u32, tenant: u32) -> Result<(), Error> {
+        let key = LpmKey::new(addr::lpm_len(ip, len), CidrAddr { addr: addr::key(addr::mask(ip, len)) });
+        let mut cfg = self.config()?;
+        cfg.cidr_count += 1;
+        self.set_config(cfg)?;
+        let r = self.cidr.insert(&key, IdentityInfo { identity, tenant, flags: 0 }, 0);
+        if let Err(e) = r {
+            self.recount()?;
+            return Err(full_or(e, map_names::CIDR));
+        }
+        self.recount()
+    }
+
+    pub fn remove_cidr(&mut self, ip: IpAddr, len: u8) -> Result<(), Error> {
+        let key = LpmKey::new(addr::lpm_len(ip, len), CidrAddr { addr: addr::key(addr::mask(ip, len)) });
+        let _ = self.cidr.remove(&key);
+        self.recount()
+    }
+
+    /// Register a workload behind the interface `ifindex` (TC attachment) and map its
+    /// addresses to its identity.
+    pub fn set_interface_workload(&mut self, ifindex: u32, w: &Workload) -> Result<(), Error> {
+        self.set_workload_addrs(w)?;
+        self.endpoints.insert(ifindex, w.endpoint(), 0).map_err(|e| full_or(e, map_names::ENDPOINTS))
+    }
+
+    /// Register a workload by cgroup id (cgroup attachment).
+    pub fn set_cgroup_workload(&mut self, cgroup_id: u64, w: &Workload) -> Result<(), Error> {
+        self.set_workload_addrs(w)?;
+        self.cgroups.insert(cgroup_id, w.endpoint(), 0).map_err(|e| full_or(e, map_names::CGROUPS))
+    }
+
+    fn set_workload_addrs(&mut self, w: &Workload) -> Result<(), Error> {
+        if let Some(v4) = w.ipv4 {
+            self.set_identity(IpAddr::V4(v4), w.identity, w.tenant)?;
+        }
+        if let Some(v6) = w.ipv6 {
+            self.set_identity(IpAddr::V6(v6), w.identity, w.tenant)?;
+        }
+        Ok(())
+    }
+
+    pub fn remove_interface_workload(&mut self, ifindex: u32) -> Result<(), Error> {
+        let _ = self.endpoints.remove(&ifindex);
+        Ok(())
+    }
+
+    /// Traffic to these (protocol, port) pairs passes whatever the policy.
+    pub fn set_failsafe(&mut self, ports: &[(u8, u16)]) -> Result<(), Error> {
+        if ports.len() > MAX_FAILSAFE {
+            return Err(Error::InvalidRule {
+                field: "failsafe",
+                reason: format!("at most {MAX_FAILSAFE} failsafe ports, got {}", ports.len()),
+            });
+        }
+        let mut cfg = self.config()?;
+        cfg.failsafe = [Failsafe::default(); MAX_FAILSAFE];
+        for (i, (proto, port)) in ports.iter().enumerate() {
+            if *proto == PROTO_ANY || *port == PORT_ANY {
+                return Err(Error::InvalidRule { field: "failsafe", reason: "protocol and port are required".into() });
+            }
+            cfg.failsafe[i] = Failsafe { port: *port, proto: *proto, _pad: 0 };
+        }
+        cfg.failsafe_count = u32::try_from(ports.len()).unwrap_or(0);
+        self.set_config(cfg)
+    }
+
+    /// Report every new allowed flow as an event (drops and audits are always reported).
+    pub fn set_flow_events(&mut self, on: bool) -> Result<(), Error> {
+        let mut cfg = self.config()?;
+        cfg.flow_events = u32::from(on);
+        self.set_config(cfg)
+    }
+
+    /// Packet counters summed over CPUs, by reason.
+    pub fn counters(&self) -> Result<BTreeMap<Reason, u64>, Error> {
+        let mut out = BTreeMap::new();
+        for r in Reason::ALL {
+            let v = self.counters.get(&(r as u32), 0).map_err(Error::map(map_names::COUNTERS))?;
+            out.insert(r, v.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// Conntrack entries.
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, Error> {
+        self.conntrack.iter().map(|r| r.map_err(Error::map(map_names::CONNTRACK))).collect()
+    }
+
+    /// Free memory: remove rules whose expiry passed and conntrack entries idle longer than
+    /// `ct_idle` or bound to a rule that no longer admits them. Enforcement never depends on it.
+    pub fn gc(&mut self, ct_idle: Duration) -> Result<GcStats, Error> {
+        let now = time::monotonic_ns()?;
+        let expired: Vec<u32> = self
+            .records
+            .iter()
+            .filter(|(_, r)| r.expires_at != 0 && r.expires_at <= now)
+            .map(|(c, _)| *c)
+            .collect();
+        let mut stats = GcStats { rules_removed: expired.len(), ..GcStats::default() };
+        for c in expired {
+            self.revoke(c)?;
+        }
+        let idle = u64::try_from(ct_idle.as_nanos()).unwrap_or(u64::MAX);
+        let mut dead = Vec::new();
+        for item in self.conntrack.iter() {
+            let (k, v) = item.map_err(Error::map(map_names::CONNTRACK))?;
+            let idle_out = now.saturating_sub(v.last_seen_ns) > idle;
+            let unbacked = v.slot != SLOT_NONE
+                && !self.rules.get(&v.slot, 0).unwrap_or_default().admits(v.cookie, now);
+            if idle_out || unbacked {
+                dead.push(k);
+            }
+        }
+        for k in dead {
+            if self.conntrack.remove(&k).is_ok() {
+                stats.conntrack_removed += 1;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+fn key_shape(k: &PolicyKey) -> Option<usize> {
+    let (local, peer) = if k.dir == DIR_EGRESS {
+        (k.src_identity, k.dst_identity)
+    } else {
+        (k.dst_identity, k.src_identity)
+    };
+    if local == IDENTITY_ANY {
+        return None;
+    }
+    policy_shape(peer == IDENTITY_ANY, k.proto, k.dport)
+}
+
+fn full_or(e: aya::maps::MapError, name: &'static str) -> Error {
+    Error::Map { name, source: Box::new(e) }
+}
