@@ -17,8 +17,7 @@ pub static ZT_IDENTITY: HashMap<[u8; 16], IdentityInfo> = HashMap::pinned(65536,
 
 /// CIDR peers only; consulted when the exact map misses and `Config::cidr_count` is non-zero.
 #[map]
-pub static ZT_CIDR: LpmTrie<CidrAddr, IdentityInfo> =
-    LpmTrie::pinned(16384, 0);
+pub static ZT_CIDR: LpmTrie<CidrAddr, IdentityInfo> = LpmTrie::pinned(16384, 0);
 
 /// Interface index (TC attachment) → managed workload.
 #[map]

@@ -20,7 +20,12 @@ pub struct Decision {
 impl Decision {
     #[inline(always)]
     const fn new(allow: bool, reason: Reason, cookie: u32, slot: u32) -> Self {
-        Self { allow, reason, cookie, slot }
+        Self {
+            allow,
+            reason,
+            cookie,
+            slot,
+        }
     }
 }
 
@@ -106,7 +111,11 @@ pub fn decide(
     let mut shape = 0usize;
     while shape < POLICY_SHAPES {
         if cfg.policy_shape_count[shape] != 0 {
-            let peer_id = if POLICY_SHAPE_PEER[shape] { peer.identity } else { IDENTITY_ANY };
+            let peer_id = if POLICY_SHAPE_PEER[shape] {
+                peer.identity
+            } else {
+                IDENTITY_ANY
+            };
             let (src, dst) = if egress {
                 (local.identity, peer_id)
             } else {
@@ -115,8 +124,16 @@ pub fn decide(
             let key = PolicyKey {
                 src_identity: src,
                 dst_identity: dst,
-                dport: if POLICY_SHAPE_PORT[shape] { port } else { PORT_ANY },
-                proto: if POLICY_SHAPE_PROTO[shape] { proto } else { PROTO_ANY },
+                dport: if POLICY_SHAPE_PORT[shape] {
+                    port
+                } else {
+                    PORT_ANY
+                },
+                proto: if POLICY_SHAPE_PROTO[shape] {
+                    proto
+                } else {
+                    PROTO_ANY
+                },
                 dir,
             };
             // SAFETY: read-only access to a map value the kernel keeps alive for this run.

@@ -31,7 +31,10 @@ fn main() -> anyhow::Result<()> {
         dp.attach_tc(iface, TcHook::ToWorkload)?;
     }
     let rules = dp.writer().rules().len();
-    println!("{{\"event\":\"ready\",\"pin_dir\":{:?},\"rules\":{rules}}}", args.pin_dir);
+    println!(
+        "{{\"event\":\"ready\",\"pin_dir\":{:?},\"rules\":{rules}}}",
+        args.pin_dir
+    );
     if let Some(f) = &args.ready_file {
         std::fs::write(f, b"ready")?;
     }

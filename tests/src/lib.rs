@@ -1,0 +1,130 @@
+//! Helpers for ztseg's root-only tests: a data plane in its own pin directory, network
+//! namespaces with RAII clean-up, and a frame builder for `BPF_PROG_TEST_RUN`.
+//!
+//! These tests need root and a BPF-capable kernel. They never skip: without root they fail
+//! with a message saying so (CI runs them as root).
+
+pub mod frame;
+pub mod netns;
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions};
+use enforcer::{Datapath, DatapathOptions, Workload};
+
+/// Root of every test pin directory.
+pub const TEST_PIN_ROOT: &str = "/sys/fs/bpf/ztseg-test";
+
+/// TC verdicts.
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+
+/// Fail (never skip) when not root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "ztseg privileged tests need root and a BPF-capable kernel (run `cargo xtask test` as root)"
+    );
+    enforcer::datapath::ensure_bpffs(Path::new("/sys/fs/bpf")).expect("bpffs at /sys/fs/bpf");
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique, short name for test resources.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A data plane in its own pin directory, uninstalled (links and maps removed) on drop.
+#[derive(Debug)]
+pub struct TestDatapath {
+    pub dp: Datapath,
+    pub dir: PathBuf,
+}
+
+impl std::ops::Deref for TestDatapath {
+    type Target = Datapath;
+    fn deref(&self) -> &Datapath {
+        &self.dp
+    }
+}
+
+impl std::ops::DerefMut for TestDatapath {
+    fn deref_mut(&mut self) -> &mut Datapath {
+        &mut self.dp
+    }
+}
+
+impl Drop for TestDatapath {
+    fn drop(&mut self) {
+        let _ = Datapath::uninstall(&self.dir);
+    }
+}
+
+/// Small maps: many test instances run side by side.
+#[must_use]
+pub fn small_options() -> DatapathOptions {
+    DatapathOptions {
+        policy_entries: 4096,
+        rule_slots: 4096,
+        conntrack_entries: 4096,
+        identity_entries: 4096,
+        flow_events: true,
+    }
+}
+
+impl TestDatapath {
+    pub fn new(name: &str) -> Self {
+        Self::with_options(name, &small_options())
+    }
+
+    pub fn with_options(name: &str, opts: &DatapathOptions) -> Self {
+        require_root();
+        let dir = Path::new(TEST_PIN_ROOT).join(unique(name));
+        let _ = Datapath::uninstall(&dir);
+        let dp = Datapath::open(&dir, opts).expect("open data plane");
+        Self { dp, dir }
+    }
+
+    /// Run TC program `name` once on `frame` through BPF_PROG_TEST_RUN.
+    pub fn run(&mut self, name: &'static str, frame: &[u8]) -> Result<u32, ProgramError> {
+        let prog: &mut SchedClassifier = self
+            .dp
+            .program_mut(name)
+            .expect("program")
+            .try_into()
+            .expect("classifier");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = 1;
+        prog.test_run(opts).map(|r| r.return_value)
+    }
+}
+
+/// A workload with the given identity/tenant and addresses.
+#[must_use]
+pub fn workload(identity: u32, tenant: u32, v4: Option<&str>, v6: Option<&str>) -> Workload {
+    Workload {
+        identity,
+        tenant,
+        ipv4: v4.map(|a| a.parse().expect("ipv4")),
+        ipv6: v6.map(|a| a.parse().expect("ipv6")),
+        audit: false,
+    }
+}
+
+/// Parse an address literal.
+#[must_use]
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().expect("address")
+}
