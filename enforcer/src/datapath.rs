@@ -318,6 +318,8 @@ impl Datapath {
                 continue;
             }
             let _ = fs::remove_file(&path);
+            // Cgroup links take no attach flags (Single = 0) and always coexist with other
+            // programs on the same cgroup.
             let link: FdLink = if i < 2 {
                 let prog: &mut CgroupSkb = program_mut(&mut self.ebpf, name)?;
                 let ty = if i == 0 {
@@ -326,7 +328,7 @@ impl Datapath {
                     CgroupSkbAttachType::Egress
                 };
                 let id = prog
-                    .attach(&dir, ty, CgroupAttachMode::AllowMultiple)
+                    .attach(&dir, ty, CgroupAttachMode::Single)
                     .map_err(Error::program(name))?;
                 let link = prog.take_link(id).map_err(Error::program(name))?;
                 FdLink::try_from(link).map_err(|e| Error::Pin {
@@ -337,7 +339,7 @@ impl Datapath {
             } else {
                 let prog: &mut CgroupSockAddr = program_mut(&mut self.ebpf, name)?;
                 let id = prog
-                    .attach(&dir, CgroupAttachMode::AllowMultiple)
+                    .attach(&dir, CgroupAttachMode::Single)
                     .map_err(Error::program(name))?;
                 let link = prog.take_link(id).map_err(Error::program(name))?;
                 FdLink::try_from(link).map_err(|e| Error::Pin {

@@ -9,6 +9,8 @@ pub mod addr;
 pub mod datapath;
 pub mod error;
 pub mod events;
+pub mod holder;
+pub mod netns;
 pub mod time;
 pub mod writer;
 

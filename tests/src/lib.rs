@@ -6,6 +6,7 @@
 
 pub mod frame;
 pub mod netns;
+pub mod traffic;
 
 use std::{
     net::IpAddr,
