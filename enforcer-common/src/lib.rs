@@ -44,7 +44,7 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_SCTP: u8 = 132;
 
-/// ICMP and ICMPv6 rules match the message type, encoded as `ICMP_PORT_BASE | type` in the
+/// `ICMP` and `ICMPv6` rules match the message type, encoded as `ICMP_PORT_BASE | type` in the
 /// port field so that type 0 (echo reply) is not the port wildcard.
 pub const ICMP_PORT_BASE: u16 = 0x100;
 
@@ -91,7 +91,7 @@ pub struct Endpoint {
     pub identity: u32,
     pub tenant: u32,
     pub flags: u32,
-    pub _pad: u32,
+    pub pad: u32,
     pub addr_v4: [u8; 16],
     pub addr_v6: [u8; 16],
 }
@@ -126,7 +126,7 @@ pub struct PolicyValue {
     pub cookie: u32,
     pub slot: u32,
     pub action: u32,
-    pub _pad: u32,
+    pub pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 16);
 
@@ -147,6 +147,7 @@ const _: () = assert!(core::mem::size_of::<RuleState>() == 16);
 
 impl RuleState {
     /// Whether a rule with `cookie` may still admit traffic at monotonic time `now`.
+    #[expect(clippy::inline_always, reason = "called on the packet path of the eBPF programs")]
     #[inline(always)]
     #[must_use]
     pub fn admits(&self, cookie: u32, now: u64) -> bool {
@@ -165,7 +166,7 @@ pub struct AdminKey {
     pub dst_tenant: u32,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: u8,
+    pub pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<AdminKey>() == 12);
 
@@ -237,7 +238,7 @@ pub const MAX_FAILSAFE: usize = 8;
 pub struct Failsafe {
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    pub pad: u8,
 }
 
 /// Global datapath configuration, element 0 of the config array. The shape counters are kept
@@ -275,7 +276,7 @@ pub struct CtKey {
     pub dport: u16,
     pub proto: u8,
     pub dir: u8,
-    pub _pad: [u8; 2],
+    pub pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 
@@ -325,7 +326,7 @@ pub struct Event {
     pub dir: u8,
     pub verdict: u8,
     pub reason: u8,
-    pub _pad: [u8; 7],
+    pub pad: [u8; 7],
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 80);
 
@@ -403,7 +404,7 @@ impl Reason {
         Self::ALL.get(usize::from(v)).copied()
     }
 
-    /// Stable snake_case name used in metrics and logs.
+    /// Stable `snake_case` name used in metrics and logs.
     #[must_use]
     pub fn name(self) -> &'static str {
         match self {
@@ -462,8 +463,8 @@ pub mod program_names {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue, Endpoint, Event, IdentityInfo,
-        PolicyKey, PolicyValue, RuleState,
+        AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue, Endpoint, Event, IdentityInfo, PolicyKey,
+        PolicyValue, RuleState,
     };
     // SAFETY: every type is repr(C), Copy, has explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for IdentityInfo {}

@@ -25,13 +25,10 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     CT_F_AUDIT, CT_F_FAILSAFE, Config, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_AUDIT,
-    ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_WORLD, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, TENANT_NONE, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DROP,
+    ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_WORLD, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, TENANT_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
-use maps::{
-    ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_CONNTRACK, ZT_COUNTERS, ZT_ENDPOINTS, ZT_EVENTS, ZT_IDENTITY,
-};
+use maps::{ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_CONNTRACK, ZT_COUNTERS, ZT_ENDPOINTS, ZT_EVENTS, ZT_IDENTITY};
 use parse::{Flow, ParseError};
 use policy::{Local, decide, still_admitted};
 
@@ -59,11 +56,7 @@ static EMPTY_CONFIG: Config = Config {
     flow_events: 0,
     failsafe_count: 0,
     abi_version: 0,
-    failsafe: [enforcer_common::Failsafe {
-        port: 0,
-        proto: 0,
-        _pad: 0,
-    }; MAX_FAILSAFE],
+    failsafe: [enforcer_common::Failsafe { port: 0, proto: 0, pad: 0 }; MAX_FAILSAFE],
 };
 
 #[inline(always)]
@@ -75,10 +68,7 @@ fn config() -> &'static Config {
 /// most five arguments).
 #[inline(always)]
 fn meta(verdict: u8, reason: Reason, dir: u8, ifindex: u32) -> u64 {
-    u64::from(verdict)
-        | (u64::from(reason as u8) << 8)
-        | (u64::from(dir) << 16)
-        | (u64::from(ifindex) << 32)
+    u64::from(verdict) | (u64::from(reason as u8) << 8) | (u64::from(dir) << 16) | (u64::from(ifindex) << 32)
 }
 
 /// Write one event into the ring buffer, field by field in place (no stack copy); a full ring
@@ -108,7 +98,7 @@ fn emit(flow: &Flow, ep: &Endpoint, peer: &IdentityInfo, meta: u64, cookie: u32)
         (*e).dir = (meta >> 16) as u8;
         (*e).verdict = meta as u8;
         (*e).reason = (meta >> 8) as u8;
-        (*e)._pad = [0; 7];
+        (*e).pad = [0; 7];
     }
     entry.submit(0);
 }
@@ -121,17 +111,12 @@ fn peer_identity(cfg: &Config, addr: &[u8; 16]) -> IdentityInfo {
         return *id;
     }
     if cfg.cidr_count != 0 {
-        let key =
-            aya_ebpf::maps::lpm_trie::Key::new(128, enforcer_common::CidrAddr { addr: *addr });
+        let key = aya_ebpf::maps::lpm_trie::Key::new(128, enforcer_common::CidrAddr { addr: *addr });
         if let Some(id) = ZT_CIDR.get(&key) {
             return *id;
         }
     }
-    IdentityInfo {
-        identity: IDENTITY_WORLD,
-        tenant: TENANT_NONE,
-        flags: 0,
-    }
+    IdentityInfo { identity: IDENTITY_WORLD, tenant: TENANT_NONE, flags: 0 }
 }
 
 #[inline(always)]
@@ -211,7 +196,7 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
         dport: flow.dport,
         proto: flow.proto,
         dir,
-        _pad: [0; 2],
+        pad: [0; 2],
     };
     if ct_check(&key, ep, ts) == Some(true) {
         count(Reason::AllowEstablished);
@@ -223,11 +208,7 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
     }
 
     let cfg = config();
-    let peer_addr = if dir == DIR_EGRESS {
-        &flow.daddr
-    } else {
-        &flow.saddr
-    };
+    let peer_addr = if dir == DIR_EGRESS { &flow.daddr } else { &flow.saddr };
     let peer = peer_identity(cfg, peer_addr);
 
     let (allow, reason, cookie, slot, flags) = if cfg.failsafe_count != 0
@@ -237,10 +218,7 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
     {
         (true, Reason::AllowFailsafe, 0, SLOT_NONE, CT_F_FAILSAFE)
     } else {
-        let local = Local {
-            identity: ep.identity,
-            tenant: ep.tenant,
-        };
+        let local = Local { identity: ep.identity, tenant: ep.tenant };
         let d = decide(cfg, &local, &peer, dir, flow.proto, flow.policy_port, ts);
         (d.allow, d.reason, d.cookie, d.slot, 0)
     };
@@ -261,35 +239,17 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
         }
         if audit {
             count(Reason::Audit);
-            emit(
-                flow,
-                ep,
-                &peer,
-                meta(VERDICT_AUDIT, reason, dir, ifindex),
-                cookie,
-            );
+            emit(flow, ep, &peer, meta(VERDICT_AUDIT, reason, dir, ifindex), cookie);
         } else {
             count(reason);
             if cfg.flow_events != 0 {
-                emit(
-                    flow,
-                    ep,
-                    &peer,
-                    meta(VERDICT_ALLOW, reason, dir, ifindex),
-                    cookie,
-                );
+                emit(flow, ep, &peer, meta(VERDICT_ALLOW, reason, dir, ifindex), cookie);
             }
         }
         return true;
     }
     count(reason);
-    emit(
-        flow,
-        ep,
-        &peer,
-        meta(VERDICT_DROP, reason, dir, ifindex),
-        cookie,
-    );
+    emit(flow, ep, &peer, meta(VERDICT_DROP, reason, dir, ifindex), cookie);
     false
 }
 
@@ -311,11 +271,7 @@ fn parse_drop(err: ParseError) -> Option<Reason> {
 /// (ingress) of everything crossing its interface.
 #[inline(always)]
 fn own_address(flow: &Flow, ep: &Endpoint, dir: u8) -> bool {
-    let local = if dir == DIR_EGRESS {
-        &flow.saddr
-    } else {
-        &flow.daddr
-    };
+    let local = if dir == DIR_EGRESS { &flow.saddr } else { &flow.daddr };
     if flow.family == 4 {
         ep.flags & ENDPOINT_F_HAS_V4 != 0 && *local == ep.addr_v4
     } else {
@@ -349,20 +305,10 @@ fn tc_main(ctx: &TcContext, dir: u8) -> i32 {
     if !flow.link_local && !own_address(&flow, ep, dir) {
         count(Reason::DropSpoofed);
         let peer = IdentityInfo::default();
-        emit(
-            &flow,
-            ep,
-            &peer,
-            meta(VERDICT_DROP, Reason::DropSpoofed, dir, ifindex),
-            0,
-        );
+        emit(&flow, ep, &peer, meta(VERDICT_DROP, Reason::DropSpoofed, dir, ifindex), 0);
         return TC_ACT_SHOT;
     }
-    if verdict(&flow, ep, dir, ifindex) {
-        TC_ACT_OK
-    } else {
-        TC_ACT_SHOT
-    }
+    if verdict(&flow, ep, dir, ifindex) { TC_ACT_OK } else { TC_ACT_SHOT }
 }
 
 /// Packets leaving a workload: attached at the host-side interface's ingress.
@@ -446,9 +392,7 @@ fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
         a
     } else {
         let b = sa.user_ip4.to_ne_bytes();
-        [
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
-        ]
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
     };
     let dport = u16::from_be(sa.user_port as u16);
     let flow = Flow {
@@ -458,11 +402,7 @@ fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
         dport,
         policy_port: dport,
         proto,
-        family: if v6 && daddr[..12] != [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
-            6
-        } else {
-            4
-        },
+        family: if v6 && daddr[..12] != [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] { 6 } else { 4 },
         link_local: false,
     };
     let ts = now();
@@ -471,33 +411,18 @@ fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
     if cfg.failsafe_count != 0 && failsafe(cfg, proto, dport) {
         return 1;
     }
-    let local = Local {
-        identity: ep.identity,
-        tenant: ep.tenant,
-    };
+    let local = Local { identity: ep.identity, tenant: ep.tenant };
     let d = decide(cfg, &local, &peer, DIR_EGRESS, proto, dport, ts);
     if d.allow {
         return 1;
     }
     if ep.flags & ENDPOINT_F_AUDIT != 0 {
         count(Reason::Audit);
-        emit(
-            &flow,
-            ep,
-            &peer,
-            meta(VERDICT_AUDIT, d.reason, DIR_EGRESS, 0),
-            d.cookie,
-        );
+        emit(&flow, ep, &peer, meta(VERDICT_AUDIT, d.reason, DIR_EGRESS, 0), d.cookie);
         return 1;
     }
     count(d.reason);
-    emit(
-        &flow,
-        ep,
-        &peer,
-        meta(VERDICT_DROP, d.reason, DIR_EGRESS, 0),
-        d.cookie,
-    );
+    emit(&flow, ep, &peer, meta(VERDICT_DROP, d.reason, DIR_EGRESS, 0), d.cookie);
     0
 }
 

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue, Endpoint, IdentityInfo, PolicyKey,
-    PolicyValue, REASON_COUNT, RuleState,
+    AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue, Endpoint, IdentityInfo, PolicyKey, PolicyValue,
+    REASON_COUNT, RuleState,
 };
 
 /// Exact /32 and /128 address (16 bytes, IPv4 mapped) → identity.

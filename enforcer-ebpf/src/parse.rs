@@ -108,9 +108,7 @@ struct Ipv6Hdr {
 
 #[inline(always)]
 fn mapped(a: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
 }
 
 #[inline(always)]
@@ -141,8 +139,7 @@ fn parse_ipv4(skb: &SkBuff, off: usize, flow: &mut Flow) -> Result<(), ParseErro
 fn parse_ipv6(skb: &SkBuff, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
     let ip = load::<Ipv6Hdr>(skb, off)?;
     let payload = usize::from(u16::from_be(ip.payload_len));
-    if (u32::from_be(ip.ver_tc_flow) >> 28) != 6
-        || (payload != 0 && off + 40 + payload > skb.len() as usize)
+    if (u32::from_be(ip.ver_tc_flow) >> 28) != 6 || (payload != 0 && off + 40 + payload > skb.len() as usize)
     {
         return Err(ParseError::Malformed);
     }

@@ -3,9 +3,9 @@
 //! expired grant denies from the next packet without userspace.
 
 use enforcer_common::{
-    ACTION_ALLOW, ACTION_DENY, ACTION_PASS, ADMIN_SHAPES, AdminKey, Config, DIR_EGRESS,
-    IDENTITY_ANY, IdentityInfo, POLICY_SHAPE_PEER, POLICY_SHAPE_PORT, POLICY_SHAPE_PROTO,
-    POLICY_SHAPES, PORT_ANY, PROTO_ANY, PolicyKey, Reason, TENANT_ANY, TENANT_NONE,
+    ACTION_ALLOW, ACTION_DENY, ACTION_PASS, ADMIN_SHAPES, AdminKey, Config, DIR_EGRESS, IDENTITY_ANY,
+    IdentityInfo, POLICY_SHAPE_PEER, POLICY_SHAPE_PORT, POLICY_SHAPE_PROTO, POLICY_SHAPES, PORT_ANY,
+    PROTO_ANY, PolicyKey, Reason, TENANT_ANY, TENANT_NONE,
 };
 
 use crate::maps::{ZT_ADMIN, ZT_POLICY, ZT_RULES};
@@ -20,12 +20,7 @@ pub struct Decision {
 impl Decision {
     #[inline(always)]
     const fn new(allow: bool, reason: Reason, cookie: u32, slot: u32) -> Self {
-        Self {
-            allow,
-            reason,
-            cookie,
-            slot,
-        }
+        Self { allow, reason, cookie, slot }
     }
 }
 
@@ -60,11 +55,7 @@ pub fn decide(
     now: u64,
 ) -> Decision {
     let egress = dir == DIR_EGRESS;
-    let (src_t, dst_t) = if egress {
-        (local.tenant, peer.tenant)
-    } else {
-        (peer.tenant, local.tenant)
-    };
+    let (src_t, dst_t) = if egress { (local.tenant, peer.tenant) } else { (peer.tenant, local.tenant) };
 
     // ---- admin tier: lowest priority number among live matches wins.
     let mut best_prio = u32::MAX;
@@ -79,7 +70,7 @@ pub fn decide(
                 dst_tenant: if shape & 2 != 0 { TENANT_ANY } else { dst_t },
                 dport: if shape & 1 != 0 { PORT_ANY } else { port },
                 proto: if shape & 1 != 0 { PROTO_ANY } else { proto },
-                _pad: 0,
+                pad: 0,
             };
             // SAFETY: read-only access to a map value the kernel keeps alive for this run.
             if let Some(v) = unsafe { ZT_ADMIN.get(&key) } {
@@ -111,29 +102,13 @@ pub fn decide(
     let mut shape = 0usize;
     while shape < POLICY_SHAPES {
         if cfg.policy_shape_count[shape] != 0 {
-            let peer_id = if POLICY_SHAPE_PEER[shape] {
-                peer.identity
-            } else {
-                IDENTITY_ANY
-            };
-            let (src, dst) = if egress {
-                (local.identity, peer_id)
-            } else {
-                (peer_id, local.identity)
-            };
+            let peer_id = if POLICY_SHAPE_PEER[shape] { peer.identity } else { IDENTITY_ANY };
+            let (src, dst) = if egress { (local.identity, peer_id) } else { (peer_id, local.identity) };
             let key = PolicyKey {
                 src_identity: src,
                 dst_identity: dst,
-                dport: if POLICY_SHAPE_PORT[shape] {
-                    port
-                } else {
-                    PORT_ANY
-                },
-                proto: if POLICY_SHAPE_PROTO[shape] {
-                    proto
-                } else {
-                    PROTO_ANY
-                },
+                dport: if POLICY_SHAPE_PORT[shape] { port } else { PORT_ANY },
+                proto: if POLICY_SHAPE_PROTO[shape] { proto } else { PROTO_ANY },
                 dir,
             };
             // SAFETY: read-only access to a map value the kernel keeps alive for this run.

@@ -35,19 +35,11 @@ pub fn lpm_len(ip: IpAddr, len: u8) -> u32 {
 pub fn mask(ip: IpAddr, len: u8) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
-            let m = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(len.min(32)))
-            };
+            let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
             IpAddr::V4(Ipv4Addr::from(u32::from(v4) & m))
         }
         IpAddr::V6(v6) => {
-            let m = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(len.min(128)))
-            };
+            let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
             IpAddr::V6(Ipv6Addr::from(u128::from(v6) & m))
         }
     }
@@ -69,14 +61,8 @@ mod tests {
 
     #[test]
     fn mask_clears_host_bits() {
-        assert_eq!(
-            mask("10.1.2.3".parse().unwrap(), 16),
-            "10.1.0.0".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(
-            mask("fd00::ff".parse().unwrap(), 120),
-            "fd00::".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(mask("10.1.2.3".parse().unwrap(), 16), "10.1.0.0".parse::<IpAddr>().unwrap());
+        assert_eq!(mask("fd00::ff".parse().unwrap(), 120), "fd00::".parse::<IpAddr>().unwrap());
         assert_eq!(lpm_len("10.0.0.0".parse().unwrap(), 8), 104);
     }
 }

@@ -16,8 +16,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier,
-        TcAttachType,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
     },
 };
@@ -102,9 +101,7 @@ pub struct Datapath {
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Datapath")
-            .field("pin_dir", &self.pin_dir)
-            .finish_non_exhaustive()
+        f.debug_struct("Datapath").field("pin_dir", &self.pin_dir).finish_non_exhaustive()
     }
 }
 
@@ -113,23 +110,13 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), Error> {
     if is_bpffs(root) {
         return Ok(());
     }
-    fs::create_dir_all(root).map_err(|source| Error::PinDir {
-        path: root.into(),
-        source,
-    })?;
+    fs::create_dir_all(root).map_err(|source| Error::PinDir { path: root.into(), source })?;
     let status = std::process::Command::new("mount")
         .args(["-t", "bpf", "bpf"])
         .arg(root)
         .status()
-        .map_err(|source| Error::PinDir {
-            path: root.into(),
-            source,
-        })?;
-    if status.success() && is_bpffs(root) {
-        Ok(())
-    } else {
-        Err(Error::NotBpffs { path: root.into() })
-    }
+        .map_err(|source| Error::PinDir { path: root.into(), source })?;
+    if status.success() && is_bpffs(root) { Ok(()) } else { Err(Error::NotBpffs { path: root.into() }) }
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -147,14 +134,10 @@ impl Datapath {
     /// Load the data plane for `pin_dir` (created if needed, must be on bpffs), reusing any
     /// maps already pinned there. Programs are loaded but not attached.
     pub fn open(pin_dir: &Path, opts: &DatapathOptions) -> Result<Self, Error> {
-        fs::create_dir_all(pin_dir.join(LINKS_DIR)).map_err(|source| Error::PinDir {
-            path: pin_dir.into(),
-            source,
-        })?;
+        fs::create_dir_all(pin_dir.join(LINKS_DIR))
+            .map_err(|source| Error::PinDir { path: pin_dir.into(), source })?;
         if !is_bpffs(pin_dir) {
-            return Err(Error::NotBpffs {
-                path: pin_dir.into(),
-            });
+            return Err(Error::NotBpffs { path: pin_dir.into() });
         }
         let fresh = !pin_dir.join(map_names::CONFIG).exists();
         let mut loader = EbpfLoader::new();
@@ -164,16 +147,12 @@ impl Datapath {
             .map_max_entries(map_names::RULES, opts.rule_slots)
             .map_max_entries(map_names::CONNTRACK, opts.conntrack_entries)
             .map_max_entries(map_names::IDENTITY, opts.identity_entries);
-        let mut ebpf = loader
-            .load(crate::EBPF_OBJECT)
-            .map_err(|e| Error::Load(Box::new(e)))?;
+        let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
 
         // The layout version lives in the config map's first element, in a field userspace
         // owns; a mismatch means the pinned maps were made by an incompatible build.
         {
-            let map = ebpf.map_mut(map_names::CONFIG).ok_or(Error::MissingMap {
-                name: map_names::CONFIG,
-            })?;
+            let map = ebpf.map_mut(map_names::CONFIG).ok_or(Error::MissingMap { name: map_names::CONFIG })?;
             let mut cfg: Array<&mut MapData, Config> =
                 Array::try_from(map).map_err(Error::map(map_names::CONFIG))?;
             let mut c = cfg.get(&0, 0).map_err(Error::map(map_names::CONFIG))?;
@@ -190,17 +169,11 @@ impl Datapath {
             }
         }
 
-        for name in [
-            program_names::TC_FROM_WORKLOAD,
-            program_names::TC_TO_WORKLOAD,
-        ] {
+        for name in [program_names::TC_FROM_WORKLOAD, program_names::TC_TO_WORKLOAD] {
             let prog: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             prog.load().map_err(Error::program(name))?;
         }
-        for name in [
-            program_names::CGROUP_SKB_INGRESS,
-            program_names::CGROUP_SKB_EGRESS,
-        ] {
+        for name in [program_names::CGROUP_SKB_INGRESS, program_names::CGROUP_SKB_EGRESS] {
             let prog: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
             prog.load().map_err(Error::program(name))?;
         }
@@ -209,21 +182,12 @@ impl Datapath {
             prog.load().map_err(Error::program(name))?;
         }
         let writer = Writer::open(&mut ebpf, pin_dir)?;
-        Ok(Self {
-            pin_dir: pin_dir.into(),
-            ebpf,
-            writer: Mutex::new(writer),
-        })
+        Ok(Self { pin_dir: pin_dir.into(), ebpf, writer: Mutex::new(writer) })
     }
 
     /// Take the event reader (once).
     pub fn events(&mut self) -> Result<crate::EventReader, Error> {
-        let m = self
-            .ebpf
-            .take_map(map_names::EVENTS)
-            .ok_or(Error::MissingMap {
-                name: map_names::EVENTS,
-            })?;
+        let m = self.ebpf.take_map(map_names::EVENTS).ok_or(Error::MissingMap { name: map_names::EVENTS })?;
         let ring = aya::maps::RingBuf::try_from(m).map_err(Error::map(map_names::EVENTS))?;
         Ok(crate::EventReader::new(ring))
     }
@@ -235,25 +199,16 @@ impl Datapath {
 
     /// The map writer. One writer per process; it serialises its own updates.
     pub fn writer(&self) -> std::sync::MutexGuard<'_, Writer> {
-        self.writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The loaded program `name`, for test runs.
-    pub fn program_mut(
-        &mut self,
-        name: &'static str,
-    ) -> Result<&mut aya::programs::Program, Error> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram { name })
+    pub fn program_mut(&mut self, name: &'static str) -> Result<&mut aya::programs::Program, Error> {
+        self.ebpf.program_mut(name).ok_or(Error::MissingProgram { name })
     }
 
     fn tc_link_path(&self, ifindex: u32, hook: TcHook) -> PathBuf {
-        self.pin_dir
-            .join(LINKS_DIR)
-            .join(format!("tc-{ifindex}-{}", hook.tag()))
+        self.pin_dir.join(LINKS_DIR).join(format!("tc-{ifindex}-{}", hook.tag()))
     }
 
     /// Attach a TC program to interface `ifname` (TCX) and pin the link. An existing pinned
@@ -267,20 +222,14 @@ impl Datapath {
         let _ = fs::remove_file(&path);
         let name = hook.program();
         let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
-        let id = prog
-            .attach(ifname, hook.attach_type())
-            .map_err(Error::program(name))?;
+        let id = prog.attach(ifname, hook.attach_type()).map_err(Error::program(name))?;
         let link = prog.take_link(id).map_err(Error::program(name))?;
         let link = FdLink::try_from(link).map_err(|e| Error::Pin {
             what: "tc link",
             path: path.clone(),
             source: Box::new(e),
         })?;
-        link.pin(&path).map_err(|e| Error::Pin {
-            what: "tc link",
-            path,
-            source: Box::new(e),
-        })?;
+        link.pin(&path).map_err(|e| Error::Pin { what: "tc link", path, source: Box::new(e) })?;
         Ok(())
     }
 
@@ -295,25 +244,13 @@ impl Datapath {
         remove_link(&path)
     }
 
-    /// Attach the cgroup_skb and sock_addr programs to the cgroup v2 directory `cgroup` and
+    /// Attach the `cgroup_skb` and `sock_addr` programs to the cgroup v2 directory `cgroup` and
     /// pin the links. Returns the cgroup id to register the workload under.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<u64, Error> {
-        let dir = fs::File::open(cgroup).map_err(|source| Error::Cgroup {
-            path: cgroup.into(),
-            source,
-        })?;
-        let cgid = dir
-            .metadata()
-            .map_err(|source| Error::Cgroup {
-                path: cgroup.into(),
-                source,
-            })?
-            .ino();
+        let dir = fs::File::open(cgroup).map_err(|source| Error::Cgroup { path: cgroup.into(), source })?;
+        let cgid = dir.metadata().map_err(|source| Error::Cgroup { path: cgroup.into(), source })?.ino();
         for (i, name) in CGROUP_PROGRAMS.iter().enumerate() {
-            let path = self
-                .pin_dir
-                .join(LINKS_DIR)
-                .join(format!("cg-{cgid}-{name}"));
+            let path = self.pin_dir.join(LINKS_DIR).join(format!("cg-{cgid}-{name}"));
             if path.exists() && PinnedLink::from_pin(&path).is_ok() {
                 continue;
             }
@@ -322,14 +259,8 @@ impl Datapath {
             // programs on the same cgroup.
             let link: FdLink = if i < 2 {
                 let prog: &mut CgroupSkb = program_mut(&mut self.ebpf, name)?;
-                let ty = if i == 0 {
-                    CgroupSkbAttachType::Ingress
-                } else {
-                    CgroupSkbAttachType::Egress
-                };
-                let id = prog
-                    .attach(&dir, ty, CgroupAttachMode::Single)
-                    .map_err(Error::program(name))?;
+                let ty = if i == 0 { CgroupSkbAttachType::Ingress } else { CgroupSkbAttachType::Egress };
+                let id = prog.attach(&dir, ty, CgroupAttachMode::Single).map_err(Error::program(name))?;
                 let link = prog.take_link(id).map_err(Error::program(name))?;
                 FdLink::try_from(link).map_err(|e| Error::Pin {
                     what: "cgroup link",
@@ -338,9 +269,7 @@ impl Datapath {
                 })?
             } else {
                 let prog: &mut CgroupSockAddr = program_mut(&mut self.ebpf, name)?;
-                let id = prog
-                    .attach(&dir, CgroupAttachMode::Single)
-                    .map_err(Error::program(name))?;
+                let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(Error::program(name))?;
                 let link = prog.take_link(id).map_err(Error::program(name))?;
                 FdLink::try_from(link).map_err(|e| Error::Pin {
                     what: "cgroup link",
@@ -348,11 +277,7 @@ impl Datapath {
                     source: Box::new(e),
                 })?
             };
-            link.pin(&path).map_err(|e| Error::Pin {
-                what: "cgroup link",
-                path,
-                source: Box::new(e),
-            })?;
+            link.pin(&path).map_err(|e| Error::Pin { what: "cgroup link", path, source: Box::new(e) })?;
         }
         Ok(cgid)
     }
@@ -360,10 +285,7 @@ impl Datapath {
     /// Detach every program attached to the cgroup with id `cgid`.
     pub fn detach_cgroup(&self, cgid: u64) -> Result<(), Error> {
         for name in CGROUP_PROGRAMS {
-            let path = self
-                .pin_dir
-                .join(LINKS_DIR)
-                .join(format!("cg-{cgid}-{name}"));
+            let path = self.pin_dir.join(LINKS_DIR).join(format!("cg-{cgid}-{name}"));
             if path.exists() {
                 remove_link(&path)?;
             }
@@ -382,10 +304,7 @@ impl Datapath {
                 remove_link(&e.path())?;
             }
         }
-        fs::remove_dir_all(pin_dir).map_err(|source| Error::PinDir {
-            path: pin_dir.into(),
-            source,
-        })
+        fs::remove_dir_all(pin_dir).map_err(|source| Error::PinDir { path: pin_dir.into(), source })
     }
 }
 
@@ -393,10 +312,7 @@ fn remove_link(path: &Path) -> Result<(), Error> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::PinDir {
-            path: path.into(),
-            source,
-        }),
+        Err(source) => Err(Error::PinDir { path: path.into(), source }),
     }
 }
 
@@ -404,9 +320,7 @@ fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut 
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let p = ebpf
-        .program_mut(name)
-        .ok_or(Error::MissingProgram { name })?;
+    let p = ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
     p.try_into().map_err(Error::program(name))
 }
 
@@ -419,10 +333,7 @@ pub fn ifindex(name: &str) -> Result<u32, Error> {
     // SAFETY: NUL-terminated string we own.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if idx == 0 {
-        Err(Error::Interface {
-            name: name.into(),
-            source: std::io::Error::last_os_error(),
-        })
+        Err(Error::Interface { name: name.into(), source: std::io::Error::last_os_error() })
     } else {
         Ok(idx)
     }

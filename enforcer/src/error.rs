@@ -18,11 +18,7 @@ pub enum Error {
         "pinned maps in {path} have layout version {found}, this enforcer needs {expected}; \
          run `ztseg enforcer uninstall` for that directory first"
     )]
-    AbiMismatch {
-        path: PathBuf,
-        found: u32,
-        expected: u32,
-    },
+    AbiMismatch { path: PathBuf, found: u32, expected: u32 },
     #[error("loading the eBPF object")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("program {name} is missing from the eBPF object")]
@@ -61,11 +57,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("map {map} is full ({capacity} entries, {needed} more needed); nothing was applied")]
-    MapFull {
-        map: &'static str,
-        capacity: u32,
-        needed: u32,
-    },
+    MapFull { map: &'static str, capacity: u32, needed: u32 },
     #[error("no free rule slot ({capacity} in use); nothing was applied")]
     SlotsExhausted { capacity: u32 },
     #[error("policy key {key:?} already belongs to rule cookie {owner}; nothing was applied")]
@@ -82,16 +74,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn map(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
-        move |e| Error::Map {
-            name,
-            source: Box::new(e),
-        }
+        move |e| Error::Map { name, source: Box::new(e) }
     }
 
     pub(crate) fn program(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> Error {
-        move |e| Error::Program {
-            name,
-            source: Box::new(e),
-        }
+        move |e| Error::Program { name, source: Box::new(e) }
     }
 }

@@ -107,11 +107,7 @@ impl EventReader {
 
     /// Wait up to `timeout` for the ring to have data.
     pub fn wait(&mut self, timeout: Duration) -> Result<bool, Error> {
-        let mut pfd = libc::pollfd {
-            fd: self.ring.as_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: self.ring.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: one pollfd we own.
         let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };

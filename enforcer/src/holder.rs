@@ -37,10 +37,7 @@ pub fn main() -> anyhow::Result<()> {
         dp.attach_tc(iface, TcHook::ToWorkload)?;
     }
     let rules = dp.writer().rules().len();
-    println!(
-        "{{\"event\":\"ready\",\"pin_dir\":{:?},\"rules\":{rules}}}",
-        args.pin_dir
-    );
+    println!("ztseg-dataplane ready: pin_dir={} rules={rules}", args.pin_dir.display());
     if let Some(f) = &args.ready_file {
         std::fs::write(f, b"ready")?;
     }

@@ -10,9 +10,5 @@ pub fn enter(path: &Path) -> std::io::Result<()> {
     let f = File::open(path)?;
     // SAFETY: setns with a namespace fd we hold open; affects only this thread.
     let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }

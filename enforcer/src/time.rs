@@ -7,10 +7,7 @@ use crate::Error;
 
 /// Current `CLOCK_MONOTONIC` time in nanoseconds.
 pub fn monotonic_ns() -> Result<u64, Error> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into the timespec we own.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     if rc != 0 {

@@ -27,9 +27,9 @@ use aya::{
 };
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_PASS, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue,
-    DIR_EGRESS, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Failsafe,
-    IDENTITY_ANY, IdentityInfo, MAX_FAILSAFE, PORT_ANY, PROTO_ANY, PolicyKey, PolicyValue,
-    RULE_F_ACTIVE, Reason, RuleState, SLOT_NONE, admin_shape, map_names, policy_shape,
+    DIR_EGRESS, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Failsafe, IDENTITY_ANY,
+    IdentityInfo, MAX_FAILSAFE, PORT_ANY, PROTO_ANY, PolicyKey, PolicyValue, RULE_F_ACTIVE, Reason,
+    RuleState, SLOT_NONE, admin_shape, map_names, policy_shape,
 };
 
 use crate::{Error, addr, time};
@@ -76,18 +76,8 @@ impl Rule {
     #[must_use]
     pub fn key(dir: u8, local: u32, peer: Option<u32>, proto: u8, port: u16) -> PolicyKey {
         let peer = peer.unwrap_or(IDENTITY_ANY);
-        let (src, dst) = if dir == DIR_EGRESS {
-            (local, peer)
-        } else {
-            (peer, local)
-        };
-        PolicyKey {
-            src_identity: src,
-            dst_identity: dst,
-            dport: port,
-            proto,
-            dir,
-        }
+        let (src, dst) = if dir == DIR_EGRESS { (local, peer) } else { (peer, local) };
+        PolicyKey { src_identity: src, dst_identity: dst, dport: port, proto, dir }
     }
 }
 
@@ -135,11 +125,7 @@ pub struct Workload {
 
 impl Workload {
     fn endpoint(&self) -> Endpoint {
-        let mut ep = Endpoint {
-            identity: self.identity,
-            tenant: self.tenant,
-            ..Endpoint::default()
-        };
+        let mut ep = Endpoint { identity: self.identity, tenant: self.tenant, ..Endpoint::default() };
         if let Some(v4) = self.ipv4 {
             ep.flags |= ENDPOINT_F_HAS_V4;
             ep.addr_v4 = addr::key(IpAddr::V4(v4));
@@ -195,9 +181,7 @@ pub struct Writer {
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Writer")
-            .field("rules", &self.records.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Writer").field("rules", &self.records.len()).finish_non_exhaustive()
     }
 }
 
@@ -257,11 +241,9 @@ impl Writer {
         let mut max_cookie = 0u32;
         let mut max_slot = None::<u32>;
         let mut stale_policy = Vec::new();
-        for item in self.policy.iter() {
+        for item in &self.policy {
             let (k, v) = item.map_err(Error::map(map_names::POLICY))?;
-            let st = *states
-                .entry(v.slot)
-                .or_insert_with(|| self.rules.get(&v.slot, 0).unwrap_or_default());
+            let st = *states.entry(v.slot).or_insert_with(|| self.rules.get(&v.slot, 0).unwrap_or_default());
             max_cookie = max_cookie.max(v.cookie);
             if st.cookie != v.cookie || st.flags & RULE_F_ACTIVE == 0 {
                 stale_policy.push(k);
@@ -279,7 +261,7 @@ impl Writer {
             self.owners.insert(k, v.cookie);
         }
         let mut stale_admin = Vec::new();
-        for item in self.admin.iter() {
+        for item in &self.admin {
             let (k, v) = item.map_err(Error::map(map_names::ADMIN))?;
             let st = self.rules.get(&v.slot, 0).unwrap_or_default();
             max_cookie = max_cookie.max(v.cookie);
@@ -312,9 +294,7 @@ impl Writer {
         self.next_slot = max_slot.map_or(0, |s| s + 1);
         for slot in (0..self.next_slot).rev() {
             if !used.contains(&slot) {
-                self.rules
-                    .set(slot, RuleState::default(), 0)
-                    .map_err(Error::map(map_names::RULES))?;
+                self.rules.set(slot, RuleState::default(), 0).map_err(Error::map(map_names::RULES))?;
                 self.free_slots.push(slot);
             }
         }
@@ -324,9 +304,7 @@ impl Writer {
             if let Ok(st) = self.rules.get(&slot, 0) {
                 max_cookie = max_cookie.max(st.cookie);
                 if st.flags & RULE_F_ACTIVE != 0 {
-                    self.rules
-                        .set(slot, RuleState::default(), 0)
-                        .map_err(Error::map(map_names::RULES))?;
+                    self.rules.set(slot, RuleState::default(), 0).map_err(Error::map(map_names::RULES))?;
                 }
             }
         }
@@ -361,15 +339,11 @@ impl Writer {
     }
 
     fn config(&self) -> Result<Config, Error> {
-        self.config
-            .get(&0, 0)
-            .map_err(Error::map(map_names::CONFIG))
+        self.config.get(&0, 0).map_err(Error::map(map_names::CONFIG))
     }
 
     fn set_config(&mut self, cfg: Config) -> Result<(), Error> {
-        self.config
-            .set(0, cfg, 0)
-            .map_err(Error::map(map_names::CONFIG))
+        self.config.set(0, cfg, 0).map_err(Error::map(map_names::CONFIG))
     }
 
     fn alloc_slot(&mut self) -> Result<u32, Error> {
@@ -377,9 +351,7 @@ impl Writer {
             return Ok(s);
         }
         if self.next_slot >= self.rules.len() {
-            return Err(Error::SlotsExhausted {
-                capacity: self.rules.len(),
-            });
+            return Err(Error::SlotsExhausted { capacity: self.rules.len() });
         }
         self.next_slot += 1;
         Ok(self.next_slot - 1)
@@ -396,69 +368,19 @@ impl Writer {
     }
 
     fn activate(&mut self, slot: u32, cookie: u32, expires_at: u64) -> Result<(), Error> {
-        let st = RuleState {
-            expires_at,
-            cookie,
-            flags: RULE_F_ACTIVE,
-        };
-        self.rules
-            .set(slot, st, 0)
-            .map_err(Error::map(map_names::RULES))
+        let st = RuleState { expires_at, cookie, flags: RULE_F_ACTIVE };
+        self.rules.set(slot, st, 0).map_err(Error::map(map_names::RULES))
     }
 
     fn clear_slot(&mut self, slot: u32) -> Result<(), Error> {
-        self.rules
-            .set(slot, RuleState::default(), 0)
-            .map_err(Error::map(map_names::RULES))
+        self.rules.set(slot, RuleState::default(), 0).map_err(Error::map(map_names::RULES))
     }
 
     /// Install a tenant-tier rule or grant. All of its keys become live at the same instant,
     /// or none does.
     pub fn install(&mut self, rule: &Rule) -> Result<RuleHandle, Error> {
-        if rule.action == Action::Pass {
-            return Err(Error::InvalidRule {
-                field: "action",
-                reason: "pass is an admin-tier action".into(),
-            });
-        }
-        if rule.keys.is_empty() {
-            return Err(Error::InvalidRule {
-                field: "keys",
-                reason: "a rule needs at least one key".into(),
-            });
-        }
-        let mut shapes = Vec::with_capacity(rule.keys.len());
-        let mut seen = std::collections::HashSet::new();
-        for k in &rule.keys {
-            let s = key_shape(k).ok_or_else(|| Error::InvalidRule {
-                field: "keys",
-                reason: format!(
-                    "{k:?}: a port needs a protocol, and the local side cannot be a wildcard"
-                ),
-            })?;
-            if !seen.insert(*k) {
-                return Err(Error::InvalidRule {
-                    field: "keys",
-                    reason: format!("{k:?} appears twice"),
-                });
-            }
-            if let Some(owner) = self.owners.get(k) {
-                return Err(Error::KeyOwned {
-                    key: *k,
-                    owner: *owner,
-                });
-            }
-            shapes.push(s);
-        }
+        let shapes = self.validate(rule)?;
         let needed = u32::try_from(rule.keys.len()).unwrap_or(u32::MAX);
-        let used = u32::try_from(self.owners.len()).unwrap_or(u32::MAX);
-        if used.saturating_add(needed) > self.policy_capacity {
-            return Err(Error::MapFull {
-                map: map_names::POLICY,
-                capacity: self.policy_capacity,
-                needed,
-            });
-        }
         let expires_at = match rule.ttl {
             Some(ttl) => time::deadline(ttl)?,
             None => 0,
@@ -475,41 +397,17 @@ impl Writer {
             cfg.policy_deny_count += needed;
         }
         self.set_config(cfg)?;
-        let value = PolicyValue {
-            cookie,
-            slot,
-            action: rule.action.code(),
-            _pad: 0,
-        };
-        let mut inserted = 0;
-        let mut failure = None;
-        for k in &rule.keys {
-            if let Err(e) = self.policy.insert(k, value, BPF_NOEXIST) {
-                failure = Some(e);
-                break;
-            }
-            inserted += 1;
-        }
-        if let Some(e) = failure {
-            for k in &rule.keys[..inserted] {
-                let _ = self.policy.remove(k);
-            }
+        let value = PolicyValue { cookie, slot, action: rule.action.code(), pad: 0 };
+        if let Err(e) = self.insert_all(&rule.keys, value) {
             self.lower_counts(&shapes, rule.action, needed)?;
             self.free_slots.push(slot);
             return Err(match e {
                 aya::maps::MapError::SyscallError(ref s)
                     if s.io_error.raw_os_error() == Some(libc::E2BIG) =>
                 {
-                    Error::MapFull {
-                        map: map_names::POLICY,
-                        capacity: self.policy_capacity,
-                        needed,
-                    }
+                    Error::MapFull { map: map_names::POLICY, capacity: self.policy_capacity, needed }
                 }
-                other => Error::Map {
-                    name: map_names::POLICY,
-                    source: Box::new(other),
-                },
+                other => Error::Map { name: map_names::POLICY, source: Box::new(other) },
             });
         }
         self.activate(slot, cookie, expires_at)?;
@@ -518,19 +416,56 @@ impl Writer {
         }
         self.records.insert(
             cookie,
-            Record {
-                slot,
-                action: rule.action,
-                expires_at,
-                keys: rule.keys.clone(),
-                admin: None,
-            },
+            Record { slot, action: rule.action, expires_at, keys: rule.keys.clone(), admin: None },
         );
-        Ok(RuleHandle {
-            cookie,
-            slot,
-            expires_at,
-        })
+        Ok(RuleHandle { cookie, slot, expires_at })
+    }
+
+    /// Check a rule before anything is written; returns the probe shape of each key.
+    fn validate(&self, rule: &Rule) -> Result<Vec<usize>, Error> {
+        if rule.action == Action::Pass {
+            return Err(Error::InvalidRule {
+                field: "action",
+                reason: "pass is an admin-tier action".into(),
+            });
+        }
+        if rule.keys.is_empty() {
+            return Err(Error::InvalidRule { field: "keys", reason: "a rule needs at least one key".into() });
+        }
+        let mut shapes = Vec::with_capacity(rule.keys.len());
+        let mut seen = std::collections::HashSet::new();
+        for k in &rule.keys {
+            let s = key_shape(k).ok_or_else(|| Error::InvalidRule {
+                field: "keys",
+                reason: format!("{k:?}: a port needs a protocol, and the local side cannot be a wildcard"),
+            })?;
+            if !seen.insert(*k) {
+                return Err(Error::InvalidRule { field: "keys", reason: format!("{k:?} appears twice") });
+            }
+            if let Some(owner) = self.owners.get(k) {
+                return Err(Error::KeyOwned { key: *k, owner: *owner });
+            }
+            shapes.push(s);
+        }
+        let needed = u32::try_from(rule.keys.len()).unwrap_or(u32::MAX);
+        let used = u32::try_from(self.owners.len()).unwrap_or(u32::MAX);
+        if used.saturating_add(needed) > self.policy_capacity {
+            return Err(Error::MapFull { map: map_names::POLICY, capacity: self.policy_capacity, needed });
+        }
+        Ok(shapes)
+    }
+
+    /// Insert every key (never overwriting); on the first failure remove what went in.
+    fn insert_all(&mut self, keys: &[PolicyKey], value: PolicyValue) -> Result<(), aya::maps::MapError> {
+        for (i, k) in keys.iter().enumerate() {
+            if let Err(e) = self.policy.insert(k, value, BPF_NOEXIST) {
+                for done in &keys[..i] {
+                    let _ = self.policy.remove(done);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn lower_counts(&mut self, shapes: &[usize], action: Action, n: u32) -> Result<(), Error> {
@@ -553,18 +488,11 @@ impl Writer {
         if let Some(owner) = self.admin_owners.get(&rule.key) {
             return Err(Error::InvalidRule {
                 field: "admin.key",
-                reason: format!(
-                    "{:?} already belongs to admin rule cookie {owner}",
-                    rule.key
-                ),
+                reason: format!("{:?} already belongs to admin rule cookie {owner}", rule.key),
             });
         }
         if u32::try_from(self.admin_owners.len()).unwrap_or(u32::MAX) >= self.admin_capacity {
-            return Err(Error::MapFull {
-                map: map_names::ADMIN,
-                capacity: self.admin_capacity,
-                needed: 1,
-            });
+            return Err(Error::MapFull { map: map_names::ADMIN, capacity: self.admin_capacity, needed: 1 });
         }
         let expires_at = match rule.ttl {
             Some(ttl) => time::deadline(ttl)?,
@@ -576,21 +504,13 @@ impl Writer {
         let mut cfg = self.config()?;
         cfg.admin_shape_count[shape] += 1;
         self.set_config(cfg)?;
-        let value = AdminValue {
-            cookie,
-            slot,
-            action: rule.action.code(),
-            priority: rule.priority,
-        };
+        let value = AdminValue { cookie, slot, action: rule.action.code(), priority: rule.priority };
         if let Err(e) = self.admin.insert(rule.key, value, BPF_NOEXIST) {
             let mut cfg = self.config()?;
             cfg.admin_shape_count[shape] = cfg.admin_shape_count[shape].saturating_sub(1);
             self.set_config(cfg)?;
             self.free_slots.push(slot);
-            return Err(Error::Map {
-                name: map_names::ADMIN,
-                source: Box::new(e),
-            });
+            return Err(Error::Map { name: map_names::ADMIN, source: Box::new(e) });
         }
         self.activate(slot, cookie, expires_at)?;
         self.admin_owners.insert(rule.key, cookie);
@@ -604,31 +524,20 @@ impl Writer {
                 admin: Some((rule.key, rule.priority)),
             },
         );
-        Ok(RuleHandle {
-            cookie,
-            slot,
-            expires_at,
-        })
+        Ok(RuleHandle { cookie, slot, expires_at })
     }
 
     /// Revoke a rule or grant: from the next packet neither new nor established flows it
     /// admitted pass. Then its entries are freed.
     pub fn revoke(&mut self, cookie: u32) -> Result<(), Error> {
-        let rec = self
-            .records
-            .remove(&cookie)
-            .ok_or(Error::UnknownCookie { cookie })?;
+        let rec = self.records.remove(&cookie).ok_or(Error::UnknownCookie { cookie })?;
         self.clear_slot(rec.slot)?;
         for k in &rec.keys {
             let _ = self.policy.remove(k);
             self.owners.remove(k);
         }
         let shapes: Vec<usize> = rec.keys.iter().filter_map(key_shape).collect();
-        self.lower_counts(
-            &shapes,
-            rec.action,
-            u32::try_from(rec.keys.len()).unwrap_or(u32::MAX),
-        )?;
+        self.lower_counts(&shapes, rec.action, u32::try_from(rec.keys.len()).unwrap_or(u32::MAX))?;
         if let Some((k, _)) = rec.admin {
             let _ = self.admin.remove(&k);
             self.admin_owners.remove(&k);
@@ -649,18 +558,11 @@ impl Writer {
             Some(ttl) => time::deadline(ttl)?,
             None => 0,
         };
-        let rec = self
-            .records
-            .get_mut(&cookie)
-            .ok_or(Error::UnknownCookie { cookie })?;
+        let rec = self.records.get_mut(&cookie).ok_or(Error::UnknownCookie { cookie })?;
         rec.expires_at = expires_at;
         let slot = rec.slot;
         self.activate(slot, cookie, expires_at)?;
-        Ok(RuleHandle {
-            cookie,
-            slot,
-            expires_at,
-        })
+        Ok(RuleHandle { cookie, slot, expires_at })
     }
 
     /// Every installed rule, grant and admin rule (expired ones included until [`Self::gc`]).
@@ -688,52 +590,24 @@ impl Writer {
 
     /// Map an exact address (/32 or /128) to an identity and tenant.
     pub fn set_identity(&mut self, ip: IpAddr, identity: u32, tenant: u32) -> Result<(), Error> {
-        let info = IdentityInfo {
-            identity,
-            tenant,
-            flags: 0,
-        };
-        self.identity
-            .insert(addr::key(ip), info, 0)
-            .map_err(|e| full_or(e, map_names::IDENTITY))
+        let info = IdentityInfo { identity, tenant, flags: 0 };
+        self.identity.insert(addr::key(ip), info, 0).map_err(|e| full_or(e, map_names::IDENTITY))
     }
 
     pub fn remove_identity(&mut self, ip: IpAddr) -> Result<(), Error> {
         match self.identity.remove(&addr::key(ip)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(Error::Map {
-                name: map_names::IDENTITY,
-                source: Box::new(e),
-            }),
+            Err(e) => Err(Error::Map { name: map_names::IDENTITY, source: Box::new(e) }),
         }
     }
 
     /// Map a CIDR peer to an identity (host bits are masked).
-    pub fn set_cidr(
-        &mut self,
-        ip: IpAddr,
-        len: u8,
-        identity: u32,
-        tenant: u32,
-    ) -> Result<(), Error> {
-        let key = LpmKey::new(
-            addr::lpm_len(ip, len),
-            CidrAddr {
-                addr: addr::key(addr::mask(ip, len)),
-            },
-        );
+    pub fn set_cidr(&mut self, ip: IpAddr, len: u8, identity: u32, tenant: u32) -> Result<(), Error> {
+        let key = LpmKey::new(addr::lpm_len(ip, len), CidrAddr { addr: addr::key(addr::mask(ip, len)) });
         let mut cfg = self.config()?;
         cfg.cidr_count += 1;
         self.set_config(cfg)?;
-        let r = self.cidr.insert(
-            &key,
-            IdentityInfo {
-                identity,
-                tenant,
-                flags: 0,
-            },
-            0,
-        );
+        let r = self.cidr.insert(&key, IdentityInfo { identity, tenant, flags: 0 }, 0);
         if let Err(e) = r {
             self.recount()?;
             return Err(full_or(e, map_names::CIDR));
@@ -742,12 +616,7 @@ impl Writer {
     }
 
     pub fn remove_cidr(&mut self, ip: IpAddr, len: u8) -> Result<(), Error> {
-        let key = LpmKey::new(
-            addr::lpm_len(ip, len),
-            CidrAddr {
-                addr: addr::key(addr::mask(ip, len)),
-            },
-        );
+        let key = LpmKey::new(addr::lpm_len(ip, len), CidrAddr { addr: addr::key(addr::mask(ip, len)) });
         let _ = self.cidr.remove(&key);
         self.recount()
     }
@@ -756,17 +625,13 @@ impl Writer {
     /// addresses to its identity.
     pub fn set_interface_workload(&mut self, ifindex: u32, w: &Workload) -> Result<(), Error> {
         self.set_workload_addrs(w)?;
-        self.endpoints
-            .insert(ifindex, w.endpoint(), 0)
-            .map_err(|e| full_or(e, map_names::ENDPOINTS))
+        self.endpoints.insert(ifindex, w.endpoint(), 0).map_err(|e| full_or(e, map_names::ENDPOINTS))
     }
 
     /// Register a workload by cgroup id (cgroup attachment).
     pub fn set_cgroup_workload(&mut self, cgroup_id: u64, w: &Workload) -> Result<(), Error> {
         self.set_workload_addrs(w)?;
-        self.cgroups
-            .insert(cgroup_id, w.endpoint(), 0)
-            .map_err(|e| full_or(e, map_names::CGROUPS))
+        self.cgroups.insert(cgroup_id, w.endpoint(), 0).map_err(|e| full_or(e, map_names::CGROUPS))
     }
 
     fn set_workload_addrs(&mut self, w: &Workload) -> Result<(), Error> {
@@ -801,11 +666,7 @@ impl Writer {
                     reason: "protocol and port are required".into(),
                 });
             }
-            cfg.failsafe[i] = Failsafe {
-                port: *port,
-                proto: *proto,
-                _pad: 0,
-            };
+            cfg.failsafe[i] = Failsafe { port: *port, proto: *proto, pad: 0 };
         }
         cfg.failsafe_count = u32::try_from(ports.len()).unwrap_or(0);
         self.set_config(cfg)
@@ -822,10 +683,7 @@ impl Writer {
     pub fn counters(&self) -> Result<BTreeMap<Reason, u64>, Error> {
         let mut out = BTreeMap::new();
         for r in Reason::ALL {
-            let v = self
-                .counters
-                .get(&(r as u32), 0)
-                .map_err(Error::map(map_names::COUNTERS))?;
+            let v = self.counters.get(&(r as u32), 0).map_err(Error::map(map_names::COUNTERS))?;
             out.insert(r, v.iter().sum());
         }
         Ok(out)
@@ -833,10 +691,7 @@ impl Writer {
 
     /// Conntrack entries.
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, Error> {
-        self.conntrack
-            .iter()
-            .map(|r| r.map_err(Error::map(map_names::CONNTRACK)))
-            .collect()
+        self.conntrack.iter().map(|r| r.map_err(Error::map(map_names::CONNTRACK))).collect()
     }
 
     /// Free memory: remove rules whose expiry passed and conntrack entries idle longer than
@@ -849,24 +704,17 @@ impl Writer {
             .filter(|(_, r)| r.expires_at != 0 && r.expires_at <= now)
             .map(|(c, _)| *c)
             .collect();
-        let mut stats = GcStats {
-            rules_removed: expired.len(),
-            ..GcStats::default()
-        };
+        let mut stats = GcStats { rules_removed: expired.len(), ..GcStats::default() };
         for c in expired {
             self.revoke(c)?;
         }
         let idle = u64::try_from(ct_idle.as_nanos()).unwrap_or(u64::MAX);
         let mut dead = Vec::new();
-        for item in self.conntrack.iter() {
+        for item in &self.conntrack {
             let (k, v) = item.map_err(Error::map(map_names::CONNTRACK))?;
             let idle_out = now.saturating_sub(v.last_seen_ns) > idle;
-            let unbacked = v.slot != SLOT_NONE
-                && !self
-                    .rules
-                    .get(&v.slot, 0)
-                    .unwrap_or_default()
-                    .admits(v.cookie, now);
+            let unbacked =
+                v.slot != SLOT_NONE && !self.rules.get(&v.slot, 0).unwrap_or_default().admits(v.cookie, now);
             if idle_out || unbacked {
                 dead.push(k);
             }
@@ -881,11 +729,8 @@ impl Writer {
 }
 
 fn key_shape(k: &PolicyKey) -> Option<usize> {
-    let (local, peer) = if k.dir == DIR_EGRESS {
-        (k.src_identity, k.dst_identity)
-    } else {
-        (k.dst_identity, k.src_identity)
-    };
+    let (local, peer) =
+        if k.dir == DIR_EGRESS { (k.src_identity, k.dst_identity) } else { (k.dst_identity, k.src_identity) };
     if local == IDENTITY_ANY {
         return None;
     }
@@ -893,8 +738,5 @@ fn key_shape(k: &PolicyKey) -> Option<usize> {
 }
 
 fn full_or(e: aya::maps::MapError, name: &'static str) -> Error {
-    Error::Map {
-        name,
-        source: Box::new(e),
-    }
+    Error::Map { name, source: Box::new(e) }
 }

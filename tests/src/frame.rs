@@ -143,8 +143,6 @@ pub fn tcp6(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
 /// A minimal ARP request.
 #[must_use]
 pub fn arp() -> Vec<u8> {
-    let body = [
-        0u8, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 2,
-    ];
+    let body = [0u8, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 2];
     eth(ETH_P_ARP, &body)
 }

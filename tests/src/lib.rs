@@ -4,6 +4,12 @@
 //! These tests need root and a BPF-capable kernel. They never skip: without root they fail
 //! with a message saying so (CI runs them as root).
 
+#![allow(
+    clippy::missing_panics_doc,
+    clippy::must_use_candidate,
+    reason = "test helpers fail the calling test by panicking"
+)]
+
 pub mod frame;
 pub mod netns;
 pub mod traffic;
@@ -39,11 +45,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A unique, short name for test resources.
 pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}x{}",
-        std::process::id() % 100_000,
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A data plane in its own pin directory, uninstalled (links and maps removed) on drop.
@@ -97,14 +99,10 @@ impl TestDatapath {
         Self { dp, dir }
     }
 
-    /// Run TC program `name` once on `frame` through BPF_PROG_TEST_RUN.
+    /// Run TC program `name` once on `frame` through `BPF_PROG_TEST_RUN`.
     pub fn run(&mut self, name: &'static str, frame: &[u8]) -> Result<u32, ProgramError> {
-        let prog: &mut SchedClassifier = self
-            .dp
-            .program_mut(name)
-            .expect("program")
-            .try_into()
-            .expect("classifier");
+        let prog: &mut SchedClassifier =
+            self.dp.program_mut(name).expect("program").try_into().expect("classifier");
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.repeat = 1;

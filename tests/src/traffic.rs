@@ -59,13 +59,7 @@ pub fn echo_once(s: &mut TcpStream, timeout: Duration) -> bool {
 pub fn udp_roundtrip(ns: &Netns, addr: &str, timeout: Duration) -> bool {
     let addr: SocketAddr = addr.parse().expect("addr");
     ns.enter(|| {
-        let bind: SocketAddr = if addr.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        }
-        .parse()
-        .expect("bind");
+        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("bind");
         let s = UdpSocket::bind(bind).expect("bind");
         s.set_read_timeout(Some(timeout)).expect("timeout");
         if s.send_to(b"hello", addr).is_err() {

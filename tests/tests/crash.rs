@@ -33,10 +33,7 @@ fn start_holder(lab: &Lab, dir: &std::path::Path, ready: &std::path::Path) -> Ch
         .expect("start holder");
     let start = Instant::now();
     while !ready.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "holder did not become ready"
-        );
+        assert!(start.elapsed() < Duration::from_secs(20), "holder did not become ready");
         std::thread::sleep(Duration::from_millis(20));
     }
     child
@@ -46,12 +43,8 @@ fn start_holder(lab: &Lab, dir: &std::path::Path, ready: &std::path::Path) -> Ch
 fn kill_dash_nine_keeps_enforcement_and_state() {
     let lab = Lab::new(2);
     let dp = TestDatapath::new("crash");
-    let ia = lab
-        .host
-        .enter(|| enforcer::datapath::ifindex("hv0").unwrap());
-    let ib = lab
-        .host
-        .enter(|| enforcer::datapath::ifindex("hv1").unwrap());
+    let ia = lab.host.enter(|| enforcer::datapath::ifindex("hv0").unwrap());
+    let ib = lab.host.enter(|| enforcer::datapath::ifindex("hv1").unwrap());
     let wl = |i: usize, id| Workload {
         identity: id,
         tenant: 1,
@@ -78,23 +71,19 @@ fn kill_dash_nine_keeps_enforcement_and_state() {
     let ready = std::env::temp_dir().join(ztseg_integration::unique("zt-ready-"));
     let mut holder = start_holder(&lab, &dp.dir, &ready);
 
-    let mut conn =
-        tcp_connect(&lab.pods[0], "10.77.0.2:8080", Duration::from_secs(2)).expect("allowed flow");
+    let mut conn = tcp_connect(&lab.pods[0], "10.77.0.2:8080", Duration::from_secs(2)).expect("allowed flow");
     assert!(echo_once(&mut conn, Duration::from_secs(1)));
 
     let stop = Arc::new(AtomicBool::new(false));
     let leaked = Arc::new(AtomicU64::new(0));
     let probes = Arc::new(AtomicU64::new(0));
     let pod_a = lab.pods[0].path();
-    let prober = {
+    let probe_thread = {
         let (stop, leaked, probes) = (stop.clone(), leaked.clone(), probes.clone());
         std::thread::spawn(move || {
             let f = std::fs::File::open(pod_a).unwrap();
             // SAFETY: setns on this dedicated thread only.
-            assert_eq!(
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
-                0
-            );
+            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
             let addr = "10.77.0.2:8081".parse().unwrap();
             while !stop.load(Ordering::Relaxed) {
                 if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
@@ -108,10 +97,7 @@ fn kill_dash_nine_keeps_enforcement_and_state() {
     let mut echo_for = |d: Duration, conn: &mut std::net::TcpStream| {
         let start = Instant::now();
         while start.elapsed() < d {
-            assert!(
-                echo_once(conn, Duration::from_secs(1)),
-                "established flow broke"
-            );
+            assert!(echo_once(conn, Duration::from_secs(1)), "established flow broke");
             echoes += 1;
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -121,18 +107,14 @@ fn kill_dash_nine_keeps_enforcement_and_state() {
     holder.wait().unwrap();
     echo_for(Duration::from_millis(1500), &mut conn);
     let mut holder = start_holder(&lab, &dp.dir, &ready);
-    echo_for(Duration::from_millis(1000), &mut conn);
+    echo_for(Duration::from_secs(1), &mut conn);
     stop.store(true, Ordering::Relaxed);
-    prober.join().unwrap();
+    probe_thread.join().unwrap();
     holder.kill().unwrap();
     holder.wait().unwrap();
 
     assert!(probes.load(Ordering::Relaxed) > 5, "denied probes ran");
-    assert_eq!(
-        leaked.load(Ordering::Relaxed),
-        0,
-        "a denied probe got through"
-    );
+    assert_eq!(leaked.load(Ordering::Relaxed), 0, "a denied probe got through");
     assert!(echoes > 20);
     // State intact: the same rule, conntrack, counters still moving.
     let again = enforcer::Datapath::open(&dp.dir, &ztseg_integration::small_options()).unwrap();
@@ -141,9 +123,6 @@ fn kill_dash_nine_keeps_enforcement_and_state() {
     assert_eq!(rules[0].cookie, rule.cookie);
     assert!(!again.writer().conntrack().unwrap().is_empty());
     let c = again.writer().counters().unwrap();
-    assert!(
-        c[&Reason::DropDefault] >= probes.load(Ordering::Relaxed),
-        "{c:?}"
-    );
+    assert!(c[&Reason::DropDefault] >= probes.load(Ordering::Relaxed), "{c:?}");
     let _ = std::fs::remove_file(&ready);
 }

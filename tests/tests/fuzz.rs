@@ -1,5 +1,5 @@
 //! Fuzz the real TC programs with at least 1,000,000 random and mutated frames through
-//! BPF_PROG_TEST_RUN. Oracle: with one allow rule installed (A → B tcp/80), every frame that
+//! `BPF_PROG_TEST_RUN`. Oracle: with one allow rule installed (A → B tcp/80), every frame that
 //! passes is ARP, IPv6 link-local housekeeping, or a flow the rule admits (its event carries
 //! the rule's cookie and names B, tcp, 80); the kernel never returns an error other than
 //! refusing to build an skb from a frame shorter than its headers.
@@ -19,12 +19,7 @@ fn seeds() -> Vec<Vec<u8>> {
         frame::tcp4("10.0.0.1", 1000, "10.0.0.2", 80),
         frame::tcp4("10.0.0.1", 1000, "10.0.0.2", 81),
         frame::tcp6("fd00::1", 1000, "fd00::2", 80),
-        frame::frame4(
-            "10.0.0.1",
-            "10.0.0.2",
-            frame::UDP,
-            &frame::udp(1, 80, b"abc"),
-        ),
+        frame::frame4("10.0.0.1", "10.0.0.2", frame::UDP, &frame::udp(1, 80, b"abc")),
         frame::frame4("10.0.0.1", "10.0.0.2", frame::SCTP, &frame::sctp(1, 80)),
         frame::frame4("10.0.0.1", "10.0.0.2", frame::ICMP, &frame::icmp(8, 0, 1)),
         frame::frame6("fd00::1", "fd00::2", frame::ICMPV6, &frame::icmp(128, 0, 1)),
@@ -43,9 +38,9 @@ fn seeds() -> Vec<Vec<u8>> {
 }
 
 fn mutate(rng: &mut SmallRng, seeds: &[Vec<u8>]) -> Vec<u8> {
-    match rng.random_range(0..10) {
-        // Pure noise behind a random or IP ethertype.
-        0 => {
+    // One frame in ten is pure noise behind a random or IP ethertype.
+    if rng.random_range(0..10) == 0 {
+        {
             let n = rng.random_range(14..200);
             let mut f: Vec<u8> = (0..n).map(|_| rng.random()).collect();
             if rng.random_bool(0.7) {
@@ -54,7 +49,8 @@ fn mutate(rng: &mut SmallRng, seeds: &[Vec<u8>]) -> Vec<u8> {
             }
             f
         }
-        _ => {
+    } else {
+        {
             let mut f = seeds[rng.random_range(0..seeds.len())].clone();
             for _ in 0..rng.random_range(1..6) {
                 match rng.random_range(0..4) {
@@ -91,8 +87,7 @@ fn million_frames_none_passes_without_a_rule() {
     let mut events = dp.events().unwrap();
     let cookie = {
         let mut w = dp.writer();
-        w.set_interface_workload(1, &workload(800, 1, Some("10.0.0.1"), Some("fd00::1")))
-            .unwrap();
+        w.set_interface_workload(1, &workload(800, 1, Some("10.0.0.1"), Some("fd00::1"))).unwrap();
         w.set_identity(ip("10.0.0.2"), 801, 1).unwrap();
         w.set_identity(ip("fd00::2"), 801, 1).unwrap();
         w.install(&Rule {
@@ -109,11 +104,7 @@ fn million_frames_none_passes_without_a_rule() {
     let mut bad = Vec::new();
     while ran < FRAMES {
         let f = mutate(&mut rng, &seeds);
-        let prog = if rng.random_bool(0.8) {
-            TC_FROM_WORKLOAD
-        } else {
-            TC_TO_WORKLOAD
-        };
+        let prog = if rng.random_bool(0.8) { TC_FROM_WORKLOAD } else { TC_TO_WORKLOAD };
         match dp.run(prog, &f) {
             Ok(v) => {
                 ran += 1;
@@ -151,17 +142,9 @@ fn million_frames_none_passes_without_a_rule() {
         + c[&Reason::AllowReply]
         + c[&Reason::PassLinkLocal];
     assert_eq!(explained, passed, "{c:?}");
-    assert_eq!(
-        c[&Reason::AllowAdmin] + c[&Reason::Audit] + c[&Reason::AllowFailsafe],
-        0
-    );
-    assert!(
-        c[&Reason::DropMalformed] > 10_000,
-        "mutations reach the malformed paths: {c:?}"
-    );
-    eprintln!(
-        "fuzz: {ran} frames run, {refused} refused by the kernel, {passed} passed; counters {c:?}"
-    );
+    assert_eq!(c[&Reason::AllowAdmin] + c[&Reason::Audit] + c[&Reason::AllowFailsafe], 0);
+    assert!(c[&Reason::DropMalformed] > 10_000, "mutations reach the malformed paths: {c:?}");
+    eprintln!("fuzz: {ran} frames run, {refused} refused by the kernel, {passed} passed; counters {c:?}");
 }
 
 /// Every allow event must be the rule's flow: cookie, peer B, tcp, port 80.

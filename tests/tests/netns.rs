@@ -40,17 +40,10 @@ fn setup(name: &str, tenant_a: u32, tenant_b: u32) -> Setup {
             dp.attach_tc(&Lab::iface(i), TcHook::FromWorkload).unwrap();
             dp.attach_tc(&Lab::iface(i), TcHook::ToWorkload).unwrap();
         }
-        (
-            enforcer::datapath::ifindex("hv0").unwrap(),
-            enforcer::datapath::ifindex("hv1").unwrap(),
-        )
+        (enforcer::datapath::ifindex("hv0").unwrap(), enforcer::datapath::ifindex("hv1").unwrap())
     });
-    dp.writer()
-        .set_interface_workload(ia, &wl(0, A, tenant_a))
-        .unwrap();
-    dp.writer()
-        .set_interface_workload(ib, &wl(1, B, tenant_b))
-        .unwrap();
+    dp.writer().set_interface_workload(ia, &wl(0, A, tenant_a)).unwrap();
+    dp.writer().set_interface_workload(ib, &wl(1, B, tenant_b)).unwrap();
     let b = &lab.pods[1];
     for port in [8080, 8081] {
         tcp_echo(b, &format!("10.77.0.2:{port}"));
@@ -77,40 +70,22 @@ fn a_to_b(proto: u8, port: u16, ttl: Option<Duration>) -> Rule {
 fn default_deny_then_one_port_allowed_with_replies() {
     let s = setup("nsdeny", 1, 1);
     let a = &s.lab.pods[0];
-    assert!(
-        tcp_connect(a, "10.77.0.2:8080", DENIED).is_none(),
-        "default deny"
-    );
-    assert!(
-        !udp_roundtrip(a, "10.77.0.2:5353", DENIED),
-        "default deny udp"
-    );
+    assert!(tcp_connect(a, "10.77.0.2:8080", DENIED).is_none(), "default deny");
+    assert!(!udp_roundtrip(a, "10.77.0.2:5353", DENIED), "default deny udp");
 
     s.dp.writer().install(&a_to_b(TCP, 8080, None)).unwrap();
     s.dp.writer().install(&a_to_b(UDP, 5353, None)).unwrap();
     let mut conn = tcp_connect(a, "10.77.0.2:8080", OPEN).expect("allowed port connects");
     assert!(echo_once(&mut conn, OPEN), "replies pass");
-    assert!(
-        tcp_connect(a, "10.77.0.2:8081", DENIED).is_none(),
-        "other port stays closed"
-    );
-    assert!(
-        udp_roundtrip(a, "10.77.0.2:5353", OPEN),
-        "allowed udp and its reply"
-    );
-    assert!(
-        !udp_roundtrip(a, "10.77.0.2:5354", DENIED),
-        "other udp port closed"
-    );
+    assert!(tcp_connect(a, "10.77.0.2:8081", DENIED).is_none(), "other port stays closed");
+    assert!(udp_roundtrip(a, "10.77.0.2:5353", OPEN), "allowed udp and its reply");
+    assert!(!udp_roundtrip(a, "10.77.0.2:5354", DENIED), "other udp port closed");
     // B cannot open connections back to A: replies are not a reverse allow.
     let b = &s.lab.pods[1];
     tcp_echo(a, "10.77.0.1:9000");
     assert!(tcp_connect(b, "10.77.0.1:9000", DENIED).is_none());
     let c = s.dp.writer().counters().unwrap();
-    assert!(
-        c[&Reason::AllowReply] > 0 && c[&Reason::DropDefault] > 0,
-        "{c:?}"
-    );
+    assert!(c[&Reason::AllowReply] > 0 && c[&Reason::DropDefault] > 0, "{c:?}");
 }
 
 #[test]
@@ -118,8 +93,7 @@ fn ipv6_traffic() {
     let s = setup("nsv6", 1, 1);
     let a = &s.lab.pods[0];
     s.dp.writer().install(&a_to_b(TCP, 8080, None)).unwrap();
-    let mut conn =
-        tcp_connect(a, "[fd77::2]:8080", OPEN).expect("v6 allowed (neighbour discovery works)");
+    let mut conn = tcp_connect(a, "[fd77::2]:8080", OPEN).expect("v6 allowed (neighbour discovery works)");
     assert!(echo_once(&mut conn, OPEN));
     assert!(tcp_connect(a, "[fd77::2]:8081", DENIED).is_none());
     assert!(s.dp.writer().counters().unwrap()[&Reason::PassLinkLocal] > 0);
@@ -141,22 +115,13 @@ fn lifetime(conn: &mut std::net::TcpStream, limit: Duration) -> Duration {
 fn grant_expiry_cuts_established_connection() {
     let s = setup("nsexp", 1, 1);
     let a = &s.lab.pods[0];
-    let g =
-        s.dp.writer()
-            .install(&a_to_b(TCP, 8080, Some(Duration::from_secs(2))))
-            .unwrap();
+    let g = s.dp.writer().install(&a_to_b(TCP, 8080, Some(Duration::from_secs(2)))).unwrap();
     let mut conn = tcp_connect(a, "10.77.0.2:8080", OPEN).expect("granted");
     let lived = lifetime(&mut conn, Duration::from_secs(8));
     // Userspace did nothing: the grant is still in the maps; the kernel cut the flow.
     assert!(s.dp.writer().rules().iter().any(|r| r.cookie == g.cookie));
-    assert!(
-        lived >= Duration::from_millis(1500) && lived < Duration::from_secs(4),
-        "lived {lived:?}"
-    );
-    assert!(
-        tcp_connect(a, "10.77.0.2:8080", DENIED).is_none(),
-        "no new connection after expiry"
-    );
+    assert!(lived >= Duration::from_millis(1500) && lived < Duration::from_secs(4), "lived {lived:?}");
+    assert!(tcp_connect(a, "10.77.0.2:8080", DENIED).is_none(), "no new connection after expiry");
 }
 
 #[test]
@@ -167,10 +132,7 @@ fn revocation_cuts_established_connection() {
     let mut conn = tcp_connect(a, "10.77.0.2:8080", OPEN).expect("allowed");
     assert!(echo_once(&mut conn, OPEN));
     s.dp.writer().revoke(g.cookie).unwrap();
-    assert!(
-        !echo_once(&mut conn, Duration::from_millis(500)),
-        "revoked flow is cut"
-    );
+    assert!(!echo_once(&mut conn, Duration::from_millis(500)), "revoked flow is cut");
 }
 
 #[test]
@@ -178,29 +140,11 @@ fn cross_tenant_denied_even_with_tenant_allow() {
     let s = setup("nsxt", 1, 2);
     let a = &s.lab.pods[0];
     s.dp.writer().install(&a_to_b(TCP, 8080, None)).unwrap();
-    assert!(
-        tcp_connect(a, "10.77.0.2:8080", DENIED).is_none(),
-        "tenant allow cannot reopen cross-tenant"
-    );
+    assert!(tcp_connect(a, "10.77.0.2:8080", DENIED).is_none(), "tenant allow cannot reopen cross-tenant");
     assert!(s.dp.writer().counters().unwrap()[&Reason::DropCrossTenant] > 0);
     // An admin-tier allow for the tenant pair (both directions of the check) opens it.
-    for (st, dt) in [(1, 2)] {
-        let key = AdminKey {
-            src_tenant: st,
-            dst_tenant: dt,
-            dport: PORT_ANY,
-            proto: PROTO_ANY,
-            _pad: 0,
-        };
-        s.dp.writer()
-            .install_admin(&AdminRule {
-                key,
-                action: Action::Allow,
-                priority: 100,
-                ttl: None,
-            })
-            .unwrap();
-    }
+    let key = AdminKey { src_tenant: 1, dst_tenant: 2, dport: PORT_ANY, proto: PROTO_ANY, pad: 0 };
+    s.dp.writer().install_admin(&AdminRule { key, action: Action::Allow, priority: 100, ttl: None }).unwrap();
     let mut conn = tcp_connect(a, "10.77.0.2:8080", OPEN).expect("admin allow opens the pair");
     assert!(echo_once(&mut conn, OPEN));
 }
@@ -209,14 +153,8 @@ fn cross_tenant_denied_even_with_tenant_allow() {
 fn audit_mode_passes_and_reports() {
     let mut s = setup("nsaudit", 1, 1);
     let mut events = s.dp.events().unwrap();
-    let ia = s
-        .lab
-        .host
-        .enter(|| enforcer::datapath::ifindex("hv0").unwrap());
-    let ib = s
-        .lab
-        .host
-        .enter(|| enforcer::datapath::ifindex("hv1").unwrap());
+    let ia = s.lab.host.enter(|| enforcer::datapath::ifindex("hv0").unwrap());
+    let ib = s.lab.host.enter(|| enforcer::datapath::ifindex("hv1").unwrap());
     for (ifx, i, id) in [(ia, 0, A), (ib, 1, B)] {
         let w = Workload {
             identity: id,
@@ -241,39 +179,31 @@ fn audit_mode_passes_and_reports() {
     assert!(s.dp.writer().counters().unwrap()[&Reason::Audit] >= 2);
 }
 
+/// Removes a test cgroup directory on drop.
+struct Rmdir(std::path::PathBuf);
+
+impl Drop for Rmdir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 #[test]
 fn cgroup_process_gets_eperm_on_denied_connect() {
     use std::process::Command;
     ztseg_integration::require_root();
     let mut dp = TestDatapath::new("cgroup");
-    let cg = std::path::PathBuf::from("/sys/fs/cgroup/unified")
-        .join(ztseg_integration::unique("ztseg-test-"));
+    let cg =
+        std::path::PathBuf::from("/sys/fs/cgroup/unified").join(ztseg_integration::unique("ztseg-test-"));
     std::fs::create_dir(&cg).expect("create cgroup (cgroup v2 at /sys/fs/cgroup/unified)");
-    struct Rmdir(std::path::PathBuf);
-    impl Drop for Rmdir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
     let _guard = Rmdir(cg.clone());
     let cgid = dp.attach_cgroup(&cg).unwrap();
-    let local = Workload {
-        identity: 600,
-        tenant: 1,
-        ipv4: None,
-        ipv6: None,
-        audit: false,
-    };
+    let local = Workload { identity: 600, tenant: 1, ipv4: None, ipv6: None, audit: false };
     dp.writer().set_cgroup_workload(cgid, &local).unwrap();
-    dp.writer()
-        .set_identity("127.0.0.1".parse().unwrap(), 601, 1)
-        .unwrap();
+    dp.writer().set_identity("127.0.0.1".parse().unwrap(), 601, 1).unwrap();
     let allowed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let denied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (pa, pd) = (
-        allowed.local_addr().unwrap().port(),
-        denied.local_addr().unwrap().port(),
-    );
+    let (pa, pd) = (allowed.local_addr().unwrap().port(), denied.local_addr().unwrap().port());
     dp.writer()
         .install(&Rule {
             keys: vec![Rule::key(DIR_EGRESS, 600, Some(601), TCP, pa)],
@@ -289,22 +219,13 @@ fn cgroup_process_gets_eperm_on_denied_connect() {
         );
         let start = Instant::now();
         let out = Command::new("sh").args(["-c", &script]).output().unwrap();
-        (
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            start.elapsed(),
-        )
+        (String::from_utf8_lossy(&out.stdout).trim().to_string(), start.elapsed())
     };
     let (ok, _) = probe(pa);
     assert_eq!(ok, "ok", "allowed connect from the cgroup");
     let (err, took) = probe(pd);
-    assert!(
-        err.starts_with(&format!("err {}", libc::EPERM)),
-        "denied connect: {err}"
-    );
-    assert!(
-        took < Duration::from_secs(1),
-        "EPERM at once, took {took:?}"
-    );
+    assert!(err.starts_with(&format!("err {}", libc::EPERM)), "denied connect: {err}");
+    assert!(took < Duration::from_secs(1), "EPERM at once, took {took:?}");
     // The same process outside the cgroup is not affected.
     assert!(std::net::TcpStream::connect(("127.0.0.1", pd)).is_ok());
 }

@@ -1,14 +1,15 @@
-//! Table tests of the real TC and cgroup_skb programs through BPF_PROG_TEST_RUN: crafted
+//! Table tests of the real TC and `cgroup_skb` programs through `BPF_PROG_TEST_RUN`: crafted
 //! frames in, verdict and map side effects (counters, conntrack, events) checked.
 //!
 //! The local workload sits behind ifindex 1 (test runs see the loopback device).
+
+#![allow(clippy::too_many_lines, clippy::items_after_statements, reason = "one table per test")]
 
 use std::time::Duration;
 
 use enforcer::{AdminRule, Rule, events::Verdict, writer::Action};
 use enforcer_common::{
-    AdminKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_WORLD, PORT_ANY, PROTO_ANY, Reason, TENANT_ANY,
-    icmp_port,
+    AdminKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_WORLD, PORT_ANY, PROTO_ANY, Reason, TENANT_ANY, icmp_port,
     program_names::{TC_FROM_WORKLOAD, TC_TO_WORKLOAD},
 };
 use ztseg_integration::{
@@ -24,19 +25,11 @@ const D: u32 = 303; // tenant 1
 const NET: u32 = 400; // CIDR peer, no tenant
 
 fn allow(dir: u8, peer: Option<u32>, proto: u8, port: u16) -> Rule {
-    Rule {
-        keys: vec![Rule::key(dir, A, peer, proto, port)],
-        action: Action::Allow,
-        ttl: None,
-    }
+    Rule { keys: vec![Rule::key(dir, A, peer, proto, port)], action: Action::Allow, ttl: None }
 }
 
 fn deny(dir: u8, peer: Option<u32>, proto: u8, port: u16) -> Rule {
-    Rule {
-        keys: vec![Rule::key(dir, A, peer, proto, port)],
-        action: Action::Deny,
-        ttl: None,
-    }
+    Rule { keys: vec![Rule::key(dir, A, peer, proto, port)], action: Action::Deny, ttl: None }
 }
 
 /// Data plane with workload A at ifindex 1 and its peers mapped.
@@ -44,8 +37,7 @@ fn setup(name: &str) -> TestDatapath {
     let dp = TestDatapath::new(name);
     {
         let mut w = dp.writer();
-        w.set_interface_workload(1, &workload(A, 1, Some("10.0.0.1"), Some("fd00::1")))
-            .unwrap();
+        w.set_interface_workload(1, &workload(A, 1, Some("10.0.0.1"), Some("fd00::1"))).unwrap();
         w.set_identity(ip("10.0.0.2"), B, 1).unwrap();
         w.set_identity(ip("fd00::2"), B, 1).unwrap();
         w.set_identity(ip("10.0.1.3"), C, 2).unwrap();
@@ -64,40 +56,23 @@ struct Case {
     reason: Reason,
 }
 
-fn case(
-    name: &'static str,
-    prog: &'static str,
-    frame: Vec<u8>,
-    pass: bool,
-    reason: Reason,
-) -> Case {
-    Case {
-        name,
-        prog,
-        frame,
-        verdict: if pass { TC_ACT_OK } else { TC_ACT_SHOT },
-        reason,
-    }
+fn case(name: &'static str, prog: &'static str, frame: Vec<u8>, pass: bool, reason: Reason) -> Case {
+    Case { name, prog, frame, verdict: if pass { TC_ACT_OK } else { TC_ACT_SHOT }, reason }
 }
 
 fn run_table(dp: &mut TestDatapath, cases: Vec<Case>) {
     let mut failures = Vec::new();
     for c in cases {
         let before = dp.writer().counters().unwrap();
-        let v = dp
-            .run(c.prog, &c.frame)
-            .unwrap_or_else(|e| panic!("{}: test run failed: {e}", c.name));
+        let v = dp.run(c.prog, &c.frame).unwrap_or_else(|e| panic!("{}: test run failed: {e}", c.name));
         let after = dp.writer().counters().unwrap();
         if v != c.verdict {
             failures.push(format!("{}: verdict {v}, expected {}", c.name, c.verdict));
         }
         let delta = after[&c.reason] - before[&c.reason];
         if delta != 1 {
-            let moved: Vec<_> = Reason::ALL
-                .iter()
-                .filter(|r| after[r] != before[r])
-                .map(|r| r.name())
-                .collect();
+            let moved: Vec<_> =
+                Reason::ALL.iter().filter(|r| after[r] != before[r]).map(|r| r.name()).collect();
             failures.push(format!(
                 "{}: counter {} moved by {delta}; moved: {moved:?}",
                 c.name,
@@ -105,11 +80,7 @@ fn run_table(dp: &mut TestDatapath, cases: Vec<Case>) {
             ));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "failing cases:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "failing cases:\n{}", failures.join("\n"));
 }
 
 #[test]
@@ -118,18 +89,14 @@ fn verdict_table() {
     {
         let mut w = dp.writer();
         w.install(&allow(DIR_EGRESS, Some(B), TCP, 80)).unwrap();
-        w.install(&allow(DIR_EGRESS, Some(B), UDP, PORT_ANY))
-            .unwrap();
+        w.install(&allow(DIR_EGRESS, Some(B), UDP, PORT_ANY)).unwrap();
         w.install(&allow(DIR_EGRESS, None, TCP, 443)).unwrap();
-        w.install(&allow(DIR_EGRESS, Some(D), PROTO_ANY, PORT_ANY))
-            .unwrap();
+        w.install(&allow(DIR_EGRESS, Some(D), PROTO_ANY, PORT_ANY)).unwrap();
         w.install(&deny(DIR_EGRESS, Some(D), TCP, 22)).unwrap();
         w.install(&allow(DIR_EGRESS, Some(C), TCP, 80)).unwrap();
         w.install(&allow(DIR_EGRESS, Some(B), SCTP, 9000)).unwrap();
-        w.install(&allow(DIR_EGRESS, Some(B), ICMP, icmp_port(8)))
-            .unwrap();
-        w.install(&allow(DIR_EGRESS, Some(B), ICMPV6, icmp_port(128)))
-            .unwrap();
+        w.install(&allow(DIR_EGRESS, Some(B), ICMP, icmp_port(8))).unwrap();
+        w.install(&allow(DIR_EGRESS, Some(B), ICMPV6, icmp_port(128))).unwrap();
         w.install(&allow(DIR_EGRESS, Some(NET), TCP, 5432)).unwrap();
         w.install(&allow(DIR_INGRESS, Some(B), TCP, 8443)).unwrap();
         let mut g = allow(DIR_EGRESS, Some(B), TCP, 8080);
@@ -180,13 +147,7 @@ fn verdict_table() {
     // is expressed through the length fields.)
     let mut ihl_beyond = frame::eth(
         frame::ETH_P_IP,
-        &frame::ipv4(
-            "10.0.0.1".parse().unwrap(),
-            "10.0.0.2".parse().unwrap(),
-            TCP,
-            &[],
-            0,
-        ),
+        &frame::ipv4("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), TCP, &[], 0),
     );
     ihl_beyond[14] = 0x4f;
     let mut totlen_big = frame::tcp4("10.0.0.1", 1000, "10.0.0.2", 80);
@@ -200,20 +161,8 @@ fn verdict_table() {
     };
     let ns = frame::frame6("fe80::1", "ff02::1:ff00:2", ICMPV6, &frame::icmp(135, 0, 0));
     let cases = vec![
-        case(
-            "default deny v4",
-            f,
-            frame::tcp4("10.0.0.1", 1000, "10.0.0.2", 81),
-            false,
-            DropDefault,
-        ),
-        case(
-            "default deny v6",
-            f,
-            frame::tcp6("fd00::1", 1000, "fd00::2", 81),
-            false,
-            DropDefault,
-        ),
+        case("default deny v4", f, frame::tcp4("10.0.0.1", 1000, "10.0.0.2", 81), false, DropDefault),
+        case("default deny v6", f, frame::tcp6("fd00::1", 1000, "fd00::2", 81), false, DropDefault),
         case(
             "default deny unknown peer (world)",
             f,
@@ -221,20 +170,8 @@ fn verdict_table() {
             false,
             DropDefault,
         ),
-        case(
-            "exact allow tcp v4",
-            f,
-            frame::tcp4("10.0.0.1", 1001, "10.0.0.2", 80),
-            true,
-            AllowPolicy,
-        ),
-        case(
-            "exact allow tcp v6",
-            f,
-            frame::tcp6("fd00::1", 1002, "fd00::2", 80),
-            true,
-            AllowPolicy,
-        ),
+        case("exact allow tcp v4", f, frame::tcp4("10.0.0.1", 1001, "10.0.0.2", 80), true, AllowPolicy),
+        case("exact allow tcp v6", f, frame::tcp6("fd00::1", 1002, "fd00::2", 80), true, AllowPolicy),
         case(
             "wildcard port udp",
             f,
@@ -242,13 +179,7 @@ fn verdict_table() {
             true,
             AllowPolicy,
         ),
-        case(
-            "wildcard peer tcp 443",
-            f,
-            frame::tcp4("10.0.0.1", 1003, "10.0.0.4", 443),
-            true,
-            AllowPolicy,
-        ),
+        case("wildcard peer tcp 443", f, frame::tcp4("10.0.0.1", 1003, "10.0.0.4", 443), true, AllowPolicy),
         case(
             "wildcard proto+port to D",
             f,
@@ -298,20 +229,8 @@ fn verdict_table() {
             true,
             AllowPolicy,
         ),
-        case(
-            "icmpv6 neighbour solicitation passes",
-            f,
-            ns,
-            true,
-            PassLinkLocal,
-        ),
-        case(
-            "cidr peer allow",
-            f,
-            frame::tcp4("10.0.0.1", 1005, "192.168.200.1", 5432),
-            true,
-            AllowPolicy,
-        ),
+        case("icmpv6 neighbour solicitation passes", f, ns, true, PassLinkLocal),
+        case("cidr peer allow", f, frame::tcp4("10.0.0.1", 1005, "192.168.200.1", 5432), true, AllowPolicy),
         case(
             "cidr peer other port",
             f,
@@ -333,27 +252,9 @@ fn verdict_table() {
             false,
             DropCrossTenant,
         ),
-        case(
-            "expired grant denies",
-            f,
-            frame::tcp4("10.0.0.1", 1007, "10.0.0.2", 8080),
-            false,
-            DropDefault,
-        ),
-        case(
-            "ingress allow",
-            t,
-            frame::tcp4("10.0.0.2", 2000, "10.0.0.1", 8443),
-            true,
-            AllowPolicy,
-        ),
-        case(
-            "ingress default deny",
-            t,
-            frame::tcp4("10.0.0.2", 2000, "10.0.0.1", 8444),
-            false,
-            DropDefault,
-        ),
+        case("expired grant denies", f, frame::tcp4("10.0.0.1", 1007, "10.0.0.2", 8080), false, DropDefault),
+        case("ingress allow", t, frame::tcp4("10.0.0.2", 2000, "10.0.0.1", 8443), true, AllowPolicy),
+        case("ingress default deny", t, frame::tcp4("10.0.0.2", 2000, "10.0.0.1", 8444), false, DropDefault),
         case(
             "egress rule does not open ingress",
             t,
@@ -362,13 +263,7 @@ fn verdict_table() {
             DropDefault,
         ),
         case("ipv6 ext headers walked", f, hbh_dst, true, AllowPolicy),
-        case(
-            "ipv6 too many ext headers",
-            f,
-            too_many_ext,
-            false,
-            DropMalformed,
-        ),
+        case("ipv6 too many ext headers", f, too_many_ext, false, DropMalformed),
         case(
             "ipv4 fragment MF",
             f,
@@ -390,13 +285,7 @@ fn verdict_table() {
             f,
             frame::eth(
                 frame::ETH_P_IP,
-                &frame::ipv4(
-                    "10.0.0.1".parse().unwrap(),
-                    "10.0.0.2".parse().unwrap(),
-                    TCP,
-                    &[0; 20],
-                    0x0010,
-                ),
+                &frame::ipv4("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), TCP, &[0; 20], 0x0010),
             ),
             false,
             DropFragment,
@@ -418,35 +307,11 @@ fn verdict_table() {
             DropFragment,
         ),
         case("arp passes", f, frame::arp(), true, PassLinkLocal),
-        case(
-            "non-ip dropped",
-            f,
-            frame::eth(0x88cc, &[0; 46]),
-            false,
-            DropNonIp,
-        ),
-        case(
-            "ipv4 header longer than total length",
-            f,
-            ihl_beyond,
-            false,
-            DropMalformed,
-        ),
+        case("non-ip dropped", f, frame::eth(0x88cc, &[0; 46]), false, DropNonIp),
+        case("ipv4 header longer than total length", f, ihl_beyond, false, DropMalformed),
         case("ipv4 ihl < 5", f, ihl_small, false, DropMalformed),
-        case(
-            "ipv4 total length beyond frame",
-            f,
-            totlen_big,
-            false,
-            DropMalformed,
-        ),
-        case(
-            "truncated tcp header",
-            f,
-            truncated_tcp,
-            false,
-            DropMalformed,
-        ),
+        case("ipv4 total length beyond frame", f, totlen_big, false, DropMalformed),
+        case("truncated tcp header", f, truncated_tcp, false, DropMalformed),
         case(
             "tcp data offset < 5",
             f,
@@ -461,20 +326,8 @@ fn verdict_table() {
             false,
             DropMalformed,
         ),
-        case(
-            "ipv6 payload length beyond frame",
-            f,
-            v6_truncated,
-            false,
-            DropMalformed,
-        ),
-        case(
-            "spoofed source",
-            f,
-            frame::tcp4("10.0.0.99", 1000, "10.0.0.2", 80),
-            false,
-            DropSpoofed,
-        ),
+        case("ipv6 payload length beyond frame", f, v6_truncated, false, DropMalformed),
+        case("spoofed source", f, frame::tcp4("10.0.0.99", 1000, "10.0.0.2", 80), false, DropSpoofed),
         case(
             "ingress for another address",
             t,
@@ -490,23 +343,9 @@ fn verdict_table() {
 fn unregistered_interface_fails_closed() {
     let mut dp = TestDatapath::new("noep");
     let before = dp.writer().counters().unwrap()[&Reason::DropNoEndpoint];
-    assert_eq!(
-        dp.run(
-            TC_FROM_WORKLOAD,
-            &frame::tcp4("10.0.0.1", 1, "10.0.0.2", 80)
-        )
-        .unwrap(),
-        TC_ACT_SHOT
-    );
-    assert_eq!(
-        dp.run(TC_TO_WORKLOAD, &frame::tcp4("10.0.0.2", 1, "10.0.0.1", 80))
-            .unwrap(),
-        TC_ACT_SHOT
-    );
-    assert_eq!(
-        dp.writer().counters().unwrap()[&Reason::DropNoEndpoint],
-        before + 2
-    );
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &frame::tcp4("10.0.0.1", 1, "10.0.0.2", 80)).unwrap(), TC_ACT_SHOT);
+    assert_eq!(dp.run(TC_TO_WORKLOAD, &frame::tcp4("10.0.0.2", 1, "10.0.0.1", 80)).unwrap(), TC_ACT_SHOT);
+    assert_eq!(dp.writer().counters().unwrap()[&Reason::DropNoEndpoint], before + 2);
     // ARP still passes so L2 keeps working.
     assert_eq!(dp.run(TC_FROM_WORKLOAD, &frame::arp()).unwrap(), TC_ACT_OK);
 }
@@ -514,10 +353,7 @@ fn unregistered_interface_fails_closed() {
 #[test]
 fn admin_tier_cross_tenant() {
     let mut dp = setup("admin");
-    let tenant_rule = dp
-        .writer()
-        .install(&allow(DIR_EGRESS, Some(C), TCP, 80))
-        .unwrap();
+    let tenant_rule = dp.writer().install(&allow(DIR_EGRESS, Some(C), TCP, 80)).unwrap();
     let to_c = frame::tcp4("10.0.0.1", 1000, "10.0.1.3", 80);
     assert_eq!(
         dp.run(TC_FROM_WORKLOAD, &to_c).unwrap(),
@@ -526,125 +362,54 @@ fn admin_tier_cross_tenant() {
     );
 
     // Admin allow for tenant 1 → 2 on tcp/80: final, whatever the tenant tier says.
-    let key = AdminKey {
-        src_tenant: 1,
-        dst_tenant: 2,
-        dport: 80,
-        proto: TCP,
-        _pad: 0,
-    };
+    let key = AdminKey { src_tenant: 1, dst_tenant: 2, dport: 80, proto: TCP, pad: 0 };
     let admin = dp
         .writer()
-        .install_admin(&AdminRule {
-            key,
-            action: Action::Allow,
-            priority: 10,
-            ttl: None,
-        })
+        .install_admin(&AdminRule { key, action: Action::Allow, priority: 10, ttl: None })
         .unwrap();
     dp.writer().revoke(tenant_rule.cookie).unwrap();
     let to_c2 = frame::tcp4("10.0.0.1", 1001, "10.0.1.3", 80);
     let before = dp.writer().counters().unwrap()[&Reason::AllowAdmin];
-    assert_eq!(
-        dp.run(TC_FROM_WORKLOAD, &to_c2).unwrap(),
-        TC_ACT_OK,
-        "admin allow opens the pair"
-    );
-    assert_eq!(
-        dp.writer().counters().unwrap()[&Reason::AllowAdmin],
-        before + 1
-    );
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &to_c2).unwrap(), TC_ACT_OK, "admin allow opens the pair");
+    assert_eq!(dp.writer().counters().unwrap()[&Reason::AllowAdmin], before + 1);
     // Other ports stay closed even with a tenant allow for them.
-    dp.writer()
-        .install(&allow(DIR_EGRESS, Some(C), TCP, 81))
-        .unwrap();
+    dp.writer().install(&allow(DIR_EGRESS, Some(C), TCP, 81)).unwrap();
     assert_eq!(
-        dp.run(
-            TC_FROM_WORKLOAD,
-            &frame::tcp4("10.0.0.1", 1002, "10.0.1.3", 81)
-        )
-        .unwrap(),
+        dp.run(TC_FROM_WORKLOAD, &frame::tcp4("10.0.0.1", 1002, "10.0.1.3", 81)).unwrap(),
         TC_ACT_SHOT
     );
 
     // A higher-priority (lower number) cluster-wide deny on tcp/80 beats the pair allow.
-    let deny_key = AdminKey {
-        src_tenant: TENANT_ANY,
-        dst_tenant: TENANT_ANY,
-        dport: 80,
-        proto: TCP,
-        _pad: 0,
-    };
+    let deny_key = AdminKey { src_tenant: TENANT_ANY, dst_tenant: TENANT_ANY, dport: 80, proto: TCP, pad: 0 };
     dp.writer()
-        .install_admin(&AdminRule {
-            key: deny_key,
-            action: Action::Deny,
-            priority: 1,
-            ttl: None,
-        })
+        .install_admin(&AdminRule { key: deny_key, action: Action::Deny, priority: 1, ttl: None })
         .unwrap();
     assert_eq!(
-        dp.run(
-            TC_FROM_WORKLOAD,
-            &frame::tcp4("10.0.0.1", 1003, "10.0.1.3", 80)
-        )
-        .unwrap(),
+        dp.run(TC_FROM_WORKLOAD, &frame::tcp4("10.0.0.1", 1003, "10.0.1.3", 80)).unwrap(),
         TC_ACT_SHOT
     );
     // ... and it applies inside the tenant too, over a tenant allow.
-    dp.writer()
-        .install(&allow(DIR_EGRESS, Some(B), TCP, 80))
-        .unwrap();
+    dp.writer().install(&allow(DIR_EGRESS, Some(B), TCP, 80)).unwrap();
     assert_eq!(
-        dp.run(
-            TC_FROM_WORKLOAD,
-            &frame::tcp4("10.0.0.1", 1004, "10.0.0.2", 80)
-        )
-        .unwrap(),
+        dp.run(TC_FROM_WORKLOAD, &frame::tcp4("10.0.0.1", 1004, "10.0.0.2", 80)).unwrap(),
         TC_ACT_SHOT
     );
 
     // Revoking the admin allow closes the pair again (the cluster deny stays too).
     dp.writer().revoke(admin.cookie).unwrap();
     assert_eq!(
-        dp.run(
-            TC_FROM_WORKLOAD,
-            &frame::tcp4("10.0.0.1", 1005, "10.0.1.3", 80)
-        )
-        .unwrap(),
+        dp.run(TC_FROM_WORKLOAD, &frame::tcp4("10.0.0.1", 1005, "10.0.1.3", 80)).unwrap(),
         TC_ACT_SHOT
     );
 
     // Admin PASS for the pair hands over to the tenant tier.
-    let pass_key = AdminKey {
-        src_tenant: 1,
-        dst_tenant: 2,
-        dport: PORT_ANY,
-        proto: PROTO_ANY,
-        _pad: 0,
-    };
+    let pass_key = AdminKey { src_tenant: 1, dst_tenant: 2, dport: PORT_ANY, proto: PROTO_ANY, pad: 0 };
     dp.writer()
-        .install_admin(&AdminRule {
-            key: pass_key,
-            action: Action::Pass,
-            priority: 50,
-            ttl: None,
-        })
+        .install_admin(&AdminRule { key: pass_key, action: Action::Pass, priority: 50, ttl: None })
         .unwrap();
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &frame::tcp4("10.0.0.1", 1006, "10.0.1.3", 81)).unwrap(), TC_ACT_OK);
     assert_eq!(
-        dp.run(
-            TC_FROM_WORKLOAD,
-            &frame::tcp4("10.0.0.1", 1006, "10.0.1.3", 81)
-        )
-        .unwrap(),
-        TC_ACT_OK
-    );
-    assert_eq!(
-        dp.run(
-            TC_FROM_WORKLOAD,
-            &frame::tcp4("10.0.0.1", 1007, "10.0.1.3", 82)
-        )
-        .unwrap(),
+        dp.run(TC_FROM_WORKLOAD, &frame::tcp4("10.0.0.1", 1007, "10.0.1.3", 82)).unwrap(),
         TC_ACT_SHOT
     );
 }
@@ -662,10 +427,7 @@ fn audit_mode_passes_and_reports() {
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_eq!(ev[0].verdict, Verdict::Audit);
     assert_eq!(ev[0].reason, Some(Reason::DropDefault));
-    assert_eq!(
-        (ev[0].local_identity, ev[0].peer_identity, ev[0].dport),
-        (A, B, 81)
-    );
+    assert_eq!((ev[0].local_identity, ev[0].peer_identity, ev[0].dport), (A, B, 81));
     assert_eq!(dp.writer().counters().unwrap()[&Reason::Audit], 1);
     // Malformed packets are dropped even in audit mode.
     let mut malformed = frame::tcp4("10.0.0.1", 1000, "10.0.0.2", 81);
@@ -681,20 +443,14 @@ fn audit_mode_passes_and_reports() {
 fn conntrack_events_and_replies() {
     let mut dp = setup("ct");
     let mut events = dp.events().unwrap();
-    let h = dp
-        .writer()
-        .install(&allow(DIR_EGRESS, Some(B), TCP, 80))
-        .unwrap();
+    let h = dp.writer().install(&allow(DIR_EGRESS, Some(B), TCP, 80)).unwrap();
     let out = frame::tcp4("10.0.0.1", 40000, "10.0.0.2", 80);
     assert_eq!(dp.run(TC_FROM_WORKLOAD, &out).unwrap(), TC_ACT_OK);
     // One conntrack entry bound to the rule's slot and cookie.
     let ct = dp.writer().conntrack().unwrap();
     assert_eq!(ct.len(), 1);
     let (k, v) = ct[0];
-    assert_eq!(
-        (k.sport, k.dport, k.proto, k.dir),
-        (40000, 80, TCP, DIR_EGRESS)
-    );
+    assert_eq!((k.sport, k.dport, k.proto, k.dir), (40000, 80, TCP, DIR_EGRESS));
     assert_eq!((v.cookie, v.slot, v.local_identity), (h.cookie, h.slot, A));
     // New-flow event with the rule's cookie.
     let ev = events.drain();
@@ -706,29 +462,12 @@ fn conntrack_events_and_replies() {
     assert_eq!((ev[0].src, ev[0].dst), (ip("10.0.0.1"), ip("10.0.0.2")));
     // Second packet: established. Reply on the ingress hook: passes via conntrack.
     assert_eq!(dp.run(TC_FROM_WORKLOAD, &out).unwrap(), TC_ACT_OK);
-    let reply = frame::frame4(
-        "10.0.0.2",
-        "10.0.0.1",
-        TCP,
-        &frame::tcp(80, 40000, frame::SYN | frame::ACK),
-    );
+    let reply = frame::frame4("10.0.0.2", "10.0.0.1", TCP, &frame::tcp(80, 40000, frame::SYN | frame::ACK));
     assert_eq!(dp.run(TC_TO_WORKLOAD, &reply).unwrap(), TC_ACT_OK);
     let c = dp.writer().counters().unwrap();
-    assert_eq!(
-        (
-            c[&Reason::AllowPolicy],
-            c[&Reason::AllowEstablished],
-            c[&Reason::AllowReply]
-        ),
-        (1, 1, 1)
-    );
+    assert_eq!((c[&Reason::AllowPolicy], c[&Reason::AllowEstablished], c[&Reason::AllowReply]), (1, 1, 1));
     // A packet from B to another port of A is no reply: denied, with a drop event.
-    let other = frame::frame4(
-        "10.0.0.2",
-        "10.0.0.1",
-        TCP,
-        &frame::tcp(80, 40001, frame::ACK),
-    );
+    let other = frame::frame4("10.0.0.2", "10.0.0.1", TCP, &frame::tcp(80, 40001, frame::ACK));
     assert_eq!(dp.run(TC_TO_WORKLOAD, &other).unwrap(), TC_ACT_SHOT);
     let ev = events.drain();
     assert_eq!(ev.len(), 1);
@@ -759,7 +498,7 @@ fn grant_expiry_cuts_established_flow_without_userspace() {
     // ...and the kernel refuses the established flow anyway.
     assert_eq!(dp.run(TC_FROM_WORKLOAD, &out).unwrap(), TC_ACT_SHOT);
     // GC frees the memory afterwards.
-    let stats = dp.writer().gc(Duration::from_secs(3600)).unwrap();
+    let stats = dp.writer().gc(Duration::from_hours(1)).unwrap();
     assert_eq!(stats.rules_removed, 1);
     assert!(dp.writer().rules().is_empty());
 }
@@ -769,38 +508,17 @@ fn failsafe_ports_pass() {
     let mut dp = setup("failsafe");
     dp.writer().set_failsafe(&[(TCP, 22)]).unwrap();
     let before = dp.writer().counters().unwrap()[&Reason::AllowFailsafe];
-    assert_eq!(
-        dp.run(
-            TC_TO_WORKLOAD,
-            &frame::tcp4("10.0.0.2", 5000, "10.0.0.1", 22)
-        )
-        .unwrap(),
-        TC_ACT_OK
-    );
-    assert_eq!(
-        dp.writer().counters().unwrap()[&Reason::AllowFailsafe],
-        before + 1
-    );
-    assert_eq!(
-        dp.run(
-            TC_TO_WORKLOAD,
-            &frame::tcp4("10.0.0.2", 5000, "10.0.0.1", 23)
-        )
-        .unwrap(),
-        TC_ACT_SHOT
-    );
+    assert_eq!(dp.run(TC_TO_WORKLOAD, &frame::tcp4("10.0.0.2", 5000, "10.0.0.1", 22)).unwrap(), TC_ACT_OK);
+    assert_eq!(dp.writer().counters().unwrap()[&Reason::AllowFailsafe], before + 1);
+    assert_eq!(dp.run(TC_TO_WORKLOAD, &frame::tcp4("10.0.0.2", 5000, "10.0.0.1", 23)).unwrap(), TC_ACT_SHOT);
 }
 
 #[test]
 fn cgroup_skb_unknown_cgroup_fails_closed() {
     use aya::programs::{CgroupSkb, TestRun, TestRunOptions};
     let mut dp = setup("cgskb");
-    let prog: &mut CgroupSkb = dp
-        .dp
-        .program_mut(enforcer_common::program_names::CGROUP_SKB_EGRESS)
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let prog: &mut CgroupSkb =
+        dp.dp.program_mut(enforcer_common::program_names::CGROUP_SKB_EGRESS).unwrap().try_into().unwrap();
     let fr = frame::tcp4("10.0.0.1", 1000, "10.0.0.2", 80);
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(&fr);
@@ -811,72 +529,33 @@ fn cgroup_skb_unknown_cgroup_fails_closed() {
 
 #[test]
 fn full_policy_map_is_an_error_and_nothing_partial() {
-    let opts = enforcer::DatapathOptions {
-        policy_entries: 8,
-        ..ztseg_integration::small_options()
-    };
+    let opts = enforcer::DatapathOptions { policy_entries: 8, ..ztseg_integration::small_options() };
     let mut dp = TestDatapath::with_options("full", &opts);
-    dp.writer()
-        .set_interface_workload(1, &workload(A, 1, Some("10.0.0.1"), None))
-        .unwrap();
+    dp.writer().set_interface_workload(1, &workload(A, 1, Some("10.0.0.1"), None)).unwrap();
     dp.writer().set_identity(ip("10.0.0.2"), B, 1).unwrap();
-    let five: Vec<_> = (1..=5)
-        .map(|p| Rule::key(DIR_EGRESS, A, Some(B), TCP, p))
-        .collect();
-    dp.writer()
-        .install(&Rule {
-            keys: five,
-            action: Action::Allow,
-            ttl: None,
-        })
-        .unwrap();
-    let too_many: Vec<_> = (100..=104)
-        .map(|p| Rule::key(DIR_EGRESS, A, Some(B), TCP, p))
-        .collect();
-    let err = dp
-        .writer()
-        .install(&Rule {
-            keys: too_many,
-            action: Action::Allow,
-            ttl: None,
-        })
-        .unwrap_err();
+    let five: Vec<_> = (1..=5).map(|p| Rule::key(DIR_EGRESS, A, Some(B), TCP, p)).collect();
+    dp.writer().install(&Rule { keys: five, action: Action::Allow, ttl: None }).unwrap();
+    let too_many: Vec<_> = (100..=104).map(|p| Rule::key(DIR_EGRESS, A, Some(B), TCP, p)).collect();
+    let err = dp.writer().install(&Rule { keys: too_many, action: Action::Allow, ttl: None }).unwrap_err();
     assert!(matches!(err, enforcer::Error::MapFull { .. }), "{err}");
     assert!(err.to_string().contains("nothing was applied"));
     assert_eq!(dp.writer().policy_len(), 5);
     for p in [100u16, 101, 102] {
         assert_eq!(
-            dp.run(
-                TC_FROM_WORKLOAD,
-                &frame::tcp4("10.0.0.1", 1000, "10.0.0.2", p)
-            )
-            .unwrap(),
+            dp.run(TC_FROM_WORKLOAD, &frame::tcp4("10.0.0.1", 1000, "10.0.0.2", p)).unwrap(),
             TC_ACT_SHOT
         );
     }
-    assert_eq!(
-        dp.run(
-            TC_FROM_WORKLOAD,
-            &frame::tcp4("10.0.0.1", 1000, "10.0.0.2", 3)
-        )
-        .unwrap(),
-        TC_ACT_OK
-    );
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &frame::tcp4("10.0.0.1", 1000, "10.0.0.2", 3)).unwrap(), TC_ACT_OK);
     // A key owned by another rule is refused by name.
-    let dup = dp
-        .writer()
-        .install(&allow(DIR_EGRESS, Some(B), TCP, 3))
-        .unwrap_err();
+    let dup = dp.writer().install(&allow(DIR_EGRESS, Some(B), TCP, 3)).unwrap_err();
     assert!(matches!(dup, enforcer::Error::KeyOwned { .. }), "{dup}");
 }
 
 #[test]
 fn restart_keeps_state() {
     let mut dp = setup("restart");
-    let h = dp
-        .writer()
-        .install(&allow(DIR_EGRESS, Some(B), TCP, 80))
-        .unwrap();
+    let h = dp.writer().install(&allow(DIR_EGRESS, Some(B), TCP, 80)).unwrap();
     let dir = dp.dir.clone();
     let out = frame::tcp4("10.0.0.1", 40000, "10.0.0.2", 80);
     assert_eq!(dp.run(TC_FROM_WORKLOAD, &out).unwrap(), TC_ACT_OK);
@@ -886,25 +565,14 @@ fn restart_keeps_state() {
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[0].cookie, h.cookie);
     assert_eq!(again.writer().conntrack().unwrap().len(), 1);
-    let h2 = again
-        .writer()
-        .install(&allow(DIR_EGRESS, Some(B), TCP, 81))
-        .unwrap();
+    let h2 = again.writer().install(&allow(DIR_EGRESS, Some(B), TCP, 81)).unwrap();
     assert_ne!(h2.cookie, h.cookie, "cookies stay unique across restarts");
     assert_ne!(h2.slot, h.slot);
-    let prog: &mut aya::programs::SchedClassifier = again
-        .program_mut(TC_FROM_WORKLOAD)
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let prog: &mut aya::programs::SchedClassifier =
+        again.program_mut(TC_FROM_WORKLOAD).unwrap().try_into().unwrap();
     let mut o = aya::programs::TestRunOptions::new();
     let fr = frame::tcp4("10.0.0.1", 1, "10.0.0.2", 81);
     o.data_in = Some(&fr);
-    assert_eq!(
-        aya::programs::TestRun::test_run(prog, o)
-            .unwrap()
-            .return_value,
-        TC_ACT_OK
-    );
+    assert_eq!(aya::programs::TestRun::test_run(prog, o).unwrap().return_value, TC_ACT_OK);
     assert_eq!(IDENTITY_WORLD, 2);
 }

@@ -20,16 +20,8 @@ fn main() {
     let result = match kind.as_str() {
         "tcp" => TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map(|_| ()),
         "udp" => {
-            let bind: SocketAddr = if addr.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            }
-            .parse()
-            .expect("bind");
-            UdpSocket::bind(bind)
-                .and_then(|s| s.send_to(b"probe", addr))
-                .map(|_| ())
+            let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("bind");
+            UdpSocket::bind(bind).and_then(|s| s.send_to(b"probe", addr)).map(|_| ())
         }
         other => {
             eprintln!("unknown probe kind {other}");
