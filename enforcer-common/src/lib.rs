@@ -5,12 +5,20 @@
 //! of each type; changing one is an ABI change and must bump [`ABI_VERSION`], which the enforcer
 //! checks against the pin directory before it reuses pinned maps.
 //!
-//! Addresses are stored as 16 bytes in network byte order; IPv4 uses the IPv4-mapped form
-//! `::ffff:a.b.c.d` so one key type serves both families.
+//! Addresses are 16 bytes in network byte order ([`Addr`]); IPv4 uses the IPv4-mapped form
+//! `::ffff:a.b.c.d` so one key type serves both families. They are held as four native-endian
+//! words of those bytes, so the kernel moves and compares them with word loads instead of 16
+//! byte loads (BPF has no unaligned access for byte arrays).
 #![no_std]
 
+/// 16 address bytes in network order, as four words (`u32::from_ne_bytes` of each 4 bytes).
+pub type Addr = [u32; 4];
+
+/// Third word of an IPv4-mapped address (`0, 0, 0xff, 0xff`).
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
 /// Layout version of every pinned map. Bump on any change to a type in this crate.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 // ---- reserved identities and tenants -------------------------------------------------------
 
@@ -73,7 +81,7 @@ const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 12);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CidrAddr {
-    pub addr: [u8; 16],
+    pub addr: Addr,
 }
 const _: () = assert!(core::mem::size_of::<CidrAddr>() == 16);
 
@@ -92,8 +100,8 @@ pub struct Endpoint {
     pub tenant: u32,
     pub flags: u32,
     pub pad: u32,
-    pub addr_v4: [u8; 16],
-    pub addr_v6: [u8; 16],
+    pub addr_v4: Addr,
+    pub addr_v6: Addr,
 }
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 48);
 
@@ -270,8 +278,8 @@ const _: () = assert!(core::mem::size_of::<Config>() == 4 * (6 + 8 + 5) + 4 * MA
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -317,8 +325,8 @@ pub struct Event {
     pub local_tenant: u32,
     pub peer_tenant: u32,
     pub ifindex: u32,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -458,6 +466,8 @@ pub mod program_names {
     pub const CONNECT6: &str = "zt_connect6";
     pub const SENDMSG4: &str = "zt_sendmsg4";
     pub const SENDMSG6: &str = "zt_sendmsg6";
+    /// Empty classifier used as the benchmark floor; never attached.
+    pub const FLOOR: &str = "zt_floor";
 }
 
 #[cfg(feature = "user")]

@@ -7,13 +7,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue, Endpoint, IdentityInfo, PolicyKey, PolicyValue,
-    REASON_COUNT, RuleState,
+    Addr, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue, Endpoint, IdentityInfo, PolicyKey,
+    PolicyValue, REASON_COUNT, RuleState,
 };
 
 /// Exact /32 and /128 address (16 bytes, IPv4 mapped) → identity.
 #[map]
-pub static ZT_IDENTITY: HashMap<[u8; 16], IdentityInfo> = HashMap::pinned(65536, 0);
+pub static ZT_IDENTITY: HashMap<Addr, IdentityInfo> = HashMap::pinned(65536, 0);
 
 /// CIDR peers only; consulted when the exact map misses and `Config::cidr_count` is non-zero.
 #[map]

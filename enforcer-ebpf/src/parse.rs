@@ -1,11 +1,14 @@
 //! Header parsing for TC (from L2) and cgroup_skb (from L3) programs.
 //!
-//! Reads go through `bpf_skb_load_bytes`, which bounds-checks against the skb, so a truncated
-//! header is an error here, never an out-of-bounds read. Every failure is a reason the caller
-//! counts and drops on.
+//! TC programs read headers with direct packet access (bounds-checked against `data_end`, with
+//! `bpf_skb_load_bytes` as the fallback for headers outside the linear area); cgroup_skb
+//! programs use `bpf_skb_load_bytes` throughout. Either way a truncated header is an error
+//! here, never an out-of-bounds read. Every failure is a reason the caller counts and drops on.
 
 use aya_ebpf::programs::sk_buff::SkBuff;
-use enforcer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use enforcer_common::{
+    Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, V4_MAPPED_WORD,
+};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -15,13 +18,13 @@ const ETH_P_ARP: u16 = 0x0806;
 /// IPv6 extension headers walked before giving up (the packet is then malformed).
 const MAX_EXT_HEADERS: usize = 6;
 
-/// A parsed flow. Addresses are 16 bytes, IPv4 mapped. `policy_port` is what policy matches:
-/// the destination port, or `ICMP_PORT_BASE | type` for ICMP/ICMPv6. `sport`/`dport` are
-/// the conntrack ports (the echo identifier for ICMP echo).
+/// A parsed flow. Addresses are IPv4 mapped. `policy_port` is what policy matches: the
+/// destination port, or `ICMP_PORT_BASE | type` for ICMP/ICMPv6. `sport`/`dport` are the
+/// conntrack ports (the echo identifier for ICMP echo).
 #[derive(Clone, Copy)]
 pub struct Flow {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub sport: u16,
     pub dport: u16,
     pub policy_port: u16,
@@ -38,15 +41,66 @@ pub enum ParseError {
     Fragment,
 }
 
-#[inline(always)]
-fn load<T>(skb: &SkBuff, off: usize) -> Result<T, ParseError> {
-    skb.load::<T>(off).map_err(|_| ParseError::Malformed)
+/// Header access for the parser.
+pub trait Packet {
+    fn load<T: Copy>(&self, off: usize) -> Result<T, ParseError>;
+    fn len(&self) -> usize;
+}
+
+/// Direct packet access over the linear area, falling back to `bpf_skb_load_bytes`.
+pub struct Direct<'a> {
+    skb: &'a SkBuff,
+    data: usize,
+    end: usize,
+    len: usize,
+}
+
+impl<'a> Direct<'a> {
+    #[inline(always)]
+    pub fn new(skb: &'a SkBuff) -> Self {
+        // SAFETY: reading fields of the program's own context; the verifier turns them into
+        // packet pointers.
+        let (data, end) = unsafe { ((*skb.skb).data as usize, (*skb.skb).data_end as usize) };
+        Self { skb, data, end, len: skb.len() as usize }
+    }
+}
+
+impl Packet for Direct<'_> {
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Result<T, ParseError> {
+        let start = self.data + off;
+        if start + core::mem::size_of::<T>() > self.end {
+            return self.skb.load::<T>(off).map_err(|_| ParseError::Malformed);
+        }
+        // SAFETY: bounds checked against data_end just above. Header types are word-aligned
+        // so the load is a few word loads; packet data need not be aligned for BPF on the
+        // architectures the verifier allows it on (x86-64, arm64: efficient unaligned access).
+        Ok(unsafe { core::ptr::read(start as *const T) })
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Every read through `bpf_skb_load_bytes` (cgroup_skb).
+pub struct Loaded<'a>(pub &'a SkBuff);
+
+impl Packet for Loaded<'_> {
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Result<T, ParseError> {
+        self.0.load::<T>(off).map_err(|_| ParseError::Malformed)
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() as usize
+    }
 }
 
 impl Flow {
     pub const EMPTY: Flow = Flow {
-        saddr: [0; 16],
-        daddr: [0; 16],
+        saddr: [0; 4],
+        daddr: [0; 4],
         sport: 0,
         dport: 0,
         policy_port: 0,
@@ -59,8 +113,8 @@ impl Flow {
 /// Parse a frame seen by a TC program (Ethernet first) into `flow`. Not inlined: its header
 /// buffers live in their own stack frame, released before the verdict runs.
 #[inline(never)]
-pub fn parse_l2(skb: &SkBuff, flow: &mut Flow) -> Result<(), ParseError> {
-    let proto = u16::from_be(load::<u16>(skb, 12)?);
+pub fn parse_l2<P: Packet>(skb: &P, flow: &mut Flow) -> Result<(), ParseError> {
+    let proto = u16::from_be(skb.load::<u16>(12)?);
     match proto {
         ETH_P_IP => parse_ipv4(skb, ETH_HLEN, flow),
         ETH_P_IPV6 => parse_ipv6(skb, ETH_HLEN, flow),
@@ -71,8 +125,8 @@ pub fn parse_l2(skb: &SkBuff, flow: &mut Flow) -> Result<(), ParseError> {
 
 /// Parse a packet seen by a cgroup_skb program (network header first).
 #[inline(never)]
-pub fn parse_l3(skb: &SkBuff, flow: &mut Flow) -> Result<(), ParseError> {
-    let first = load::<u8>(skb, 0)?;
+pub fn parse_l3<P: Packet>(skb: &P, flow: &mut Flow) -> Result<(), ParseError> {
+    let first = skb.load::<u8>(0)?;
     match first >> 4 {
         4 => parse_ipv4(skb, 0, flow),
         6 => parse_ipv6(skb, 0, flow),
@@ -91,8 +145,8 @@ struct Ipv4Hdr {
     ttl: u8,
     proto: u8,
     csum: u16,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
+    saddr: u32,
+    daddr: u32,
 }
 
 #[repr(C)]
@@ -102,26 +156,45 @@ struct Ipv6Hdr {
     payload_len: u16,
     next_hdr: u8,
     hop_limit: u8,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
+    saddr: Addr,
+    daddr: Addr,
 }
 
 #[inline(always)]
-fn mapped(a: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+pub fn mapped(a: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, a]
+}
+
+/// First eight bytes of TCP, UDP and SCTP headers.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ports {
+    sport: u16,
+    dport: u16,
+    /// UDP length (network order); other protocols: part of a sequence number or tag.
+    len: u16,
+    rest: u16,
+}
+
+/// First eight bytes of an ICMP/ICMPv6 header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IcmpHead {
+    ty: u8,
+    code: u8,
+    csum: u16,
+    id: u16,
+    seq: u16,
 }
 
 #[inline(always)]
-fn parse_ipv4(skb: &SkBuff, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
-    let ip = load::<Ipv4Hdr>(skb, off)?;
+fn parse_ipv4<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
+    let ip = skb.load::<Ipv4Hdr>(off)?;
     let ihl = usize::from(ip.ver_ihl & 0x0f) * 4;
     let tot_len = usize::from(u16::from_be(ip.tot_len));
     // tot_len 0 is legal for BIG TCP super-packets; otherwise the header must fit inside it
     // and the datagram inside the buffer.
-    if ip.ver_ihl >> 4 != 4
-        || ihl < 20
-        || (tot_len != 0 && (tot_len < ihl || off + tot_len > skb.len() as usize))
-    {
+    if ip.ver_ihl >> 4 != 4 || ihl < 20 || (tot_len != 0 && (tot_len < ihl || off + tot_len > skb.len())) {
         return Err(ParseError::Malformed);
     }
     // More-fragments flag or a non-zero offset.
@@ -136,11 +209,10 @@ fn parse_ipv4(skb: &SkBuff, off: usize, flow: &mut Flow) -> Result<(), ParseErro
 }
 
 #[inline(always)]
-fn parse_ipv6(skb: &SkBuff, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
-    let ip = load::<Ipv6Hdr>(skb, off)?;
+fn parse_ipv6<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
+    let ip = skb.load::<Ipv6Hdr>(off)?;
     let payload = usize::from(u16::from_be(ip.payload_len));
-    if (u32::from_be(ip.ver_tc_flow) >> 28) != 6 || (payload != 0 && off + 40 + payload > skb.len() as usize)
-    {
+    if (u32::from_be(ip.ver_tc_flow) >> 28) != 6 || (payload != 0 && off + 40 + payload > skb.len()) {
         return Err(ParseError::Malformed);
     }
     let mut next = ip.next_hdr;
@@ -150,13 +222,13 @@ fn parse_ipv6(skb: &SkBuff, off: usize, flow: &mut Flow) -> Result<(), ParseErro
         match next {
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
             0 | 43 | 60 => {
-                let h = load::<[u8; 2]>(skb, l4)?;
+                let h = skb.load::<[u8; 2]>(l4)?;
                 next = h[0];
                 l4 += (usize::from(h[1]) + 1) * 8;
             }
             // Authentication header: (len + 2) * 4 bytes.
             51 => {
-                let h = load::<[u8; 2]>(skb, l4)?;
+                let h = skb.load::<[u8; 2]>(l4)?;
                 next = h[0];
                 l4 += (usize::from(h[1]) + 2) * 4;
             }
@@ -184,43 +256,45 @@ fn icmp_policy_port(ty: u8) -> u16 {
 }
 
 #[inline(always)]
-fn parse_l4(skb: &SkBuff, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
-    let len = skb.len() as usize;
+fn parse_l4<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
+    let len = skb.len();
     match flow.proto {
         IPPROTO_TCP => {
-            let h = load::<[u8; 14]>(skb, off)?;
-            let doff = usize::from(h[12] >> 4) * 4;
+            let h = skb.load::<Ports>(off)?;
+            let doff = usize::from(skb.load::<u8>(off + 12)? >> 4) * 4;
             if doff < 20 || off + doff > len {
                 return Err(ParseError::Malformed);
             }
-            set_ports(flow, h[0], h[1], h[2], h[3]);
+            set_ports(flow, &h);
         }
         IPPROTO_UDP => {
-            let h = load::<[u8; 8]>(skb, off)?;
-            let ulen = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            let h = skb.load::<Ports>(off)?;
+            let ulen = usize::from(u16::from_be(h.len));
             // UDP length 0 is the jumbogram case; otherwise header fits and data is present.
             if ulen != 0 && (ulen < 8 || off + ulen > len) {
                 return Err(ParseError::Malformed);
             }
-            set_ports(flow, h[0], h[1], h[2], h[3]);
+            set_ports(flow, &h);
         }
         IPPROTO_SCTP => {
             // Common header: ports, verification tag, checksum.
-            let h = load::<[u8; 12]>(skb, off)?;
-            set_ports(flow, h[0], h[1], h[2], h[3]);
+            let h = skb.load::<Ports>(off)?;
+            if off + 12 > len {
+                return Err(ParseError::Malformed);
+            }
+            set_ports(flow, &h);
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let h = load::<[u8; 8]>(skb, off)?;
-            let ty = h[0];
-            let id = u16::from_be_bytes([h[4], h[5]]);
-            flow.policy_port = icmp_policy_port(ty);
+            let h = skb.load::<IcmpHead>(off)?;
+            let id = u16::from_be(h.id);
+            flow.policy_port = icmp_policy_port(h.ty);
             let v6 = flow.proto == IPPROTO_ICMPV6;
             let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
-            if ty == request {
+            if h.ty == request {
                 flow.sport = id;
-            } else if ty == reply {
+            } else if h.ty == reply {
                 flow.dport = id;
-            } else if v6 && matches!(ty, 130..=137 | 143) {
+            } else if v6 && matches!(h.ty, 130..=137 | 143) {
                 // MLD (130-132, 143) and neighbour discovery (133-137).
                 flow.link_local = true;
             }
@@ -231,8 +305,8 @@ fn parse_l4(skb: &SkBuff, off: usize, flow: &mut Flow) -> Result<(), ParseError>
 }
 
 #[inline(always)]
-fn set_ports(flow: &mut Flow, s0: u8, s1: u8, d0: u8, d1: u8) {
-    flow.sport = u16::from_be_bytes([s0, s1]);
-    flow.dport = u16::from_be_bytes([d0, d1]);
+fn set_ports(flow: &mut Flow, h: &Ports) {
+    flow.sport = u16::from_be(h.sport);
+    flow.dport = u16::from_be(h.dport);
     flow.policy_port = flow.dport;
 }

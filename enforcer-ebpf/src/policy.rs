@@ -5,8 +5,10 @@
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_PASS, ADMIN_SHAPES, AdminKey, Config, DIR_EGRESS, IDENTITY_ANY,
     IdentityInfo, POLICY_SHAPE_PEER, POLICY_SHAPE_PORT, POLICY_SHAPE_PROTO, POLICY_SHAPES, PORT_ANY,
-    PROTO_ANY, PolicyKey, Reason, TENANT_ANY, TENANT_NONE,
+    PROTO_ANY, PolicyKey, RULE_F_ACTIVE, Reason, TENANT_ANY, TENANT_NONE,
 };
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use crate::maps::{ZT_ADMIN, ZT_POLICY, ZT_RULES};
 
@@ -24,18 +26,25 @@ impl Decision {
     }
 }
 
+/// Whether the rule in `slot` is live and still `cookie`'s. The precise clock is read only for
+/// rules that expire, so permanent rules cost one array lookup.
 #[inline(always)]
-fn rule_admits(slot: u32, cookie: u32, now: u64) -> bool {
+fn rule_admits(slot: u32, cookie: u32) -> bool {
     match ZT_RULES.get(slot) {
-        Some(st) => st.admits(cookie, now),
+        Some(st) => {
+            st.cookie == cookie
+                && st.flags & RULE_F_ACTIVE != 0
+                // SAFETY: helper without arguments.
+                && (st.expires_at == 0 || unsafe { bpf_ktime_get_ns() } < st.expires_at)
+        }
         None => false,
     }
 }
 
 /// Whether conntrack state bound to (`slot`, `cookie`) is still backed by a live rule.
 #[inline(always)]
-pub fn still_admitted(slot: u32, cookie: u32, now: u64) -> bool {
-    rule_admits(slot, cookie, now)
+pub fn still_admitted(slot: u32, cookie: u32) -> bool {
+    rule_admits(slot, cookie)
 }
 
 pub struct Local {
@@ -45,15 +54,7 @@ pub struct Local {
 
 /// Decide a new flow between the local workload and `peer`, checked in direction `dir`.
 #[inline(always)]
-pub fn decide(
-    cfg: &Config,
-    local: &Local,
-    peer: &IdentityInfo,
-    dir: u8,
-    proto: u8,
-    port: u16,
-    now: u64,
-) -> Decision {
+pub fn decide(cfg: &Config, local: &Local, peer: &IdentityInfo, dir: u8, proto: u8, port: u16) -> Decision {
     let egress = dir == DIR_EGRESS;
     let (src_t, dst_t) = if egress { (local.tenant, peer.tenant) } else { (peer.tenant, local.tenant) };
 
@@ -74,7 +75,7 @@ pub fn decide(
             };
             // SAFETY: read-only access to a map value the kernel keeps alive for this run.
             if let Some(v) = unsafe { ZT_ADMIN.get(&key) } {
-                if v.priority < best_prio && rule_admits(v.slot, v.cookie, now) {
+                if v.priority < best_prio && rule_admits(v.slot, v.cookie) {
                     best_prio = v.priority;
                     best_action = v.action;
                     best_cookie = v.cookie;
@@ -113,7 +114,7 @@ pub fn decide(
             };
             // SAFETY: read-only access to a map value the kernel keeps alive for this run.
             if let Some(v) = unsafe { ZT_POLICY.get(&key) } {
-                if rule_admits(v.slot, v.cookie, now) {
+                if rule_admits(v.slot, v.cookie) {
                     if v.action == ACTION_DENY {
                         return Decision::new(false, Reason::DropPolicy, v.cookie, v.slot);
                     }

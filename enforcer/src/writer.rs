@@ -159,7 +159,7 @@ struct Record {
 
 /// The map writer. Obtain it from [`crate::Datapath::writer`].
 pub struct Writer {
-    identity: HashMap<MapData, [u8; 16], IdentityInfo>,
+    identity: HashMap<MapData, enforcer_common::Addr, IdentityInfo>,
     cidr: LpmTrie<MapData, CidrAddr, IdentityInfo>,
     endpoints: HashMap<MapData, u32, Endpoint>,
     cgroups: HashMap<MapData, u64, Endpoint>,
