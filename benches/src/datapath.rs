@@ -4,9 +4,10 @@
 //!
 //! Cases, each with 1, 10,000 and 1,000,000 policy entries, IPv4 and IPv6:
 //! - `established`: conntrack hit (the admitting rule is re-checked on every packet);
-//! - `new_flow`: a flow the exact policy key allows, with conntrack full so that every repeat
-//!   is a new flow (two conntrack misses, identity, policy and rule-state lookups, the insert
-//!   attempt, counters);
+//! - `new_flow`: a TCP SYN the exact policy key allows, with conntrack full so that every
+//!   repeat is a new flow (identity, policy and rule-state lookups, the conntrack insert
+//!   attempt, counters, the new-flow event); `new_flow_quiet`: the same with new-flow events
+//!   off;
 //! - `deny`: default deny with a drop event in the ring buffer (drained concurrently).
 //!
 //! Writes `target/bench/datapath.json` and `docs/benchmarks.md` under the given root.
@@ -78,13 +79,18 @@ struct Frames {
 fn frames(v: u8) -> Frames {
     if v == 4 {
         Frames {
-            established: frame::tcp4("10.0.0.1", 40000, "10.0.0.2", 80),
+            established: frame::frame4(
+                "10.0.0.1",
+                "10.0.0.2",
+                frame::TCP,
+                &frame::tcp(40000, 80, frame::ACK),
+            ),
             new_flow: frame::tcp4("10.0.0.1", 40001, "10.0.0.2", 80),
             deny: frame::tcp4("10.0.0.1", 40002, "10.0.0.2", 81),
         }
     } else {
         Frames {
-            established: frame::tcp6("fd00::1", 40000, "fd00::2", 80),
+            established: frame::frame6("fd00::1", "fd00::2", frame::TCP, &frame::tcp(40000, 80, frame::ACK)),
             new_flow: frame::tcp6("fd00::1", 40001, "fd00::2", 80),
             deny: frame::tcp6("fd00::1", 40002, "fd00::2", 81),
         }
@@ -100,7 +106,7 @@ fn prepare(dir: &Path, entries: u32) -> Result<Datapath> {
         rule_slots: entries / 1000 + 64,
         conntrack_entries: CT_ENTRIES,
         identity_entries: 1024,
-        flow_events: std::env::var_os("ZT_BENCH_NO_FLOW_EVENTS").is_none(),
+        flow_events: true,
     };
     let dp = Datapath::open(dir, &opts)?;
     {
@@ -266,9 +272,10 @@ fn write_results(root: &Path, records: &[Record], floor: f64) -> Result<()> {
     writeln!(
         md,
         "- **established**: conntrack hit; the admitting rule's slot (expiry, liveness) is re-checked on \
-         every packet.\n- **new_flow**: allowed by the exact policy key; conntrack is kept full so every \
-         repeat is a new flow (two conntrack misses, peer identity, policy probe, rule state, insert \
-         attempt).\n- **deny**: default deny, with a drop event written to the ring buffer, which a \
+         every packet (a TCP ACK of an allowed flow).\n- **new_flow**: a TCP SYN allowed by the exact policy key; \
+         conntrack is kept full so every repeat is a new flow (peer identity, policy probe, rule state, \
+         conntrack insert attempt, counters, and the new-flow event in the ring buffer). \
+         **new_flow_quiet**: the same with new-flow events switched off (`Writer::set_flow_events`).\n- **deny**: default deny, with a drop event written to the ring buffer, which a \
          thread drains concurrently (`events lost` counts what did not fit).\n"
     )?;
     writeln!(md, "| case | IP | entries | ns/packet | over floor | events lost |")?;
@@ -288,6 +295,7 @@ fn write_results(root: &Path, records: &[Record], floor: f64) -> Result<()> {
     for v in [4u8, 6] {
         let est = get(records, "established", v, 1_000_000) - floor;
         let new = get(records, "new_flow", v, 1_000_000) - floor;
+        let quiet = get(records, "new_flow_quiet", v, 1_000_000) - floor;
         let ratio = get(records, "new_flow", v, 1_000_000) / get(records, "new_flow", v, 1);
         let ratio_est = get(records, "established", v, 1_000_000) / get(records, "established", v, 1);
         let yes = |b: bool| if b { "yes" } else { "**no**" };
@@ -298,8 +306,13 @@ fn write_results(root: &Path, records: &[Record], floor: f64) -> Result<()> {
         )?;
         writeln!(
             md,
-            "| v{v} new flow ≤ floor + 120 ns (1M entries) | floor {new:+.1} ns | {} |",
+            "| v{v} new flow ≤ floor + 120 ns (1M entries, flow events on) | floor {new:+.1} ns | {} |",
             yes(new <= 120.0)
+        )?;
+        writeln!(
+            md,
+            "| v{v} new flow ≤ floor + 120 ns (1M entries, flow events off) | floor {quiet:+.1} ns | {} |",
+            yes(quiet <= 120.0)
         )?;
         writeln!(md, "| v{v} new flow cost 1M ÷ 1 entry ≤ 1.25 | {ratio:.3} | {} |", yes(ratio <= 1.25))?;
         writeln!(

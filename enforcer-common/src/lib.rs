@@ -18,7 +18,7 @@ pub type Addr = [u32; 4];
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Layout version of every pinned map. Bump on any change to a type in this crate.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 // ---- reserved identities and tenants -------------------------------------------------------
 
@@ -89,6 +89,12 @@ const _: () = assert!(core::mem::size_of::<CidrAddr>() == 16);
 pub const ENDPOINT_F_AUDIT: u32 = 1;
 pub const ENDPOINT_F_HAS_V4: u32 = 2;
 pub const ENDPOINT_F_HAS_V6: u32 = 4;
+/// Set on every registered endpoint (an all-zero array slot is "none").
+pub const ENDPOINT_F_VALID: u32 = 8;
+
+/// Interface indexes below this live in the endpoint array (an inlined lookup on the packet
+/// path); larger ones in the endpoint hash.
+pub const ENDPOINT_ARRAY_SIZE: u32 = 65_536;
 
 /// A managed workload as seen from one attachment point (an interface index for TC, a cgroup
 /// id for cgroup programs). The addresses are the only ones the workload may use as source:
@@ -445,6 +451,7 @@ pub mod map_names {
     pub const IDENTITY: &str = "ZT_IDENTITY";
     pub const CIDR: &str = "ZT_CIDR";
     pub const ENDPOINTS: &str = "ZT_ENDPOINTS";
+    pub const ENDPOINTS_HASH: &str = "ZT_ENDPOINTS_HASH";
     pub const CGROUPS: &str = "ZT_CGROUPS";
     pub const POLICY: &str = "ZT_POLICY";
     pub const ADMIN: &str = "ZT_ADMIN";

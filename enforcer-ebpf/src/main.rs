@@ -19,7 +19,7 @@ mod policy;
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_coarse_ns, bpf_skb_cgroup_id},
     macros::{cgroup_skb, cgroup_sock_addr, classifier},
     programs::{SkBuffContext, SockAddrContext, TcContext, sk_buff::SkBuff},
 };
@@ -28,7 +28,10 @@ use enforcer_common::{
     ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_WORLD, IPPROTO_ICMP, IPPROTO_ICMPV6,
     IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, TENANT_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
-use maps::{ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_CONNTRACK, ZT_COUNTERS, ZT_ENDPOINTS, ZT_EVENTS, ZT_IDENTITY};
+use maps::{
+    ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_CONNTRACK, ZT_COUNTERS, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH, ZT_EVENTS,
+    ZT_IDENTITY,
+};
 use parse::{Flow, ParseError};
 use policy::{Local, decide, still_admitted};
 
@@ -38,12 +41,6 @@ fn count(reason: Reason) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *p += 1 };
     }
-}
-
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
 }
 
 /// Tick-resolution monotonic time for conntrack bookkeeping (idle GC), much cheaper than
@@ -93,7 +90,7 @@ fn emit(flow: &Flow, ep: &Endpoint, peer: &IdentityInfo, meta: u64, cookie: u32)
     let e = entry.as_mut_ptr();
     // SAFETY: `e` points at a reserved, exclusively owned ring-buffer record of Event size.
     unsafe {
-        (*e).ts_ns = now();
+        (*e).ts_ns = coarse_now();
         (*e).cookie = cookie;
         (*e).local_identity = ep.identity;
         (*e).peer_identity = peer.identity;
@@ -216,13 +213,17 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
         dir,
         pad: [0; 2],
     };
-    if ct_check(&key, ep, ts) == Some(true) {
-        count(Reason::AllowEstablished);
-        return true;
-    }
-    if ct_check_reply(&mut key, ep, ts) {
-        count(Reason::AllowReply);
-        return true;
+    // A pure TCP SYN opens a new connection: it is never a packet or a reply of a tracked
+    // flow, so it goes straight to policy (which then replaces any stale entry).
+    if !flow.syn_only {
+        if ct_check(&key, ep, ts) == Some(true) {
+            count(Reason::AllowEstablished);
+            return true;
+        }
+        if ct_check_reply(&mut key, ep, ts) {
+            count(Reason::AllowReply);
+            return true;
+        }
     }
 
     let cfg = config();
@@ -297,6 +298,17 @@ fn own_address(flow: &Flow, ep: &Endpoint, dir: u8) -> bool {
     }
 }
 
+/// The workload behind interface `ifindex`, if one is registered.
+#[inline(always)]
+fn endpoint(ifindex: u32) -> Option<&'static Endpoint> {
+    if ifindex < enforcer_common::ENDPOINT_ARRAY_SIZE {
+        ZT_ENDPOINTS.get(ifindex).filter(|ep| ep.flags & enforcer_common::ENDPOINT_F_VALID != 0)
+    } else {
+        // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+        unsafe { ZT_ENDPOINTS_HASH.get(&ifindex) }
+    }
+}
+
 #[inline(always)]
 fn tc_main(ctx: &TcContext, dir: u8) -> i32 {
     let skb: &SkBuff = &ctx.skb;
@@ -315,8 +327,7 @@ fn tc_main(ctx: &TcContext, dir: u8) -> i32 {
             };
         }
     };
-    // SAFETY: read-only access to a map value the kernel keeps alive for this run.
-    let Some(ep) = (unsafe { ZT_ENDPOINTS.get(&ifindex) }) else {
+    let Some(ep) = endpoint(ifindex) else {
         count(Reason::DropNoEndpoint);
         return TC_ACT_SHOT;
     };
@@ -430,6 +441,7 @@ fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
             4
         },
         link_local: false,
+        syn_only: false,
     };
     let cfg = config();
     let peer = peer_identity(cfg, &daddr);

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    Addr, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue, Endpoint, IdentityInfo, PolicyKey,
-    PolicyValue, REASON_COUNT, RuleState,
+    Addr, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue, ENDPOINT_ARRAY_SIZE, Endpoint,
+    IdentityInfo, PolicyKey, PolicyValue, REASON_COUNT, RuleState,
 };
 
 /// Exact /32 and /128 address (16 bytes, IPv4 mapped) → identity.
@@ -19,9 +19,14 @@ pub static ZT_IDENTITY: HashMap<Addr, IdentityInfo> = HashMap::pinned(65536, 0);
 #[map]
 pub static ZT_CIDR: LpmTrie<CidrAddr, IdentityInfo> = LpmTrie::pinned(16384, 0);
 
-/// Interface index (TC attachment) → managed workload.
+/// Interface index (TC attachment) → managed workload, for indexes below
+/// `ENDPOINT_ARRAY_SIZE` (array lookups are inlined by the verifier).
 #[map]
-pub static ZT_ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(4096, 0);
+pub static ZT_ENDPOINTS: Array<Endpoint> = Array::pinned(ENDPOINT_ARRAY_SIZE, 0);
+
+/// Interface index → managed workload, for larger indexes.
+#[map]
+pub static ZT_ENDPOINTS_HASH: HashMap<u32, Endpoint> = HashMap::pinned(4096, 0);
 
 /// cgroup v2 id → managed workload (cgroup_skb and sock_addr attachments).
 #[map]

@@ -15,6 +15,9 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
 
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
 /// IPv6 extension headers walked before giving up (the packet is then malformed).
 const MAX_EXT_HEADERS: usize = 6;
 
@@ -32,6 +35,8 @@ pub struct Flow {
     pub family: u8,
     /// Link-local housekeeping (neighbour discovery, MLD): passes without policy.
     pub link_local: bool,
+    /// TCP with SYN set and ACK clear: the first packet of a connection.
+    pub syn_only: bool,
 }
 
 pub enum ParseError {
@@ -107,6 +112,7 @@ impl Flow {
         proto: 0,
         family: 0,
         link_local: false,
+        syn_only: false,
     };
 }
 
@@ -261,11 +267,14 @@ fn parse_l4<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), Parse
     match flow.proto {
         IPPROTO_TCP => {
             let h = skb.load::<Ports>(off)?;
-            let doff = usize::from(skb.load::<u8>(off + 12)? >> 4) * 4;
+            // Data offset and flags bytes.
+            let [doff, flags] = skb.load::<[u8; 2]>(off + 12)?;
+            let doff = usize::from(doff >> 4) * 4;
             if doff < 20 || off + doff > len {
                 return Err(ParseError::Malformed);
             }
             set_ports(flow, &h);
+            flow.syn_only = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         }
         IPPROTO_UDP => {
             let h = skb.load::<Ports>(off)?;

@@ -27,9 +27,10 @@ use aya::{
 };
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_PASS, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue,
-    DIR_EGRESS, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Failsafe, IDENTITY_ANY,
-    IdentityInfo, MAX_FAILSAFE, PORT_ANY, PROTO_ANY, PolicyKey, PolicyValue, RULE_F_ACTIVE, Reason,
-    RuleState, SLOT_NONE, admin_shape, map_names, policy_shape,
+    DIR_EGRESS, ENDPOINT_ARRAY_SIZE, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6,
+    ENDPOINT_F_VALID, Endpoint, Failsafe, IDENTITY_ANY, IdentityInfo, MAX_FAILSAFE, PORT_ANY, PROTO_ANY,
+    PolicyKey, PolicyValue, RULE_F_ACTIVE, Reason, RuleState, SLOT_NONE, admin_shape, map_names,
+    policy_shape,
 };
 
 use crate::{Error, addr, time};
@@ -125,7 +126,12 @@ pub struct Workload {
 
 impl Workload {
     fn endpoint(&self) -> Endpoint {
-        let mut ep = Endpoint { identity: self.identity, tenant: self.tenant, ..Endpoint::default() };
+        let mut ep = Endpoint {
+            identity: self.identity,
+            tenant: self.tenant,
+            flags: ENDPOINT_F_VALID,
+            ..Endpoint::default()
+        };
         if let Some(v4) = self.ipv4 {
             ep.flags |= ENDPOINT_F_HAS_V4;
             ep.addr_v4 = addr::key(IpAddr::V4(v4));
@@ -161,7 +167,8 @@ struct Record {
 pub struct Writer {
     identity: HashMap<MapData, enforcer_common::Addr, IdentityInfo>,
     cidr: LpmTrie<MapData, CidrAddr, IdentityInfo>,
-    endpoints: HashMap<MapData, u32, Endpoint>,
+    endpoints: Array<MapData, Endpoint>,
+    endpoints_hash: HashMap<MapData, u32, Endpoint>,
     cgroups: HashMap<MapData, u64, Endpoint>,
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
     admin: HashMap<MapData, AdminKey, AdminValue>,
@@ -213,6 +220,7 @@ impl Writer {
             identity: take(ebpf, map_names::IDENTITY)?,
             cidr: take(ebpf, map_names::CIDR)?,
             endpoints: take(ebpf, map_names::ENDPOINTS)?,
+            endpoints_hash: take(ebpf, map_names::ENDPOINTS_HASH)?,
             cgroups: take(ebpf, map_names::CGROUPS)?,
             policy,
             admin,
@@ -625,7 +633,13 @@ impl Writer {
     /// addresses to its identity.
     pub fn set_interface_workload(&mut self, ifindex: u32, w: &Workload) -> Result<(), Error> {
         self.set_workload_addrs(w)?;
-        self.endpoints.insert(ifindex, w.endpoint(), 0).map_err(|e| full_or(e, map_names::ENDPOINTS))
+        if ifindex < ENDPOINT_ARRAY_SIZE {
+            self.endpoints.set(ifindex, w.endpoint(), 0).map_err(|e| full_or(e, map_names::ENDPOINTS))
+        } else {
+            self.endpoints_hash
+                .insert(ifindex, w.endpoint(), 0)
+                .map_err(|e| full_or(e, map_names::ENDPOINTS_HASH))
+        }
     }
 
     /// Register a workload by cgroup id (cgroup attachment).
@@ -644,9 +658,16 @@ impl Writer {
         Ok(())
     }
 
+    /// Forget the workload behind `ifindex`: programs still attached there drop everything.
     pub fn remove_interface_workload(&mut self, ifindex: u32) -> Result<(), Error> {
-        let _ = self.endpoints.remove(&ifindex);
-        Ok(())
+        if ifindex < ENDPOINT_ARRAY_SIZE {
+            self.endpoints.set(ifindex, Endpoint::default(), 0).map_err(Error::map(map_names::ENDPOINTS))
+        } else {
+            match self.endpoints_hash.remove(&ifindex) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(Error::Map { name: map_names::ENDPOINTS_HASH, source: Box::new(e) }),
+            }
+        }
     }
 
     /// Traffic to these (protocol, port) pairs passes whatever the policy.

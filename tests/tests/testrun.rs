@@ -460,8 +460,10 @@ fn conntrack_events_and_replies() {
         (Verdict::Allow, h.cookie, Some(Reason::AllowPolicy))
     );
     assert_eq!((ev[0].src, ev[0].dst), (ip("10.0.0.1"), ip("10.0.0.2")));
-    // Second packet: established. Reply on the ingress hook: passes via conntrack.
-    assert_eq!(dp.run(TC_FROM_WORKLOAD, &out).unwrap(), TC_ACT_OK);
+    // Next packet of the flow (an ACK): established. Reply on the ingress hook: passes via
+    // conntrack.
+    let ack = frame::frame4("10.0.0.1", "10.0.0.2", TCP, &frame::tcp(40000, 80, frame::ACK));
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &ack).unwrap(), TC_ACT_OK);
     let reply = frame::frame4("10.0.0.2", "10.0.0.1", TCP, &frame::tcp(80, 40000, frame::SYN | frame::ACK));
     assert_eq!(dp.run(TC_TO_WORKLOAD, &reply).unwrap(), TC_ACT_OK);
     let c = dp.writer().counters().unwrap();
@@ -478,6 +480,8 @@ fn conntrack_events_and_replies() {
     // Revocation cuts the established flow and its replies from the next packet.
     dp.writer().revoke(h.cookie).unwrap();
     assert_eq!(dp.run(TC_TO_WORKLOAD, &reply).unwrap(), TC_ACT_SHOT);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &ack).unwrap(), TC_ACT_SHOT);
+    // A new SYN is judged by policy alone (no rule left): denied.
     assert_eq!(dp.run(TC_FROM_WORKLOAD, &out).unwrap(), TC_ACT_SHOT);
     assert!(dp.writer().counters().unwrap()[&Reason::CtInvalidated] >= 1);
 }
@@ -489,14 +493,17 @@ fn grant_expiry_cuts_established_flow_without_userspace() {
     g.ttl = Some(Duration::from_millis(300));
     let h = dp.writer().install(&g).unwrap();
     let out = frame::tcp4("10.0.0.1", 40000, "10.0.0.2", 80);
+    let ack = frame::frame4("10.0.0.1", "10.0.0.2", TCP, &frame::tcp(40000, 80, frame::ACK));
     assert_eq!(dp.run(TC_FROM_WORKLOAD, &out).unwrap(), TC_ACT_OK);
-    assert_eq!(dp.run(TC_FROM_WORKLOAD, &out).unwrap(), TC_ACT_OK);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &ack).unwrap(), TC_ACT_OK);
+    assert_eq!(dp.writer().counters().unwrap()[&Reason::AllowEstablished], 1);
     std::thread::sleep(Duration::from_millis(400));
     // No userspace action: the rule and the conntrack entry are still in the maps...
     assert!(dp.writer().rules().iter().any(|r| r.cookie == h.cookie));
     assert_eq!(dp.writer().conntrack().unwrap().len(), 1);
     // ...and the kernel refuses the established flow anyway.
-    assert_eq!(dp.run(TC_FROM_WORKLOAD, &out).unwrap(), TC_ACT_SHOT);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &ack).unwrap(), TC_ACT_SHOT);
+    assert_eq!(dp.writer().counters().unwrap()[&Reason::CtInvalidated], 1);
     // GC frees the memory afterwards.
     let stats = dp.writer().gc(Duration::from_hours(1)).unwrap();
     assert_eq!(stats.rules_removed, 1);
