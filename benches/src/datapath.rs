@@ -210,8 +210,11 @@ fn main() -> Result<()> {
             for (case, fr, expect_pass) in [
                 ("established", &f.established, true),
                 ("new_flow", &f.new_flow, true),
+                ("new_flow_quiet", &f.new_flow, true),
                 ("deny", &f.deny, false),
             ] {
+                // new_flow_quiet: the same path with new-flow events switched off.
+                dp.writer().set_flow_events(case != "new_flow_quiet")?;
                 let lost_before = dp.writer().counters()?[&Reason::EventLost];
                 let ns = run_prog(&mut dp, TC_FROM_WORKLOAD, fr)?;
                 let lost = dp.writer().counters()?[&Reason::EventLost] - lost_before;
