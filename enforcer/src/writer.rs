@@ -476,6 +476,115 @@ impl Writer {
         Ok(())
     }
 
+    /// Replace rule `old` by `rule`, make-before-break: keys only in the new rule go in while
+    /// its slot is inactive, the new slot is switched on, keys in both move to the new slot one
+    /// atomic map update each, then the old rule is retired (its slot cleared, keys only it had
+    /// removed). At no moment is a key in both rules unmatched, and keys only in the old rule
+    /// never outlive it. Flows the old rule admitted are re-judged on their next packet and
+    /// carry on under the new rule if it allows them.
+    pub fn replace(&mut self, old: u32, rule: &Rule) -> Result<RuleHandle, Error> {
+        let old_rec = self.records.get(&old).cloned().ok_or(Error::UnknownCookie { cookie: old })?;
+        if old_rec.admin.is_some() {
+            return Err(Error::InvalidRule {
+                field: "replace",
+                reason: format!("cookie {old} is an admin rule"),
+            });
+        }
+        let old_keys: std::collections::HashSet<PolicyKey> = old_rec.keys.iter().copied().collect();
+        // Validate as a fresh rule, with the old rule's keys counted as free.
+        for k in &old_rec.keys {
+            self.owners.remove(k);
+        }
+        let checked = self.validate(rule);
+        for k in &old_rec.keys {
+            self.owners.insert(*k, old);
+        }
+        checked?;
+        let added: Vec<PolicyKey> = rule.keys.iter().filter(|k| !old_keys.contains(k)).copied().collect();
+        let kept: Vec<PolicyKey> = rule.keys.iter().filter(|k| old_keys.contains(k)).copied().collect();
+        let new_keys: std::collections::HashSet<PolicyKey> = rule.keys.iter().copied().collect();
+        let removed: Vec<PolicyKey> =
+            old_rec.keys.iter().filter(|k| !new_keys.contains(k)).copied().collect();
+        let n = |v: &[PolicyKey]| u32::try_from(v.len()).unwrap_or(u32::MAX);
+        let used = u32::try_from(self.owners.len()).unwrap_or(u32::MAX);
+        if used.saturating_add(n(&added)) > self.policy_capacity {
+            return Err(Error::MapFull {
+                map: map_names::POLICY,
+                capacity: self.policy_capacity,
+                needed: n(&added),
+            });
+        }
+        let expires_at = match rule.ttl {
+            Some(ttl) => time::deadline(ttl)?,
+            None => 0,
+        };
+        let slot = self.alloc_slot()?;
+        let cookie = self.alloc_cookie();
+        self.clear_slot(slot)?;
+        // Counters up before anything appears.
+        let added_shapes: Vec<usize> = added.iter().filter_map(key_shape).collect();
+        let new_denies = if rule.action == Action::Deny {
+            n(&added) + if old_rec.action == Action::Deny { 0 } else { n(&kept) }
+        } else {
+            0
+        };
+        let mut cfg = self.config()?;
+        for s in &added_shapes {
+            cfg.policy_shape_count[*s] += 1;
+        }
+        cfg.policy_deny_count += new_denies;
+        self.set_config(cfg)?;
+        let value = PolicyValue { cookie, slot, action: rule.action.code(), pad: 0 };
+        if let Err(e) = self.insert_all(&added, value) {
+            let mut cfg = self.config()?;
+            for s in &added_shapes {
+                cfg.policy_shape_count[*s] = cfg.policy_shape_count[*s].saturating_sub(1);
+            }
+            cfg.policy_deny_count = cfg.policy_deny_count.saturating_sub(new_denies);
+            self.set_config(cfg)?;
+            self.free_slots.push(slot);
+            return Err(Error::Map { name: map_names::POLICY, source: Box::new(e) });
+        }
+        self.activate(slot, cookie, expires_at)?;
+        for k in &kept {
+            self.policy.insert(k, value, 0).map_err(Error::map(map_names::POLICY))?;
+        }
+        for k in &rule.keys {
+            self.owners.insert(*k, cookie);
+        }
+        self.records.insert(
+            cookie,
+            Record { slot, action: rule.action, expires_at, keys: rule.keys.clone(), admin: None },
+        );
+        // Retire the old rule.
+        self.records.remove(&old);
+        self.clear_slot(old_rec.slot)?;
+        for k in &removed {
+            let _ = self.policy.remove(k);
+            self.owners.remove(k);
+        }
+        let removed_shapes: Vec<usize> = removed.iter().filter_map(key_shape).collect();
+        let old_denies = if old_rec.action == Action::Deny {
+            n(&removed) + if rule.action == Action::Deny { 0 } else { n(&kept) }
+        } else {
+            0
+        };
+        let mut cfg = self.config()?;
+        for s in &removed_shapes {
+            cfg.policy_shape_count[*s] = cfg.policy_shape_count[*s].saturating_sub(1);
+        }
+        cfg.policy_deny_count = cfg.policy_deny_count.saturating_sub(old_denies);
+        self.set_config(cfg)?;
+        self.free_slots.push(old_rec.slot);
+        Ok(RuleHandle { cookie, slot, expires_at })
+    }
+
+    /// Keys of an installed rule.
+    #[must_use]
+    pub fn rule_keys(&self, cookie: u32) -> Option<&[PolicyKey]> {
+        self.records.get(&cookie).map(|r| r.keys.as_slice())
+    }
+
     fn lower_counts(&mut self, shapes: &[usize], action: Action, n: u32) -> Result<(), Error> {
         let mut cfg = self.config()?;
         for s in shapes {

@@ -583,3 +583,57 @@ fn restart_keeps_state() {
     assert_eq!(aya::programs::TestRun::test_run(prog, o).unwrap().return_value, TC_ACT_OK);
     assert_eq!(IDENTITY_WORLD, 2);
 }
+
+#[test]
+fn replace_is_make_before_break() {
+    let mut dp = setup("replace");
+    let old = dp
+        .writer()
+        .install(&Rule {
+            keys: vec![
+                Rule::key(DIR_EGRESS, A, Some(B), TCP, 80),
+                Rule::key(DIR_EGRESS, A, Some(B), TCP, 81),
+            ],
+            action: Action::Allow,
+            ttl: None,
+        })
+        .unwrap();
+    let syn = |p| frame::tcp4("10.0.0.1", 40000, "10.0.0.2", p);
+    let ack = |p| frame::frame4("10.0.0.1", "10.0.0.2", TCP, &frame::tcp(40000, p, frame::ACK));
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &syn(80)).unwrap(), TC_ACT_OK);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &syn(81)).unwrap(), TC_ACT_OK);
+    // New version keeps port 80, drops 81, adds 82.
+    let new = dp
+        .writer()
+        .replace(
+            old.cookie,
+            &Rule {
+                keys: vec![
+                    Rule::key(DIR_EGRESS, A, Some(B), TCP, 80),
+                    Rule::key(DIR_EGRESS, A, Some(B), TCP, 82),
+                ],
+                action: Action::Allow,
+                ttl: None,
+            },
+        )
+        .unwrap();
+    assert_ne!(new.cookie, old.cookie);
+    assert_eq!(dp.writer().rules().len(), 1);
+    assert_eq!(dp.writer().policy_len(), 2);
+    // The flow on the kept key carries on (re-admitted under the new rule); the flow on the
+    // dropped key is cut; the added key is open.
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &ack(80)).unwrap(), TC_ACT_OK);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &ack(81)).unwrap(), TC_ACT_SHOT);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &syn(82)).unwrap(), TC_ACT_OK);
+    let ct = dp.writer().conntrack().unwrap();
+    assert!(ct.iter().any(|(k, v)| k.dport == 80 && v.cookie == new.cookie), "{ct:?}");
+    // Replacing an unknown cookie is an error; a key owned by another rule is refused.
+    assert!(matches!(
+        dp.writer().replace(old.cookie, &allow(DIR_EGRESS, Some(B), TCP, 90)),
+        Err(enforcer::Error::UnknownCookie { .. })
+    ));
+    let other = dp.writer().install(&allow(DIR_EGRESS, Some(B), TCP, 90)).unwrap();
+    let clash = dp.writer().replace(new.cookie, &allow(DIR_EGRESS, Some(B), TCP, 90)).unwrap_err();
+    assert!(matches!(clash, enforcer::Error::KeyOwned { owner, .. } if owner == other.cookie), "{clash}");
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &syn(80)).unwrap(), TC_ACT_OK, "failed replace left the rule intact");
+}
