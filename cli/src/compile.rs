@@ -1,0 +1,164 @@
+//! Compiling evaluated policy into data-plane rules.
+//!
+//! Each managed workload gets at most one rule per direction, holding every policy key that
+//! direction allows, so keys never collide between rules and a change to a workload's policy
+//! is one make-before-break replacement. CIDR peers become CIDR identities: every distinct
+//! prefix named by any policy gets one, and "cidr except E" allows each configured prefix
+//! inside the cidr that is not inside an except (the LPM lookup gives an address its longest
+//! configured prefix). Pods whose addresses fall in an allowed block are allowed by identity,
+//! because the data plane resolves pod addresses exactly before it looks at CIDRs.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Result, bail};
+use enforcer::Rule;
+use enforcer_common::{
+    DIR_EGRESS, DIR_INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PORT_ANY, PROTO_ANY, PolicyKey,
+};
+use ztseg_policy::{Cluster, IpNetwork, Isolation, PeerMatch, PodPolicy, PortMatch, Protocol};
+
+/// First identity number of CIDR peers.
+pub const CIDR_IDENTITY_BASE: u32 = 1_000_000;
+/// Largest port range expanded into exact keys for one rule.
+pub const MAX_RANGE: u32 = 4096;
+
+/// The compiled form: per pod and direction the keys to allow, plus the CIDR identities.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// (pod index, direction) → keys. A missing entry means "allow nothing".
+    pub keys: BTreeMap<(usize, u8), BTreeSet<PolicyKey>>,
+    /// Prefix → CIDR identity.
+    pub cidrs: BTreeMap<IpNetwork, u32>,
+}
+
+impl Compiled {
+    /// The rule for one pod and direction, if it allows anything.
+    #[must_use]
+    pub fn rule(&self, pod: usize, dir: u8) -> Option<Rule> {
+        let keys = self.keys.get(&(pod, dir))?;
+        (!keys.is_empty()).then(|| Rule {
+            keys: keys.iter().copied().collect(),
+            action: enforcer::writer::Action::Allow,
+            ttl: None,
+        })
+    }
+}
+
+fn proto(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => IPPROTO_TCP,
+        Protocol::Udp => IPPROTO_UDP,
+        Protocol::Sctp => IPPROTO_SCTP,
+    }
+}
+
+/// Compile `eval` (from `ztseg_policy::evaluate`) for pods with identities `identity[i]`.
+pub fn compile(cluster: &Cluster, eval: &[PodPolicy], identity: &[u32]) -> Result<Compiled> {
+    let mut out = Compiled::default();
+    // Every prefix any rule names gets an identity, in a stable order.
+    let mut prefixes = BTreeSet::new();
+    for pp in eval {
+        for iso in [&pp.ingress, &pp.egress] {
+            if let Isolation::Isolated(rules) = iso {
+                for r in rules {
+                    for p in &r.peers {
+                        if let PeerMatch::Cidr { net, except } = p {
+                            prefixes.insert(*net);
+                            prefixes.extend(except.iter().copied());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (i, net) in prefixes.iter().enumerate() {
+        out.cidrs.insert(*net, CIDR_IDENTITY_BASE + u32::try_from(i)?);
+    }
+    for (pod, pp) in eval.iter().enumerate() {
+        let local = identity[pod];
+        for (iso, dir) in [(&pp.ingress, DIR_INGRESS), (&pp.egress, DIR_EGRESS)] {
+            let mut keys = BTreeSet::new();
+            match iso {
+                Isolation::NotIsolated => {
+                    keys.insert(Rule::key(dir, local, None, PROTO_ANY, PORT_ANY));
+                }
+                Isolation::Isolated(rules) => {
+                    for r in rules {
+                        let peers = peer_identities(cluster, identity, &out.cidrs, &r.peers);
+                        for pm in &r.ports {
+                            for (proto, lo, hi) in port_ranges(*pm)? {
+                                for peer in &peers {
+                                    for port in lo..=hi {
+                                        keys.insert(Rule::key(dir, local, *peer, proto, port));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if !keys.is_empty() {
+                out.keys.insert((pod, dir), keys);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `None` = any peer.
+fn peer_identities(
+    cluster: &Cluster,
+    identity: &[u32],
+    cidrs: &BTreeMap<IpNetwork, u32>,
+    peers: &[PeerMatch],
+) -> BTreeSet<Option<u32>> {
+    let mut out = BTreeSet::new();
+    for p in peers {
+        match p {
+            PeerMatch::AnyPeer => {
+                out.insert(None);
+            }
+            PeerMatch::Pod(j) => {
+                out.insert(Some(identity[*j]));
+            }
+            PeerMatch::Cidr { net, except } => {
+                for (prefix, id) in cidrs {
+                    if net.contains_net(prefix) && !except.iter().any(|e| e.contains_net(prefix)) {
+                        out.insert(Some(*id));
+                    }
+                }
+                for (j, pod) in cluster.pods.iter().enumerate() {
+                    if pod.ips.iter().any(|ip| net.contains(*ip) && !except.iter().any(|e| e.contains(*ip))) {
+                        out.insert(Some(identity[j]));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// (protocol, first port, last port); (`PROTO_ANY`, 0, 0) for any port of any protocol.
+fn port_ranges(pm: PortMatch) -> Result<Vec<(u8, u16, u16)>> {
+    Ok(match pm {
+        PortMatch::Any => vec![(PROTO_ANY, PORT_ANY, PORT_ANY)],
+        PortMatch::Proto(p) => vec![(proto(p), PORT_ANY, PORT_ANY)],
+        PortMatch::Range { proto: p, from, to } => {
+            if u32::from(to) - u32::from(from) + 1 > MAX_RANGE {
+                if from <= 1 && to == u16::MAX {
+                    return Ok(vec![(proto(p), PORT_ANY, PORT_ANY)]);
+                }
+                bail!(
+                    "port range {from}-{to} is wider than {MAX_RANGE} ports, which this data plane expands into exact keys"
+                );
+            }
+            vec![(proto(p), from, to)]
+        }
+    })
+}
+
+/// Direction names for messages.
+#[must_use]
+pub fn dir_name(dir: u8) -> &'static str {
+    if dir == DIR_EGRESS { "egress" } else { "ingress" }
+}

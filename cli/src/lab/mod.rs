@@ -1,0 +1,529 @@
+//! `ztseg lab`: pods as network namespaces on simulated hosts, each host with its own enforcer
+//! instance (its own pin directory), real servers in every pod, and a reachability matrix.
+//!
+//! Topology: every host is a namespace with a bridge `br0` (10.77.H.254/24) and one veth per
+//! pod (`p<N>`, the interface the enforcer attaches to); pod N on host H gets 10.77.H.(n+1).
+//! With several hosts, a fabric namespace bridges their uplinks (10.76.0.(H+1)/24) and each
+//! host routes the other hosts' pod subnets over it. Enforcement state is pinned, so `lab up`
+//! and `lab apply` install it and exit; `lab down` removes everything.
+
+pub mod probe;
+pub mod serve;
+pub mod spec;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use enforcer::{Datapath, DatapathOptions, TcHook, Workload};
+use enforcer_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_FIRST_USER};
+use serde::{Deserialize, Serialize};
+use spec::{LabFile, NamespaceSpec, PodSpec};
+
+use crate::compile;
+
+/// Lab state files live here (one JSON file per lab).
+pub const STATE_DIR: &str = "/run/ztseg/lab";
+/// Pin directories of lab enforcers: `<PIN_ROOT>/<lab>/<host>`.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/ztseg-lab";
+
+/// What `lab up` built, so later commands can find it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub name: String,
+    pub lab_file: PathBuf,
+    pub hosts: Vec<HostState>,
+    pub fabric: Option<String>,
+    pub namespaces: Vec<NamespaceSpec>,
+    pub pods: Vec<PodState>,
+    pub ports: Vec<u16>,
+    pub protocols: Vec<String>,
+    /// (pod index, direction) → cookie of the installed rule.
+    pub rules: BTreeMap<String, u32>,
+    pub tenants: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostState {
+    pub name: String,
+    pub netns: String,
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodState {
+    pub spec: PodSpec,
+    pub host: usize,
+    pub netns: String,
+    pub iface: String,
+    pub ipv4: Ipv4Addr,
+    pub identity: u32,
+    pub tenant: u32,
+    pub server_pid: Option<u32>,
+}
+
+impl PodState {
+    #[must_use]
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.spec.namespace, self.spec.name)
+    }
+}
+
+fn state_path(name: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(format!("{name}.json"))
+}
+
+impl LabState {
+    pub fn load(name: &str) -> Result<Self> {
+        let p = state_path(name);
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("lab {name:?} is not up (no {})", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("reading {}", p.display()))
+    }
+
+    fn save(&self) -> Result<()> {
+        std::fs::create_dir_all(STATE_DIR)?;
+        let p = state_path(&self.name);
+        let tmp = p.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, &p)?;
+        Ok(())
+    }
+
+    /// The policy model's view of the cluster (pods in state order).
+    #[must_use]
+    pub fn cluster(&self) -> ztseg_policy::Cluster {
+        ztseg_policy::Cluster {
+            namespaces: self
+                .namespaces
+                .iter()
+                .map(|n| ztseg_policy::Namespace { name: n.name.clone(), labels: n.labels.clone() })
+                .collect(),
+            pods: self
+                .pods
+                .iter()
+                .map(|p| ztseg_policy::Pod {
+                    name: p.spec.name.clone(),
+                    namespace: p.spec.namespace.clone(),
+                    labels: p.spec.labels.clone(),
+                    ips: vec![IpAddr::V4(p.ipv4)],
+                    ports: self.container_ports(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Every pod serves every lab port over every lab protocol; the container ports are named
+    /// `serve-<port>-<proto>` (as in the upstream network-policy e2e model).
+    fn container_ports(&self) -> Vec<ztseg_policy::ContainerPort> {
+        let mut out = Vec::new();
+        for port in &self.ports {
+            for proto in &self.protocols {
+                let p =
+                    if proto == "UDP" { ztseg_policy::Protocol::Udp } else { ztseg_policy::Protocol::Tcp };
+                out.push(ztseg_policy::ContainerPort {
+                    name: Some(format!("serve-{port}-{}", proto.to_lowercase())),
+                    port: *port,
+                    protocol: p,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Run a command, failing with its output.
+pub fn sh(args: &[&str]) -> Result<()> {
+    let out =
+        Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("starting {}", args[0]))?;
+    if !out.status.success() {
+        bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Run a shell command inside a named network namespace.
+pub fn ns_sh(ns: &str, cmd: &str) -> Result<()> {
+    sh(&["ip", "netns", "exec", ns, "sh", "-c", cmd])
+}
+
+/// Run `f` on a thread inside namespace `ns`.
+pub fn in_netns<R: Send>(ns: &str, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+    let path = Path::new("/run/netns").join(ns);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enforcer::netns::enter(&path).with_context(|| format!("entering {}", path.display()))?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+    })
+}
+
+fn read_policies(lab: &LabFile, lab_path: &Path) -> Result<Vec<ztseg_policy::NetworkPolicy>> {
+    let mut all = Vec::new();
+    let mut errors = Vec::new();
+    for f in lab.policy_files(lab_path)? {
+        let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        match ztseg_policy::parse_file(&f, &text) {
+            Ok(p) => all.extend(p),
+            Err(e) => errors.extend(e),
+        }
+    }
+    if !errors.is_empty() {
+        let msg: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        bail!("policy errors:\n{}", msg.join("\n"));
+    }
+    Ok(all)
+}
+
+/// `ztseg lab up -f LAB.yaml`
+pub fn up(lab_path: &Path, exe: &Path) -> Result<LabState> {
+    let lab = LabFile::load(lab_path)?;
+    let name = lab.name().to_owned();
+    if state_path(&name).exists() {
+        bail!("lab {name:?} is already up; `ztseg lab down -f {}` first", lab_path.display());
+    }
+    // Parse policies before building anything.
+    let policies = read_policies(&lab, lab_path)?;
+    let mut state = LabState {
+        name: name.clone(),
+        lab_file: std::fs::canonicalize(lab_path)?,
+        hosts: Vec::new(),
+        fabric: None,
+        namespaces: lab.namespaces.clone(),
+        pods: Vec::new(),
+        ports: lab.ports.clone(),
+        protocols: lab.protocols.clone(),
+        rules: BTreeMap::new(),
+        tenants: BTreeMap::new(),
+    };
+    if !state.namespaces.iter().any(|n| n.name == "default")
+        && lab.pods.iter().any(|p| p.namespace == "default")
+    {
+        state.namespaces.push(NamespaceSpec { name: "default".into(), labels: BTreeMap::new() });
+    }
+    // Save early so `lab down` can clean up a half-built lab.
+    state.save()?;
+    build(&lab, &mut state)?;
+    state.save()?;
+    attach_and_register(&mut state)?;
+    apply_policies(&mut state, &policies)?;
+    start_servers(&mut state, exe)?;
+    state.save()?;
+    Ok(state)
+}
+
+fn build(lab: &LabFile, state: &mut LabState) -> Result<()> {
+    let name = &state.name;
+    if lab.hosts.len() > 1 {
+        let fabric = format!("zl-{name}-fabric");
+        sh(&["ip", "netns", "add", &fabric])?;
+        state.fabric = Some(fabric.clone());
+        ns_sh(&fabric, "ip link add fab type bridge && ip link set fab up && ip link set lo up")?;
+    }
+    for (h, host) in lab.hosts.iter().enumerate() {
+        let netns = format!("zl-{name}-h{h}");
+        sh(&["ip", "netns", "add", &netns])?;
+        state.hosts.push(HostState {
+            name: host.clone(),
+            netns: netns.clone(),
+            pin_dir: Path::new(PIN_ROOT).join(name).join(host),
+        });
+        ns_sh(
+            &netns,
+            &format!(
+                "ip link set lo up && ip link add br0 type bridge && ip addr add 10.77.{h}.254/24 dev br0 && \
+                 ip link set br0 up && sysctl -qw net.ipv4.ip_forward=1"
+            ),
+        )?;
+        if let Some(fabric) = &state.fabric {
+            ns_sh(
+                &netns,
+                &format!(
+                    "ip link add up0 type veth peer name h{h} netns {fabric} && ip addr add 10.76.0.{}/24 dev up0 && \
+                     ip link set up0 up",
+                    h + 1
+                ),
+            )?;
+            ns_sh(fabric, &format!("ip link set h{h} master fab && ip link set h{h} up"))?;
+        }
+    }
+    if state.fabric.is_some() {
+        for h in 0..lab.hosts.len() {
+            for k in 0..lab.hosts.len() {
+                if h != k {
+                    ns_sh(
+                        &state.hosts[h].netns,
+                        &format!("ip route add 10.77.{k}.0/24 via 10.76.0.{}", k + 1),
+                    )?;
+                }
+            }
+        }
+    }
+    let mut per_host = vec![0u8; lab.hosts.len()];
+    for (i, pod) in lab.pods.iter().enumerate() {
+        let h = lab.hosts.iter().position(|x| x == lab.host_of(pod)).unwrap_or(0);
+        per_host[h] += 1;
+        let n = per_host[h];
+        let netns = format!("zl-{name}-p{i}");
+        sh(&["ip", "netns", "add", &netns])?;
+        let iface = format!("p{i}");
+        let hu8 = u8::try_from(h)?;
+        let ipv4 = Ipv4Addr::new(10, 77, hu8, n);
+        let tenant = match &pod.tenant {
+            None => 0,
+            Some(t) => {
+                let next = u32::try_from(state.tenants.len())? + 1;
+                *state.tenants.entry(t.clone()).or_insert(next)
+            }
+        };
+        state.pods.push(PodState {
+            spec: pod.clone(),
+            host: h,
+            netns: netns.clone(),
+            iface: iface.clone(),
+            ipv4,
+            identity: IDENTITY_FIRST_USER + 1000 + u32::try_from(i)?,
+            tenant,
+            server_pid: None,
+        });
+        ns_sh(
+            &state.hosts[h].netns,
+            &format!(
+                "ip link add {iface} type veth peer name eth0 netns {netns} && ip link set {iface} master br0 && ip link set {iface} up"
+            ),
+        )?;
+        ns_sh(
+            &netns,
+            &format!(
+                "ip link set lo up && ip addr add {ipv4}/24 dev eth0 && ip link set eth0 up && ip route add default via 10.77.{h}.254"
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+fn open_host(state: &LabState, h: usize) -> Result<Datapath> {
+    enforcer::datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
+    Ok(Datapath::open(&state.hosts[h].pin_dir, &DatapathOptions::default())?)
+}
+
+/// Attach both TC programs on every pod's host-side interface and register every pod on
+/// every host (local pods as endpoints, all pods as identities).
+fn attach_and_register(state: &mut LabState) -> Result<()> {
+    for h in 0..state.hosts.len() {
+        let mut dp = open_host(state, h)?;
+        let local: Vec<PodState> = state.pods.iter().filter(|p| p.host == h).cloned().collect();
+        let ifindexes = in_netns(&state.hosts[h].netns, || {
+            let mut out = Vec::new();
+            for p in &local {
+                dp.attach_tc(&p.iface, TcHook::FromWorkload)?;
+                dp.attach_tc(&p.iface, TcHook::ToWorkload)?;
+                out.push(enforcer::datapath::ifindex(&p.iface)?);
+            }
+            Ok(out)
+        })?;
+        let mut w = dp.writer();
+        for p in &state.pods {
+            w.set_identity(IpAddr::V4(p.ipv4), p.identity, p.tenant)?;
+        }
+        for (p, ifindex) in local.iter().zip(ifindexes) {
+            let wl = Workload {
+                identity: p.identity,
+                tenant: p.tenant,
+                ipv4: Some(p.ipv4),
+                ipv6: None,
+                audit: false,
+            };
+            w.set_interface_workload(ifindex, &wl)?;
+        }
+    }
+    Ok(())
+}
+
+fn rule_id(pod: usize, dir: u8) -> String {
+    format!("{pod}/{}", compile::dir_name(dir))
+}
+
+/// Compile `policies` against the state's pods and bring every host's rules to it,
+/// make-before-break, one rule per pod and direction.
+pub fn apply_policies(state: &mut LabState, policies: &[ztseg_policy::NetworkPolicy]) -> Result<()> {
+    let cluster = state.cluster();
+    let eval = ztseg_policy::evaluate(&cluster, policies);
+    let identities: Vec<u32> = state.pods.iter().map(|p| p.identity).collect();
+    let compiled = compile::compile(&cluster, &eval, &identities)?;
+    for h in 0..state.hosts.len() {
+        let dp = open_host(state, h)?;
+        let mut w = dp.writer();
+        for (net, id) in &compiled.cidrs {
+            w.set_cidr(net.addr(), net.prefix(), *id, 0)?;
+        }
+        for (i, pod) in state.pods.iter().enumerate() {
+            if pod.host != h {
+                continue;
+            }
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                let id = rule_id(i, dir);
+                let old = state.rules.get(&id).copied();
+                match (old, compiled.rule(i, dir)) {
+                    (None, None) => {}
+                    (None, Some(rule)) => {
+                        let hnd = w.install(&rule)?;
+                        state.rules.insert(id, hnd.cookie);
+                    }
+                    (Some(c), None) => {
+                        w.revoke(c)?;
+                        state.rules.remove(&id);
+                    }
+                    (Some(c), Some(rule)) => {
+                        let same = w.rule_keys(c).is_some_and(|k| {
+                            let mut a = k.to_vec();
+                            a.sort();
+                            a == rule.keys
+                        });
+                        if !same {
+                            let hnd = w.replace(c, &rule)?;
+                            state.rules.insert(id, hnd.cookie);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn start_servers(state: &mut LabState, exe: &Path) -> Result<()> {
+    let ports: Vec<String> = state.ports.iter().map(ToString::to_string).collect();
+    let log_dir = Path::new(STATE_DIR).join(&state.name);
+    std::fs::create_dir_all(&log_dir)?;
+    for pod in &mut state.pods {
+        let log = std::fs::File::create(log_dir.join(format!("{}.log", pod.netns)))?;
+        let child = Command::new("setsid")
+            .arg(exe)
+            .args(["lab", "serve", "--netns", &pod.netns, "--ports", &ports.join(","), "--protocols"])
+            .arg(state.protocols.join(","))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting a pod server")?;
+        pod.server_pid = Some(child.id());
+    }
+    // Wait until every server is listening (it writes its ready line).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for pod in &state.pods {
+        let log = log_dir.join(format!("{}.log", pod.netns));
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("serving") {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "server in {} did not start: {}",
+                    pod.id(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// `ztseg lab apply -f LAB.yaml`: re-read the lab file's policies and namespace/pod labels.
+pub fn apply(lab_path: &Path) -> Result<LabState> {
+    let lab = LabFile::load(lab_path)?;
+    let mut state = LabState::load(lab.name())?;
+    let policies = read_policies(&lab, lab_path)?;
+    if lab.pods.len() != state.pods.len() {
+        bail!("{}: pods: adding or removing pods needs `lab down` and `lab up`", lab_path.display());
+    }
+    for (spec, pod) in lab.pods.iter().zip(&mut state.pods) {
+        if spec.name != pod.spec.name || spec.namespace != pod.spec.namespace {
+            bail!(
+                "{}: pods: pod {}/{} changed identity; recreate the lab",
+                lab_path.display(),
+                spec.namespace,
+                spec.name
+            );
+        }
+        pod.spec.labels.clone_from(&spec.labels);
+    }
+    for ns in &lab.namespaces {
+        if let Some(s) = state.namespaces.iter_mut().find(|n| n.name == ns.name) {
+            s.labels.clone_from(&ns.labels);
+        }
+    }
+    apply_policies(&mut state, &policies)?;
+    state.save()?;
+    Ok(state)
+}
+
+/// `ztseg lab label -f LAB.yaml [ns/]pod|ns:NAME key=value|key- ...`: change labels of a pod
+/// or namespace and re-apply the lab file's policies.
+pub fn label(lab_path: &Path, target: &str, changes: &[String]) -> Result<LabState> {
+    let lab = LabFile::load(lab_path)?;
+    let mut state = LabState::load(lab.name())?;
+    let policies = read_policies(&lab, lab_path)?;
+    let labels = if let Some(ns) = target.strip_prefix("ns:") {
+        &mut state
+            .namespaces
+            .iter_mut()
+            .find(|n| n.name == ns)
+            .with_context(|| format!("no namespace {ns:?}"))?
+            .labels
+    } else {
+        let (ns, name) = target.split_once('/').unwrap_or(("default", target));
+        &mut state
+            .pods
+            .iter_mut()
+            .find(|p| p.spec.namespace == ns && p.spec.name == name)
+            .with_context(|| format!("no pod {ns}/{name}"))?
+            .spec
+            .labels
+    };
+    for c in changes {
+        if let Some(k) = c.strip_suffix('-') {
+            labels.remove(k);
+        } else if let Some((k, v)) = c.split_once('=') {
+            labels.insert(k.to_owned(), v.to_owned());
+        } else {
+            bail!("label change {c:?}: expected key=value or key-");
+        }
+    }
+    apply_policies(&mut state, &policies)?;
+    state.save()?;
+    Ok(state)
+}
+
+/// `ztseg lab down`: stop servers, remove enforcement and namespaces, forget the lab.
+pub fn down(name: &str) -> Result<()> {
+    let state = LabState::load(name)?;
+    for pod in &state.pods {
+        if let Some(pid) = pod.server_pid {
+            let _ = Command::new("kill").arg(pid.to_string()).output();
+        }
+    }
+    let mut errors = Vec::new();
+    for host in &state.hosts {
+        if let Err(e) = Datapath::uninstall(&host.pin_dir) {
+            errors.push(format!("{}: {e}", host.pin_dir.display()));
+        }
+    }
+    let _ = std::fs::remove_dir(Path::new(PIN_ROOT).join(name));
+    for ns in state
+        .pods
+        .iter()
+        .map(|p| &p.netns)
+        .chain(state.hosts.iter().map(|h| &h.netns))
+        .chain(state.fabric.iter())
+    {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+    }
+    let _ = std::fs::remove_dir_all(Path::new(STATE_DIR).join(name));
+    std::fs::remove_file(state_path(name))?;
+    if errors.is_empty() { Ok(()) } else { bail!("lab {name} removed with errors:\n{}", errors.join("\n")) }
+}

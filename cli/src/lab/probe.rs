@@ -1,0 +1,174 @@
+//! `ztseg lab probe`: try every ordered pod pair × port × protocol and build the reachability
+//! matrix. A TCP probe succeeds when the server's byte arrives, a UDP probe when the echo does.
+//! A pod reaching itself goes over its own loopback, which no network policy governs, so the
+//! diagonal is always allowed (as in the upstream e2e truth tables).
+
+use std::{
+    collections::BTreeMap,
+    io::Read as _,
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use super::{LabState, in_netns, spec::Expectation};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Matrix {
+    pub port: u16,
+    pub protocol: String,
+    /// Pod ids in row/column order.
+    pub pods: Vec<String>,
+    /// `allowed[from][to]`.
+    pub allowed: Vec<Vec<bool>>,
+    /// Cells that differ from the expectation: (from, to, expected).
+    pub mismatches: Vec<(String, String, bool)>,
+}
+
+fn probe_one(proto: &str, addr: SocketAddr, timeout: Duration) -> bool {
+    if proto == "UDP" {
+        let Ok(s) = UdpSocket::bind("0.0.0.0:0") else { return false };
+        if s.set_read_timeout(Some(timeout)).is_err() || s.send_to(b"probe", addr).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 16];
+        matches!(s.recv_from(&mut buf), Ok((5, _)))
+    } else {
+        let Ok(mut c) = TcpStream::connect_timeout(&addr, timeout) else { return false };
+        let _ = c.set_read_timeout(Some(timeout));
+        let mut b = [0u8; 1];
+        matches!(c.read(&mut b), Ok(1))
+    }
+}
+
+/// Probe everything; one thread per ordered pair.
+pub fn probe(state: &LabState, timeout: Duration) -> Result<Vec<Matrix>> {
+    let n = state.pods.len();
+    let cases: Vec<(u16, String)> =
+        state.ports.iter().flat_map(|p| state.protocols.iter().map(move |pr| (*p, pr.clone()))).collect();
+    let results: Vec<Vec<Vec<bool>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .flat_map(|from| (0..n).map(move |to| (from, to)))
+            .map(|(from, to)| {
+                let cases = &cases;
+                s.spawn(move || -> Result<Vec<bool>> {
+                    if from == to {
+                        return Ok(vec![true; cases.len()]);
+                    }
+                    let dst = state.pods[to].ipv4;
+                    in_netns(&state.pods[from].netns, || {
+                        Ok(cases
+                            .iter()
+                            .map(|(port, proto)| probe_one(proto, SocketAddr::from((dst, *port)), timeout))
+                            .collect())
+                    })
+                })
+            })
+            .collect();
+        let mut flat = Vec::with_capacity(n * n);
+        for h in handles {
+            flat.push(h.join().map_err(|_| anyhow::anyhow!("probe thread panicked"))??);
+        }
+        Ok::<_, anyhow::Error>(flat.chunks(n).map(<[Vec<bool>]>::to_vec).collect())
+    })?;
+    let pods: Vec<String> = state.pods.iter().map(super::PodState::id).collect();
+    Ok(cases
+        .iter()
+        .enumerate()
+        .map(|(c, (port, proto))| Matrix {
+            port: *port,
+            protocol: proto.clone(),
+            pods: pods.clone(),
+            allowed: (0..n).map(|f| (0..n).map(|t| results[f][t][c]).collect()).collect(),
+            mismatches: Vec::new(),
+        })
+        .collect())
+}
+
+/// Parse a truth table: first row `-` then destination ids; each further row a source id
+/// then `.` (allowed) or `X` (blocked) per column.
+pub fn parse_table(e: &Expectation) -> Result<BTreeMap<(String, String), bool>> {
+    let mut lines = e.table.lines().map(str::split_whitespace).filter_map(|mut w| {
+        let first = w.next()?;
+        Some((first.to_owned(), w.map(str::to_owned).collect::<Vec<_>>()))
+    });
+    let (_, cols) = lines.next().context("expect table: empty")?;
+    let mut out = BTreeMap::new();
+    for (row, cells) in lines {
+        if cells.len() != cols.len() {
+            bail!(
+                "expect table {}/{}: row {row} has {} cells for {} columns",
+                e.protocol,
+                e.port,
+                cells.len(),
+                cols.len()
+            );
+        }
+        for (col, cell) in cols.iter().zip(cells) {
+            let allowed = match cell.as_str() {
+                "." => true,
+                "X" | "x" => false,
+                other => {
+                    bail!("expect table {}/{}: row {row}: cell {other:?} is not . or X", e.protocol, e.port)
+                }
+            };
+            out.insert((row.clone(), col.clone()), allowed);
+        }
+    }
+    Ok(out)
+}
+
+/// Mark cells that differ from the lab file's expectations.
+pub fn compare(matrices: &mut [Matrix], expect: &[Expectation]) -> Result<usize> {
+    let mut total = 0;
+    for e in expect {
+        let table = parse_table(e)?;
+        let Some(m) =
+            matrices.iter_mut().find(|m| m.port == e.port && m.protocol.eq_ignore_ascii_case(&e.protocol))
+        else {
+            bail!("expect: {}/{} is not probed in this lab", e.protocol, e.port);
+        };
+        for ((from, to), want) in table {
+            let f = m
+                .pods
+                .iter()
+                .position(|p| *p == from)
+                .with_context(|| format!("expect: unknown pod {from}"))?;
+            let t =
+                m.pods.iter().position(|p| *p == to).with_context(|| format!("expect: unknown pod {to}"))?;
+            if m.allowed[f][t] != want {
+                m.mismatches.push((from, to, want));
+                total += 1;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Render one matrix like the upstream e2e truth tables; mismatching cells are bracketed.
+#[must_use]
+pub fn render(m: &Matrix) -> String {
+    use std::fmt::Write as _;
+    let w = m.pods.iter().map(String::len).max().unwrap_or(1).max(4);
+    let mut s = format!("{} {}\n{:w$}", m.protocol, m.port, "-");
+    for p in &m.pods {
+        let _ = write!(s, " {p:^w$}");
+    }
+    s.push('\n');
+    for (f, from) in m.pods.iter().enumerate() {
+        let _ = write!(s, "{from:w$}");
+        for (t, to) in m.pods.iter().enumerate() {
+            let c = if m.allowed[f][t] { "." } else { "X" };
+            let cell = if m.mismatches.iter().any(|(a, b, _)| a == from && b == to) {
+                format!("[{c}]")
+            } else {
+                c.to_owned()
+            };
+            let _ = write!(s, " {cell:^w$}");
+        }
+        s.push('\n');
+    }
+    s
+}

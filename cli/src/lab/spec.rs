@@ -1,0 +1,177 @@
+//! The lab file (`ztseg lab ... -f LAB.yaml`): simulated hosts, namespaces, pods, the ports
+//! every pod serves, the policy files to apply, and optionally the expected reachability.
+//! See `docs/lab.md` for the format.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabFile {
+    /// Lab name (default: the file name without extension). Names its namespaces and pins.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Simulated hosts; each runs its own enforcer instance. Default: one host `node1`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceSpec>,
+    pub pods: Vec<PodSpec>,
+    /// Ports every pod serves, over every protocol in `protocols`.
+    pub ports: Vec<u16>,
+    /// Protocols served and probed (TCP, UDP). Default: both.
+    #[serde(default = "default_protocols")]
+    pub protocols: Vec<String>,
+    /// Policy files or directories (relative to the lab file).
+    #[serde(default)]
+    pub policies: Vec<PathBuf>,
+    /// Per-probe timeout in milliseconds (default 1000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Expected reachability, one truth table per port and protocol.
+    #[serde(default)]
+    pub expect: Vec<Expectation>,
+}
+
+fn default_protocols() -> Vec<String> {
+    vec!["TCP".into(), "UDP".into()]
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodSpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Host the pod runs on (default: the first host).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Tenant name; pods of different tenants are isolated unless an admin rule allows it.
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+/// A truth table: rows are sources, columns destinations (`namespace/pod`), `.` allowed,
+/// `X` blocked. The first row lists the columns after a placeholder.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expectation {
+    pub port: u16,
+    #[serde(default = "default_tcp")]
+    pub protocol: String,
+    pub table: String,
+}
+
+fn default_tcp() -> String {
+    "TCP".into()
+}
+
+impl LabFile {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let de = serde_yaml::Deserializer::from_str(&text);
+        let mut lab: LabFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let loc =
+                e.inner().location().map(|l| format!("{}:{}", l.line(), l.column())).unwrap_or_default();
+            anyhow::anyhow!("{}:{loc}: {}: {}", path.display(), e.path(), e.inner())
+        })?;
+        if lab.name.is_none() {
+            lab.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+        if lab.hosts.is_empty() {
+            lab.hosts.push("node1".into());
+        }
+        lab.validate(path)?;
+        Ok(lab)
+    }
+
+    #[must_use]
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("lab")
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let name = self.name();
+        if name.is_empty() || name.len() > 12 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            bail!("{}: name: {name:?} must be 1-12 characters of [A-Za-z0-9-]", path.display());
+        }
+        if self.hosts.len() > 200 {
+            bail!("{}: hosts: at most 200 hosts", path.display());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, p) in self.pods.iter().enumerate() {
+            if !seen.insert((p.namespace.clone(), p.name.clone())) {
+                bail!("{}: pods[{i}]: duplicate pod {}/{}", path.display(), p.namespace, p.name);
+            }
+            if let Some(h) = &p.host
+                && !self.hosts.contains(h)
+            {
+                bail!("{}: pods[{i}].host: unknown host {h:?} (hosts: {:?})", path.display(), self.hosts);
+            }
+            if !self.namespaces.iter().any(|n| n.name == p.namespace) && p.namespace != "default" {
+                bail!("{}: pods[{i}].namespace: namespace {:?} is not declared", path.display(), p.namespace);
+            }
+        }
+        let per_host = self.hosts.iter().map(|h| self.pods.iter().filter(|p| self.host_of(p) == h).count());
+        if per_host.clone().any(|n| n > 250) {
+            bail!("{}: pods: at most 250 pods per host", path.display());
+        }
+        for (i, proto) in self.protocols.iter().enumerate() {
+            if !matches!(proto.as_str(), "TCP" | "UDP") {
+                bail!("{}: protocols[{i}]: {proto:?} is not probed (TCP, UDP)", path.display());
+            }
+        }
+        if self.ports.contains(&0) {
+            bail!("{}: ports: port 0 cannot be served", path.display());
+        }
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn host_of<'a>(&'a self, p: &'a PodSpec) -> &'a str {
+        p.host.as_deref().unwrap_or(&self.hosts[0])
+    }
+
+    /// Policy files named by the lab file: each path, or every `.yaml`/`.yml` file of a
+    /// directory, sorted.
+    pub fn policy_files(&self, lab_path: &Path) -> Result<Vec<PathBuf>> {
+        let base = lab_path.parent().unwrap_or(Path::new("."));
+        let mut out = Vec::new();
+        for p in &self.policies {
+            let p = base.join(p);
+            if p.is_dir() {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(&p)
+                    .with_context(|| format!("reading {}", p.display()))?
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|f| f.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                    .collect();
+                files.sort();
+                out.extend(files);
+            } else {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,7 @@
+//! `ztseg`: the operator CLI and what it drives that is not a daemon: the namespace lab and
+//! the compiler from evaluated policy to data-plane rules.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod compile;
+pub mod lab;

@@ -1,0 +1,6 @@
+//! `ztseg` binary: see [`ztseg::cli`].
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    ztseg::cli::main()
+}
