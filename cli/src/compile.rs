@@ -157,6 +157,65 @@ fn port_ranges(pm: PortMatch) -> Result<Vec<(u8, u16, u16)>> {
     })
 }
 
+/// Bring `w` to `compiled` for the pods `local` says this host enforces: install, replace
+/// (make-before-break) or revoke one rule per pod and direction. `ids` names the pods (stable
+/// across restarts); `rules` maps [`owner_id`] → cookie and is updated. Keys for which `reserved` is true (owned by a live
+/// grant) are left out; re-run after the grant ends.
+pub fn sync_rules(
+    w: &mut enforcer::writer::Writer,
+    compiled: &Compiled,
+    ids: &[String],
+    local: impl Fn(usize) -> bool,
+    rules: &mut BTreeMap<String, u32>,
+    reserved: impl Fn(&PolicyKey) -> bool,
+) -> Result<()> {
+    for (net, id) in &compiled.cidrs {
+        w.set_cidr(net.addr(), net.prefix(), *id, 0)?;
+    }
+    for pod in (0..ids.len()).filter(|p| local(*p)) {
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            let id = owner_id(&ids[pod], dir);
+            let old = rules.get(&id).copied();
+            let mut want = compiled.rule(pod, dir);
+            if let Some(r) = &mut want {
+                r.keys.retain(|k| !reserved(k));
+                if r.keys.is_empty() {
+                    want = None;
+                }
+            }
+            match (old, want) {
+                (None, None) => {}
+                (None, Some(rule)) => {
+                    let h = w.install(&rule)?;
+                    rules.insert(id, h.cookie);
+                }
+                (Some(c), None) => {
+                    w.revoke(c)?;
+                    rules.remove(&id);
+                }
+                (Some(c), Some(rule)) => {
+                    let same = w.rule_keys(c).is_some_and(|k| {
+                        let mut a = k.to_vec();
+                        a.sort();
+                        a == rule.keys
+                    });
+                    if !same {
+                        let h = w.replace(c, &rule)?;
+                        rules.insert(id, h.cookie);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Owner id of a pod's rule in one direction (`"<namespace>/<name>:<direction>"`).
+#[must_use]
+pub fn owner_id(pod: &str, dir: u8) -> String {
+    format!("{pod}:{}", dir_name(dir))
+}
+
 /// Direction names for messages.
 #[must_use]
 pub fn dir_name(dir: u8) -> &'static str {

@@ -705,6 +705,24 @@ impl Writer {
         self.owners.len()
     }
 
+    /// Capacity of the policy map.
+    #[must_use]
+    pub fn policy_capacity(&self) -> u32 {
+        self.policy_capacity
+    }
+
+    /// Rule-state slots in use and available.
+    #[must_use]
+    pub fn slots(&self) -> (u32, u32) {
+        (u32::try_from(self.records.len()).unwrap_or(u32::MAX), self.rules.len())
+    }
+
+    /// Owner (rule cookie) of a policy key.
+    #[must_use]
+    pub fn owner(&self, key: &PolicyKey) -> Option<u32> {
+        self.owners.get(key).copied()
+    }
+
     /// Map an exact address (/32 or /128) to an identity and tenant.
     pub fn set_identity(&mut self, ip: IpAddr, identity: u32, tenant: u32) -> Result<(), Error> {
         let info = IdentityInfo { identity, tenant, flags: 0 };

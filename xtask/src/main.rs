@@ -27,6 +27,10 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "netcat-openbsd",
     "procps",
+    // protoc for the gRPC API types (crate ztseg-api).
+    "protobuf-compiler",
+    // setpriv, for the test that the API socket refuses non-root callers.
+    "util-linux",
 ];
 /// Toolchain that compiles the eBPF crate (aya-build runs `rustup run nightly cargo ...`).
 const EBPF_TOOLCHAIN: &str = "nightly";

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use enforcer::{Datapath, DatapathOptions, TcHook, Workload};
-use enforcer_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_FIRST_USER};
+use enforcer_common::IDENTITY_FIRST_USER;
 use serde::{Deserialize, Serialize};
 use spec::{LabFile, NamespaceSpec, PodSpec};
 
@@ -346,10 +346,6 @@ fn attach_and_register(state: &mut LabState) -> Result<()> {
     Ok(())
 }
 
-fn rule_id(pod: usize, dir: u8) -> String {
-    format!("{pod}/{}", compile::dir_name(dir))
-}
-
 /// Compile `policies` against the state's pods and bring every host's rules to it,
 /// make-before-break, one rule per pod and direction.
 pub fn apply_policies(state: &mut LabState, policies: &[ztseg_policy::NetworkPolicy]) -> Result<()> {
@@ -360,40 +356,9 @@ pub fn apply_policies(state: &mut LabState, policies: &[ztseg_policy::NetworkPol
     for h in 0..state.hosts.len() {
         let dp = open_host(state, h)?;
         let mut w = dp.writer();
-        for (net, id) in &compiled.cidrs {
-            w.set_cidr(net.addr(), net.prefix(), *id, 0)?;
-        }
-        for (i, pod) in state.pods.iter().enumerate() {
-            if pod.host != h {
-                continue;
-            }
-            for dir in [DIR_INGRESS, DIR_EGRESS] {
-                let id = rule_id(i, dir);
-                let old = state.rules.get(&id).copied();
-                match (old, compiled.rule(i, dir)) {
-                    (None, None) => {}
-                    (None, Some(rule)) => {
-                        let hnd = w.install(&rule)?;
-                        state.rules.insert(id, hnd.cookie);
-                    }
-                    (Some(c), None) => {
-                        w.revoke(c)?;
-                        state.rules.remove(&id);
-                    }
-                    (Some(c), Some(rule)) => {
-                        let same = w.rule_keys(c).is_some_and(|k| {
-                            let mut a = k.to_vec();
-                            a.sort();
-                            a == rule.keys
-                        });
-                        if !same {
-                            let hnd = w.replace(c, &rule)?;
-                            state.rules.insert(id, hnd.cookie);
-                        }
-                    }
-                }
-            }
-        }
+        let hosts: Vec<usize> = state.pods.iter().map(|p| p.host).collect();
+        let ids: Vec<String> = state.pods.iter().map(PodState::id).collect();
+        compile::sync_rules(&mut w, &compiled, &ids, |p| hosts[p] == h, &mut state.rules, |_| false)?;
     }
     Ok(())
 }

@@ -1,0 +1,313 @@
+//! Enforcer daemon configuration: TOML file, `ZTSEG_*` environment overrides, validation.
+//! A bad configuration is reported with the field that is wrong and exits with code 64.
+//! The annotated example is `docs/enforcer.example.toml`.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ztseg";
+pub const DEFAULT_SOCKET: &str = "/run/ztseg/enforcer.sock";
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+pub const DEFAULT_POLICY_DIR: &str = "/etc/ztseg/policies";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ztseg";
+/// Prefix of every environment override (`ZTSEG_PIN_DIR`, `ZTSEG_SOCKET`, ...).
+pub const ENV_PREFIX: &str = "ZTSEG_";
+
+/// A configuration error: which field, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {field}: {message}")]
+pub struct ConfigError {
+    pub source_name: String,
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of this host; workloads with `node` equal to it (or no node) are local.
+    #[serde(default = "default_node")]
+    pub node: String,
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: SocketAddr,
+    #[serde(default = "default_policy_dir")]
+    pub policy_dir: PathBuf,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// How often the policy directory is checked for changes.
+    #[serde(default = "default_poll")]
+    pub policy_poll_ms: u64,
+    /// Network namespace to enter before attaching (lab hosts), e.g. /run/netns/host1.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// `tcp/22`-style ports that always pass (management access).
+    #[serde(default)]
+    pub failsafe: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceConfig>,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Host this workload runs on (default: this node).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Host-side interface of a local workload (TC attachment).
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// cgroup v2 directory of a local workload (cgroup attachment).
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    #[serde(default)]
+    pub ipv4: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Addr>,
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+fn default_node() -> String {
+    "node1".into()
+}
+fn default_pin_dir() -> PathBuf {
+    DEFAULT_PIN_DIR.into()
+}
+fn default_socket() -> PathBuf {
+    DEFAULT_SOCKET.into()
+}
+fn default_metrics_addr() -> SocketAddr {
+    DEFAULT_METRICS_ADDR.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9464)))
+}
+fn default_policy_dir() -> PathBuf {
+    DEFAULT_POLICY_DIR.into()
+}
+fn default_state_dir() -> PathBuf {
+    DEFAULT_STATE_DIR.into()
+}
+fn default_poll() -> u64 {
+    1000
+}
+fn default_namespace() -> String {
+    "default".into()
+}
+
+impl WorkloadConfig {
+    #[must_use]
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Config {
+    /// Read `path`, apply `ZTSEG_*` overrides from `env`, validate.
+    pub fn load(path: &Path, env: impl Iterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            field: "-".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let mut value: toml::Table = toml::from_str(&text).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            field: "-".into(),
+            message: e.to_string(),
+        })?;
+        for (k, v) in env {
+            let Some(key) = k.strip_prefix(ENV_PREFIX) else { continue };
+            let key = key.to_ascii_lowercase();
+            let typed = match key.as_str() {
+                "node" | "pin_dir" | "socket" | "metrics_addr" | "policy_dir" | "state_dir" | "netns" => {
+                    toml::Value::String(v)
+                }
+                "policy_poll_ms" => toml::Value::Integer(v.parse().map_err(|_| ConfigError {
+                    source_name: format!("environment {k}"),
+                    field: key.clone(),
+                    message: format!("{v:?} is not a number"),
+                })?),
+                _ => {
+                    return Err(ConfigError {
+                        source_name: format!("environment {k}"),
+                        field: key,
+                        message: "unknown override".into(),
+                    });
+                }
+            };
+            value.insert(key, typed);
+        }
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| ConfigError {
+                source_name: name.clone(),
+                field: e.path().to_string(),
+                message: e.inner().to_string(),
+            })?;
+        cfg.validate(&name)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        let err = |field: String, message: String| ConfigError { source_name: name.into(), field, message };
+        if self.policy_poll_ms == 0 {
+            return Err(err("policy_poll_ms".into(), "must be at least 1".into()));
+        }
+        for (i, f) in self.failsafe.iter().enumerate() {
+            parse_failsafe(f).map_err(|m| err(format!("failsafe[{i}]"), m))?;
+        }
+        if self.failsafe.len() > enforcer_common::MAX_FAILSAFE {
+            return Err(err("failsafe".into(), format!("at most {} entries", enforcer_common::MAX_FAILSAFE)));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let f = |s: &str| format!("workloads[{i}].{s}");
+            if !seen.insert(w.id()) {
+                return Err(err(f("name"), format!("duplicate workload {}", w.id())));
+            }
+            if w.ipv4.is_none() && w.ipv6.is_none() && w.cgroup.is_none() {
+                return Err(err(f("ipv4"), "a workload needs an address (ipv4 or ipv6) or a cgroup".into()));
+            }
+            if self.is_local(w) {
+                if w.interface.is_none() && w.cgroup.is_none() {
+                    return Err(err(
+                        f("interface"),
+                        "a local workload needs an interface or a cgroup".into(),
+                    ));
+                }
+                if w.interface.is_some() && w.cgroup.is_some() {
+                    return Err(err(f("cgroup"), "set interface or cgroup, not both".into()));
+                }
+            }
+            if w.namespace != "default" && !self.namespaces.iter().any(|n| n.name == w.namespace) {
+                return Err(err(f("namespace"), format!("namespace {:?} is not declared", w.namespace)));
+            }
+        }
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn is_local(&self, w: &WorkloadConfig) -> bool {
+        w.node.as_deref().is_none_or(|n| n == self.node)
+    }
+}
+
+/// `tcp/22` → (protocol number, port).
+pub fn parse_failsafe(s: &str) -> Result<(u8, u16), String> {
+    let (proto, port) =
+        s.split_once('/').ok_or_else(|| format!("{s:?}: expected PROTOCOL/PORT, e.g. tcp/22"))?;
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => enforcer_common::IPPROTO_TCP,
+        "udp" => enforcer_common::IPPROTO_UDP,
+        "sctp" => enforcer_common::IPPROTO_SCTP,
+        other => return Err(format!("{other:?} is not tcp, udp or sctp")),
+    };
+    let port: u16 = port.parse().map_err(|_| format!("{port:?} is not a port"))?;
+    if port == 0 {
+        return Err("port 0".into());
+    }
+    Ok((proto, port))
+}
+
+/// Stable identity of a workload, the same on every host and across restarts.
+#[must_use]
+pub fn identity_of(id: &str) -> u32 {
+    enforcer_common::IDENTITY_FIRST_USER + (fnv1a(id) % (1 << 30))
+}
+
+/// Stable tenant number of a tenant name (0 = no tenant).
+#[must_use]
+pub fn tenant_of(name: Option<&str>) -> u32 {
+    name.map_or(0, |t| 1 + fnv1a(t) % (1 << 30))
+}
+
+fn fnv1a(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("ztseg-cfg-{}-{}", std::process::id(), fnv1a(text)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("enforcer.toml");
+        std::fs::write(&p, text).unwrap();
+        Config::load(&p, env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())))
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../../../docs/enforcer.example.toml");
+        let cfg = load(text, &[]).unwrap();
+        assert_eq!(cfg.workloads.len(), 3);
+        assert!(cfg.is_local(&cfg.workloads[0]));
+        assert!(!cfg.is_local(&cfg.workloads[2]));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = load("pin_dirr = \"/x\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("pin_dirr"), "{e}");
+        let e =
+            load("[[workloads]]\nname = \"a\"\nipv4 = \"10.0.0.300\"\ninterface = \"v\"\n", &[]).unwrap_err();
+        assert_eq!(e.field, "workloads[0].ipv4", "{e}");
+        let e = load("[[workloads]]\nname = \"a\"\nipv4 = \"10.0.0.3\"\n", &[]).unwrap_err();
+        assert_eq!(e.field, "workloads[0].interface", "{e}");
+        let e = load("failsafe = [\"tcp/x\"]\n", &[]).unwrap_err();
+        assert_eq!(e.field, "failsafe[0]", "{e}");
+        let e = load("", &[("ZTSEG_POLICY_POLL_MS", "soon")]).unwrap_err();
+        assert_eq!(e.field, "policy_poll_ms", "{e}");
+        let e = load("", &[("ZTSEG_BOGUS", "1")]).unwrap_err();
+        assert_eq!(e.field, "bogus", "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let cfg =
+            load("pin_dir = \"/sys/fs/bpf/a\"\n", &[("ZTSEG_PIN_DIR", "/sys/fs/bpf/b"), ("OTHER", "x")])
+                .unwrap();
+        assert_eq!(cfg.pin_dir, PathBuf::from("/sys/fs/bpf/b"));
+    }
+
+    #[test]
+    fn identities_are_stable_and_in_range() {
+        assert_eq!(identity_of("prod/web"), identity_of("prod/web"));
+        assert_ne!(identity_of("prod/web"), identity_of("prod/db"));
+        assert!(identity_of("x/y") >= enforcer_common::IDENTITY_FIRST_USER);
+        assert_eq!(tenant_of(None), 0);
+        assert!(tenant_of(Some("acme")) >= 1);
+    }
+}

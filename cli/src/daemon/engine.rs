@@ -1,0 +1,477 @@
+//! The enforcer's state and every change to it: workloads, policy, grants. One `Engine` per
+//! daemon behind a mutex; the API, the policy poller and the GC loop call into it.
+//!
+//! Start-up order is fail-closed: programs are attached first (an attached interface with no
+//! registered workload drops everything), then workloads are registered, then policy loads.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result, bail};
+use enforcer::{Datapath, DatapathOptions, Rule, TcHook, Workload, writer::Action};
+use enforcer_common::{DIR_EGRESS, DIR_INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    config::{Config, Mode, WorkloadConfig, identity_of, parse_failsafe, tenant_of},
+    log,
+};
+use crate::compile;
+
+/// A grant request overlapping a live grant.
+#[derive(Debug, thiserror::Error)]
+#[error("{key:?} is already granted (grant {cookie})")]
+pub struct GrantConflict {
+    pub key: enforcer_common::PolicyKey,
+    pub cookie: u32,
+}
+
+/// A grant opened through the API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantInfo {
+    pub from: String,
+    pub to: String,
+    pub protocol: String,
+    pub port: u16,
+    /// Monotonic nanoseconds.
+    pub expires_at: u64,
+    pub reason: String,
+}
+
+/// Rule ownership, kept in `state_dir` so a restarted daemon knows which pinned rule is whose.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Ownership {
+    policy: BTreeMap<String, u32>,
+    grants: BTreeMap<u32, GrantInfo>,
+}
+
+pub struct Engine {
+    pub cfg: Config,
+    pub dp: Datapath,
+    pub workloads: Vec<WorkloadConfig>,
+    pub identities: Vec<u32>,
+    pub tenants: Vec<u32>,
+    pub attached: bool,
+    pub policy_loaded: bool,
+    pub policy_error: Option<String>,
+    pub policy_version: u64,
+    pub policy_load_errors: u64,
+    policies: Vec<ztseg_policy::NetworkPolicy>,
+    fingerprint: Vec<(PathBuf, SystemTime, u64)>,
+    own: Ownership,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("node", &self.cfg.node).finish_non_exhaustive()
+    }
+}
+
+fn proto_number(p: &str) -> Result<u8> {
+    Ok(match p.to_ascii_uppercase().as_str() {
+        "TCP" => IPPROTO_TCP,
+        "UDP" => IPPROTO_UDP,
+        "SCTP" => IPPROTO_SCTP,
+        other => bail!("protocol {other:?}: expected TCP, UDP or SCTP"),
+    })
+}
+
+impl Engine {
+    /// Open the data plane (reusing pinned state). Attaching happens in [`Self::try_attach`],
+    /// which the daemon retries until every local workload's interface exists.
+    pub fn open(cfg: Config) -> Result<Self> {
+        enforcer::datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
+        let dp = Datapath::open(&cfg.pin_dir, &DatapathOptions::default())?;
+        let workloads = cfg.workloads.clone();
+        let identities = workloads.iter().map(|w| identity_of(&w.id())).collect();
+        let tenants = workloads.iter().map(|w| tenant_of(w.tenant.as_deref())).collect();
+        let own = Self::load_ownership(&cfg.state_dir, &dp);
+        Ok(Self {
+            cfg,
+            dp,
+            workloads,
+            identities,
+            tenants,
+            attached: false,
+            policy_loaded: false,
+            policy_error: None,
+            policy_version: 0,
+            policy_load_errors: 0,
+            policies: Vec::new(),
+            fingerprint: Vec::new(),
+            own,
+        })
+    }
+
+    /// Attach to every local workload and register all workloads; then load policy. Returns
+    /// whether the engine is attached (false while an interface or cgroup is missing: nothing
+    /// is registered yet, and attached interfaces drop everything — fail closed).
+    pub fn try_attach(&mut self) -> Result<bool> {
+        if self.attached {
+            return Ok(true);
+        }
+        match self.attach_and_register() {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<enforcer::Error>(),
+                    Some(enforcer::Error::Interface { .. } | enforcer::Error::Cgroup { .. })
+                ) =>
+            {
+                log::info("waiting for workload attachment points", &[("detail", &format!("{e:#}"))]);
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        self.attached = true;
+        log::info("attached", &[("pin_dir", &self.cfg.pin_dir.display().to_string())]);
+        self.reload_policy(true);
+        Ok(true)
+    }
+
+    fn ownership_path(state_dir: &Path) -> PathBuf {
+        state_dir.join("ownership.json")
+    }
+
+    fn load_ownership(state_dir: &Path, dp: &Datapath) -> Ownership {
+        let mut own: Ownership = std::fs::read(Self::ownership_path(state_dir))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        // Keep only what is still installed.
+        let live: std::collections::BTreeSet<u32> = dp.writer().rules().iter().map(|r| r.cookie).collect();
+        own.policy.retain(|_, c| live.contains(c));
+        own.grants.retain(|c, _| live.contains(c));
+        own
+    }
+
+    fn save_ownership(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.cfg.state_dir)?;
+        let p = Self::ownership_path(&self.cfg.state_dir);
+        let tmp = p.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.own)?)?;
+        std::fs::rename(tmp, p)?;
+        Ok(())
+    }
+
+    fn attach_and_register(&mut self) -> Result<()> {
+        let local: Vec<usize> =
+            (0..self.workloads.len()).filter(|i| self.cfg.is_local(&self.workloads[*i])).collect();
+        let mut endpoints = Vec::new();
+        for &i in &local {
+            let w = &self.workloads[i];
+            if let Some(ifname) = &w.interface {
+                self.dp.attach_tc(ifname, TcHook::FromWorkload)?;
+                self.dp.attach_tc(ifname, TcHook::ToWorkload)?;
+                endpoints.push((i, Some(enforcer::datapath::ifindex(ifname)?), None));
+            } else if let Some(cg) = &w.cgroup {
+                let id = self.dp.attach_cgroup(cg)?;
+                endpoints.push((i, None, Some(id)));
+            }
+        }
+        let mut wr = self.dp.writer();
+        for (i, w) in self.workloads.iter().enumerate() {
+            for ip in w.ipv4.map(IpAddr::V4).into_iter().chain(w.ipv6.map(IpAddr::V6)) {
+                wr.set_identity(ip, self.identities[i], self.tenants[i])?;
+            }
+        }
+        for (i, ifindex, cgroup) in endpoints {
+            let w = &self.workloads[i];
+            let wl = Workload {
+                identity: self.identities[i],
+                tenant: self.tenants[i],
+                ipv4: w.ipv4,
+                ipv6: w.ipv6,
+                audit: w.mode == Mode::Audit,
+            };
+            if let Some(ifx) = ifindex {
+                wr.set_interface_workload(ifx, &wl)?;
+            }
+            if let Some(cg) = cgroup {
+                wr.set_cgroup_workload(cg, &wl)?;
+            }
+        }
+        let failsafe: Vec<(u8, u16)> =
+            self.cfg.failsafe.iter().filter_map(|f| parse_failsafe(f).ok()).collect();
+        wr.set_failsafe(&failsafe)?;
+        Ok(())
+    }
+
+    fn cluster(&self) -> ztseg_policy::Cluster {
+        ztseg_policy::Cluster {
+            namespaces: self
+                .cfg
+                .namespaces
+                .iter()
+                .map(|n| ztseg_policy::Namespace { name: n.name.clone(), labels: n.labels.clone() })
+                .chain(std::iter::once(ztseg_policy::Namespace {
+                    name: "default".into(),
+                    labels: BTreeMap::new(),
+                }))
+                .collect(),
+            pods: self
+                .workloads
+                .iter()
+                .map(|w| ztseg_policy::Pod {
+                    name: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    labels: w.labels.clone(),
+                    ips: w.ipv4.map(IpAddr::V4).into_iter().chain(w.ipv6.map(IpAddr::V6)).collect(),
+                    ports: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn policy_files(&self) -> Vec<(PathBuf, SystemTime, u64)> {
+        let mut v: Vec<_> = std::fs::read_dir(&self.cfg.policy_dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                    .filter_map(|p| {
+                        let m = std::fs::metadata(&p).ok()?;
+                        Some((p, m.modified().ok()?, m.len()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Re-read the policy directory if it changed (or `force`). An invalid file keeps the
+    /// policy in force and is reported with file, position and field.
+    pub fn reload_policy(&mut self, force: bool) {
+        if !self.attached {
+            return;
+        }
+        let files = self.policy_files();
+        if !force && files == self.fingerprint {
+            return;
+        }
+        self.fingerprint.clone_from(&files);
+        let mut policies = Vec::new();
+        let mut errors = Vec::new();
+        for (f, _, _) in &files {
+            match std::fs::read_to_string(f) {
+                Ok(text) => match ztseg_policy::parse_file(f, &text) {
+                    Ok(p) => policies.extend(p),
+                    Err(es) => errors.extend(es.iter().map(ToString::to_string)),
+                },
+                Err(e) => errors.push(format!("{}: {e}", f.display())),
+            }
+        }
+        if !errors.is_empty() {
+            self.policy_load_errors += 1;
+            let msg = errors.join("; ");
+            log::error("policy rejected; the policy in force stays", &[("errors", &msg)]);
+            self.policy_error = Some(msg);
+            return;
+        }
+        match self.apply(&policies) {
+            Ok(()) => {
+                self.policies = policies;
+                self.policy_loaded = true;
+                self.policy_error = None;
+                self.policy_version += 1;
+                log::info(
+                    "policy applied",
+                    &[
+                        ("version", &self.policy_version.to_string()),
+                        ("policies", &self.policies.len().to_string()),
+                    ],
+                );
+            }
+            Err(e) => {
+                self.policy_load_errors += 1;
+                let msg = format!("{e:#}");
+                log::error("policy could not be applied; the policy in force stays", &[("error", &msg)]);
+                self.policy_error = Some(msg);
+            }
+        }
+    }
+
+    fn apply(&mut self, policies: &[ztseg_policy::NetworkPolicy]) -> Result<()> {
+        let cluster = self.cluster();
+        let eval = ztseg_policy::evaluate(&cluster, policies);
+        let compiled = compile::compile(&cluster, &eval, &self.identities)?;
+        let local: Vec<bool> = self.workloads.iter().map(|w| self.cfg.is_local(w)).collect();
+        let grant_cookies: std::collections::BTreeSet<u32> = self.own.grants.keys().copied().collect();
+        let ids: Vec<String> = self.workloads.iter().map(WorkloadConfig::id).collect();
+        let mut rules = std::mem::take(&mut self.own.policy);
+        let result = {
+            let mut w = self.dp.writer();
+            let owners: BTreeMap<enforcer_common::PolicyKey, u32> =
+                compiled.keys.values().flatten().filter_map(|k| w.owner(k).map(|c| (*k, c))).collect();
+            compile::sync_rules(
+                &mut w,
+                &compiled,
+                &ids,
+                |p| local[p],
+                &mut rules,
+                |k| owners.get(k).is_some_and(|c| grant_cookies.contains(c)),
+            )
+        };
+        // Owner ids use workload ids, not indexes, so they survive config edits.
+        self.own.policy = rules;
+        self.save_ownership()?;
+        result
+    }
+
+    fn find(&self, id: &str) -> Result<usize> {
+        self.workloads.iter().position(|w| w.id() == id).with_context(|| format!("no workload {id:?}"))
+    }
+
+    /// Open a grant `from` → `to` on `protocol`/`port` for `ttl`. Installs the egress key of
+    /// `from` and the ingress key of `to` (those that are local) before returning.
+    pub fn open_grant(
+        &mut self,
+        from: &str,
+        to: &str,
+        protocol: &str,
+        port: u16,
+        ttl: Duration,
+        reason: &str,
+    ) -> Result<(u32, GrantInfo)> {
+        if ttl.is_zero() || ttl > Duration::from_hours(24) {
+            bail!("ttl must be between 1 second and 24 hours");
+        }
+        // Grants the kernel already expired are released first.
+        self.release_expired()?;
+        if port == 0 {
+            bail!("port must be 1-65535");
+        }
+        let (f, t) = (self.find(from)?, self.find(to)?);
+        let proto = proto_number(protocol)?;
+        let mut keys = Vec::new();
+        if self.cfg.is_local(&self.workloads[f]) {
+            keys.push(Rule::key(DIR_EGRESS, self.identities[f], Some(self.identities[t]), proto, port));
+        }
+        if self.cfg.is_local(&self.workloads[t]) {
+            keys.push(Rule::key(DIR_INGRESS, self.identities[t], Some(self.identities[f]), proto, port));
+        }
+        if keys.is_empty() {
+            bail!("neither {from} nor {to} runs on this node ({})", self.cfg.node);
+        }
+        let handle = {
+            let w = self.dp.writer();
+            // Keys the policy already owns are handed to the grant for its lifetime: the
+            // policy rule is recompiled without them and gets them back when the grant ends.
+            let owned: Vec<_> = keys.iter().filter_map(|k| w.owner(k).map(|c| (*k, c))).collect();
+            if let Some((k, c)) = owned.iter().find(|(_, c)| self.own.grants.contains_key(c)) {
+                return Err(GrantConflict { key: *k, cookie: *c }.into());
+            }
+            drop(w);
+            if !owned.is_empty() {
+                // Policy rules give up those keys first (make-before-break keeps the rest).
+                let mut reserved: std::collections::BTreeSet<_> = owned.iter().map(|(k, _)| *k).collect();
+                reserved.extend(keys.iter().copied());
+                self.reapply_without(&reserved)?;
+            }
+            let mut w = self.dp.writer();
+            w.install(&Rule { keys, action: Action::Allow, ttl: Some(ttl) })?
+        };
+        let info = GrantInfo {
+            from: from.into(),
+            to: to.into(),
+            protocol: protocol.to_ascii_uppercase(),
+            port,
+            expires_at: handle.expires_at,
+            reason: reason.into(),
+        };
+        self.own.grants.insert(handle.cookie, info.clone());
+        self.save_ownership()?;
+        log::info(
+            "grant opened",
+            &[
+                ("cookie", &handle.cookie.to_string()),
+                ("from", from),
+                ("to", to),
+                ("port", &port.to_string()),
+            ],
+        );
+        Ok((handle.cookie, info))
+    }
+
+    fn reapply_without(
+        &mut self,
+        reserved: &std::collections::BTreeSet<enforcer_common::PolicyKey>,
+    ) -> Result<()> {
+        let cluster = self.cluster();
+        let eval = ztseg_policy::evaluate(&cluster, &self.policies);
+        let compiled = compile::compile(&cluster, &eval, &self.identities)?;
+        let local: Vec<bool> = self.workloads.iter().map(|w| self.cfg.is_local(w)).collect();
+        let mut w = self.dp.writer();
+        let ids: Vec<String> = self.workloads.iter().map(WorkloadConfig::id).collect();
+        compile::sync_rules(
+            &mut w,
+            &compiled,
+            &ids,
+            |p| local[p],
+            &mut self.own.policy,
+            |k| reserved.contains(k),
+        )
+    }
+
+    /// Revoke a grant: the kernel stops its flows from the next packet.
+    pub fn revoke_grant(&mut self, cookie: u32) -> Result<()> {
+        if !self.own.grants.contains_key(&cookie) {
+            bail!("no grant with cookie {cookie}");
+        }
+        self.dp.writer().revoke(cookie)?;
+        self.own.grants.remove(&cookie);
+        self.save_ownership()?;
+        // Policy keys the grant borrowed go back to the policy.
+        let policies = self.policies.clone();
+        self.apply(&policies)?;
+        log::info("grant revoked", &[("cookie", &cookie.to_string())]);
+        Ok(())
+    }
+
+    pub fn grants(&self) -> &BTreeMap<u32, GrantInfo> {
+        &self.own.grants
+    }
+
+    pub fn policy_rules(&self) -> &BTreeMap<String, u32> {
+        &self.own.policy
+    }
+
+    /// Free expired grants (the kernel already stopped them) and idle conntrack entries.
+    pub fn gc(&mut self) -> Result<()> {
+        self.release_expired()?;
+        self.dp.writer().gc(Duration::from_mins(10))?;
+        Ok(())
+    }
+
+    fn release_expired(&mut self) -> Result<()> {
+        let now = enforcer::time::monotonic_ns()?;
+        let expired: Vec<u32> =
+            self.own.grants.iter().filter(|(_, g)| g.expires_at <= now).map(|(c, _)| *c).collect();
+        for c in expired {
+            self.revoke_grant(c)?;
+        }
+        Ok(())
+    }
+
+    /// Name of the workload with `identity`, if known.
+    #[must_use]
+    pub fn workload_name(&self, identity: u32) -> Option<String> {
+        self.identities.iter().position(|i| *i == identity).map(|i| self.workloads[i].id())
+    }
+
+    /// Tenant name of the workload with `identity`.
+    #[must_use]
+    pub fn tenant_name(&self, identity: u32) -> Option<String> {
+        self.identities.iter().position(|i| *i == identity).and_then(|i| self.workloads[i].tenant.clone())
+    }
+
+    #[must_use]
+    pub fn ready(&self) -> bool {
+        self.attached && self.policy_loaded
+    }
+}

@@ -1,0 +1,183 @@
+//! Prometheus metrics and health endpoints over plain HTTP/1.1: `/metrics`, `/healthz`
+//! (the daemon is running), `/readyz` (programs attached and policy loaded).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use enforcer_common::Reason;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
+
+use super::engine::Engine;
+
+/// Upper bounds (seconds) of the API latency histogram buckets.
+const BUCKETS: [f64; 10] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0];
+
+#[derive(Default, Debug)]
+struct Histogram {
+    buckets: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+/// Counters the daemon keeps itself (kernel counters are read at scrape time).
+#[derive(Default, Debug)]
+pub struct Metrics {
+    /// (workload, tenant, verdict, reason) → flow events.
+    flows: Mutex<BTreeMap<(String, String, String, String), u64>>,
+    api: Mutex<BTreeMap<String, Histogram>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Metrics {
+    pub fn flow(&self, workload: &str, tenant: &str, verdict: &str, reason: &str) {
+        *lock(&self.flows)
+            .entry((workload.into(), tenant.into(), verdict.into(), reason.into()))
+            .or_default() += 1;
+    }
+
+    pub fn api(&self, method: &str, took: Duration) {
+        let s = took.as_secs_f64();
+        let mut h = lock(&self.api);
+        let e = h.entry(method.into()).or_default();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                e.buckets[i] += 1;
+            }
+        }
+        e.sum += s;
+        e.count += 1;
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self, engine: &Engine) -> String {
+        let mut out = String::new();
+        let w = engine.dp.writer();
+        let _ =
+            writeln!(out, "# HELP ztseg_packets_total Packets by data-plane verdict reason (all workloads).");
+        let _ = writeln!(out, "# TYPE ztseg_packets_total counter");
+        if let Ok(c) = w.counters() {
+            for r in Reason::ALL {
+                if r == Reason::EventLost {
+                    continue;
+                }
+                let _ = writeln!(out, "ztseg_packets_total{{reason=\"{}\"}} {}", r.name(), c[&r]);
+            }
+            let _ = writeln!(out, "# HELP ztseg_events_lost_total Events the ring buffer could not take.");
+            let _ = writeln!(out, "# TYPE ztseg_events_lost_total counter");
+            let _ = writeln!(out, "ztseg_events_lost_total {}", c[&Reason::EventLost]);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ztseg_flow_events_total Flow events (drops, audits, new allowed flows) by workload, tenant, verdict and reason."
+        );
+        let _ = writeln!(out, "# TYPE ztseg_flow_events_total counter");
+        for ((wl, t, v, r), n) in lock(&self.flows).iter() {
+            let _ = writeln!(
+                out,
+                "ztseg_flow_events_total{{workload=\"{wl}\",tenant=\"{t}\",verdict=\"{v}\",reason=\"{r}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# HELP ztseg_map_entries Entries in use per map.");
+        let _ = writeln!(out, "# TYPE ztseg_map_entries gauge");
+        let _ = writeln!(out, "# HELP ztseg_map_capacity Capacity per map.");
+        let _ = writeln!(out, "# TYPE ztseg_map_capacity gauge");
+        let (slots, slot_cap) = w.slots();
+        let ct = w.conntrack().map_or(0, |c| c.len());
+        for (map, used, cap) in [
+            ("policy", w.policy_len() as u64, u64::from(w.policy_capacity())),
+            ("rules", u64::from(slots), u64::from(slot_cap)),
+            ("conntrack", ct as u64, 0),
+        ] {
+            let _ = writeln!(out, "ztseg_map_entries{{map=\"{map}\"}} {used}");
+            if cap > 0 {
+                let _ = writeln!(out, "ztseg_map_capacity{{map=\"{map}\"}} {cap}");
+            }
+        }
+        drop(w);
+        let _ = writeln!(out, "# HELP ztseg_active_grants Grants currently installed.");
+        let _ = writeln!(out, "# TYPE ztseg_active_grants gauge");
+        let _ = writeln!(out, "ztseg_active_grants {}", engine.grants().len());
+        let _ = writeln!(out, "# HELP ztseg_policy_version Policy versions applied since start.");
+        let _ = writeln!(out, "# TYPE ztseg_policy_version gauge");
+        let _ = writeln!(out, "ztseg_policy_version {}", engine.policy_version);
+        let _ = writeln!(out, "# HELP ztseg_policy_load_errors_total Policy loads rejected.");
+        let _ = writeln!(out, "# TYPE ztseg_policy_load_errors_total counter");
+        let _ = writeln!(out, "ztseg_policy_load_errors_total {}", engine.policy_load_errors);
+        let _ = writeln!(out, "# HELP ztseg_ready 1 once programs are attached and policy is loaded.");
+        let _ = writeln!(out, "# TYPE ztseg_ready gauge");
+        let _ = writeln!(out, "ztseg_ready {}", u8::from(engine.ready()));
+        let _ = writeln!(out, "# HELP ztseg_api_request_duration_seconds Local API latency by method.");
+        let _ = writeln!(out, "# TYPE ztseg_api_request_duration_seconds histogram");
+        for (m, h) in lock(&self.api).iter() {
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "ztseg_api_request_duration_seconds_bucket{{method=\"{m}\",le=\"{b}\"}} {}",
+                    h.buckets[i]
+                );
+            }
+            let _ = writeln!(
+                out,
+                "ztseg_api_request_duration_seconds_bucket{{method=\"{m}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(out, "ztseg_api_request_duration_seconds_sum{{method=\"{m}\"}} {}", h.sum);
+            let _ = writeln!(out, "ztseg_api_request_duration_seconds_count{{method=\"{m}\"}} {}", h.count);
+        }
+        out
+    }
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` until the process ends.
+pub async fn serve(listener: TcpListener, engine: Arc<Mutex<Engine>>, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let engine = engine.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            while n < buf.len() {
+                match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf[n..])).await {
+                    Ok(Ok(0) | Err(_)) | Err(_) => break,
+                    Ok(Ok(k)) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("");
+            let (status, body, ctype) = match path {
+                "/metrics" => {
+                    let e = lock(&engine);
+                    ("200 OK", metrics.render(&e), "text/plain; version=0.0.4")
+                }
+                "/healthz" => ("200 OK", "ok\n".to_owned(), "text/plain"),
+                "/readyz" => {
+                    if lock(&engine).ready() {
+                        ("200 OK", "ready\n".to_owned(), "text/plain")
+                    } else {
+                        ("503 Service Unavailable", "not ready\n".to_owned(), "text/plain")
+                    }
+                }
+                _ => ("404 Not Found", "not found\n".to_owned(), "text/plain"),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,198 @@
+//! `ztseg enforcer run`: the per-host enforcer daemon.
+//!
+//! It owns one data-plane instance (pin directory), attaches to the configured workloads,
+//! loads `NetworkPolicy` from a directory (rejecting bad files, keeping the policy in force),
+//! serves the local gRPC API on a root-only unix socket and Prometheus metrics over HTTP, and
+//! turns kernel events into metrics and flow streams. Stopping it (SIGTERM, or even SIGKILL)
+//! leaves enforcement in place; `ztseg enforcer uninstall` removes it.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod log;
+pub mod metrics;
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use enforcer::events::Verdict;
+use tokio::sync::broadcast;
+use tokio_stream::StreamExt as _;
+use ztseg_api::enforcer::FlowEvent;
+
+/// Exit code for configuration errors (`EX_USAGE` of sysexits: the invocation, here its
+/// configuration, is wrong).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// Run the daemon with the configuration at `path`.
+#[must_use]
+pub fn run(path: &Path) -> ExitCode {
+    let cfg = match config::Config::load(path, std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error(
+                "invalid configuration",
+                &[("source", &e.source_name), ("field", &e.field), ("error", &e.message)],
+            );
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match serve(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error("enforcer failed", &[("error", &format!("{e:#}"))]);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(cfg: config::Config) -> Result<()> {
+    let socket = cfg.socket.clone();
+    let metrics_addr = cfg.metrics_addr;
+    let poll = Duration::from_millis(cfg.policy_poll_ms);
+    // Enter the host's network namespace (lab) before any thread exists: setns applies to
+    // this thread and to every thread it starts.
+    if let Some(ns) = &cfg.netns {
+        enforcer::netns::enter(ns).with_context(|| format!("entering {}", ns.display()))?;
+    }
+    let mut engine = engine::Engine::open(cfg)?;
+    let events = engine.dp.events()?;
+    let engine = Arc::new(Mutex::new(engine));
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (flows, _) = broadcast::channel::<FlowEvent>(4096);
+    spawn_event_reader(events, engine.clone(), metrics.clone(), flows.clone());
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("binding metrics address {metrics_addr}"))?;
+        tokio::spawn(metrics::serve(metrics_listener, engine.clone(), metrics.clone()));
+
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        }
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+        // Only root may call the API: the socket is 0600 and every connection's peer
+        // credentials are checked as well.
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener).filter(|conn| match conn {
+            Ok(s) => match s.peer_cred() {
+                Ok(c) if c.uid() == 0 => true,
+                Ok(c) => {
+                    log::error("refused non-root API caller", &[("uid", &c.uid().to_string())]);
+                    false
+                }
+                Err(_) => false,
+            },
+            Err(_) => true,
+        });
+
+        {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let mut gc_tick = tokio::time::Instant::now();
+                loop {
+                    {
+                        let mut e = engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if let Err(err) = e.try_attach() {
+                            log::error("attach failed", &[("error", &format!("{err:#}"))]);
+                        }
+                    }
+                    tokio::time::sleep(poll.min(Duration::from_secs(1))).await;
+                    let mut e = engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    e.reload_policy(false);
+                    if gc_tick.elapsed() >= Duration::from_secs(1) {
+                        gc_tick = tokio::time::Instant::now();
+                        if let Err(err) = e.gc() {
+                            log::error("gc", &[("error", &format!("{err:#}"))]);
+                        }
+                    }
+                }
+            });
+        }
+
+        let api = api::Api { engine: engine.clone(), metrics: metrics.clone(), flows };
+        log::info("serving", &[("socket", &socket.display().to_string()), ("metrics", &metrics_addr.to_string())]);
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
+            }
+            log::info("stopping; enforcement stays in place (pinned)", &[]);
+        };
+        tonic::transport::Server::builder()
+            .add_service(ztseg_api::enforcer::enforcer_server::EnforcerServer::new(api))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await?;
+        let _ = std::fs::remove_file(&socket);
+        Ok(())
+    })
+}
+
+/// Read kernel events on a dedicated thread: count them per workload and publish them to
+/// `WatchFlows` subscribers.
+fn spawn_event_reader(
+    mut events: enforcer::EventReader,
+    engine: Arc<Mutex<engine::Engine>>,
+    metrics: Arc<metrics::Metrics>,
+    flows: broadcast::Sender<FlowEvent>,
+) {
+    std::thread::spawn(move || {
+        loop {
+            // The kernel wakes the reader only for batches; poll on a short timer too.
+            let _ = events.wait(Duration::from_millis(100));
+            for ev in events.drain() {
+                let (workload, peer, tenant) = {
+                    let e = engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    (
+                        e.workload_name(ev.local_identity)
+                            .unwrap_or_else(|| format!("identity:{}", ev.local_identity)),
+                        e.workload_name(ev.peer_identity)
+                            .unwrap_or_else(|| format!("identity:{}", ev.peer_identity)),
+                        e.tenant_name(ev.local_identity).unwrap_or_default(),
+                    )
+                };
+                let verdict = match ev.verdict {
+                    Verdict::Allow => "ALLOW",
+                    Verdict::Drop => "DROP",
+                    Verdict::Audit => "AUDIT",
+                };
+                let reason = ev.reason.map_or("unknown", enforcer_common::Reason::name);
+                metrics.flow(&workload, &tenant, verdict, reason);
+                let _ = flows.send(FlowEvent {
+                    ts_ns: ev.ts_ns,
+                    verdict: verdict.into(),
+                    reason: reason.into(),
+                    cookie: ev.cookie,
+                    workload,
+                    peer,
+                    tenant,
+                    direction: if ev.egress { "egress".into() } else { "ingress".into() },
+                    src: ev.src.to_string(),
+                    dst: ev.dst.to_string(),
+                    sport: u32::from(ev.sport),
+                    dport: u32::from(ev.dport),
+                    protocol: match ev.proto {
+                        6 => "TCP".into(),
+                        17 => "UDP".into(),
+                        132 => "SCTP".into(),
+                        1 => "ICMP".into(),
+                        58 => "ICMPv6".into(),
+                        p => p.to_string(),
+                    },
+                });
+            }
+        }
+    });
+}

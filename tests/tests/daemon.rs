@@ -1,0 +1,379 @@
+//! The enforcer daemon (`ztseg enforcer run`) as a process: configuration errors, readiness,
+//! the root-only API socket, policy reload, metrics that match the traffic, grants through
+//! the CLI, and restarts (SIGTERM and SIGKILL) with no enforcement gap.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpStream, UdpSocket},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use ztseg_integration::{
+    netns::{Lab, Netns},
+    traffic::{tcp_connect, tcp_echo, udp_echo},
+    unique,
+};
+
+const ZTSEG: &str = env!("CARGO_BIN_EXE_ztseg-t");
+
+struct Daemon {
+    dir: PathBuf,
+    config: PathBuf,
+    pin_dir: PathBuf,
+    socket: PathBuf,
+    child: Option<Child>,
+}
+
+/// Config for pods a (hv0, 10.77.0.1) and b (hv1, 10.77.0.2) of a [`Lab`].
+fn write_config(lab: &Lab, name: &str) -> Daemon {
+    let dir = std::env::temp_dir().join(unique(name));
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    let pin_dir = PathBuf::from(ztseg_integration::TEST_PIN_ROOT).join(unique(name));
+    let socket = PathBuf::from("/run/ztseg-test").join(format!("{}.sock", unique(name)));
+    let config = dir.join("enforcer.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"node = "n1"
+pin_dir = "{pin}"
+socket = "{sock}"
+metrics_addr = "127.0.0.1:9464"
+policy_dir = "{dir}/policies"
+state_dir = "{dir}/state"
+policy_poll_ms = 200
+netns = "{ns}"
+
+[[workloads]]
+name = "a"
+labels = {{ app = "a" }}
+interface = "hv0"
+ipv4 = "10.77.0.1"
+
+[[workloads]]
+name = "b"
+labels = {{ app = "b" }}
+interface = "hv1"
+ipv4 = "10.77.0.2"
+"#,
+            pin = pin_dir.display(),
+            sock = socket.display(),
+            dir = dir.display(),
+            ns = lab.host.path().display()
+        ),
+    )
+    .unwrap();
+    Daemon { dir, config, pin_dir, socket, child: None }
+}
+
+impl Daemon {
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.join("daemon.log")).unwrap();
+        self.child = Some(
+            Command::new(ZTSEG)
+                .args(["enforcer", "run", "--config"])
+                .arg(&self.config)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(ZTSEG).args(args).env("ZTSEG_SOCKET", &self.socket).output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    }
+
+    fn stop(&mut self, signal: &str) {
+        if let Some(mut c) = self.child.take() {
+            Command::new("kill").args([signal, &c.id().to_string()]).status().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop("-KILL");
+        let _ = enforcer::Datapath::uninstall(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// GET `path` from the daemon's HTTP endpoint inside the host namespace: (status, body).
+fn http(host: &Netns, path: &str) -> Option<(u16, String)> {
+    host.enter(|| {
+        let mut s =
+            TcpStream::connect_timeout(&"127.0.0.1:9464".parse().unwrap(), Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let status = out.split_whitespace().nth(1)?.parse().ok()?;
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Some((status, body))
+    })
+}
+
+fn wait_ready(host: &Netns, d: &Daemon) {
+    let start = Instant::now();
+    while http(host, "/readyz").map(|r| r.0) != Some(200) {
+        assert!(start.elapsed() < Duration::from_secs(20), "daemon not ready:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn metric(body: &str, name_and_labels: &str) -> u64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-from-a}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {app: a}}\n    ports:\n    - {port: 8080}\n";
+
+#[test]
+fn config_error_exits_64_naming_the_field() {
+    let dir = std::env::temp_dir().join(unique("zcfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[[workloads]]\nname = \"a\"\nipv4 = \"10.0.0.1\"\ninterface = \"v0\"\nmode = \"watch\"\n",
+    )
+    .unwrap();
+    let out = Command::new(ZTSEG).args(["enforcer", "run", "--config"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("workloads[0].mode"), "{err}");
+    std::fs::write(&cfg, "pin_dir = \"/sys/fs/bpf/x\"\n").unwrap();
+    let out = Command::new(ZTSEG)
+        .args(["enforcer", "run", "--config"])
+        .arg(&cfg)
+        .env("ZTSEG_POLICY_POLL_MS", "often")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("policy_poll_ms"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn readyz_waits_for_attachment_and_socket_is_root_only() {
+    ztseg_integration::require_root();
+    let lab = Lab::new(1); // hv1 (workload b) does not exist yet
+    let mut d = write_config(&lab, "zrdy");
+    d.start();
+    let start = Instant::now();
+    while http(&lab.host, "/healthz").map(|r| r.0) != Some(200) {
+        assert!(start.elapsed() < Duration::from_secs(20), "no /healthz:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(http(&lab.host, "/readyz").map(|r| r.0), Some(503), "not ready while hv1 is missing");
+    let (ok, out) = d.cli(&["enforcer", "status", "-o", "json"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("\"attached\": \"false\""), "{out}");
+    // The interface appears: the daemon attaches and becomes ready.
+    let pod = Netns::new("ztp");
+    lab.host.sh(&format!("ip link add hv1 type veth peer name eth0 netns {} && ip link set hv1 master br0 && ip link set hv1 up", pod.name));
+    wait_ready(&lab.host, &d);
+    // Only root may use the API socket.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", ZTSEG, "enforcer", "status", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "non-root caller was served");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("connecting to the enforcer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, out) = d.cli(&["enforcer", "status"]);
+    assert!(ok && out.contains("true"), "{out}");
+}
+
+#[test]
+fn policy_reload_metrics_and_malformed_policy() {
+    ztseg_integration::require_root();
+    let lab = Lab::new(2);
+    let mut d = write_config(&lab, "zpol");
+    std::fs::write(d.dir.join("policies/b.yaml"), POLICY).unwrap();
+    d.start();
+    wait_ready(&lab.host, &d);
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    tcp_echo(b, "10.77.0.2:8080");
+    tcp_echo(b, "10.77.0.2:8081");
+    udp_echo(b, "10.77.0.2:9999");
+    assert!(
+        tcp_connect(a, "10.77.0.2:8080", Duration::from_secs(2)).is_some(),
+        "allowed by policy:\n{}",
+        d.log()
+    );
+    assert!(tcp_connect(a, "10.77.0.2:8081", Duration::from_millis(400)).is_none());
+
+    // Exactly five datagrams to a port b's policy does not allow: five drop events for b.
+    let key = "ztseg_flow_events_total{workload=\"default/b\",tenant=\"\",verdict=\"DROP\",reason=\"drop_default\"}";
+    let before = metric(&http(&lab.host, "/metrics").unwrap().1, key);
+    a.enter(|| {
+        let s = UdpSocket::bind("10.77.0.1:0").unwrap();
+        for _ in 0..5 {
+            s.send_to(b"x", "10.77.0.2:9999").unwrap();
+        }
+    });
+    let start = Instant::now();
+    let mut now = before;
+    while now < before + 5 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+        now = metric(&http(&lab.host, "/metrics").unwrap().1, key);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let body = http(&lab.host, "/metrics").unwrap().1;
+    assert_eq!(metric(&body, key), before + 5, "{body}");
+    assert!(metric(&body, "ztseg_packets_total{reason=\"drop_default\"}") >= 5);
+    assert_eq!(metric(&body, "ztseg_ready"), 1);
+    assert!(body.contains("ztseg_map_capacity{map=\"policy\"}"));
+
+    // A malformed file is rejected with file, position and field; the policy in force stays.
+    std::fs::write(d.dir.join("policies/bad.yaml"), "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress:\n  - ports:\n    - {port: 70000}\n").unwrap();
+    let start = Instant::now();
+    while !d.log().contains("policy rejected") {
+        assert!(start.elapsed() < Duration::from_secs(5), "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        d.log().contains("bad.yaml:8:") && d.log().contains("spec.ingress[0].ports[0].port"),
+        "{}",
+        d.log()
+    );
+    let (_, status) = d.cli(&["enforcer", "status", "-o", "json"]);
+    assert!(status.contains("bad.yaml"), "{status}");
+    assert!(tcp_connect(a, "10.77.0.2:8080", Duration::from_secs(2)).is_some());
+    assert!(tcp_connect(a, "10.77.0.2:8081", Duration::from_millis(400)).is_none());
+}
+
+#[test]
+fn grants_through_the_cli() {
+    ztseg_integration::require_root();
+    let lab = Lab::new(2);
+    let mut d = write_config(&lab, "zgnt");
+    std::fs::write(d.dir.join("policies/b.yaml"), POLICY).unwrap();
+    d.start();
+    wait_ready(&lab.host, &d);
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    tcp_echo(b, "10.77.0.2:9000");
+    assert!(tcp_connect(a, "10.77.0.2:9000", Duration::from_millis(400)).is_none());
+    let (ok, out) = d.cli(&[
+        "grants",
+        "open",
+        "default/a",
+        "default/b",
+        "--port",
+        "9000",
+        "--ttl",
+        "3s",
+        "--reason",
+        "test",
+        "-o",
+        "json",
+    ]);
+    assert!(ok, "{out}");
+    let mut conn = tcp_connect(a, "10.77.0.2:9000", Duration::from_secs(2)).expect("granted");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(8)
+        && ztseg_integration::traffic::echo_once(&mut conn, Duration::from_millis(300))
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lived = start.elapsed();
+    assert!(lived > Duration::from_secs(2) && lived < Duration::from_secs(5), "grant lived {lived:?}");
+    // Errors carry explicit codes.
+    let (ok, out) = d.cli(&["grants", "open", "default/a", "default/zz", "--port", "9000", "--ttl", "3s"]);
+    assert!(!ok && out.contains("not found") && out.contains("default/zz"), "{out}");
+    // Revocation cuts a live granted connection.
+    let (ok, out) =
+        d.cli(&["grants", "open", "default/a", "default/b", "--port", "9000", "--ttl", "1h", "-o", "json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let cookie = v[0]["cookie"].as_str().unwrap().to_owned();
+    let mut conn = tcp_connect(a, "10.77.0.2:9000", Duration::from_secs(2)).expect("granted");
+    assert!(ztseg_integration::traffic::echo_once(&mut conn, Duration::from_secs(1)));
+    let (ok, out) = d.cli(&["grants", "revoke", &cookie]);
+    assert!(ok, "{out}");
+    assert!(!ztseg_integration::traffic::echo_once(&mut conn, Duration::from_millis(500)));
+    // The policy's own allow is untouched by the grants.
+    tcp_echo(b, "10.77.0.2:8080");
+    assert!(tcp_connect(a, "10.77.0.2:8080", Duration::from_secs(2)).is_some());
+}
+
+#[test]
+fn restarts_keep_enforcement_without_a_gap() {
+    ztseg_integration::require_root();
+    let lab = Lab::new(2);
+    let mut d = write_config(&lab, "zrst");
+    std::fs::write(d.dir.join("policies/b.yaml"), POLICY).unwrap();
+    d.start();
+    wait_ready(&lab.host, &d);
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    tcp_echo(b, "10.77.0.2:8080");
+    tcp_echo(b, "10.77.0.2:8081");
+    let mut conn = tcp_connect(a, "10.77.0.2:8080", Duration::from_secs(2)).expect("allowed");
+    let stop = Arc::new(AtomicBool::new(false));
+    let leaked = Arc::new(AtomicU64::new(0));
+    let probes = Arc::new(AtomicU64::new(0));
+    let pod_a = a.path();
+    let probe_thread = {
+        let (stop, leaked, probes) = (stop.clone(), leaked.clone(), probes.clone());
+        std::thread::spawn(move || {
+            enforcer::netns::enter(&pod_a).unwrap();
+            let addr = "10.77.0.2:8081".parse().unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                    leaked.fetch_add(1, Ordering::Relaxed);
+                }
+                probes.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let rules_before = d.cli(&["rules", "-o", "json"]).1;
+    for signal in ["-TERM", "-KILL"] {
+        assert!(ztseg_integration::traffic::echo_once(&mut conn, Duration::from_secs(1)));
+        d.stop(signal);
+        for _ in 0..10 {
+            assert!(
+                ztseg_integration::traffic::echo_once(&mut conn, Duration::from_secs(1)),
+                "flow broke with the daemon down ({signal})"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d.start();
+        wait_ready(&lab.host, &d);
+        assert!(
+            ztseg_integration::traffic::echo_once(&mut conn, Duration::from_secs(1)),
+            "flow broke after restart ({signal})"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    probe_thread.join().unwrap();
+    assert!(probes.load(Ordering::Relaxed) > 5);
+    assert_eq!(leaked.load(Ordering::Relaxed), 0, "a denied probe got through");
+    assert_eq!(
+        d.cli(&["rules", "-o", "json"]).1,
+        rules_before,
+        "rules and their cookies survived both restarts"
+    );
+}
