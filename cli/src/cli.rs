@@ -457,11 +457,11 @@ fn lab_cmd(cmd: LabCommands, output: Output) -> Result<ExitCode> {
                 }
             })?;
             println!(
-                "lab {} up: {} hosts, {} pods, {} rules installed",
+                "lab {} up: {} hosts (one enforcer each), {} pods; enforcer sockets: {}",
                 state.name,
                 state.hosts.len(),
                 state.pods.len(),
-                state.rules.len()
+                state.hosts.iter().map(|h| h.socket.display().to_string()).collect::<Vec<_>>().join(", ")
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -486,12 +486,12 @@ fn lab_cmd(cmd: LabCommands, output: Output) -> Result<ExitCode> {
             Ok(if mismatches > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         LabCommands::Apply(a) => {
-            let state = lab::apply(&a.file)?;
-            println!("lab {}: policies applied ({} rules)", state.name, state.rules.len());
+            let state = lab::apply(&a.file, &exe)?;
+            println!("lab {}: policies applied on {} hosts", state.name, state.hosts.len());
             Ok(ExitCode::SUCCESS)
         }
         LabCommands::Label { file, target, changes } => {
-            let state = lab::label(&file.file, &target, &changes)?;
+            let state = lab::label(&file.file, &target, &changes, &exe)?;
             println!("lab {}: labels of {target} changed, policies re-applied", state.name);
             Ok(ExitCode::SUCCESS)
         }

@@ -26,7 +26,8 @@ use aya_ebpf::{
 use enforcer_common::{
     CT_F_AUDIT, CT_F_FAILSAFE, Config, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_AUDIT,
     ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_WORLD, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, TENANT_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    IPPROTO_TCP, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, TENANT_NONE, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DROP,
 };
 use maps::{
     ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_CONNTRACK, ZT_COUNTERS, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH, ZT_EVENTS,
@@ -215,10 +216,18 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
     };
     // A pure TCP SYN opens a new connection: it is never a packet or a reply of a tracked
     // flow, so it goes straight to policy (which then replaces any stale entry).
+    // `reinstate`: this check point admitted the flow in this orientation before, but its
+    // rule no longer does; if policy still allows it, the entry is re-created under the rule
+    // that does (make-before-break policy changes keep live flows).
+    let mut reinstate = false;
     if !flow.syn_only {
-        if ct_check(&key, ep, ts) == Some(true) {
-            count(Reason::AllowEstablished);
-            return true;
+        match ct_check(&key, ep, ts) {
+            Some(true) => {
+                count(Reason::AllowEstablished);
+                return true;
+            }
+            Some(false) => reinstate = true,
+            None => {}
         }
         if ct_check_reply(&mut key, ep, ts) {
             count(Reason::AllowReply);
@@ -243,6 +252,15 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
     };
 
     let audit = !allow && ep.flags & ENDPOINT_F_AUDIT != 0;
+    // Only a SYN starts TCP state (or a re-admitted flow of this orientation): a mid-stream
+    // packet that policy allows passes without state, so the side that answered a connection
+    // can never become its initiator — which would let the real initiator's packets pass as
+    // "replies" after its grant was revoked.
+    let stateful = flow.proto != IPPROTO_TCP || flow.syn_only || reinstate || audit;
+    if allow && !stateful {
+        count(reason);
+        return true;
+    }
     if allow || audit {
         let value = CtValue {
             created_ns: ts,

@@ -637,3 +637,27 @@ fn replace_is_make_before_break() {
     assert!(matches!(clash, enforcer::Error::KeyOwned { owner, .. } if owner == other.cookie), "{clash}");
     assert_eq!(dp.run(TC_FROM_WORKLOAD, &syn(80)).unwrap(), TC_ACT_OK, "failed replace left the rule intact");
 }
+
+/// After a grant that let B connect to A is revoked, A's replies — allowed by A's open egress —
+/// must not turn A into the flow's initiator: B's packets are not "replies" and are cut.
+#[test]
+fn answering_side_never_becomes_initiator() {
+    let mut dp = setup("initiator");
+    dp.writer().install(&allow(DIR_EGRESS, None, PROTO_ANY, PORT_ANY)).unwrap();
+    let grant = dp.writer().install(&allow(DIR_INGRESS, Some(B), TCP, 5432)).unwrap();
+    let syn = frame::tcp4("10.0.0.2", 40000, "10.0.0.1", 5432);
+    let b_ack = frame::frame4("10.0.0.2", "10.0.0.1", TCP, &frame::tcp(40000, 5432, frame::ACK));
+    let a_ack = frame::frame4("10.0.0.1", "10.0.0.2", TCP, &frame::tcp(5432, 40000, frame::ACK));
+    assert_eq!(dp.run(TC_TO_WORKLOAD, &syn).unwrap(), TC_ACT_OK);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &a_ack).unwrap(), TC_ACT_OK, "reply");
+    assert_eq!(dp.run(TC_TO_WORKLOAD, &b_ack).unwrap(), TC_ACT_OK, "established");
+    dp.writer().revoke(grant.cookie).unwrap();
+    // A's next packet is allowed by its open egress, but creates no state...
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &a_ack).unwrap(), TC_ACT_OK);
+    assert!(
+        dp.writer().conntrack().unwrap().iter().all(|(k, _)| k.dir != DIR_EGRESS),
+        "no egress state from a mid-stream packet"
+    );
+    // ...so B's packets are judged by A's ingress policy: cut.
+    assert_eq!(dp.run(TC_TO_WORKLOAD, &b_ack).unwrap(), TC_ACT_SHOT);
+}

@@ -75,8 +75,24 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             setup(&root)?;
             require_root("the demo")?;
-            cargo(&root, &["build", "--release", "-p", "ztseg-integration", "--bin", "ztseg-demo"])?;
-            run(Command::new(root.join("target/release/ztseg-demo")))
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "ztseg-integration",
+                    "--bin",
+                    "ztseg-demo",
+                    "-p",
+                    "ztseg",
+                    "--bin",
+                    "ztseg",
+                ],
+            )?;
+            let mut cmd = Command::new(root.join("target/release/ztseg-demo"));
+            cmd.arg(root.join("target/release/ztseg")).arg(&root);
+            run(cmd)
         }
         Cmd::Test { args } => {
             setup(&root)?;

@@ -99,6 +99,22 @@ pub struct WorkloadConfig {
     pub ipv6: Option<Ipv6Addr>,
     #[serde(default)]
     pub mode: Mode,
+    /// Named container ports, for `NetworkPolicy` named ports.
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    pub name: String,
+    pub port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: ztseg_policy::Protocol,
+}
+
+fn default_protocol() -> ztseg_policy::Protocol {
+    ztseg_policy::Protocol::Tcp
 }
 
 fn default_node() -> String {

@@ -221,7 +221,15 @@ impl Engine {
                     namespace: w.namespace.clone(),
                     labels: w.labels.clone(),
                     ips: w.ipv4.map(IpAddr::V4).into_iter().chain(w.ipv6.map(IpAddr::V6)).collect(),
-                    ports: Vec::new(),
+                    ports: w
+                        .ports
+                        .iter()
+                        .map(|p| ztseg_policy::ContainerPort {
+                            name: Some(p.name.clone()),
+                            port: p.port,
+                            protocol: p.protocol,
+                        })
+                        .collect(),
                 })
                 .collect(),
         }

@@ -1,11 +1,13 @@
-//! `ztseg lab`: pods as network namespaces on simulated hosts, each host with its own enforcer
-//! instance (its own pin directory), real servers in every pod, and a reachability matrix.
+//! `ztseg lab`: pods as network namespaces on simulated hosts, each host running its own
+//! enforcer daemon (`ztseg enforcer run`, its own pin directory, socket and metrics), real
+//! servers in every pod, and a reachability matrix.
 //!
 //! Topology: every host is a namespace with a bridge `br0` (10.77.H.254/24) and one veth per
 //! pod (`p<N>`, the interface the enforcer attaches to); pod N on host H gets 10.77.H.(n+1).
 //! With several hosts, a fabric namespace bridges their uplinks (10.76.0.(H+1)/24) and each
-//! host routes the other hosts' pod subnets over it. Enforcement state is pinned, so `lab up`
-//! and `lab apply` install it and exit; `lab down` removes everything.
+//! host routes the other hosts' pod subnets over it. The daemons share one policy directory
+//! the lab writes; label changes rewrite their configuration and restart them (a restart has
+//! no enforcement gap).
 
 pub mod probe;
 pub mod serve;
@@ -19,12 +21,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use enforcer::{Datapath, DatapathOptions, TcHook, Workload};
+use enforcer::Datapath;
 use enforcer_common::IDENTITY_FIRST_USER;
 use serde::{Deserialize, Serialize};
 use spec::{LabFile, NamespaceSpec, PodSpec};
-
-use crate::compile;
 
 /// Lab state files live here (one JSON file per lab).
 pub const STATE_DIR: &str = "/run/ztseg/lab";
@@ -42,8 +42,6 @@ pub struct LabState {
     pub pods: Vec<PodState>,
     pub ports: Vec<u16>,
     pub protocols: Vec<String>,
-    /// (pod index, direction) → cookie of the installed rule.
-    pub rules: BTreeMap<String, u32>,
     pub tenants: BTreeMap<String, u32>,
 }
 
@@ -52,6 +50,9 @@ pub struct HostState {
     pub name: String,
     pub netns: String,
     pub pin_dir: PathBuf,
+    /// The host's enforcer API socket.
+    pub socket: PathBuf,
+    pub daemon_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -199,7 +200,6 @@ pub fn up(lab_path: &Path, exe: &Path) -> Result<LabState> {
         pods: Vec::new(),
         ports: lab.ports.clone(),
         protocols: lab.protocols.clone(),
-        rules: BTreeMap::new(),
         tenants: BTreeMap::new(),
     };
     if !state.namespaces.iter().any(|n| n.name == "default")
@@ -208,14 +208,30 @@ pub fn up(lab_path: &Path, exe: &Path) -> Result<LabState> {
         state.namespaces.push(NamespaceSpec { name: "default".into(), labels: BTreeMap::new() });
     }
     // Save early so `lab down` can clean up a half-built lab.
+    drop(policies);
     state.save()?;
     build(&lab, &mut state)?;
     state.save()?;
-    attach_and_register(&mut state)?;
-    apply_policies(&mut state, &policies)?;
+    std::fs::create_dir_all(policy_dir(&name))?;
+    publish_files_only(&state, &lab, lab_path)?;
+    for h in 0..state.hosts.len() {
+        start_daemon(&mut state, h, exe)?;
+        state.save()?;
+    }
     start_servers(&mut state, exe)?;
     state.save()?;
     Ok(state)
+}
+
+/// Initial copy of the policies, before any daemon runs (nothing to wait for).
+fn publish_files_only(state: &LabState, lab: &LabFile, lab_path: &Path) -> Result<()> {
+    let dir = policy_dir(&state.name);
+    for (i, f) in lab.policy_files(lab_path)?.iter().enumerate() {
+        let name =
+            format!("{i:03}-{}", f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        std::fs::copy(f, dir.join(name)).with_context(|| format!("copying {}", f.display()))?;
+    }
+    Ok(())
 }
 
 fn build(lab: &LabFile, state: &mut LabState) -> Result<()> {
@@ -233,6 +249,8 @@ fn build(lab: &LabFile, state: &mut LabState) -> Result<()> {
             name: host.clone(),
             netns: netns.clone(),
             pin_dir: Path::new(PIN_ROOT).join(name).join(host),
+            socket: lab_dir(name).join(format!("{host}.sock")),
+            daemon_pid: None,
         });
         ns_sh(
             &netns,
@@ -308,57 +326,178 @@ fn build(lab: &LabFile, state: &mut LabState) -> Result<()> {
     Ok(())
 }
 
-fn open_host(state: &LabState, h: usize) -> Result<Datapath> {
-    enforcer::datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
-    Ok(Datapath::open(&state.hosts[h].pin_dir, &DatapathOptions::default())?)
+fn lab_dir(name: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(name)
 }
 
-/// Attach both TC programs on every pod's host-side interface and register every pod on
-/// every host (local pods as endpoints, all pods as identities).
-fn attach_and_register(state: &mut LabState) -> Result<()> {
-    for h in 0..state.hosts.len() {
-        let mut dp = open_host(state, h)?;
-        let local: Vec<PodState> = state.pods.iter().filter(|p| p.host == h).cloned().collect();
-        let ifindexes = in_netns(&state.hosts[h].netns, || {
-            let mut out = Vec::new();
-            for p in &local {
-                dp.attach_tc(&p.iface, TcHook::FromWorkload)?;
-                dp.attach_tc(&p.iface, TcHook::ToWorkload)?;
-                out.push(enforcer::datapath::ifindex(&p.iface)?);
-            }
-            Ok(out)
-        })?;
-        let mut w = dp.writer();
-        for p in &state.pods {
-            w.set_identity(IpAddr::V4(p.ipv4), p.identity, p.tenant)?;
+/// The shared policy directory every host's daemon reads.
+fn policy_dir(name: &str) -> PathBuf {
+    lab_dir(name).join("policies")
+}
+
+/// The daemon configuration of host `h`: every pod is a workload (local ones with their
+/// interface), with the lab's namespaces, labels, tenants and named ports.
+fn host_config(state: &LabState, h: usize) -> String {
+    use std::fmt::Write as _;
+    let host = &state.hosts[h];
+    let dir = lab_dir(&state.name);
+    let mut c = format!(
+        "node = {node:?}\npin_dir = {pin:?}\nsocket = {sock:?}\nmetrics_addr = \"127.0.0.1:9464\"\npolicy_dir = {pol:?}\n\
+         state_dir = {st:?}\npolicy_poll_ms = 200\nnetns = {ns:?}\n",
+        node = host.name,
+        pin = host.pin_dir.display().to_string(),
+        sock = host.socket.display().to_string(),
+        pol = policy_dir(&state.name).display().to_string(),
+        st = dir.join(format!("{}-state", host.name)).display().to_string(),
+        ns = format!("/run/netns/{}", host.netns),
+    );
+    let labels = |l: &BTreeMap<String, String>| {
+        l.iter().map(|(k, v)| format!("{k:?} = {v:?}")).collect::<Vec<_>>().join(", ")
+    };
+    for n in &state.namespaces {
+        let _ = write!(c, "\n[[namespaces]]\nname = {:?}\nlabels = {{ {} }}\n", n.name, labels(&n.labels));
+    }
+    for p in &state.pods {
+        let _ = write!(
+            c,
+            "\n[[workloads]]\nname = {:?}\nnamespace = {:?}\nlabels = {{ {} }}\nnode = {:?}\nipv4 = \"{}\"\n",
+            p.spec.name,
+            p.spec.namespace,
+            labels(&p.spec.labels),
+            state.hosts[p.host].name,
+            p.ipv4
+        );
+        if p.host == h {
+            let _ = writeln!(c, "interface = {:?}", p.iface);
         }
-        for (p, ifindex) in local.iter().zip(ifindexes) {
-            let wl = Workload {
-                identity: p.identity,
-                tenant: p.tenant,
-                ipv4: Some(p.ipv4),
-                ipv6: None,
-                audit: false,
-            };
-            w.set_interface_workload(ifindex, &wl)?;
+        if let Some(t) = &p.spec.tenant {
+            let _ = writeln!(c, "tenant = {t:?}");
+        }
+        let ports: Vec<String> = state
+            .container_ports()
+            .into_iter()
+            .map(|cp| {
+                format!(
+                    "{{ name = {:?}, port = {}, protocol = \"{}\" }}",
+                    cp.name.unwrap_or_default(),
+                    cp.port,
+                    cp.protocol
+                )
+            })
+            .collect();
+        let _ = writeln!(c, "ports = [{}]", ports.join(", "));
+    }
+    c
+}
+
+/// Query a host daemon's status.
+fn daemon_status(socket: &Path) -> Result<ztseg_api::enforcer::StatusResponse> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut c = crate::client::connect(socket).await?;
+        Ok(c.status(ztseg_api::enforcer::StatusRequest {}).await?.into_inner())
+    })
+}
+
+/// Start host `h`'s daemon and wait until it is ready.
+fn start_daemon(state: &mut LabState, h: usize, exe: &Path) -> Result<()> {
+    let dir = lab_dir(&state.name);
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join(format!("{}.toml", state.hosts[h].name));
+    std::fs::write(&cfg, host_config(state, h))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{}.log", state.hosts[h].name)))?;
+    let child = Command::new("setsid")
+        .arg(exe)
+        .args(["enforcer", "run", "--config"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting a host enforcer")?;
+    state.hosts[h].daemon_pid = Some(child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(st) = daemon_status(&state.hosts[h].socket)
+            && st.ready
+        {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "enforcer of host {} did not become ready; log: {}",
+                state.hosts[h].name,
+                dir.join(format!("{}.log", state.hosts[h].name)).display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn stop_daemon(state: &mut LabState, h: usize) {
+    if let Some(pid) = state.hosts[h].daemon_pid.take() {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        // Wait for the socket to go away (the daemon removes it on SIGTERM).
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
-    Ok(())
 }
 
-/// Compile `policies` against the state's pods and bring every host's rules to it,
-/// make-before-break, one rule per pod and direction.
-pub fn apply_policies(state: &mut LabState, policies: &[ztseg_policy::NetworkPolicy]) -> Result<()> {
-    let cluster = state.cluster();
-    let eval = ztseg_policy::evaluate(&cluster, policies);
-    let identities: Vec<u32> = state.pods.iter().map(|p| p.identity).collect();
-    let compiled = compile::compile(&cluster, &eval, &identities)?;
-    for h in 0..state.hosts.len() {
-        let dp = open_host(state, h)?;
-        let mut w = dp.writer();
-        let hosts: Vec<usize> = state.pods.iter().map(|p| p.host).collect();
-        let ids: Vec<String> = state.pods.iter().map(PodState::id).collect();
-        compile::sync_rules(&mut w, &compiled, &ids, |p| hosts[p] == h, &mut state.rules, |_| false)?;
+/// Copy the lab file's policies into the shared directory and wait until every daemon has
+/// applied them (or reports an error, which is returned).
+fn publish_policies(state: &LabState, lab: &LabFile, lab_path: &Path) -> Result<()> {
+    let dir = policy_dir(&state.name);
+    std::fs::create_dir_all(&dir)?;
+    let mut wanted = BTreeMap::new();
+    for (i, f) in lab.policy_files(lab_path)?.iter().enumerate() {
+        let name =
+            format!("{i:03}-{}", f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        wanted.insert(name, std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
+    }
+    let mut changed = false;
+    for e in std::fs::read_dir(&dir)?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if !wanted.contains_key(&n) {
+            std::fs::remove_file(e.path())?;
+            changed = true;
+        }
+    }
+    let before: Vec<u64> =
+        state.hosts.iter().map(|h| daemon_status(&h.socket).map_or(0, |s| s.policy_version)).collect();
+    for (n, bytes) in &wanted {
+        let p = dir.join(n);
+        if std::fs::read(&p).ok().as_ref() != Some(bytes) {
+            let tmp = dir.join(format!(".{n}.tmp"));
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(&tmp, &p)?;
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for (h, host) in state.hosts.iter().enumerate() {
+        loop {
+            let st = daemon_status(&host.socket)?;
+            if st.policy_version > before[h] && st.policy_error.is_empty() {
+                break;
+            }
+            if !st.policy_error.is_empty() && st.policy_version == before[h] {
+                bail!("host {}: {}", host.name, st.policy_error);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("host {}: policy not applied in time", host.name);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
     Ok(())
 }
@@ -399,10 +538,13 @@ fn start_servers(state: &mut LabState, exe: &Path) -> Result<()> {
 }
 
 /// `ztseg lab apply -f LAB.yaml`: re-read the lab file's policies and namespace/pod labels.
-pub fn apply(lab_path: &Path) -> Result<LabState> {
+pub fn apply(lab_path: &Path, exe: &Path) -> Result<LabState> {
     let lab = LabFile::load(lab_path)?;
     let mut state = LabState::load(lab.name())?;
-    let policies = read_policies(&lab, lab_path)?;
+    // Check locally first: a bad file is reported here and nothing changes.
+    read_policies(&lab, lab_path)?;
+    let old_labels: Vec<_> = state.pods.iter().map(|p| p.spec.labels.clone()).collect();
+    let old_ns = state.namespaces.clone();
     if lab.pods.len() != state.pods.len() {
         bail!("{}: pods: adding or removing pods needs `lab down` and `lab up`", lab_path.display());
     }
@@ -422,17 +564,31 @@ pub fn apply(lab_path: &Path) -> Result<LabState> {
             s.labels.clone_from(&ns.labels);
         }
     }
-    apply_policies(&mut state, &policies)?;
+    let relabelled =
+        old_ns != state.namespaces || state.pods.iter().zip(&old_labels).any(|(p, l)| p.spec.labels != *l);
+    publish_policies(&state, &lab, lab_path)?;
+    if relabelled {
+        restart_daemons(&mut state, exe)?;
+    }
     state.save()?;
     Ok(state)
 }
 
+/// Restart every host's daemon with a regenerated configuration (labels changed). Pinned
+/// enforcement stays in force throughout.
+fn restart_daemons(state: &mut LabState, exe: &Path) -> Result<()> {
+    for h in 0..state.hosts.len() {
+        stop_daemon(state, h);
+        start_daemon(state, h, exe)?;
+    }
+    Ok(())
+}
+
 /// `ztseg lab label -f LAB.yaml [ns/]pod|ns:NAME key=value|key- ...`: change labels of a pod
 /// or namespace and re-apply the lab file's policies.
-pub fn label(lab_path: &Path, target: &str, changes: &[String]) -> Result<LabState> {
+pub fn label(lab_path: &Path, target: &str, changes: &[String], exe: &Path) -> Result<LabState> {
     let lab = LabFile::load(lab_path)?;
     let mut state = LabState::load(lab.name())?;
-    let policies = read_policies(&lab, lab_path)?;
     let labels = if let Some(ns) = target.strip_prefix("ns:") {
         &mut state
             .namespaces
@@ -459,14 +615,17 @@ pub fn label(lab_path: &Path, target: &str, changes: &[String]) -> Result<LabSta
             bail!("label change {c:?}: expected key=value or key-");
         }
     }
-    apply_policies(&mut state, &policies)?;
+    restart_daemons(&mut state, exe)?;
     state.save()?;
     Ok(state)
 }
 
 /// `ztseg lab down`: stop servers, remove enforcement and namespaces, forget the lab.
 pub fn down(name: &str) -> Result<()> {
-    let state = LabState::load(name)?;
+    let mut state = LabState::load(name)?;
+    for h in 0..state.hosts.len() {
+        stop_daemon(&mut state, h);
+    }
     for pod in &state.pods {
         if let Some(pid) = pod.server_pid {
             let _ = Command::new("kill").arg(pid.to_string()).output();

@@ -1,6 +1,6 @@
 //! `ztseg lab serve`: the server process of one lab pod. It enters the pod's namespace, listens
-//! on every lab port over TCP and UDP, answers each TCP connection with one byte and echoes
-//! each UDP datagram, and runs until killed.
+//! on every lab port over TCP and UDP, answers each TCP connection with one byte and then
+//! echoes it, echoes each UDP datagram, and runs until killed.
 
 use std::{
     io::{Read as _, Write as _},
@@ -22,10 +22,14 @@ pub fn serve(netns: &str, ports: &[u16], protocols: &[String]) -> Result<()> {
                     let Ok(mut c) = conn else { continue };
                     std::thread::spawn(move || {
                         let _ = c.write_all(b"z");
-                        // Keep the connection open (reading and discarding) until the client
-                        // closes it, so long-lived flows can be observed.
+                        // Then echo until the client closes, so long-lived flows can be
+                        // observed end to end.
                         let mut buf = [0u8; 1024];
-                        while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+                        while let Ok(n) = c.read(&mut buf) {
+                            if n == 0 || c.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                     });
                 }
             });

@@ -1,35 +1,28 @@
-//! `cargo xtask demo`: a narrated enforcement demo in network namespaces.
+//! `cargo xtask demo`: a narrated run of the example lab in `policies/demo/`, driving the real
+//! `ztseg` CLI: two simulated hosts each running `ztseg enforcer run`, a shop of tenant acme
+//! and a scanner of tenant globex. Every step is checked against real traffic; the demo exits
+//! non-zero if anything differs from what it narrates, and removes everything it created.
 //!
-//! Three pods on one simulated host: `web` and `db` of tenant acme, `scanner` of tenant globex.
-//! Every step is checked against real traffic; the demo exits non-zero if the kernel does
-//! anything other than what it narrates, and removes everything it created.
+//! Usage: `ztseg-demo PATH/TO/ztseg REPO_ROOT`
 #![forbid(unsafe_code)]
 
 use std::{
-    path::Path,
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::PathBuf,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
-use enforcer::{Datapath, DatapathOptions, Rule, TcHook, Workload, writer::Action};
-use enforcer_common::{DIR_EGRESS, DIR_INGRESS, Reason};
-use ztseg_integration::{
-    frame::TCP,
-    netns::Lab,
-    traffic::{echo_once, tcp_connect, tcp_echo},
-};
+use anyhow::{Context as _, Result, bail};
 
-const PIN_DIR: &str = "/sys/fs/bpf/ztseg-demo";
-const WEB: u32 = 1000;
-const DB: u32 = 1001;
-const SCANNER: u32 = 2000;
-const ACME: u32 = 1;
-const GLOBEX: u32 = 2;
-const OPEN: Duration = Duration::from_secs(2);
-const DENIED: Duration = Duration::from_millis(500);
+struct Demo {
+    ztseg: PathBuf,
+    lab: PathBuf,
+}
 
 fn step(n: u32, text: &str) {
-    println!("\n[{n}] {text}");
+    println!("\n\x1b[1m[{n}] {text}\x1b[0m");
 }
 
 fn check(ok: bool, what: &str) -> Result<()> {
@@ -41,124 +34,183 @@ fn check(ok: bool, what: &str) -> Result<()> {
     }
 }
 
-fn flow(src: u32, dst: u32, port: u16, ttl: Option<Duration>) -> Rule {
-    Rule {
-        keys: vec![
-            Rule::key(DIR_EGRESS, src, Some(dst), TCP, port),
-            Rule::key(DIR_INGRESS, dst, Some(src), TCP, port),
-        ],
-        action: Action::Allow,
-        ttl,
+impl Demo {
+    fn run(&self, args: &[&str]) -> Result<String> {
+        println!("    $ ztseg {}", args.join(" "));
+        let out = Command::new(&self.ztseg).args(args).output().context("running ztseg")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("ztseg {} failed: {text}{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(text)
+    }
+
+    fn lab_arg(&self) -> &str {
+        self.lab.to_str().unwrap_or_default()
+    }
+
+    fn socket(host: &str) -> String {
+        format!("/run/ztseg/lab/demo/{host}.sock")
     }
 }
 
+/// Namespace of pod `i` in the demo lab (pods in file order).
+fn pod_ns(i: usize) -> String {
+    format!("zl-demo-p{i}")
+}
+
+/// Open a TCP connection from pod `from` and read the server's greeting byte.
+fn connect(from: usize, to: &str, timeout: Duration) -> Option<TcpStream> {
+    let addr = to.parse().ok()?;
+    ztseg::lab::in_netns(&pod_ns(from), || {
+        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        Ok(s)
+    })
+    .ok()
+}
+
+/// One echo round trip on an open connection.
+fn alive(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 4];
+    s.write_all(b"ping").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"ping"
+}
+
 fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let ztseg = PathBuf::from(args.next().context("usage: ztseg-demo ZTSEG_BINARY REPO_ROOT")?);
+    let root = PathBuf::from(args.next().context("usage: ztseg-demo ZTSEG_BINARY REPO_ROOT")?);
     ztseg_integration::require_root();
-    let _ = Datapath::uninstall(Path::new(PIN_DIR));
-    let result = demo();
-    let _ = Datapath::uninstall(Path::new(PIN_DIR));
-    match &result {
-        Ok(()) => println!("\nztseg demo finished: every step held; namespaces and pins removed."),
-        Err(e) => eprintln!("\nztseg demo FAILED: {e:#}"),
+    let demo = Demo { ztseg, lab: root.join("policies/demo/lab.yaml") };
+    let _ = Command::new(&demo.ztseg).args(["lab", "down", "-f", demo.lab_arg()]).output();
+    let result = run(&demo);
+    let down = demo.run(&["lab", "down", "-f", demo.lab_arg()]);
+    match (&result, down) {
+        (Ok(()), Ok(_)) => {
+            println!("\nztseg demo finished: every step held; lab, enforcers and pins removed.");
+        }
+        (Err(e), _) => eprintln!("\nztseg demo FAILED: {e:#}"),
+        (Ok(()), Err(e)) => eprintln!("\nztseg demo: cleanup failed: {e:#}"),
     }
     result
 }
 
-fn demo() -> Result<()> {
-    println!("ztseg demo — kernel-enforced micro-segmentation on real traffic");
-    let lab = Lab::new(3);
-    let mut dp = Datapath::open(Path::new(PIN_DIR), &DatapathOptions::default())?;
-    let names = ["web", "db", "scanner"];
-    let ids = [(WEB, ACME), (DB, ACME), (SCANNER, GLOBEX)];
+#[expect(clippy::too_many_lines, reason = "the narrated script, step by step")]
+fn run(d: &Demo) -> Result<()> {
+    println!("ztseg demo — zero-trust micro-segmentation on real traffic");
+    let lab = d.lab_arg();
+
     step(
         1,
-        "pods web (10.77.0.1, acme), db (10.77.0.2, acme), scanner (10.77.0.3, globex); TCX programs on each host-side veth",
+        "build the lab: 2 hosts, each with its own enforcer daemon; 4 pods; policies from policies/demo/policies",
     );
-    for (i, (id, tenant)) in ids.iter().enumerate() {
-        let ifindex = lab.host.enter(|| -> Result<u32> {
-            dp.attach_tc(&Lab::iface(i), TcHook::FromWorkload)?;
-            dp.attach_tc(&Lab::iface(i), TcHook::ToWorkload)?;
-            Ok(enforcer::datapath::ifindex(&Lab::iface(i))?)
-        })?;
-        let w = Workload {
-            identity: *id,
-            tenant: *tenant,
-            ipv4: Some(Lab::v4(i).parse()?),
-            ipv6: None,
-            audit: false,
-        };
-        dp.writer().set_interface_workload(ifindex, &w)?;
-        println!(
-            "    {} → identity {id}, tenant {tenant}, interface {} (ifindex {ifindex})",
-            names[i],
-            Lab::iface(i)
-        );
-    }
-    for port in [5432, 9000, 22] {
-        tcp_echo(&lab.pods[1], &format!("10.77.0.2:{port}"));
-    }
-    tcp_echo(&lab.pods[0], "10.77.0.1:8080");
-    let (web, scanner) = (&lab.pods[0], &lab.pods[2]);
+    print!("{}", d.run(&["lab", "up", "-f", lab])?);
 
-    step(2, "default deny: no policy yet");
-    check(tcp_connect(web, "10.77.0.2:5432", DENIED).is_none(), "web → db:5432 is dropped")?;
-
-    step(3, "allow web → db on tcp/5432 only");
-    let rule = dp.writer().install(&flow(WEB, DB, 5432, None))?;
-    println!("    rule cookie {}", rule.cookie);
-    let mut conn = tcp_connect(web, "10.77.0.2:5432", OPEN);
-    check(conn.as_mut().is_some_and(|c| echo_once(c, OPEN)), "web → db:5432 connects and replies come back")?;
-    check(tcp_connect(web, "10.77.0.2:22", DENIED).is_none(), "web → db:22 stays closed")?;
-
-    step(4, "tenant isolation: globex's scanner gets a tenant-level allow to web:8080");
-    dp.writer().install(&flow(SCANNER, WEB, 8080, None))?;
+    step(2, "default deny and the allowed paths: probe every pod pair on ports 80 and 5432");
+    let out = d.run(&["lab", "probe", "-f", lab])?;
+    print!("{out}");
     check(
-        tcp_connect(scanner, "10.77.0.1:8080", DENIED).is_none(),
-        "cross-tenant stays denied: only the admin tier can open it",
+        !out.contains('['),
+        "the matrix matches the expected truth tables in lab.yaml ('.' allowed, 'X' blocked)",
+    )?;
+    println!("    shop pods reach web:80; only web reaches db:5432; everything else is denied by default");
+
+    step(3, "tenant isolation: the web policy admits every namespace, yet globex's scanner stays out");
+    check(
+        connect(3, "10.77.0.1:80", Duration::from_millis(500)).is_none(),
+        "globex/scanner -> shop/web:80 blocked (cross-tenant)",
+    )?;
+    check(
+        connect(2, "10.77.0.1:80", Duration::from_secs(2)).is_some(),
+        "shop/cache -> shop/web:80 allowed (same tenant)",
     )?;
 
-    step(5, "a 5-second grant web → db:9000; the kernel closes it on expiry, userspace stays idle");
-    let grant = dp.writer().install(&flow(WEB, DB, 9000, Some(Duration::from_secs(5))))?;
-    let mut g = tcp_connect(web, "10.77.0.2:9000", OPEN);
-    check(g.is_some(), "granted connection opened")?;
+    step(4, "a 10-second grant: shop/cache -> shop/db:5432, opened through node2's enforcer API");
+    check(connect(2, "10.77.1.1:5432", Duration::from_millis(500)).is_none(), "before the grant: blocked")?;
+    print!(
+        "{}",
+        d.run(&[
+            "grants",
+            "open",
+            "shop/cache",
+            "shop/db",
+            "--port",
+            "5432",
+            "--ttl",
+            "10s",
+            "--reason",
+            "demo",
+            "--socket",
+            &Demo::socket("node2")
+        ])?
+    );
+    let mut conn =
+        connect(2, "10.77.1.1:5432", Duration::from_secs(2)).context("granted connection did not open")?;
     let start = Instant::now();
-    if let Some(c) = g.as_mut() {
-        while start.elapsed() < Duration::from_secs(10) && echo_once(c, Duration::from_millis(300)) {
-            std::thread::sleep(Duration::from_millis(250));
+    while start.elapsed() < Duration::from_secs(20) {
+        conn.set_read_timeout(Some(Duration::from_millis(400)))?;
+        if !alive(&mut conn) {
+            break;
         }
+        std::thread::sleep(Duration::from_millis(250));
     }
     let lived = start.elapsed();
-    println!("    established connection answered for {:.1}s", lived.as_secs_f64());
+    println!("    the established connection answered for {:.1}s", lived.as_secs_f64());
     check(
-        lived > Duration::from_secs(4) && lived < Duration::from_secs(7),
-        "the kernel cut it when the grant expired",
+        lived > Duration::from_secs(8) && lived < Duration::from_secs(13),
+        "the kernel closed it when the grant expired",
     )?;
-    check(
-        dp.writer().rules().iter().any(|r| r.cookie == grant.cookie),
-        "the expired grant is still in the map: expiry needed no userspace",
-    )?;
+    check(connect(2, "10.77.1.1:5432", Duration::from_millis(500)).is_none(), "after expiry: blocked again")?;
 
-    step(6, "revoke the web → db:5432 rule while its connection is live");
-    check(conn.as_mut().is_some_and(|c| echo_once(c, OPEN)), "connection alive before revocation")?;
-    dp.writer().revoke(rule.cookie)?;
-    check(conn.as_mut().is_some_and(|c| !echo_once(c, DENIED)), "revocation cut the established connection")?;
+    step(5, "revocation: a 1-hour grant, a live connection, then `ztseg grants revoke`");
+    let out = d.run(&[
+        "-o",
+        "json",
+        "grants",
+        "open",
+        "shop/cache",
+        "shop/db",
+        "--port",
+        "5432",
+        "--ttl",
+        "1h",
+        "--socket",
+        &Demo::socket("node2"),
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let cookie = v[0]["cookie"].as_str().context("grant cookie")?.to_owned();
+    let mut conn =
+        connect(2, "10.77.1.1:5432", Duration::from_secs(2)).context("granted connection did not open")?;
+    conn.set_read_timeout(Some(Duration::from_secs(1)))?;
+    check(alive(&mut conn), "connection alive")?;
+    d.run(&["grants", "revoke", &cookie, "--socket", &Demo::socket("node2")])?;
+    conn.set_read_timeout(Some(Duration::from_millis(500)))?;
+    check(!alive(&mut conn), "revocation cut the established connection")?;
 
-    step(7, "what the kernel counted");
-    let counters = dp.writer().counters()?;
-    for (r, n) in &counters {
-        if *n > 0 {
-            println!("    {:<20} {n}", r.name());
-        }
-    }
-    check(
-        counters[&Reason::DropCrossTenant] > 0 && counters[&Reason::CtInvalidated] > 0,
-        "cross-tenant drops and cut flows were counted",
-    )?;
+    step(6, "what node2's enforcer saw");
+    print!("{}", d.run(&["rules", "--socket", &Demo::socket("node2")])?);
+    let stats = d.run(&["-o", "json", "stats", "--socket", &Demo::socket("node2")])?;
+    let v: serde_json::Value = serde_json::from_str(&stats)?;
+    let count = |r: &str| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|c| c["reason"] == r))
+            .and_then(|c| c["packets"].as_str()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     println!(
-        "\nNext: the same data plane survives its holder being killed (`ztseg-dataplane --pin-dir ... --iface ...`);"
+        "    drop_default={} allow_policy={} ct_invalidated={}",
+        count("drop_default"),
+        count("allow_policy"),
+        count("ct_invalidated")
     );
-    println!(
-        "pinned maps live under {PIN_DIR} while it runs (bpftool map show pinned {PIN_DIR}/ZT_COUNTERS)."
-    );
+    check(count("drop_default") > 0 && count("ct_invalidated") > 0, "drops and cut flows were counted")?;
+
+    println!("\nWhere to look next (while a lab is up):");
+    println!("  metrics:  ip netns exec zl-demo-h1 curl -s 127.0.0.1:9464/metrics   (readiness: /readyz)");
+    println!("  flows:    ztseg flows --socket {} --verdict DROP", Demo::socket("node2"));
+    println!("  status:   ztseg enforcer status --socket {}", Demo::socket("node2"));
+    println!("  your own: ztseg lab up|probe|apply|label|down -f YOUR-LAB.yaml   (docs/lab.md)");
     Ok(())
 }
