@@ -263,7 +263,6 @@ fn write_results(root: &Path, records: &[Record], floor: f64) -> Result<()> {
         .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
         .unwrap_or_default();
     let mut md = String::new();
-    writeln!(md, "# Benchmarks\n")?;
     writeln!(md, "## Data plane (`cargo xtask bench datapath`)\n")?;
     writeln!(
         md,
@@ -331,7 +330,7 @@ fn write_results(root: &Path, records: &[Record], floor: f64) -> Result<()> {
          syscall and are comparable only within one run on one machine, which is why the floor is \
          measured alongside."
     )?;
-    std::fs::write(root.join("docs/benchmarks.md"), md)?;
+    ztseg_benches::write_section(root, "datapath", &md)?;
     println!("wrote {} and docs/benchmarks.md", out.join("datapath.json").display());
     Ok(())
 }

@@ -427,7 +427,7 @@ fn validate(paths: &[PathBuf]) -> Result<ExitCode> {
     let mut policies = 0;
     for f in &files {
         let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        match ztseg_policy::parse_file(f, &text) {
+        match ztseg_policy::parse_documents(f, &text) {
             Ok(p) => policies += p.len(),
             Err(es) => {
                 for e in &es {

@@ -221,3 +221,77 @@ pub fn owner_id(pod: &str, dir: u8) -> String {
 pub fn dir_name(dir: u8) -> &'static str {
     if dir == DIR_EGRESS { "egress" } else { "ingress" }
 }
+
+/// Admin-tier rules of `TenantPolicy` objects, keyed by a stable owner id derived from the
+/// data-plane key (so renaming a policy keeps its rule). The string is a fingerprint of what
+/// the rule says; an unchanged fingerprint keeps the installed rule (and its expiry).
+pub fn compile_admin(
+    policies: &[ztseg_policy::TenantPolicy],
+    tenant_of: impl Fn(&str) -> u32,
+) -> Result<BTreeMap<String, (enforcer::AdminRule, String)>> {
+    let conflicts = ztseg_policy::tenant_conflicts(policies);
+    if !conflicts.is_empty() {
+        bail!("tenant policies conflict: {}", conflicts.join("; "));
+    }
+    let mut out = BTreeMap::new();
+    for p in policies {
+        let tenant = |t: &str| if t == "*" { enforcer_common::TENANT_ANY } else { tenant_of(t) };
+        for (from, to, proto_, port) in p.keys() {
+            let key = enforcer_common::AdminKey {
+                src_tenant: tenant(&from),
+                dst_tenant: tenant(&to),
+                dport: port.unwrap_or(PORT_ANY),
+                proto: proto_.map_or(PROTO_ANY, proto),
+                pad: 0,
+            };
+            let action = match p.spec.action {
+                ztseg_policy::TenantAction::Allow => enforcer::writer::Action::Allow,
+                ztseg_policy::TenantAction::Deny => enforcer::writer::Action::Deny,
+                ztseg_policy::TenantAction::Pass => enforcer::writer::Action::Pass,
+            };
+            let owner = format!("tenant:{}:{}:{}:{}", key.src_tenant, key.dst_tenant, key.proto, key.dport);
+            let fingerprint = format!("{action:?}/{}/{:?}", p.spec.priority, p.spec.ttl);
+            let rule = enforcer::AdminRule { key, action, priority: p.spec.priority, ttl: p.spec.ttl };
+            if out.insert(owner, (rule, fingerprint)).is_some() {
+                bail!(
+                    "tenant policy {}: tenants {from:?} and {to:?} map to the same data-plane key as another policy",
+                    p.metadata.name
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Bring the admin tier of `w` to `desired`: install new rules, replace changed ones in place
+/// (make-before-break), then revoke rules no longer wanted. `current` maps owner → (cookie,
+/// fingerprint) and is updated.
+pub fn sync_admin(
+    w: &mut enforcer::writer::Writer,
+    desired: &BTreeMap<String, (enforcer::AdminRule, String)>,
+    current: &mut BTreeMap<String, (u32, String)>,
+) -> Result<()> {
+    for (owner, (rule, fp)) in desired {
+        match current.get(owner) {
+            Some((_, old_fp)) if old_fp == fp => {}
+            Some((cookie, _)) => {
+                let h = w.replace_admin(*cookie, rule)?;
+                current.insert(owner.clone(), (h.cookie, fp.clone()));
+            }
+            None => {
+                let h = w.install_admin(rule)?;
+                current.insert(owner.clone(), (h.cookie, fp.clone()));
+            }
+        }
+    }
+    let gone: Vec<String> = current.keys().filter(|o| !desired.contains_key(*o)).cloned().collect();
+    for owner in gone {
+        if let Some((cookie, _)) = current.remove(&owner) {
+            match w.revoke(cookie) {
+                Ok(()) | Err(enforcer::Error::UnknownCookie { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}

@@ -18,7 +18,7 @@ pub type Addr = [u32; 4];
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Layout version of every pinned map. Bump on any change to a type in this crate.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 // ---- reserved identities and tenants -------------------------------------------------------
 
@@ -206,9 +206,10 @@ pub const POLICY_SHAPE_PEER: [bool; POLICY_SHAPES] = [true, true, true, false, f
 pub const POLICY_SHAPE_PROTO: [bool; POLICY_SHAPES] = [true, true, false, true, true, false];
 pub const POLICY_SHAPE_PORT: [bool; POLICY_SHAPES] = [true, false, false, true, false, false];
 
-/// Admin probe shapes: tenant pair × (proto+port | any).
-/// (s,d,p), (s,d,*), (s,*,p), (s,*,*), (*,d,p), (*,d,*), (*,*,p), (*,*,*)
-pub const ADMIN_SHAPES: usize = 8;
+/// Admin probe shapes: tenant pair (s,d), (s,*), (*,d), (*,*) × ports (proto+port, proto+any
+/// port, any). Index = tenant combination × 3 + port kind; probed in index order, so among
+/// matches of equal priority the more specific tenant pair, then the more specific port, wins.
+pub const ADMIN_SHAPES: usize = 12;
 
 /// Shape index of a policy key (`None` for an invalid combination such as a port without a
 /// protocol).
@@ -231,13 +232,13 @@ pub fn policy_shape(peer_any: bool, proto: u8, dport: u16) -> Option<usize> {
 #[must_use]
 pub fn admin_shape(key: &AdminKey) -> Option<usize> {
     let ports = match (key.proto == PROTO_ANY, key.dport == PORT_ANY) {
-        (false, _) => 0,
-        (true, true) => 1,
+        (false, false) => 0,
+        (false, true) => 1,
+        (true, true) => 2,
         (true, false) => return None,
     };
-    let s = usize::from(key.src_tenant == TENANT_ANY) * 4;
-    let d = usize::from(key.dst_tenant == TENANT_ANY) * 2;
-    Some(s + d + ports)
+    let tenants = usize::from(key.src_tenant == TENANT_ANY) * 2 + usize::from(key.dst_tenant == TENANT_ANY);
+    Some(tenants * 3 + ports)
 }
 
 // ---- config ------------------------------------------------------------------------------------
@@ -274,7 +275,8 @@ pub struct Config {
     pub abi_version: u32,
     pub failsafe: [Failsafe; MAX_FAILSAFE],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 4 * (6 + 8 + 5) + 4 * MAX_FAILSAFE);
+const _: () =
+    assert!(core::mem::size_of::<Config>() == 4 * (POLICY_SHAPES + ADMIN_SHAPES + 5) + 4 * MAX_FAILSAFE);
 
 // ---- conntrack ---------------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ fn coarse_now() -> u64 {
 /// new flow is denied — fail closed.
 static EMPTY_CONFIG: Config = Config {
     policy_shape_count: [0; 6],
-    admin_shape_count: [0; 8],
+    admin_shape_count: [0; enforcer_common::ADMIN_SHAPES],
     policy_deny_count: 0,
     cidr_count: 0,
     flow_events: 0,

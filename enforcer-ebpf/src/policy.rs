@@ -66,11 +66,13 @@ pub fn decide(cfg: &Config, local: &Local, peer: &IdentityInfo, dir: u8, proto: 
     let mut shape = 0usize;
     while shape < ADMIN_SHAPES {
         if cfg.admin_shape_count[shape] != 0 {
+            let tenants = shape / 3;
+            let ports = shape % 3;
             let key = AdminKey {
-                src_tenant: if shape & 4 != 0 { TENANT_ANY } else { src_t },
-                dst_tenant: if shape & 2 != 0 { TENANT_ANY } else { dst_t },
-                dport: if shape & 1 != 0 { PORT_ANY } else { port },
-                proto: if shape & 1 != 0 { PROTO_ANY } else { proto },
+                src_tenant: if tenants & 2 != 0 { TENANT_ANY } else { src_t },
+                dst_tenant: if tenants & 1 != 0 { TENANT_ANY } else { dst_t },
+                dport: if ports == 0 { port } else { PORT_ANY },
+                proto: if ports == 2 { PROTO_ANY } else { proto },
                 pad: 0,
             };
             // SAFETY: read-only access to a map value the kernel keeps alive for this run.

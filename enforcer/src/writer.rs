@@ -596,6 +596,49 @@ impl Writer {
         self.set_config(cfg)
     }
 
+    /// Replace admin rule `old` by `rule` with the same key, make-before-break: the new slot
+    /// is switched on, then the key's value moves to it in one atomic update, then the old
+    /// slot is cleared.
+    pub fn replace_admin(&mut self, old: u32, rule: &AdminRule) -> Result<RuleHandle, Error> {
+        let rec = self.records.get(&old).cloned().ok_or(Error::UnknownCookie { cookie: old })?;
+        let Some((key, _)) = rec.admin else {
+            return Err(Error::InvalidRule {
+                field: "replace_admin",
+                reason: format!("cookie {old} is not an admin rule"),
+            });
+        };
+        if key != rule.key {
+            return Err(Error::InvalidRule {
+                field: "admin.key",
+                reason: "replace_admin keeps the key; install the new key and revoke the old rule".into(),
+            });
+        }
+        let expires_at = match rule.ttl {
+            Some(ttl) => time::deadline(ttl)?,
+            None => 0,
+        };
+        let slot = self.alloc_slot()?;
+        let cookie = self.alloc_cookie();
+        self.activate(slot, cookie, expires_at)?;
+        let value = AdminValue { cookie, slot, action: rule.action.code(), priority: rule.priority };
+        self.admin.insert(rule.key, value, 0).map_err(Error::map(map_names::ADMIN))?;
+        self.clear_slot(rec.slot)?;
+        self.records.remove(&old);
+        self.free_slots.push(rec.slot);
+        self.admin_owners.insert(rule.key, cookie);
+        self.records.insert(
+            cookie,
+            Record {
+                slot,
+                action: rule.action,
+                expires_at,
+                keys: Vec::new(),
+                admin: Some((rule.key, rule.priority)),
+            },
+        );
+        Ok(RuleHandle { cookie, slot, expires_at })
+    }
+
     /// Install an admin-tier rule.
     pub fn install_admin(&mut self, rule: &AdminRule) -> Result<RuleHandle, Error> {
         let shape = admin_shape(&rule.key).ok_or_else(|| Error::InvalidRule {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::cluster::{Pod, Protocol};
 use crate::eval::Direction;
@@ -326,7 +326,7 @@ impl fmt::Display for LabelSelectorOperator {
 }
 
 /// Deserializes `null` as `T::default()`.
-fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+pub(crate) fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de> + Default,
@@ -403,6 +403,24 @@ const META_FIELDS: [&str; 15] = [
     "managedFields",
 ];
 
+/// `metadata` fields of a cluster-scoped object (`TenantPolicy`): [`META_FIELDS`] without `namespace`.
+const CLUSTER_META_FIELDS: [&str; 14] = [
+    "name",
+    "labels",
+    "annotations",
+    "generateName",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+];
+
 /// A key of `metadata`. Unknown keys fail while the key itself is deserialized (as with derived
 /// structs), so errors point at the key and its path includes it.
 enum MetaField {
@@ -413,85 +431,122 @@ enum MetaField {
     Ignored,
 }
 
-impl<'de> Deserialize<'de> for MetaField {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct FieldVisitor;
+/// Reads a `metadata` key; `namespace` is a known key only for namespaced objects.
+#[derive(Clone, Copy)]
+struct MetaFieldSeed {
+    namespaced: bool,
+}
 
-        impl Visitor<'_> for FieldVisitor {
-            type Value = MetaField;
+impl MetaFieldSeed {
+    fn fields(self) -> &'static [&'static str] {
+        if self.namespaced { &META_FIELDS } else { &CLUSTER_META_FIELDS }
+    }
+}
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a metadata field name")
-            }
+impl<'de> DeserializeSeed<'de> for MetaFieldSeed {
+    type Value = MetaField;
 
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<MetaField, E> {
-                Ok(match v {
-                    "name" => MetaField::Name,
-                    "namespace" => MetaField::Namespace,
-                    "labels" => MetaField::Labels,
-                    "annotations" => MetaField::Annotations,
-                    other if IGNORED_META_FIELDS.contains(&other) => MetaField::Ignored,
-                    other => return Err(E::unknown_field(other, &META_FIELDS)),
-                })
-            }
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<MetaField, D::Error> {
+        deserializer.deserialize_identifier(self)
+    }
+}
+
+impl Visitor<'_> for MetaFieldSeed {
+    type Value = MetaField;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a metadata field name")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<MetaField, E> {
+        Ok(match v {
+            "name" => MetaField::Name,
+            "namespace" if self.namespaced => MetaField::Namespace,
+            "labels" => MetaField::Labels,
+            "annotations" => MetaField::Annotations,
+            other if IGNORED_META_FIELDS.contains(&other) => MetaField::Ignored,
+            other => return Err(E::unknown_field(other, self.fields())),
+        })
+    }
+}
+
+/// `metadata` as written: the fields that matter, before defaulting.
+pub(crate) struct RawMeta {
+    pub name: String,
+    /// Always `None` for cluster-scoped objects (the key is rejected).
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Deserializes `metadata` strictly: `name` is required, keys may not repeat, the ignored upstream
+/// fields are accepted, anything else is an unknown field. `namespace` is accepted only when
+/// `namespaced`.
+pub(crate) fn deserialize_meta<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    namespaced: bool,
+) -> Result<RawMeta, D::Error> {
+    struct MetaVisitor(MetaFieldSeed);
+
+    fn once<T, E: de::Error>(slot: &mut Option<T>, field: &'static str, value: T) -> Result<(), E> {
+        if slot.is_some() {
+            return Err(E::duplicate_field(field));
+        }
+        *slot = Some(value);
+        Ok(())
+    }
+
+    impl<'de> Visitor<'de> for MetaVisitor {
+        type Value = RawMeta;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("object metadata")
         }
 
-        deserializer.deserialize_identifier(FieldVisitor)
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawMeta, A::Error> {
+            let mut name = None;
+            let mut namespace = None;
+            let mut labels = None;
+            let mut annotations = None;
+            while let Some(key) = map.next_key_seed(self.0)? {
+                match key {
+                    MetaField::Name => once(&mut name, "name", map.next_value::<String>()?)?,
+                    MetaField::Namespace => {
+                        once(&mut namespace, "namespace", map.next_value::<Option<String>>()?)?;
+                    }
+                    MetaField::Labels => {
+                        once(&mut labels, "labels", map.next_value::<Option<UniqueMap>>()?)?;
+                    }
+                    MetaField::Annotations => {
+                        once(&mut annotations, "annotations", map.next_value::<Option<UniqueMap>>()?)?;
+                    }
+                    MetaField::Ignored => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(RawMeta {
+                name: name.ok_or_else(|| de::Error::missing_field("name"))?,
+                namespace: namespace.flatten(),
+                labels: labels.flatten().map(|m| m.0).unwrap_or_default(),
+                annotations: annotations.flatten().map(|m| m.0).unwrap_or_default(),
+            })
+        }
     }
+
+    let seed = MetaFieldSeed { namespaced };
+    deserializer.deserialize_struct("ObjectMeta", seed.fields(), MetaVisitor(seed))
 }
 
 impl<'de> Deserialize<'de> for ObjectMeta {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct MetaVisitor;
-
-        fn once<T, E: de::Error>(slot: &mut Option<T>, field: &'static str, value: T) -> Result<(), E> {
-            if slot.is_some() {
-                return Err(E::duplicate_field(field));
-            }
-            *slot = Some(value);
-            Ok(())
-        }
-
-        impl<'de> Visitor<'de> for MetaVisitor {
-            type Value = ObjectMeta;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("object metadata")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ObjectMeta, A::Error> {
-                let mut name = None;
-                let mut namespace = None;
-                let mut labels = None;
-                let mut annotations = None;
-                while let Some(key) = map.next_key::<MetaField>()? {
-                    match key {
-                        MetaField::Name => once(&mut name, "name", map.next_value::<String>()?)?,
-                        MetaField::Namespace => {
-                            once(&mut namespace, "namespace", map.next_value::<Option<String>>()?)?;
-                        }
-                        MetaField::Labels => {
-                            once(&mut labels, "labels", map.next_value::<Option<UniqueMap>>()?)?;
-                        }
-                        MetaField::Annotations => {
-                            once(&mut annotations, "annotations", map.next_value::<Option<UniqueMap>>()?)?;
-                        }
-                        MetaField::Ignored => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                let name = name.ok_or_else(|| de::Error::missing_field("name"))?;
-                let namespace = namespace.flatten().filter(|ns| !ns.is_empty());
-                Ok(ObjectMeta {
-                    name,
-                    namespace: namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-                    labels: labels.flatten().map(|m| m.0).unwrap_or_default(),
-                    annotations: annotations.flatten().map(|m| m.0).unwrap_or_default(),
-                })
-            }
-        }
-
-        deserializer.deserialize_struct("ObjectMeta", &META_FIELDS, MetaVisitor)
+        let raw = deserialize_meta(deserializer, true)?;
+        let namespace = raw.namespace.filter(|ns| !ns.is_empty());
+        Ok(ObjectMeta {
+            name: raw.name,
+            namespace: namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+            labels: raw.labels,
+            annotations: raw.annotations,
+        })
     }
 }

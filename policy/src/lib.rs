@@ -15,6 +15,11 @@
 //! ports resolve against the destination pod. Two points not spelled out in the API reference but
 //! relied on by the upstream e2e tests: a pod talking to itself is always allowed (loopback), and
 //! every namespace carries the label `kubernetes.io/metadata.name: <name>`.
+//!
+//! Above `NetworkPolicy` sits ztseg's admin tier, [`TenantPolicy`] (`ztseg.io/v1alpha1`): rules
+//! between tenants that `NetworkPolicy` cannot override, on top of a default cross-tenant deny.
+//! [`parse_documents`] reads files mixing both kinds; [`TenantPolicy::keys`] gives the admin-tier
+//! keys a policy compiles to and [`tenant_conflicts`] checks them across files.
 
 #![forbid(unsafe_code)]
 
@@ -24,6 +29,7 @@ mod direct;
 mod eval;
 mod net;
 mod parse;
+mod tenant;
 mod validate;
 
 #[cfg(test)]
@@ -40,5 +46,9 @@ pub use eval::{
     AllowRule, Direction, Endpoint, Isolation, PeerMatch, PodPolicy, PortMatch, allowed, evaluate,
 };
 pub use net::{IpNetwork, IpNetworkError};
-pub use parse::{PolicyError, parse_file};
+pub use parse::{Document, PolicyError, parse_documents, parse_file};
+pub use tenant::{
+    TENANT_POLICY_API_VERSION, TENANT_POLICY_KIND, TenantAction, TenantPolicy, TenantPolicyMeta,
+    TenantPolicySpec, TenantPort, TenantSelector, tenant_conflicts,
+};
 pub use validate::FieldError;

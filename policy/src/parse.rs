@@ -1,5 +1,5 @@
-//! Parsing of multi-document YAML files into validated [`NetworkPolicy`] objects, with every error
-//! reported as `file:line:column: field: message`.
+//! Parsing of multi-document YAML files into validated [`NetworkPolicy`] and [`TenantPolicy`]
+//! objects, with every error reported as `file:line:column: field: message`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,6 +10,9 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde_yaml::Value;
 
 use crate::api::{API_VERSION, KIND, NetworkPolicy};
+use crate::tenant::{
+    RawTenantPolicy, TENANT_POLICY_API_VERSION, TENANT_POLICY_KIND, TenantPolicy, conflicts,
+};
 use crate::validate::{Issue, Seg, issues, path_string};
 
 /// A problem found in a policy file, located as precisely as possible.
@@ -22,7 +25,7 @@ use crate::validate::{Issue, Seg, issues, path_string};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}:{line}:{column}: {field}: {message}", file.display())]
 pub struct PolicyError {
-    /// The file, as given to [`parse_file`].
+    /// The file, as given to [`parse_file`] or [`parse_documents`].
     pub file: PathBuf,
     /// 1-based line.
     pub line: usize,
@@ -45,12 +48,68 @@ pub struct PolicyError {
 /// reported. Deserialization stops at the first error within one document, and a YAML syntax error
 /// ends the scan of the file (the documents after it cannot be delimited reliably).
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<NetworkPolicy>, Vec<PolicyError>> {
-    FileParser { file: path, text, errors: Vec::new() }.run()
+    let documents = FileParser { file: path, text, accept: &[Kind::Network], errors: Vec::new() }.run()?;
+    Ok(documents
+        .into_iter()
+        .filter_map(|document| match document {
+            Document::Network(policy) => Some(policy),
+            Document::Tenant(_) => None,
+        })
+        .collect())
+}
+
+/// A policy object of a file read by [`parse_documents`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Document {
+    /// A `networking.k8s.io/v1` `NetworkPolicy`.
+    Network(NetworkPolicy),
+    /// A `ztseg.io/v1alpha1` `TenantPolicy`.
+    Tenant(TenantPolicy),
+}
+
+/// Parses every `NetworkPolicy` and `TenantPolicy` in `text` (the contents of `path`, which is only
+/// used in errors), in document order.
+///
+/// Same rules as [`parse_file`], with both kinds accepted: each document is dispatched on its
+/// `kind` and must carry that kind's `apiVersion`; each is deserialized strictly and validated
+/// ([`NetworkPolicy::validate`], [`TenantPolicy::validate`]). Across the file, `NetworkPolicy`
+/// names must be unique per namespace, `TenantPolicy` names must be unique, and no two
+/// tenant policies may produce the same admin key ([`TenantPolicy::keys`]; see also
+/// [`tenant_conflicts`](crate::tenant_conflicts) for checks across files). All errors are collected
+/// as for [`parse_file`].
+pub fn parse_documents(path: &Path, text: &str) -> Result<Vec<Document>, Vec<PolicyError>> {
+    FileParser { file: path, text, accept: &[Kind::Network, Kind::Tenant], errors: Vec::new() }.run()
+}
+
+/// The kinds of object a file may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Network,
+    Tenant,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Network => KIND,
+            Kind::Tenant => TENANT_POLICY_KIND,
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::Network => API_VERSION,
+            Kind::Tenant => TENANT_POLICY_API_VERSION,
+        }
+    }
 }
 
 struct FileParser<'a> {
     file: &'a Path,
     text: &'a str,
+    /// Kinds accepted, in the order they are named in errors; the first is the one assumed for a
+    /// document whose kind cannot be read.
+    accept: &'a [Kind],
     errors: Vec<PolicyError>,
 }
 
@@ -70,7 +129,7 @@ fn documents(text: &str) -> impl Iterator<Item = (usize, serde_yaml::Deserialize
 }
 
 impl FileParser<'_> {
-    fn run(mut self) -> Result<Vec<NetworkPolicy>, Vec<PolicyError>> {
+    fn run(mut self) -> Result<Vec<Document>, Vec<PolicyError>> {
         // Pass 1: find the non-empty documents and the first syntax error. The document iterator
         // never ends once libyaml has failed, so stop there.
         let mut non_empty = Vec::new();
@@ -81,8 +140,13 @@ impl FileParser<'_> {
                 Ok(Some(IgnoredAny)) => non_empty.push(index),
                 Err(err) => {
                     let (line, column) = err.location().map_or((1, 1), |l| (l.line(), l.column()));
-                    let message = strip_location(&err.to_string(), line, column);
-                    self.push(line, column, ".".to_owned(), format!("invalid YAML: {message}"));
+                    let mut message =
+                        format!("invalid YAML: {}", strip_location(&err.to_string(), line, column));
+                    if self.accept.contains(&Kind::Tenant) && message.contains("while scanning an alias") {
+                        // A bare `*` starts a YAML alias.
+                        message.push_str(" (the any-tenant wildcard must be quoted: `tenant: '*'`)");
+                    }
+                    self.push(line, column, ".".to_owned(), message);
                     break;
                 }
             }
@@ -91,34 +155,40 @@ impl FileParser<'_> {
 
         // Pass 2: apiVersion and kind, so that other objects get one clear error rather than a
         // cascade of unknown fields.
-        let mut candidates = Vec::new();
+        let mut candidates = BTreeMap::new();
         for (index, doc) in documents(self.text).take(scanned) {
             if !non_empty.contains(&index) {
                 continue;
             }
             match Probe::deserialize(doc) {
                 Ok(probe) => {
-                    if self.check_type(index, &probe) {
-                        candidates.push(index);
+                    if let Some(kind) = self.check_type(index, &probe) {
+                        candidates.insert(index, kind);
                     }
                 }
-                // Not a mapping, or a duplicated key: the strict pass reports it properly.
-                Err(_) => candidates.push(index),
+                // Not a mapping, or a duplicated key: the strict pass reports it properly, as the
+                // kind the document seems to be.
+                Err(_) => {
+                    candidates.insert(index, self.guess_kind(index));
+                }
             }
         }
 
         // Pass 3: strict deserialization and validation.
-        let mut policies = Vec::new();
+        let mut parsed = Vec::new();
         for (index, doc) in documents(self.text).take(scanned) {
-            if !candidates.contains(&index) {
-                continue;
-            }
-            match serde_path_to_error::deserialize::<_, NetworkPolicy>(doc) {
-                Ok(policy) => {
+            let Some(&kind) = candidates.get(&index) else { continue };
+            let result = match kind {
+                Kind::Network => serde_path_to_error::deserialize::<_, NetworkPolicy>(doc).map(|policy| {
                     let found = issues(&policy);
-                    if found.is_empty() {
-                        policies.push((index, policy));
-                    }
+                    if found.is_empty() { Ok(Document::Network(policy)) } else { Err(found) }
+                }),
+                Kind::Tenant => serde_path_to_error::deserialize::<_, RawTenantPolicy>(doc)
+                    .map(|raw| raw.into_policy().map(Document::Tenant)),
+            };
+            match result {
+                Ok(Ok(document)) => parsed.push((index, document)),
+                Ok(Err(found)) => {
                     for Issue { path, message } in found {
                         let (line, column) = self.locate(index, &path);
                         self.push(line, column, path_string(&path), message);
@@ -128,15 +198,46 @@ impl FileParser<'_> {
             }
         }
 
-        // Names must be unique per namespace, as in a cluster.
-        let mut seen: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        // Names must be unique (NetworkPolicies per namespace, as in a cluster), and admin keys too.
+        self.check_unique(
+            KIND,
+            parsed.iter().filter_map(|(index, document)| match document {
+                Document::Network(p) => {
+                    Some((*index, format!("{}/{}", p.metadata.namespace, p.metadata.name)))
+                }
+                Document::Tenant(_) => None,
+            }),
+        );
+        let tenants: Vec<(usize, &TenantPolicy)> = parsed
+            .iter()
+            .filter_map(|(index, document)| match document {
+                Document::Tenant(p) => Some((*index, p)),
+                Document::Network(_) => None,
+            })
+            .collect();
+        self.check_unique(
+            TENANT_POLICY_KIND,
+            tenants.iter().map(|(index, p)| (*index, p.metadata.name.clone())),
+        );
+        self.check_tenant_keys(&tenants);
+
+        if self.errors.is_empty() {
+            Ok(parsed.into_iter().map(|(_, document)| document).collect())
+        } else {
+            self.errors.sort_by_key(|e| (e.line, e.column));
+            Err(self.errors)
+        }
+    }
+
+    /// Reports every document whose `name` (of kind `kind`) an earlier document already has.
+    fn check_unique(&mut self, kind: &str, names: impl Iterator<Item = (usize, String)>) {
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         let mut duplicates = Vec::new();
-        for (index, policy) in &policies {
-            let key = (policy.metadata.namespace.as_str(), policy.metadata.name.as_str());
-            if let Some(first) = seen.get(&key) {
-                duplicates.push((*index, *first, format!("{}/{}", key.0, key.1)));
+        for (index, name) in names {
+            if let Some(first) = seen.get(&name) {
+                duplicates.push((index, *first, name));
             } else {
-                seen.insert(key, *index);
+                seen.insert(name, index);
             }
         }
         for (index, first, name) in duplicates {
@@ -148,17 +249,36 @@ impl FileParser<'_> {
                 column,
                 path_string(&path),
                 format!(
-                    "duplicate NetworkPolicy `{name}` (already defined by document #{} at line {first_line})",
+                    "duplicate {kind} `{name}` (already defined by document #{} at line {first_line})",
                     first + 1
                 ),
             );
         }
+    }
 
-        if self.errors.is_empty() {
-            Ok(policies.into_iter().map(|(_, policy)| policy).collect())
-        } else {
-            self.errors.sort_by_key(|e| (e.line, e.column));
-            Err(self.errors)
+    /// Reports tenant policies producing an admin key that an earlier one of the file produces, at
+    /// the `ports` entry giving the (first) shared key.
+    fn check_tenant_keys(&mut self, tenants: &[(usize, &TenantPolicy)]) {
+        for conflict in conflicts(tenants.iter().map(|(_, p)| *p)) {
+            let (index, policy) = tenants[conflict.policy];
+            let (first_index, first) = tenants[conflict.first];
+            let mut path = vec![Seg::Key("spec".to_owned()), Seg::Key("ports".to_owned())];
+            let (_, _, protocol, port) = &conflict.keys[0];
+            if let Some(i) =
+                policy.spec.ports.iter().position(|p| Some(p.protocol) == *protocol && p.port == *port)
+            {
+                path.push(Seg::Index(i));
+            }
+            let (line, column) = self.locate(index, &path);
+            let (first_line, _) = self.locate(first_index, &[]);
+            let message = format!(
+                "TenantPolicy `{}` and TenantPolicy `{}` (document #{} at line {first_line}) {}",
+                policy.metadata.name,
+                first.metadata.name,
+                first_index + 1,
+                conflict.describe()
+            );
+            self.push(line, column, path_string(&path), message);
         }
     }
 
@@ -166,8 +286,9 @@ impl FileParser<'_> {
         self.errors.push(PolicyError { file: self.file.to_path_buf(), line, column, field, message });
     }
 
-    /// Checks `apiVersion` and kind; returns whether the document is a `NetworkPolicy`.
-    fn check_type(&mut self, index: usize, probe: &Probe) -> bool {
+    /// Checks `apiVersion` and kind; returns the kind when the document is one of the accepted
+    /// kinds with its `apiVersion`.
+    fn check_type(&mut self, index: usize, probe: &Probe) -> Option<Kind> {
         let name = probe
             .metadata
             .as_ref()
@@ -175,23 +296,52 @@ impl FileParser<'_> {
             .and_then(Value::as_str)
             .map_or_else(String::new, |name| format!(" (`{name}`)"));
         let doc = format!("document #{}{name}", index + 1);
+        let (api_version, kind) = (plain_str(probe.api_version.as_ref()), plain_str(probe.kind.as_ref()));
+        let known = self.accept.iter().copied().find(|k| Some(k.name()) == kind);
+
+        // A known kind needs its own apiVersion; otherwise any accepted apiVersion is fine here (the
+        // kind is wrong anyway), and the kind expected is the one of that apiVersion if any.
+        let versions: Vec<&str> = match known {
+            Some(k) => vec![k.api_version()],
+            None => self.accept.iter().map(|k| k.api_version()).collect(),
+        };
+        let mut kinds: Vec<&str> =
+            self.accept.iter().filter(|k| Some(k.api_version()) == api_version).map(|k| k.name()).collect();
+        if kinds.is_empty() {
+            kinds = self.accept.iter().map(|k| k.name()).collect();
+        }
+
+        let version_ok = api_version.is_some_and(|v| versions.contains(&v));
         let mut ok = true;
-        for (field, value, expected) in
-            [("apiVersion", &probe.api_version, API_VERSION), ("kind", &probe.kind, KIND)]
-        {
+        for (field, value, expected, good) in [
+            ("apiVersion", &probe.api_version, versions, version_ok),
+            ("kind", &probe.kind, kinds, known.is_some()),
+        ] {
+            if good {
+                continue;
+            }
+            let expected = one_of(&expected);
             let message = match value {
-                None | Some(Value::Null) => format!("{doc}: missing {field}, expected `{expected}`"),
-                Some(Value::String(s)) if s == expected => continue,
-                Some(other) => {
-                    format!("{doc}: {field} must be `{expected}`, found {}", describe(other))
-                }
+                None | Some(Value::Null) => format!("{doc}: missing {field}, expected {expected}"),
+                Some(other) => format!("{doc}: {field} must be {expected}, found {}", describe(other)),
             };
             ok = false;
             let path = [Seg::Key(field.to_owned())];
             let (line, column) = self.locate(index, &path);
             self.push(line, column, field.to_owned(), message);
         }
-        ok
+        if ok { known } else { None }
+    }
+
+    /// The kind of a document [`Probe`] could not read: the first `kind` that is an accepted kind,
+    /// else the first accepted kind.
+    fn guess_kind(&self, index: usize) -> Kind {
+        let mut kind = None;
+        if let Some((_, doc)) = documents(self.text).nth(index) {
+            // The scan fails on the first problem; whatever it saw before is what counts.
+            let _ = KindScan(&mut kind).deserialize(doc);
+        }
+        self.accept.iter().copied().find(|k| kind.as_deref() == Some(k.name())).unwrap_or(self.accept[0])
     }
 
     fn push_de_error(&mut self, index: usize, err: serde_path_to_error::Error<serde_yaml::Error>) {
@@ -235,7 +385,26 @@ fn strip_location(message: &str, line: usize, column: usize) -> String {
     }
 }
 
-fn describe(value: &Value) -> String {
+/// The string a value is, if it is a plain (untagged) string; `Value::as_str` would also look
+/// through tags.
+fn plain_str(value: Option<&Value>) -> Option<&str> {
+    match value {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// `` `a` ``, `` `a` or `b` ``, `` `a`, `b` or `c` ``.
+fn one_of(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|item| format!("`{item}`")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => quoted.concat(),
+    }
+}
+
+/// A YAML value as shown in messages.
+pub(crate) fn describe(value: &Value) -> String {
     match value {
         Value::String(s) => format!("`{s}`"),
         Value::Number(n) => format!("`{n}`"),
@@ -244,6 +413,39 @@ fn describe(value: &Value) -> String {
         Value::Sequence(_) => "a sequence".to_owned(),
         Value::Mapping(_) => "a mapping".to_owned(),
         Value::Tagged(t) => format!("a value tagged `{}`", t.tag),
+    }
+}
+
+/// Records the first string `kind` of a mapping, tolerating what [`Probe`] does not (duplicate
+/// keys) up to the first real error.
+struct KindScan<'k>(&'k mut Option<String>);
+
+impl<'de> DeserializeSeed<'de> for KindScan<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KindScan<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<Value>()? {
+            if self.0.is_none() && key.as_str() == Some("kind") {
+                if let Value::String(kind) = map.next_value::<Value>()? {
+                    *self.0 = Some(kind);
+                }
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
     }
 }
 

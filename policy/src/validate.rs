@@ -2,12 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use crate::api::{
     IntOrString, IpBlock, LabelSelector, LabelSelectorOperator, NetworkPolicy, NetworkPolicyPeer,
     NetworkPolicyPort,
 };
 use crate::net::IpNetwork;
+use crate::tenant::{ANY_TENANT, MAX_PRIORITY, MAX_TTL, MIN_TTL, TenantPolicy};
 
 /// A validation finding: the dotted field path (`spec.ingress[0].ports[1].port`) and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,6 +71,26 @@ impl NetworkPolicy {
     }
 }
 
+impl TenantPolicy {
+    /// Checks what parsing checks beyond typing: the name (a DNS-1123 label), labels and
+    /// annotations, `priority` (`0..=1000`), tenant names (DNS-1123 labels or `*`), port numbers
+    /// (`1..=65535`) and `ttl` (whole seconds, `1s..=30d`). An empty result means the policy is
+    /// valid.
+    #[must_use]
+    pub fn validate(&self) -> Vec<FieldError> {
+        tenant_issues(self)
+            .into_iter()
+            .map(|issue| FieldError { field: path_string(&issue.path), message: issue.message })
+            .collect()
+    }
+}
+
+pub(crate) fn tenant_issues(policy: &TenantPolicy) -> Vec<Issue> {
+    let mut v = Validator { path: Vec::new(), out: Vec::new() };
+    v.tenant_policy(policy);
+    v.out
+}
+
 pub(crate) fn issues(policy: &NetworkPolicy) -> Vec<Issue> {
     let mut v = Validator { path: Vec::new(), out: Vec::new() };
     v.policy(policy);
@@ -111,14 +133,7 @@ impl Validator {
             if let Err(msg) = check_dns_label(&meta.namespace) {
                 v.err_at("namespace", msg);
             }
-            v.at("labels", |v| v.label_map(&meta.labels));
-            v.at("annotations", |v| {
-                for key in meta.annotations.keys() {
-                    if let Err(msg) = check_qualified_name(key) {
-                        v.err_at(key, format!("invalid annotation key `{key}`: {msg}"));
-                    }
-                }
-            });
+            v.labels_and_annotations(&meta.labels, &meta.annotations);
         });
         self.at("spec", |v| {
             let spec = &policy.spec;
@@ -136,6 +151,61 @@ impl Validator {
                     v.at_index(i, |v| v.rule("to", &rule.to, &rule.ports));
                 }
             });
+        });
+    }
+
+    fn labels_and_annotations(
+        &mut self,
+        labels: &BTreeMap<String, String>,
+        annotations: &BTreeMap<String, String>,
+    ) {
+        self.at("labels", |v| v.label_map(labels));
+        self.at("annotations", |v| {
+            for key in annotations.keys() {
+                if let Err(msg) = check_qualified_name(key) {
+                    v.err_at(key, format!("invalid annotation key `{key}`: {msg}"));
+                }
+            }
+        });
+    }
+
+    fn tenant_policy(&mut self, policy: &TenantPolicy) {
+        self.at("metadata", |v| {
+            let meta = &policy.metadata;
+            let name = if meta.name.is_empty() {
+                Err("must not be empty".to_owned())
+            } else {
+                check_dns_label(&meta.name)
+            };
+            if let Err(msg) = name {
+                v.err_at("name", msg);
+            }
+            v.labels_and_annotations(&meta.labels, &meta.annotations);
+        });
+        self.at("spec", |v| {
+            let spec = &policy.spec;
+            if let Err(msg) = check_priority(i64::from(spec.priority)) {
+                v.err_at("priority", msg);
+            }
+            for (side, selector) in [("from", &spec.from), ("to", &spec.to)] {
+                if let Err(msg) = check_tenant(&selector.tenant) {
+                    v.at(side, |v| v.err_at("tenant", msg));
+                }
+            }
+            v.at("ports", |v| {
+                for (i, port) in spec.ports.iter().enumerate() {
+                    if let Some(n) = port.port
+                        && let Err(msg) = check_port_number(i64::from(n))
+                    {
+                        v.at_index(i, |v| v.err_at("port", msg));
+                    }
+                }
+            });
+            if let Some(ttl) = spec.ttl
+                && let Err(msg) = check_ttl(ttl)
+            {
+                v.err_at("ttl", msg);
+            }
         });
     }
 
@@ -157,11 +227,11 @@ impl Validator {
             (None, None) => {}
             (None, Some(_)) => self.err_at("endPort", "may not be specified when `port` is not specified"),
             (Some(IntOrString::Int(n)), end) => {
-                if let Err(msg) = check_port_number(*n) {
+                if let Err(msg) = check_port_number(i64::from(*n)) {
                     self.err_at("port", msg);
                 }
                 if let Some(end) = end {
-                    if let Err(msg) = check_port_number(end) {
+                    if let Err(msg) = check_port_number(i64::from(end)) {
                         self.err_at("endPort", msg);
                     } else if end < *n {
                         self.err_at("endPort", format!("must be greater than or equal to `port` ({n})"));
@@ -284,8 +354,36 @@ impl Validator {
     }
 }
 
-fn check_port_number(n: i32) -> Result<(), String> {
+pub(crate) fn check_port_number(n: i64) -> Result<(), String> {
     if (1..=65535).contains(&n) { Ok(()) } else { Err(format!("{n} must be between 1 and 65535, inclusive")) }
+}
+
+/// `TenantPolicy` `spec.priority`.
+pub(crate) fn check_priority(n: i64) -> Result<(), String> {
+    if (0..=i64::from(MAX_PRIORITY)).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!("{n} must be between 0 and {MAX_PRIORITY}, inclusive"))
+    }
+}
+
+/// `TenantPolicy` `spec.ttl`: whole seconds, `1s..=30d`.
+pub(crate) fn check_ttl(ttl: Duration) -> Result<(), String> {
+    if ttl.subsec_nanos() == 0 && (MIN_TTL..=MAX_TTL).contains(&ttl) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{ttl:?} is out of range: must be a whole number of seconds between 1s and 30d, inclusive"
+        ))
+    }
+}
+
+/// A tenant name in a `TenantPolicy` selector: a DNS-1123 label, or `*` for any tenant.
+fn check_tenant(tenant: &str) -> Result<(), String> {
+    if tenant == ANY_TENANT {
+        return Ok(());
+    }
+    check_dns_label(tenant).map_err(|e| format!("invalid tenant: {e}; use `*` for any tenant"))
 }
 
 /// IANA service name syntax (`IsValidPortName` upstream).

@@ -45,14 +45,18 @@ fn ztseg(args: &[&str]) -> (bool, String, String) {
 
 impl TestLab {
     fn new(name: &str) -> Self {
-        ztseg_integration::require_root();
-        let dir = std::env::temp_dir().join(ztseg_integration::unique("ztseg-lab-"));
-        std::fs::create_dir_all(dir.join("policies")).unwrap();
         let mut pods = String::new();
         for (ns, pod, host) in PODS {
             let _ =
                 writeln!(pods, "  - {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}, host: {host}}}");
         }
+        Self::with_pods(name, &pods)
+    }
+
+    fn with_pods(name: &str, pods: &str) -> Self {
+        ztseg_integration::require_root();
+        let dir = std::env::temp_dir().join(ztseg_integration::unique("ztseg-lab-"));
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
         let file = dir.join("lab.yaml");
         std::fs::write(
             &file,
@@ -286,4 +290,60 @@ fn unacked(c: &std::net::TcpStream) -> i32 {
     let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(c), libc::TIOCOUTQ, &raw mut n) };
     assert_eq!(rc, 0);
     n
+}
+
+const TP: &str = "apiVersion: ztseg.io/v1alpha1\nkind: TenantPolicy\n";
+
+/// The admin tier from `TenantPolicy`: cross-tenant deny by default, an admin Allow that no
+/// `NetworkPolicy` can override, a cluster-wide Deny above tenant policy, and a TTL the kernel
+/// enforces.
+#[test]
+fn tenant_policies() {
+    // x/a, x/b of tenant acme; y/a, y/b of tenant globex.
+    let mut pods = String::new();
+    for (ns, pod, host, tenant) in [
+        ("x", "a", "node1", "acme"),
+        ("x", "b", "node2", "acme"),
+        ("y", "a", "node1", "globex"),
+        ("y", "b", "node2", "globex"),
+    ] {
+        let _ = writeln!(
+            pods,
+            "  - {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}, host: {host}, tenant: {tenant}}}"
+        );
+    }
+    let lab = TestLab::with_pods(&format!("tp{}", std::process::id() % 10_000), &pods);
+    lab.check("no policy: tenants isolated", |f, t, _, _| ns(f) == ns(t));
+
+    // x denies all ingress (NetworkPolicy), yet the admin Allow acme -> globex on TCP 80 and
+    // globex -> acme on TCP 80 are final.
+    lab.apply(&format!(
+        "{NP}metadata: {{name: deny, namespace: x}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Ingress]\n---\n\
+         {TP}metadata: {{name: acme-globex}}\nspec:\n  priority: 10\n  action: Allow\n  from: {{tenant: acme}}\n  to: {{tenant: globex}}\n  ports: [{{protocol: TCP, port: 80}}]\n---\n\
+         {TP}metadata: {{name: globex-acme}}\nspec:\n  priority: 10\n  action: Allow\n  from: {{tenant: globex}}\n  to: {{tenant: acme}}\n  ports: [{{protocol: TCP, port: 80}}]\n"
+    ));
+    lab.check("admin allow is final", |f, t, port, proto| {
+        let cross = ns(f) != ns(t);
+        if cross { port == 80 && proto == "TCP" } else { ns(t) != "x" }
+    });
+
+    // A cluster-wide Deny on UDP (any port) applies inside tenants too; a Pass from globex to
+    // acme hands cross-tenant traffic to NetworkPolicy (x denies ingress, so still blocked).
+    lab.apply(&format!(
+        "{TP}metadata: {{name: no-udp}}\nspec:\n  priority: 1\n  action: Deny\n  from: {{tenant: '*'}}\n  to: {{tenant: '*'}}\n  ports: [{{protocol: UDP}}]\n---\n\
+         {TP}metadata: {{name: pass}}\nspec:\n  priority: 20\n  action: Pass\n  from: {{tenant: acme}}\n  to: {{tenant: globex}}\n"
+    ));
+    lab.check("cluster deny and pass", |f, t, _, proto| {
+        proto == "TCP" && (ns(f) == ns(t) || (ns(f) == "x" && ns(t) == "y"))
+    });
+
+    // A TenantPolicy with a TTL: the kernel closes it when it expires.
+    lab.apply(&format!(
+        "{TP}metadata: {{name: temp}}\nspec:\n  priority: 5\n  action: Allow\n  from: {{tenant: acme}}\n  to: {{tenant: globex}}\n  ports: [{{protocol: TCP, port: 81}}]\n  ttl: 3s\n"
+    ));
+    lab.check("temporary admin allow", |f, t, port, proto| {
+        ns(f) == ns(t) || (ns(f) == "x" && port == 81 && proto == "TCP")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    lab.check("after the ttl", |f, t, _, _| ns(f) == ns(t));
 }

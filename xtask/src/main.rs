@@ -59,9 +59,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (root): `datapath`.
+    /// Benchmarks (root): `datapath`, `throughput`.
     Bench {
-        #[arg(value_parser = ["datapath"])]
+        #[arg(value_parser = ["datapath", "throughput"])]
         which: String,
     },
 }
@@ -105,6 +105,15 @@ fn main() -> Result<()> {
                 "datapath" => {
                     cargo(&root, &["build", "--release", "-p", "ztseg-benches", "--bin", "bench-datapath"])?;
                     let mut cmd = Command::new(root.join("target/release/bench-datapath"));
+                    cmd.arg(&root);
+                    run(cmd)
+                }
+                "throughput" => {
+                    cargo(
+                        &root,
+                        &["build", "--release", "-p", "ztseg-benches", "--bin", "bench-throughput"],
+                    )?;
+                    let mut cmd = Command::new(root.join("target/release/bench-throughput"));
                     cmd.arg(&root);
                     run(cmd)
                 }

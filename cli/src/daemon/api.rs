@@ -136,6 +136,7 @@ impl enforcer_server::Enforcer for Api {
             .policy_rules()
             .iter()
             .map(|(o, c)| (*c, format!("policy:{o}")))
+            .chain(e.admin_rules().iter().map(|(o, (c, _))| (*c, o.clone())))
             .chain(e.grants().keys().map(|c| (*c, format!("grant:{c}"))))
             .collect();
         let rules =

@@ -46,6 +46,9 @@ pub struct GrantInfo {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Ownership {
     policy: BTreeMap<String, u32>,
+    /// Admin-tier rules from `TenantPolicy`: owner → (cookie, fingerprint).
+    #[serde(default)]
+    admin: BTreeMap<String, (u32, String)>,
     grants: BTreeMap<u32, GrantInfo>,
 }
 
@@ -61,6 +64,7 @@ pub struct Engine {
     pub policy_version: u64,
     pub policy_load_errors: u64,
     policies: Vec<ztseg_policy::NetworkPolicy>,
+    tenant_policies: Vec<ztseg_policy::TenantPolicy>,
     fingerprint: Vec<(PathBuf, SystemTime, u64)>,
     own: Ownership,
 }
@@ -102,6 +106,7 @@ impl Engine {
             policy_version: 0,
             policy_load_errors: 0,
             policies: Vec::new(),
+            tenant_policies: Vec::new(),
             fingerprint: Vec::new(),
             own,
         })
@@ -145,6 +150,7 @@ impl Engine {
         // Keep only what is still installed.
         let live: std::collections::BTreeSet<u32> = dp.writer().rules().iter().map(|r| r.cookie).collect();
         own.policy.retain(|_, c| live.contains(c));
+        own.admin.retain(|_, (c, _)| live.contains(c));
         own.grants.retain(|c, _| live.contains(c));
         own
     }
@@ -264,11 +270,19 @@ impl Engine {
         }
         self.fingerprint.clone_from(&files);
         let mut policies = Vec::new();
+        let mut tenant_policies = Vec::new();
         let mut errors = Vec::new();
         for (f, _, _) in &files {
             match std::fs::read_to_string(f) {
-                Ok(text) => match ztseg_policy::parse_file(f, &text) {
-                    Ok(p) => policies.extend(p),
+                Ok(text) => match ztseg_policy::parse_documents(f, &text) {
+                    Ok(docs) => {
+                        for d in docs {
+                            match d {
+                                ztseg_policy::Document::Network(p) => policies.push(p),
+                                ztseg_policy::Document::Tenant(t) => tenant_policies.push(t),
+                            }
+                        }
+                    }
                     Err(es) => errors.extend(es.iter().map(ToString::to_string)),
                 },
                 Err(e) => errors.push(format!("{}: {e}", f.display())),
@@ -281,9 +295,10 @@ impl Engine {
             self.policy_error = Some(msg);
             return;
         }
-        match self.apply(&policies) {
+        match self.apply_admin(&tenant_policies).and_then(|()| self.apply(&policies)) {
             Ok(()) => {
                 self.policies = policies;
+                self.tenant_policies = tenant_policies;
                 self.policy_loaded = true;
                 self.policy_error = None;
                 self.policy_version += 1;
@@ -302,6 +317,16 @@ impl Engine {
                 self.policy_error = Some(msg);
             }
         }
+    }
+
+    /// Admin tier from `TenantPolicy` objects (tenant numbers as the data plane knows them).
+    fn apply_admin(&mut self, tenant_policies: &[ztseg_policy::TenantPolicy]) -> Result<()> {
+        let desired = compile::compile_admin(tenant_policies, |t| tenant_of(Some(t)))?;
+        let mut current = std::mem::take(&mut self.own.admin);
+        let result = compile::sync_admin(&mut self.dp.writer(), &desired, &mut current);
+        self.own.admin = current;
+        self.save_ownership()?;
+        result
     }
 
     fn apply(&mut self, policies: &[ztseg_policy::NetworkPolicy]) -> Result<()> {
@@ -443,6 +468,10 @@ impl Engine {
 
     pub fn grants(&self) -> &BTreeMap<u32, GrantInfo> {
         &self.own.grants
+    }
+
+    pub fn admin_rules(&self) -> &BTreeMap<String, (u32, String)> {
+        &self.own.admin
     }
 
     pub fn policy_rules(&self) -> &BTreeMap<String, u32> {

@@ -165,12 +165,12 @@ pub fn in_netns<R: Send>(ns: &str, f: impl FnOnce() -> Result<R> + Send) -> Resu
     })
 }
 
-fn read_policies(lab: &LabFile, lab_path: &Path) -> Result<Vec<ztseg_policy::NetworkPolicy>> {
+fn read_policies(lab: &LabFile, lab_path: &Path) -> Result<Vec<ztseg_policy::Document>> {
     let mut all = Vec::new();
     let mut errors = Vec::new();
     for f in lab.policy_files(lab_path)? {
         let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-        match ztseg_policy::parse_file(&f, &text) {
+        match ztseg_policy::parse_documents(&f, &text) {
             Ok(p) => all.extend(p),
             Err(e) => errors.extend(e),
         }

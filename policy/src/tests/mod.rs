@@ -1,10 +1,11 @@
-//! Unit tests: upstream e2e scenarios, parse/validation errors, networks and selectors, and the
-//! randomized cross-check of the evaluated form against the direct implementation.
+//! Unit tests: upstream e2e scenarios, parse/validation errors, `TenantPolicy`, networks and
+//! selectors, and the randomized cross-check of the evaluated form against the direct implementation.
 
 mod crosscheck;
 mod e2e;
 mod net;
 mod parse;
+mod tenant;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -1,0 +1,374 @@
+//! `cargo xtask bench throughput`: two pods routed through a simulated host, measured in one
+//! run under five configurations — no filter; ztseg with 10 and with 10,000 policy entries;
+//! iptables with a 10,000-rule linear FORWARD chain whose matching rule is last; nftables with
+//! a 10,000-element set — for TCP new-connection rate (connect/accept/close loop) and bulk TCP
+//! throughput (iperf3). Then grant latency: library call → first packet of the granted flow
+//! echoed back, over 1,000 grants, counting any packet of a granted flow that is dropped after
+//! the call returned.
+//!
+//! Writes `target/bench/throughput.json` and its section of `docs/benchmarks.md`.
+#![forbid(unsafe_code)]
+
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    net::{TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use enforcer::{Datapath, DatapathOptions, Rule, TcHook, Workload, writer::Action};
+use enforcer_common::{DIR_EGRESS, DIR_INGRESS, PORT_ANY};
+use serde::Serialize;
+use ztseg_integration::{frame::TCP, netns::Netns};
+
+const A: u32 = 5000;
+const B: u32 = 5001;
+const CONNECT_SECS: u64 = 2;
+const IPERF_SECS: u32 = 4;
+const GRANTS: usize = 1000;
+
+#[derive(Serialize)]
+struct Run {
+    config: String,
+    connections_per_sec: f64,
+    bulk_gbit_per_sec: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    runs: Vec<Run>,
+    grant_latency_us_p50: f64,
+    grant_latency_us_p99: f64,
+    grant_packets_dropped: usize,
+    grants: usize,
+}
+
+/// Host namespace routing between pod A (10.78.0.1 via hv0) and pod B (10.78.1.1 via hv1).
+struct Topo {
+    host: Netns,
+    a: Netns,
+    b: Netns,
+}
+
+fn topo() -> Topo {
+    let host = Netns::new("ztbh");
+    let a = Netns::new("ztba");
+    let b = Netns::new("ztbb");
+    host.sh("sysctl -qw net.ipv4.ip_forward=1");
+    for (i, pod) in [&a, &b].iter().enumerate() {
+        host.sh(&format!(
+            "ip link add hv{i} type veth peer name eth0 netns {} && ip addr add 10.78.{i}.254/24 dev hv{i} && ip link set hv{i} up",
+            pod.name
+        ));
+        pod.sh(&format!(
+            "ip addr add 10.78.{i}.1/24 dev eth0 && ip link set eth0 up && ip route add default via 10.78.{i}.254 && \
+             sysctl -qw net.ipv4.tcp_tw_reuse=1 && sysctl -qw net.ipv4.ip_local_port_range='10000 65000'"
+        ));
+    }
+    Topo { host, a, b }
+}
+
+fn connect_rate(t: &Topo) -> f64 {
+    let start = Instant::now();
+    let n = t.a.enter(|| {
+        let addr = "10.78.1.1:9100".parse().expect("addr");
+        let mut n = 0u64;
+        while start.elapsed() < Duration::from_secs(CONNECT_SECS) {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    });
+    #[expect(clippy::cast_precision_loss, reason = "connection counts are far below 2^52")]
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    rate
+}
+
+fn bulk(t: &Topo) -> Result<f64> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &t.a.name, "iperf3", "-c", "10.78.1.1", "-J", "-t", &IPERF_SECS.to_string()])
+        .output()
+        .context("running iperf3")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3: no sum_received")?;
+    Ok(bps / 1e9)
+}
+
+fn measure(t: &Topo, config: &str) -> Result<Run> {
+    let run =
+        Run { config: config.into(), connections_per_sec: connect_rate(t), bulk_gbit_per_sec: bulk(t)? };
+    eprintln!(
+        "bench: {config:<18} {:>9.0} conn/s {:>7.2} Gbit/s",
+        run.connections_per_sec, run.bulk_gbit_per_sec
+    );
+    Ok(run)
+}
+
+fn ztseg(t: &Topo, dir: &Path, entries: u32) -> Result<Datapath> {
+    let _ = Datapath::uninstall(dir);
+    let opts = DatapathOptions { policy_entries: entries + 64, ..DatapathOptions::default() };
+    let mut dp = Datapath::open(dir, &opts)?;
+    let ifx = t.host.enter(|| -> Result<Vec<u32>> {
+        let mut v = Vec::new();
+        for i in 0..2 {
+            let ifname = format!("hv{i}");
+            dp.attach_tc(&ifname, TcHook::FromWorkload)?;
+            dp.attach_tc(&ifname, TcHook::ToWorkload)?;
+            v.push(enforcer::datapath::ifindex(&ifname)?);
+        }
+        Ok(v)
+    })?;
+    {
+        let mut w = dp.writer();
+        for (i, id) in [A, B].iter().enumerate() {
+            let wl = Workload {
+                identity: *id,
+                tenant: 1,
+                ipv4: Some(format!("10.78.{i}.1").parse()?),
+                ipv6: None,
+                audit: false,
+            };
+            w.set_interface_workload(ifx[i], &wl)?;
+        }
+        // The allowing rule (both ends of A -> B on any TCP port) plus filler entries.
+        w.install(&Rule {
+            keys: vec![
+                Rule::key(DIR_EGRESS, A, Some(B), TCP, PORT_ANY),
+                Rule::key(DIR_INGRESS, B, Some(A), TCP, PORT_ANY),
+            ],
+            action: Action::Allow,
+            ttl: None,
+        })?;
+        let mut left = entries.saturating_sub(2);
+        let mut n = 0u32;
+        while left > 0 {
+            let chunk = left.min(1000);
+            let keys = (0..chunk)
+                .map(|i| {
+                    let id = n + i;
+                    Rule::key(
+                        DIR_INGRESS,
+                        B,
+                        Some(10_000 + id / 1000),
+                        TCP,
+                        u16::try_from(id % 1000 + 1).unwrap_or(1),
+                    )
+                })
+                .collect();
+            w.install(&Rule { keys, action: Action::Allow, ttl: None })?;
+            n += chunk;
+            left -= chunk;
+        }
+    }
+    Ok(dp)
+}
+
+fn iptables(t: &Topo) -> Result<()> {
+    let mut rules = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    for i in 0..9_998u32 {
+        let _ = writeln!(
+            rules,
+            "-A FORWARD -s 10.200.{}.{}/32 -d 10.78.1.1/32 -p tcp -j ACCEPT",
+            i / 250,
+            i % 250 + 1
+        );
+    }
+    rules.push_str("-A FORWARD -s 10.78.0.1/32 -d 10.78.1.1/32 -p tcp -j ACCEPT\n");
+    rules.push_str("-A FORWARD -s 10.78.1.1/32 -d 10.78.0.1/32 -p tcp -j ACCEPT\nCOMMIT\n");
+    restore(&t.host, "iptables-restore", &rules)
+}
+
+fn nft(t: &Topo) -> Result<()> {
+    let mut elems = Vec::with_capacity(10_000);
+    for i in 0..9_998u32 {
+        elems.push(format!("10.200.{}.{} . 10.78.1.1", i / 250, i % 250 + 1));
+    }
+    elems.push("10.78.0.1 . 10.78.1.1".into());
+    elems.push("10.78.1.1 . 10.78.0.1".into());
+    let conf = format!(
+        "table inet ztbench {{\n set allowed {{ type ipv4_addr . ipv4_addr; elements = {{ {} }} }}\n \
+         chain fwd {{ type filter hook forward priority 0; policy drop; ip saddr . ip daddr @allowed accept }}\n}}\n",
+        elems.join(", ")
+    );
+    restore(&t.host, "nft", &conf)
+}
+
+fn restore(ns: &Netns, tool: &str, input: &str) -> Result<()> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, tool]);
+    if tool == "nft" {
+        cmd.args(["-f", "-"]);
+    }
+    let mut child = cmd.stdin(std::process::Stdio::piped()).spawn()?;
+    child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("{tool} failed");
+    }
+    Ok(())
+}
+
+/// Grant latency: install a grant for A -> B udp/7000, send one datagram at once, time until
+/// its echo is back; then revoke. B echoes on 7000.
+fn grant_latency(t: &Topo, dp: &Datapath) -> Result<(Vec<f64>, usize)> {
+    let echo = t.b.enter(|| UdpSocket::bind("10.78.1.1:7000"))?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((n, p)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], p);
+        }
+    });
+    let sock = t.a.enter(|| -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind("10.78.0.1:0")?;
+        s.connect("10.78.1.1:7000")?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(s)
+    })?;
+    let mut lat = Vec::with_capacity(GRANTS);
+    let mut dropped = 0;
+    let udp = enforcer_common::IPPROTO_UDP;
+    for i in 0..GRANTS {
+        let start = Instant::now();
+        let h = dp.writer().install(&Rule {
+            keys: vec![
+                Rule::key(DIR_EGRESS, A, Some(B), udp, 7000),
+                Rule::key(DIR_INGRESS, B, Some(A), udp, 7000),
+            ],
+            action: Action::Allow,
+            ttl: Some(Duration::from_mins(1)),
+        })?;
+        sock.send(&u32::try_from(i)?.to_be_bytes())?;
+        let mut buf = [0u8; 4];
+        match sock.recv(&mut buf) {
+            Ok(4) => lat.push(start.elapsed().as_secs_f64() * 1e6),
+            _ => dropped += 1,
+        }
+        dp.writer().revoke(h.cookie)?;
+    }
+    lat.sort_by(f64::total_cmp);
+    Ok((lat, dropped))
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "index into a small vector"
+    )]
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn main() -> Result<()> {
+    let root = PathBuf::from(std::env::args().nth(1).context("usage: bench-throughput ROOT")?);
+    ztseg_integration::require_root();
+    let t = topo();
+    // Servers in B: connect/accept/close sink and iperf3.
+    let l = t.b.enter(|| TcpListener::bind("10.78.1.1:9100"))?;
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    let mut iperf = Command::new("ip")
+        .args(["netns", "exec", &t.b.name, "iperf3", "-s", "-B", "10.78.1.1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let dir = PathBuf::from("/sys/fs/bpf/ztseg-bench-tput");
+    let mut runs = vec![measure(&t, "no filter")?];
+    let dp = ztseg(&t, &dir, 10)?;
+    runs.push(measure(&t, "ztseg 10")?);
+    drop(dp);
+    Datapath::uninstall(&dir)?;
+    let dp = ztseg(&t, &dir, 10_000)?;
+    runs.push(measure(&t, "ztseg 10000")?);
+    let (lat, dropped) = grant_latency(&t, &dp)?;
+    drop(dp);
+    Datapath::uninstall(&dir)?;
+    iptables(&t)?;
+    runs.push(measure(&t, "iptables 10000")?);
+    t.host.sh("iptables -F FORWARD && iptables -P FORWARD ACCEPT");
+    nft(&t)?;
+    runs.push(measure(&t, "nftables set 10000")?);
+    t.host.sh("nft delete table inet ztbench");
+    let _ = iperf.kill();
+    let _ = iperf.wait();
+
+    let report = Report {
+        grant_latency_us_p50: pct(&lat, 0.5),
+        grant_latency_us_p99: pct(&lat, 0.99),
+        grant_packets_dropped: dropped,
+        grants: GRANTS,
+        runs,
+    };
+    eprintln!(
+        "bench: grant latency p50 {:.0} µs, p99 {:.0} µs, dropped {dropped}",
+        report.grant_latency_us_p50, report.grant_latency_us_p99
+    );
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("throughput.json"), serde_json::to_string_pretty(&report)?)?;
+    write_doc(&root, &report)
+}
+
+fn write_doc(root: &Path, r: &Report) -> Result<()> {
+    let base = &r.runs[0];
+    let mut md = String::from("## Throughput in the lab (`cargo xtask bench throughput`)\n\n");
+    md.push_str(
+        "Two pods routed through a simulated host (veth pairs, IP forwarding), all configurations measured in one \
+         run: TCP connect/accept/close loop for 2 s (connections per second) and iperf3 bulk TCP for 4 s. \
+         iptables: 10,000-rule linear FORWARD chain, the matching rules last, policy DROP. nftables: one rule \
+         matching a 10,000-element `saddr . daddr` set, policy drop. ztseg: TC programs on both host-side \
+         interfaces (egress check of A, ingress check of B), conntrack for established packets. Raw: \
+         `target/bench/throughput.json`.\n\n| configuration | conn/s | × no filter | bulk Gbit/s | × no filter |\n|---|---:|---:|---:|---:|\n",
+    );
+    for run in &r.runs {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            run.config,
+            run.connections_per_sec,
+            run.connections_per_sec / base.connections_per_sec,
+            run.bulk_gbit_per_sec,
+            run.bulk_gbit_per_sec / base.bulk_gbit_per_sec
+        );
+    }
+    let z = &r.runs[2];
+    let nft = &r.runs[4];
+    let yes = |b: bool| if b { "yes" } else { "**no**" };
+    let _ = writeln!(
+        md,
+        "\nTargets: ztseg (10,000) ≥ 0.9 × no filter — conn/s {} ({:.2}), bulk {} ({:.2}); ztseg ≥ nftables — conn/s {}, bulk {}.\n",
+        yes(z.connections_per_sec >= 0.9 * base.connections_per_sec),
+        z.connections_per_sec / base.connections_per_sec,
+        yes(z.bulk_gbit_per_sec >= 0.9 * base.bulk_gbit_per_sec),
+        z.bulk_gbit_per_sec / base.bulk_gbit_per_sec,
+        yes(z.connections_per_sec >= nft.connections_per_sec),
+        yes(z.bulk_gbit_per_sec >= nft.bulk_gbit_per_sec),
+    );
+    let _ = writeln!(
+        md,
+        "Grant latency (library call installing a grant → the first datagram of the granted flow echoed back, \
+         {} grants, 10,000 entries): p50 {:.0} µs, p99 {:.0} µs (target p99 ≤ 1 ms: {}); packets of a granted flow \
+         dropped after the call returned: {}.\n\nThe machine has 2 cores shared by sender, receiver and \
+         forwarding; absolute numbers vary between runs, ratios within a run are what to compare.\n\n\
+         Reproduce: `sudo -E cargo xtask bench throughput`.",
+        r.grants,
+        r.grant_latency_us_p50,
+        r.grant_latency_us_p99,
+        yes(r.grant_latency_us_p99 <= 1000.0),
+        r.grant_packets_dropped
+    );
+    ztseg_benches::write_section(root, "throughput", &md)?;
+    println!("wrote {} and docs/benchmarks.md", root.join("target/bench/throughput.json").display());
+    Ok(())
+}
