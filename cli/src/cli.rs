@@ -409,20 +409,7 @@ fn grant_row(g: ztseg_api::enforcer::Grant) -> Vec<(&'static str, String)> {
 }
 
 fn validate(paths: &[PathBuf]) -> Result<ExitCode> {
-    let mut files = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(p)?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|f| f.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-                .collect();
-            v.sort();
-            files.extend(v);
-        } else {
-            files.push(p.clone());
-        }
-    }
+    let files = lab::spec::yaml_files(paths)?;
     let mut errors = 0;
     let mut policies = 0;
     for f in &files {

@@ -625,18 +625,15 @@ impl Writer {
         self.clear_slot(rec.slot)?;
         self.records.remove(&old);
         self.free_slots.push(rec.slot);
+        Ok(self.record_admin(rule, cookie, slot, expires_at))
+    }
+
+    fn record_admin(&mut self, rule: &AdminRule, cookie: u32, slot: u32, expires_at: u64) -> RuleHandle {
         self.admin_owners.insert(rule.key, cookie);
-        self.records.insert(
-            cookie,
-            Record {
-                slot,
-                action: rule.action,
-                expires_at,
-                keys: Vec::new(),
-                admin: Some((rule.key, rule.priority)),
-            },
-        );
-        Ok(RuleHandle { cookie, slot, expires_at })
+        let admin = Some((rule.key, rule.priority));
+        self.records
+            .insert(cookie, Record { slot, action: rule.action, expires_at, keys: Vec::new(), admin });
+        RuleHandle { cookie, slot, expires_at }
     }
 
     /// Install an admin-tier rule.
@@ -673,18 +670,7 @@ impl Writer {
             return Err(Error::Map { name: map_names::ADMIN, source: Box::new(e) });
         }
         self.activate(slot, cookie, expires_at)?;
-        self.admin_owners.insert(rule.key, cookie);
-        self.records.insert(
-            cookie,
-            Record {
-                slot,
-                action: rule.action,
-                expires_at,
-                keys: Vec::new(),
-                admin: Some((rule.key, rule.priority)),
-            },
-        );
-        Ok(RuleHandle { cookie, slot, expires_at })
+        Ok(self.record_admin(rule, cookie, slot, expires_at))
     }
 
     /// Revoke a rule or grant: from the next packet neither new nor established flows it

@@ -206,6 +206,29 @@ impl Config {
         if self.failsafe.len() > enforcer_common::MAX_FAILSAFE {
             return Err(err("failsafe".into(), format!("at most {} entries", enforcer_common::MAX_FAILSAFE)));
         }
+        // Identities and tenant numbers are hashes of names: refuse a collision rather than
+        // merge two workloads or two tenants.
+        let mut ids = std::collections::BTreeMap::new();
+        let mut tenants = std::collections::BTreeMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            if let Some(other) = ids.insert(identity_of(&w.id()), w.id())
+                && other != w.id()
+            {
+                return Err(err(
+                    format!("workloads[{i}].name"),
+                    format!("identity of {} collides with {other}; rename one", w.id()),
+                ));
+            }
+            if let Some(t) = &w.tenant
+                && let Some(other) = tenants.insert(tenant_of(Some(t)), t.clone())
+                && other != *t
+            {
+                return Err(err(
+                    format!("workloads[{i}].tenant"),
+                    format!("tenant {t:?} collides with {other:?}; rename one"),
+                ));
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let f = |s: &str| format!("workloads[{i}].{s}");

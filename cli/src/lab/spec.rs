@@ -10,6 +10,26 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
+/// Each path that is a file, and every `.yaml`/`.yml` file of each directory (sorted).
+pub fn yaml_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|f| f.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LabFile {
@@ -156,22 +176,6 @@ impl LabFile {
     /// directory, sorted.
     pub fn policy_files(&self, lab_path: &Path) -> Result<Vec<PathBuf>> {
         let base = lab_path.parent().unwrap_or(Path::new("."));
-        let mut out = Vec::new();
-        for p in &self.policies {
-            let p = base.join(p);
-            if p.is_dir() {
-                let mut files: Vec<PathBuf> = std::fs::read_dir(&p)
-                    .with_context(|| format!("reading {}", p.display()))?
-                    .flatten()
-                    .map(|e| e.path())
-                    .filter(|f| f.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-                    .collect();
-                files.sort();
-                out.extend(files);
-            } else {
-                out.push(p);
-            }
-        }
-        Ok(out)
+        yaml_files(&self.policies.iter().map(|p| base.join(p)).collect::<Vec<_>>())
     }
 }
