@@ -71,6 +71,8 @@ fn run_prog(dp: &mut Datapath, prog: &'static str, frame: &[u8]) -> Result<f64> 
 }
 
 struct Frames {
+    /// The SYN that opens the established flow (creates its conntrack entry).
+    open: Vec<u8>,
     established: Vec<u8>,
     new_flow: Vec<u8>,
     deny: Vec<u8>,
@@ -79,6 +81,7 @@ struct Frames {
 fn frames(v: u8) -> Frames {
     if v == 4 {
         Frames {
+            open: frame::tcp4("10.0.0.1", 40000, "10.0.0.2", 80),
             established: frame::frame4(
                 "10.0.0.1",
                 "10.0.0.2",
@@ -90,6 +93,7 @@ fn frames(v: u8) -> Frames {
         }
     } else {
         Frames {
+            open: frame::tcp6("fd00::1", 40000, "fd00::2", 80),
             established: frame::frame6("fd00::1", "fd00::2", frame::TCP, &frame::tcp(40000, 80, frame::ACK)),
             new_flow: frame::tcp6("fd00::1", 40001, "fd00::2", 80),
             deny: frame::tcp6("fd00::1", 40002, "fd00::2", 81),
@@ -178,12 +182,13 @@ fn main() -> Result<()> {
                 }
             })
         };
-        // Warm the established flows (v4 and v6) into conntrack, then fill it up.
+        // Open the established flows (v4 and v6) with their SYN — only a SYN creates TCP
+        // state — then fill conntrack up.
         for v in [4, 6] {
             let f = frames(v);
             let p: &mut SchedClassifier = dp.program_mut(TC_FROM_WORKLOAD)?.try_into()?;
             let mut o = TestRunOptions::new();
-            o.data_in = Some(&f.established);
+            o.data_in = Some(&f.open);
             anyhow::ensure!(p.test_run(o)?.return_value == 0, "established flow not allowed");
         }
         fill_conntrack(&dir)?;
@@ -215,9 +220,22 @@ fn main() -> Result<()> {
             ] {
                 // new_flow_quiet: the same path with new-flow events switched off.
                 dp.writer().set_flow_events(case != "new_flow_quiet")?;
-                let lost_before = dp.writer().counters()?[&Reason::EventLost];
+                let before = dp.writer().counters()?;
                 let ns = run_prog(&mut dp, TC_FROM_WORKLOAD, fr)?;
-                let lost = dp.writer().counters()?[&Reason::EventLost] - lost_before;
+                let after = dp.writer().counters()?;
+                let lost = after[&Reason::EventLost] - before[&Reason::EventLost];
+                // Each case must have taken the path it is named after, every repeat.
+                let (reason, per_run) = match case {
+                    "established" => (Reason::AllowEstablished, u64::from(REPEAT)),
+                    "deny" => (Reason::DropDefault, u64::from(REPEAT)),
+                    _ => (Reason::AllowPolicy, u64::from(REPEAT)),
+                };
+                let runs = u64::try_from(RUNS)?;
+                anyhow::ensure!(
+                    after[&reason] - before[&reason] == per_run * runs,
+                    "{case} v{v}: {} took another path",
+                    reason.name()
+                );
                 let p: &mut SchedClassifier = dp.program_mut(TC_FROM_WORKLOAD)?.try_into()?;
                 let mut o = TestRunOptions::new();
                 o.data_in = Some(fr);

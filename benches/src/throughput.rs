@@ -97,10 +97,18 @@ fn connect_rate(t: &Topo) -> f64 {
 }
 
 fn bulk(t: &Topo) -> Result<f64> {
+    // A one-off server per measurement (`-1`): it exits after serving this client.
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &t.b.name, "iperf3", "-s", "-1", "-B", "10.78.1.1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
     let out = Command::new("ip")
         .args(["netns", "exec", &t.a.name, "iperf3", "-c", "10.78.1.1", "-J", "-t", &IPERF_SECS.to_string()])
         .output()
         .context("running iperf3")?;
+    let _ = server.kill();
+    let _ = server.wait();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
     let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3: no sum_received")?;
     Ok(bps / 1e9)
@@ -294,11 +302,6 @@ fn main() -> Result<()> {
             let _ = std::io::Read::read(&mut c, &mut [0u8; 1]);
         }
     });
-    let iperf = Command::new("ip")
-        .args(["netns", "exec", &t.b.name, "iperf3", "-s", "-B", "10.78.1.1"])
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
 
     let dir = PathBuf::from("/sys/fs/bpf/ztseg-bench-tput");
     // Warm-up (neighbour entries, listener and iperf3 server start-up), not reported.
@@ -319,7 +322,6 @@ fn main() -> Result<()> {
     nft(&t)?;
     runs.push(measure(&t, "nftables set 10000")?);
     t.host.sh("nft delete table inet ztbench");
-    drop(iperf);
 
     let report = Report {
         grant_latency_us_p50: pct(&lat, 0.5),

@@ -300,6 +300,11 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 pub const CT_F_AUDIT: u32 = 1;
 /// Admitted by a failsafe port: not bound to a rule.
 pub const CT_F_FAILSAFE: u32 = 2;
+/// A FIN or RST of the flow was seen: userspace GC frees the entry after a short idle time.
+pub const CT_F_CLOSING: u32 = 4;
+
+/// Idle time after which GC frees the entry of a closing TCP flow.
+pub const CT_CLOSING_IDLE_NS: u64 = 10_000_000_000;
 
 /// Conntrack value. `slot`/`cookie` name the rule or grant that admitted the flow; each packet
 /// re-checks that rule's state, so expiry and revocation cut established flows.

@@ -24,10 +24,10 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, TcContext, sk_buff::SkBuff},
 };
 use enforcer_common::{
-    CT_F_AUDIT, CT_F_FAILSAFE, Config, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_AUDIT,
-    ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_WORLD, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_TCP, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, TENANT_NONE, VERDICT_ALLOW, VERDICT_AUDIT,
-    VERDICT_DROP,
+    CT_F_AUDIT, CT_F_CLOSING, CT_F_FAILSAFE, Config, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS,
+    ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_WORLD, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, TENANT_NONE, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DROP,
 };
 use maps::{
     ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_CONNTRACK, ZT_COUNTERS, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH, ZT_EVENTS,
@@ -163,7 +163,7 @@ fn ct_live(ct: &CtValue, ep: &Endpoint) -> bool {
 /// Conntrack hit on `key`: `Some(true)` pass, `Some(false)` entry invalid and removed, `None`
 /// no entry.
 #[inline(always)]
-fn ct_check(key: &CtKey, ep: &Endpoint, now: u64) -> Option<bool> {
+fn ct_check(key: &CtKey, ep: &Endpoint, now: u64, closing: bool) -> Option<bool> {
     let p = ZT_CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the value stays valid for this program run; races on the statistics fields with
     // other CPUs are benign.
@@ -171,6 +171,10 @@ fn ct_check(key: &CtKey, ep: &Endpoint, now: u64) -> Option<bool> {
     if ct_live(ct, ep) {
         ct.last_seen_ns = now;
         ct.packets += 1;
+        if closing {
+            // FIN or RST seen: garbage collection may free the entry soon after it goes idle.
+            ct.flags |= CT_F_CLOSING;
+        }
         Some(true)
     } else {
         let _ = ZT_CONNTRACK.remove(key);
@@ -182,9 +186,9 @@ fn ct_check(key: &CtKey, ep: &Endpoint, now: u64) -> Option<bool> {
 /// Conntrack check of the reply orientation of `key`; restores `key` before returning so the
 /// caller can insert it (one key on the stack instead of two).
 #[inline(always)]
-fn ct_check_reply(key: &mut CtKey, ep: &Endpoint, now: u64) -> bool {
+fn ct_check_reply(key: &mut CtKey, ep: &Endpoint, now: u64, closing: bool) -> bool {
     swap_ct(key);
-    let hit = ct_check(key, ep, now) == Some(true);
+    let hit = ct_check(key, ep, now, closing) == Some(true);
     swap_ct(key);
     hit
 }
@@ -221,7 +225,7 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
     // that does (make-before-break policy changes keep live flows).
     let mut reinstate = false;
     if !flow.syn_only {
-        match ct_check(&key, ep, ts) {
+        match ct_check(&key, ep, ts, flow.closing) {
             Some(true) => {
                 count(Reason::AllowEstablished);
                 return true;
@@ -229,7 +233,7 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
             Some(false) => reinstate = true,
             None => {}
         }
-        if ct_check_reply(&mut key, ep, ts) {
+        if ct_check_reply(&mut key, ep, ts, flow.closing) {
             count(Reason::AllowReply);
             return true;
         }
@@ -460,6 +464,7 @@ fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
         },
         link_local: false,
         syn_only: false,
+        closing: false,
     };
     let cfg = config();
     let peer = peer_identity(cfg, &daddr);

@@ -15,7 +15,9 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
 
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// IPv6 extension headers walked before giving up (the packet is then malformed).
@@ -37,6 +39,8 @@ pub struct Flow {
     pub link_local: bool,
     /// TCP with SYN set and ACK clear: the first packet of a connection.
     pub syn_only: bool,
+    /// TCP with FIN or RST: the connection is closing.
+    pub closing: bool,
 }
 
 pub enum ParseError {
@@ -113,6 +117,7 @@ impl Flow {
         family: 0,
         link_local: false,
         syn_only: false,
+        closing: false,
     };
 }
 
@@ -275,6 +280,7 @@ fn parse_l4<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), Parse
             }
             set_ports(flow, &h);
             flow.syn_only = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            flow.closing = flags & (TCP_FIN | TCP_RST) != 0;
         }
         IPPROTO_UDP => {
             let h = skb.load::<Ports>(off)?;

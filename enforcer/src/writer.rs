@@ -889,7 +889,12 @@ impl Writer {
         let mut dead = Vec::new();
         for item in &self.conntrack {
             let (k, v) = item.map_err(Error::map(map_names::CONNTRACK))?;
-            let idle_out = now.saturating_sub(v.last_seen_ns) > idle;
+            let limit = if v.flags & enforcer_common::CT_F_CLOSING != 0 {
+                idle.min(enforcer_common::CT_CLOSING_IDLE_NS)
+            } else {
+                idle
+            };
+            let idle_out = now.saturating_sub(v.last_seen_ns) > limit;
             let unbacked =
                 v.slot != SLOT_NONE && !self.rules.get(&v.slot, 0).unwrap_or_default().admits(v.cookie, now);
             if idle_out || unbacked {

@@ -661,3 +661,29 @@ fn answering_side_never_becomes_initiator() {
     // ...so B's packets are judged by A's ingress policy: cut.
     assert_eq!(dp.run(TC_TO_WORKLOAD, &b_ack).unwrap(), TC_ACT_SHOT);
 }
+
+/// A FIN or RST marks the flow's conntrack entry as closing; GC frees closing entries after a
+/// short idle time, other entries only after the configured one.
+#[test]
+fn closing_tcp_flows_are_collected_early() {
+    let mut dp = setup("closing");
+    dp.writer().install(&allow(DIR_EGRESS, Some(B), TCP, 80)).unwrap();
+    for sport in [41000, 41001] {
+        assert_eq!(
+            dp.run(TC_FROM_WORKLOAD, &frame::tcp4("10.0.0.1", sport, "10.0.0.2", 80)).unwrap(),
+            TC_ACT_OK
+        );
+    }
+    let fin = frame::frame4("10.0.0.1", "10.0.0.2", TCP, &frame::tcp(41000, 80, frame::ACK | 0x01));
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &fin).unwrap(), TC_ACT_OK);
+    let ct = dp.writer().conntrack().unwrap();
+    let flags = |sport| ct.iter().find(|(k, _)| k.sport == sport).map(|(_, v)| v.flags).unwrap();
+    assert_ne!(flags(41000) & enforcer_common::CT_F_CLOSING, 0);
+    assert_eq!(flags(41001) & enforcer_common::CT_F_CLOSING, 0);
+    std::thread::sleep(Duration::from_millis(10_500));
+    let stats = dp.writer().gc(Duration::from_hours(1)).unwrap();
+    assert_eq!(stats.conntrack_removed, 1);
+    let left = dp.writer().conntrack().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0.sport, 41001);
+}
