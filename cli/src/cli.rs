@@ -43,6 +43,11 @@ enum Commands {
     },
     /// Managed workloads of this host.
     Workloads(SocketArgs),
+    /// Add or remove a workload at run time (kept across daemon restarts).
+    Workload {
+        #[command(subcommand)]
+        command: WorkloadCommands,
+    },
     /// Installed rules (policy and grants).
     Rules(SocketArgs),
     /// Short-lived perimeters between workloads, enforced (and expired) by the kernel.
@@ -129,6 +134,41 @@ enum EnforcerCommands {
     Uninstall {
         #[arg(long, default_value = crate::daemon::config::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkloadCommands {
+    /// Register a workload: a local one is attached before the command returns.
+    Add {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// `namespace/name`.
+        workload: String,
+        /// Label `key=value` (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Host-side interface of a local workload.
+        #[arg(long)]
+        interface: Option<String>,
+        #[arg(long)]
+        ipv4: Option<String>,
+        #[arg(long)]
+        ipv6: Option<String>,
+        #[arg(long, value_parser = ["enforce", "audit"], default_value = "enforce")]
+        mode: String,
+        /// Node it runs on (default: the enforcer's node).
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Remove a workload added with `workload add`.
+    Remove {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// `namespace/name`.
+        workload: String,
     },
 }
 
@@ -289,6 +329,46 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                 .collect();
             print_rows(&rows, output)?;
         }
+        Commands::Workload { command } => match command {
+            WorkloadCommands::Add { socket, workload, labels, tenant, interface, ipv4, ipv6, mode, node } => {
+                let (namespace, name) = workload.split_once('/').unwrap_or(("default", workload.as_str()));
+                let mut map = std::collections::HashMap::new();
+                for l in &labels {
+                    let (k, v) =
+                        l.split_once('=').with_context(|| format!("--label {l:?}: expected key=value"))?;
+                    map.insert(k.to_owned(), v.to_owned());
+                }
+                let w = crate::client::connect(&socket.socket)
+                    .await?
+                    .register_workload(pb::RegisterWorkloadRequest {
+                        workload: Some(pb::Workload {
+                            name: name.to_owned(),
+                            namespace: namespace.to_owned(),
+                            labels: map,
+                            tenant: tenant.unwrap_or_default(),
+                            identity: 0,
+                            interface: interface.unwrap_or_default(),
+                            ipv4: ipv4.unwrap_or_default(),
+                            ipv6: ipv6.unwrap_or_default(),
+                            mode,
+                        }),
+                        node: node.unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                println!(
+                    "workload {}/{} registered (identity {}, {})",
+                    w.namespace, w.name, w.identity, w.mode
+                );
+            }
+            WorkloadCommands::Remove { socket, workload } => {
+                crate::client::connect(&socket.socket)
+                    .await?
+                    .remove_workload(pb::RemoveWorkloadRequest { workload: workload.clone() })
+                    .await?;
+                println!("workload {workload} removed");
+            }
+        },
         Commands::Rules(s) => {
             let r = crate::client::connect(&s.socket)
                 .await?

@@ -12,7 +12,9 @@ use serde::Deserialize;
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// Transport protocols `NetworkPolicy` can name. Serialized exactly as upstream: `TCP`, `UDP`, `SCTP`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Deserialize, serde::Serialize,
+)]
 pub enum Protocol {
     /// `TCP` (the default whenever a protocol is omitted).
     #[default]

@@ -377,3 +377,56 @@ fn restarts_keep_enforcement_without_a_gap() {
         "rules and their cookies survived both restarts"
     );
 }
+
+#[test]
+fn workloads_registered_at_run_time() {
+    ztseg_integration::require_root();
+    let lab = Lab::new(2);
+    let mut d = write_config(&lab, "zreg");
+    // Only workload a in the file; b is added through the API.
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    let cut = cfg.rfind("[[workloads]]").unwrap();
+    std::fs::write(&d.config, &cfg[..cut]).unwrap();
+    std::fs::write(d.dir.join("policies/b.yaml"), POLICY).unwrap();
+    d.start();
+    wait_ready(&lab.host, &d);
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    tcp_echo(b, "10.77.0.2:8080");
+    tcp_echo(b, "10.77.0.2:8081");
+    assert!(tcp_connect(a, "10.77.0.2:8081", Duration::from_secs(2)).is_some(), "b is not managed yet");
+    let (ok, out) = d.cli(&[
+        "workload",
+        "add",
+        "default/b",
+        "--label",
+        "app=b",
+        "--interface",
+        "hv1",
+        "--ipv4",
+        "10.77.0.2",
+    ]);
+    assert!(ok, "{out}");
+    assert!(tcp_connect(a, "10.77.0.2:8080", Duration::from_secs(2)).is_some(), "policy allows 8080 from a");
+    assert!(
+        tcp_connect(a, "10.77.0.2:8081", Duration::from_millis(400)).is_none(),
+        "b is now default-deny but 8080"
+    );
+    // Bad input is refused with the field named; duplicates are refused.
+    let (ok, out) = d.cli(&["workload", "add", "default/c", "--interface", "hv1", "--ipv4", "10.77.0.300"]);
+    assert!(!ok && out.contains("workload.ipv4"), "{out}");
+    let (ok, out) = d.cli(&["workload", "add", "default/b", "--interface", "hv1", "--ipv4", "10.77.0.2"]);
+    assert!(!ok && out.contains("already exists"), "{out}");
+    // Kept across a restart.
+    d.stop("-TERM");
+    d.start();
+    wait_ready(&lab.host, &d);
+    let (_, list) = d.cli(&["workloads", "-o", "json"]);
+    assert!(list.contains("\"workload\": \"default/b\""), "{list}");
+    assert!(tcp_connect(a, "10.77.0.2:8081", Duration::from_millis(400)).is_none());
+    // Removed: its interface stays attached and drops everything (fail closed).
+    let (ok, out) = d.cli(&["workload", "remove", "default/b"]);
+    assert!(ok, "{out}");
+    assert!(tcp_connect(a, "10.77.0.2:8080", Duration::from_millis(400)).is_none());
+    let (ok, out) = d.cli(&["workload", "remove", "default/a"]);
+    assert!(!ok && out.contains("configuration"), "{out}");
+}

@@ -14,9 +14,9 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 use ztseg_api::enforcer::{
     Counter, FlowEvent, Grant, ListGrantsRequest, ListGrantsResponse, ListRulesRequest, ListRulesResponse,
-    ListWorkloadsRequest, ListWorkloadsResponse, OpenGrantRequest, RevokeGrantRequest, RevokeGrantResponse,
-    Rule, StatsRequest, StatsResponse, StatusRequest, StatusResponse, WatchFlowsRequest, Workload,
-    enforcer_server,
+    ListWorkloadsRequest, ListWorkloadsResponse, OpenGrantRequest, RegisterWorkloadRequest,
+    RemoveWorkloadRequest, RemoveWorkloadResponse, RevokeGrantRequest, RevokeGrantResponse, Rule,
+    StatsRequest, StatsResponse, StatusRequest, StatusResponse, WatchFlowsRequest, Workload, enforcer_server,
 };
 
 use super::{engine::Engine, metrics::Metrics};
@@ -67,6 +67,88 @@ fn grant_msg(cookie: u32, g: &super::engine::GrantInfo) -> Grant {
     }
 }
 
+fn workload_msg(e: &Engine, i: usize) -> Workload {
+    let w = &e.workloads[i];
+    Workload {
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        labels: w.labels.clone().into_iter().collect(),
+        tenant: w.tenant.clone().unwrap_or_default(),
+        identity: e.identities[i],
+        interface: w.interface.clone().unwrap_or_default(),
+        ipv4: w.ipv4.map(|a| a.to_string()).unwrap_or_default(),
+        ipv6: w.ipv6.map(|a| a.to_string()).unwrap_or_default(),
+        mode: if !e.cfg.is_local(w) {
+            "remote".into()
+        } else if w.mode == super::config::Mode::Audit {
+            "audit".into()
+        } else {
+            "enforce".into()
+        },
+    }
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+/// The configuration form of a workload sent through the API.
+fn workload_config(r: RegisterWorkloadRequest) -> Result<super::config::WorkloadConfig, Status> {
+    let w = r.workload.ok_or_else(|| Status::invalid_argument("workload is required"))?;
+    if w.name.is_empty() {
+        return Err(Status::invalid_argument("workload.name is required"));
+    }
+    let ipv4 =
+        match w.ipv4.as_str() {
+            "" => None,
+            a => Some(a.parse().map_err(|_| {
+                Status::invalid_argument(format!("workload.ipv4: {a:?} is not an IPv4 address"))
+            })?),
+        };
+    let ipv6 =
+        match w.ipv6.as_str() {
+            "" => None,
+            a => Some(a.parse().map_err(|_| {
+                Status::invalid_argument(format!("workload.ipv6: {a:?} is not an IPv6 address"))
+            })?),
+        };
+    let mode = match w.mode.as_str() {
+        "" | "enforce" => super::config::Mode::Enforce,
+        "audit" => super::config::Mode::Audit,
+        m => return Err(Status::invalid_argument(format!("workload.mode: {m:?} is not enforce or audit"))),
+    };
+    Ok(super::config::WorkloadConfig {
+        name: w.name,
+        namespace: non_empty(&w.namespace).unwrap_or_else(|| "default".into()),
+        labels: w.labels.into_iter().collect(),
+        tenant: non_empty(&w.tenant),
+        node: non_empty(&r.node),
+        interface: non_empty(&w.interface),
+        cgroup: None,
+        ipv4,
+        ipv6,
+        mode,
+        ports: Vec::new(),
+    })
+}
+
+fn workload_status(e: &anyhow::Error) -> Status {
+    use super::engine::WorkloadError;
+    let msg = format!("{e:#}");
+    match e.downcast_ref::<WorkloadError>() {
+        Some(WorkloadError::Exists(_)) => Status::already_exists(msg),
+        Some(WorkloadError::NotFound(_)) => Status::not_found(msg),
+        Some(WorkloadError::Configured(_)) => Status::failed_precondition(msg),
+        Some(WorkloadError::Invalid(_)) => Status::invalid_argument(msg),
+        None => match e.downcast_ref::<enforcer::Error>() {
+            Some(enforcer::Error::Interface { .. } | enforcer::Error::Cgroup { .. }) => {
+                Status::failed_precondition(msg)
+            }
+            _ => status_of(e),
+        },
+    }
+}
+
 impl Api {
     fn timed<T>(&self, method: &str, start: Instant, r: Result<T, Status>) -> Result<Response<T>, Status> {
         self.metrics.api(method, start.elapsed());
@@ -103,30 +185,42 @@ impl enforcer_server::Enforcer for Api {
     ) -> Result<Response<ListWorkloadsResponse>, Status> {
         let t = Instant::now();
         let e = lock(&self.engine);
-        let workloads = e
-            .workloads
-            .iter()
-            .enumerate()
-            .map(|(i, w)| Workload {
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                labels: w.labels.clone().into_iter().collect(),
-                tenant: w.tenant.clone().unwrap_or_default(),
-                identity: e.identities[i],
-                interface: w.interface.clone().unwrap_or_default(),
-                ipv4: w.ipv4.map(|a| a.to_string()).unwrap_or_default(),
-                ipv6: w.ipv6.map(|a| a.to_string()).unwrap_or_default(),
-                mode: if !e.cfg.is_local(w) {
-                    "remote".into()
-                } else if w.mode == super::config::Mode::Audit {
-                    "audit".into()
-                } else {
-                    "enforce".into()
-                },
-            })
-            .collect();
+        let workloads = (0..e.workloads.len()).map(|i| workload_msg(&e, i)).collect();
         drop(e);
         self.timed("ListWorkloads", t, Ok(ListWorkloadsResponse { workloads }))
+    }
+
+    async fn register_workload(
+        &self,
+        req: Request<RegisterWorkloadRequest>,
+    ) -> Result<Response<Workload>, Status> {
+        let t = Instant::now();
+        let r = (|| {
+            let w = workload_config(req.into_inner())?;
+            let id = w.id();
+            let mut e = lock(&self.engine);
+            e.register_workload(w).map_err(|err| workload_status(&err))?;
+            let i = e
+                .workloads
+                .iter()
+                .position(|x| x.id() == id)
+                .ok_or_else(|| Status::internal("lost workload"))?;
+            Ok(workload_msg(&e, i))
+        })();
+        self.timed("RegisterWorkload", t, r)
+    }
+
+    async fn remove_workload(
+        &self,
+        req: Request<RemoveWorkloadRequest>,
+    ) -> Result<Response<RemoveWorkloadResponse>, Status> {
+        let t = Instant::now();
+        let id = req.into_inner().workload;
+        let r = lock(&self.engine)
+            .remove_workload(&id)
+            .map(|()| RemoveWorkloadResponse {})
+            .map_err(|err| workload_status(&err));
+        self.timed("RemoveWorkload", t, r)
     }
 
     async fn list_rules(&self, _: Request<ListRulesRequest>) -> Result<Response<ListRulesResponse>, Status> {

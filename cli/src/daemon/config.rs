@@ -66,7 +66,7 @@ pub struct NamespaceConfig {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     #[default]
@@ -74,7 +74,7 @@ pub enum Mode {
     Audit,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadConfig {
     pub name: String,
@@ -104,7 +104,7 @@ pub struct WorkloadConfig {
     pub ports: Vec<PortConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortConfig {
     pub name: String,
@@ -193,6 +193,11 @@ impl Config {
             })?;
         cfg.validate(&name)?;
         Ok(cfg)
+    }
+
+    /// Validate as [`Self::load`] does (used for workloads added at run time).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.validate("workload")
     }
 
     fn validate(&self, name: &str) -> Result<(), ConfigError> {

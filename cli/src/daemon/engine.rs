@@ -52,10 +52,25 @@ struct Ownership {
     grants: BTreeMap<u32, GrantInfo>,
 }
 
+/// Errors of run-time workload registration.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("workload {0} already exists")]
+    Exists(String),
+    #[error("no workload {0}")]
+    NotFound(String),
+    #[error("workload {0} is defined in the configuration file; edit it there")]
+    Configured(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
 pub struct Engine {
     pub cfg: Config,
     pub dp: Datapath,
+    /// Configured workloads first, then those added through the API.
     pub workloads: Vec<WorkloadConfig>,
+    config_workloads: usize,
     pub identities: Vec<u32>,
     pub tenants: Vec<u32>,
     pub attached: bool,
@@ -90,7 +105,18 @@ impl Engine {
     pub fn open(cfg: Config) -> Result<Self> {
         enforcer::datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
         let dp = Datapath::open(&cfg.pin_dir, &DatapathOptions::default())?;
-        let workloads = cfg.workloads.clone();
+        let mut workloads = cfg.workloads.clone();
+        let config_workloads = workloads.len();
+        // Workloads added through the API in an earlier run.
+        let saved: Vec<WorkloadConfig> = std::fs::read(cfg.state_dir.join("workloads.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        for w in saved {
+            if !workloads.iter().any(|x| x.id() == w.id()) {
+                workloads.push(w);
+            }
+        }
         let identities = workloads.iter().map(|w| identity_of(&w.id())).collect();
         let tenants = workloads.iter().map(|w| tenant_of(w.tenant.as_deref())).collect();
         let own = Self::load_ownership(&cfg.state_dir, &dp);
@@ -98,6 +124,7 @@ impl Engine {
             cfg,
             dp,
             workloads,
+            config_workloads,
             identities,
             tenants,
             attached: false,
@@ -165,8 +192,18 @@ impl Engine {
     }
 
     fn attach_and_register(&mut self) -> Result<()> {
+        let all: Vec<usize> = (0..self.workloads.len()).collect();
+        self.attach_workloads(&all)?;
+        let failsafe: Vec<(u8, u16)> =
+            self.cfg.failsafe.iter().filter_map(|f| parse_failsafe(f).ok()).collect();
+        self.dp.writer().set_failsafe(&failsafe)?;
+        Ok(())
+    }
+
+    /// Attach to the local workloads among `which` and register all of them.
+    fn attach_workloads(&mut self, which: &[usize]) -> Result<()> {
         let local: Vec<usize> =
-            (0..self.workloads.len()).filter(|i| self.cfg.is_local(&self.workloads[*i])).collect();
+            which.iter().copied().filter(|i| self.cfg.is_local(&self.workloads[*i])).collect();
         let mut endpoints = Vec::new();
         for &i in &local {
             let w = &self.workloads[i];
@@ -180,7 +217,8 @@ impl Engine {
             }
         }
         let mut wr = self.dp.writer();
-        for (i, w) in self.workloads.iter().enumerate() {
+        for &i in which {
+            let w = &self.workloads[i];
             for ip in w.ipv4.map(IpAddr::V4).into_iter().chain(w.ipv6.map(IpAddr::V6)) {
                 wr.set_identity(ip, self.identities[i], self.tenants[i])?;
             }
@@ -201,9 +239,90 @@ impl Engine {
                 wr.set_cgroup_workload(cg, &wl)?;
             }
         }
-        let failsafe: Vec<(u8, u16)> =
-            self.cfg.failsafe.iter().filter_map(|f| parse_failsafe(f).ok()).collect();
-        wr.set_failsafe(&failsafe)?;
+        Ok(())
+    }
+
+    fn api_workloads_path(&self) -> PathBuf {
+        self.cfg.state_dir.join("workloads.json")
+    }
+
+    /// Workloads added through the API (kept in `state_dir`).
+    fn api_workloads(&self) -> Vec<WorkloadConfig> {
+        self.workloads[self.config_workloads..].to_vec()
+    }
+
+    fn save_api_workloads(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.cfg.state_dir)?;
+        let p = self.api_workloads_path();
+        let tmp = p.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.api_workloads())?)?;
+        std::fs::rename(tmp, p)?;
+        Ok(())
+    }
+
+    /// Add a workload at run time: validated like configured ones, attached (if local) and
+    /// registered, then the policy is recompiled with it.
+    pub fn register_workload(&mut self, w: WorkloadConfig) -> Result<()> {
+        if self.workloads.iter().any(|x| x.id() == w.id()) {
+            return Err(WorkloadError::Exists(w.id()).into());
+        }
+        let mut probe = self.cfg.clone();
+        probe.workloads.clone_from(&self.workloads);
+        probe.workloads.push(w.clone());
+        probe.check().map_err(|e| WorkloadError::Invalid(e.to_string()))?;
+        self.workloads.push(w);
+        self.identities.push(identity_of(&self.workloads[self.workloads.len() - 1].id()));
+        self.tenants.push(tenant_of(self.workloads[self.workloads.len() - 1].tenant.as_deref()));
+        let i = self.workloads.len() - 1;
+        if let Err(e) = self.attach_workloads(&[i]) {
+            self.workloads.pop();
+            self.identities.pop();
+            self.tenants.pop();
+            return Err(e);
+        }
+        self.save_api_workloads()?;
+        let policies = self.policies.clone();
+        self.apply(&policies)?;
+        log::info("workload registered", &[("workload", &self.workloads[i].id())]);
+        Ok(())
+    }
+
+    /// Remove a workload added through the API: its rules are revoked, its addresses
+    /// forgotten, and its interface (still attached) drops everything.
+    pub fn remove_workload(&mut self, id: &str) -> Result<()> {
+        let i = self
+            .workloads
+            .iter()
+            .position(|w| w.id() == id)
+            .ok_or_else(|| WorkloadError::NotFound(id.into()))?;
+        if i < self.config_workloads {
+            return Err(WorkloadError::Configured(id.into()).into());
+        }
+        let w = self.workloads[i].clone();
+        {
+            let mut wr = self.dp.writer();
+            if self.cfg.is_local(&w)
+                && let Some(ifname) = &w.interface
+                && let Ok(ifx) = enforcer::datapath::ifindex(ifname)
+            {
+                wr.remove_interface_workload(ifx)?;
+            }
+            for ip in w.ipv4.map(IpAddr::V4).into_iter().chain(w.ipv6.map(IpAddr::V6)) {
+                wr.remove_identity(ip)?;
+            }
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                if let Some(c) = self.own.policy.remove(&compile::owner_id(id, dir)) {
+                    wr.revoke(c)?;
+                }
+            }
+        }
+        self.workloads.remove(i);
+        self.identities.remove(i);
+        self.tenants.remove(i);
+        self.save_api_workloads()?;
+        let policies = self.policies.clone();
+        self.apply(&policies)?;
+        log::info("workload removed", &[("workload", id)]);
         Ok(())
     }
 
