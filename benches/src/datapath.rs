@@ -124,21 +124,10 @@ fn prepare(dir: &Path, entries: u32) -> Result<Datapath> {
             action: Action::Allow,
             ttl: None,
         })?;
-        let mut left = entries.saturating_sub(1);
-        let mut n = 0u32;
-        while left > 0 {
-            let chunk = left.min(1000);
-            let keys = (0..chunk)
-                .map(|i| {
-                    let id = n + i;
-                    let port = u16::try_from(id % 60_000 + 1).unwrap_or(1);
-                    Rule::key(DIR_EGRESS, 10_000 + id / 60_000, Some(20_000 + id % 7), frame::TCP, port)
-                })
-                .collect();
-            w.install(&Rule { keys, action: Action::Allow, ttl: None })?;
-            n += chunk;
-            left -= chunk;
-        }
+        ztseg_benches::install_filler(&mut w, entries.saturating_sub(1), |id| {
+            let port = u16::try_from(id % 60_000 + 1).unwrap_or(1);
+            Rule::key(DIR_EGRESS, 10_000 + id / 60_000, Some(20_000 + id % 7), frame::TCP, port)
+        })?;
         assert_eq!(w.policy_len(), usize::try_from(entries)?);
     }
     Ok(dp)

@@ -26,3 +26,19 @@ pub fn write_section(root: &Path, name: &str, body: &str) -> Result<()> {
     std::fs::write(path, doc)?;
     Ok(())
 }
+
+/// Install `count` filler policy keys (rules of up to 1,000 keys each), key `i` made by `key`.
+pub fn install_filler(
+    w: &mut enforcer::writer::Writer,
+    count: u32,
+    key: impl Fn(u32) -> enforcer_common::PolicyKey,
+) -> Result<()> {
+    let mut n = 0u32;
+    while n < count {
+        let chunk = (count - n).min(1000);
+        let keys = (n..n + chunk).map(&key).collect();
+        w.install(&enforcer::Rule { keys, action: enforcer::writer::Action::Allow, ttl: None })?;
+        n += chunk;
+    }
+    Ok(())
+}

@@ -159,26 +159,15 @@ fn ztseg(t: &Topo, dir: &Path, entries: u32) -> Result<Datapath> {
             action: Action::Allow,
             ttl: None,
         })?;
-        let mut left = entries.saturating_sub(2);
-        let mut n = 0u32;
-        while left > 0 {
-            let chunk = left.min(1000);
-            let keys = (0..chunk)
-                .map(|i| {
-                    let id = n + i;
-                    Rule::key(
-                        DIR_INGRESS,
-                        B,
-                        Some(10_000 + id / 1000),
-                        TCP,
-                        u16::try_from(id % 1000 + 1).unwrap_or(1),
-                    )
-                })
-                .collect();
-            w.install(&Rule { keys, action: Action::Allow, ttl: None })?;
-            n += chunk;
-            left -= chunk;
-        }
+        ztseg_benches::install_filler(&mut w, entries.saturating_sub(2), |id| {
+            Rule::key(
+                DIR_INGRESS,
+                B,
+                Some(10_000 + id / 1000),
+                TCP,
+                u16::try_from(id % 1000 + 1).unwrap_or(1),
+            )
+        })?;
     }
     Ok(dp)
 }

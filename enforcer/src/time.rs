@@ -23,3 +23,8 @@ pub fn deadline(ttl: Duration) -> Result<u64, Error> {
     let ttl = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
     Ok(monotonic_ns()?.saturating_add(ttl).max(1))
 }
+
+/// Expiry for an optional TTL: a monotonic deadline, or 0 (never).
+pub fn expiry(ttl: Option<Duration>) -> Result<u64, Error> {
+    ttl.map_or(Ok(0), deadline)
+}

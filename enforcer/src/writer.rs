@@ -365,6 +365,12 @@ impl Writer {
         Ok(self.next_slot - 1)
     }
 
+    /// A free rule-state slot and a fresh cookie for a new rule.
+    fn new_slot(&mut self) -> Result<(u32, u32), Error> {
+        let slot = self.alloc_slot()?;
+        Ok((slot, self.alloc_cookie()))
+    }
+
     fn alloc_cookie(&mut self) -> u32 {
         loop {
             let c = self.next_cookie;
@@ -389,12 +395,8 @@ impl Writer {
     pub fn install(&mut self, rule: &Rule) -> Result<RuleHandle, Error> {
         let shapes = self.validate(rule)?;
         let needed = u32::try_from(rule.keys.len()).unwrap_or(u32::MAX);
-        let expires_at = match rule.ttl {
-            Some(ttl) => time::deadline(ttl)?,
-            None => 0,
-        };
-        let slot = self.alloc_slot()?;
-        let cookie = self.alloc_cookie();
+        let expires_at = time::expiry(rule.ttl)?;
+        let (slot, cookie) = self.new_slot()?;
         // The slot stays inactive (cleared) while keys go in.
         self.clear_slot(slot)?;
         let mut cfg = self.config()?;
@@ -514,12 +516,8 @@ impl Writer {
                 needed: n(&added),
             });
         }
-        let expires_at = match rule.ttl {
-            Some(ttl) => time::deadline(ttl)?,
-            None => 0,
-        };
-        let slot = self.alloc_slot()?;
-        let cookie = self.alloc_cookie();
+        let expires_at = time::expiry(rule.ttl)?;
+        let (slot, cookie) = self.new_slot()?;
         self.clear_slot(slot)?;
         // Counters up before anything appears.
         let added_shapes: Vec<usize> = added.iter().filter_map(key_shape).collect();
@@ -613,12 +611,8 @@ impl Writer {
                 reason: "replace_admin keeps the key; install the new key and revoke the old rule".into(),
             });
         }
-        let expires_at = match rule.ttl {
-            Some(ttl) => time::deadline(ttl)?,
-            None => 0,
-        };
-        let slot = self.alloc_slot()?;
-        let cookie = self.alloc_cookie();
+        let expires_at = time::expiry(rule.ttl)?;
+        let (slot, cookie) = self.new_slot()?;
         self.activate(slot, cookie, expires_at)?;
         let value = AdminValue { cookie, slot, action: rule.action.code(), priority: rule.priority };
         self.admin.insert(rule.key, value, 0).map_err(Error::map(map_names::ADMIN))?;
@@ -651,12 +645,8 @@ impl Writer {
         if u32::try_from(self.admin_owners.len()).unwrap_or(u32::MAX) >= self.admin_capacity {
             return Err(Error::MapFull { map: map_names::ADMIN, capacity: self.admin_capacity, needed: 1 });
         }
-        let expires_at = match rule.ttl {
-            Some(ttl) => time::deadline(ttl)?,
-            None => 0,
-        };
-        let slot = self.alloc_slot()?;
-        let cookie = self.alloc_cookie();
+        let expires_at = time::expiry(rule.ttl)?;
+        let (slot, cookie) = self.new_slot()?;
         self.clear_slot(slot)?;
         let mut cfg = self.config()?;
         cfg.admin_shape_count[shape] += 1;
@@ -700,10 +690,7 @@ impl Writer {
     /// Change the lifetime of a rule or grant (`None` = no expiry). One write; applies to
     /// established flows too.
     pub fn set_ttl(&mut self, cookie: u32, ttl: Option<Duration>) -> Result<RuleHandle, Error> {
-        let expires_at = match ttl {
-            Some(ttl) => time::deadline(ttl)?,
-            None => 0,
-        };
+        let expires_at = time::expiry(ttl)?;
         let rec = self.records.get_mut(&cookie).ok_or(Error::UnknownCookie { cookie })?;
         rec.expires_at = expires_at;
         let slot = rec.slot;
