@@ -2,6 +2,7 @@
 //! setup` installs it).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(&["proto/enforcer.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/enforcer.proto", "proto/controller.proto"], &["proto"])?;
     Ok(())
 }

@@ -6,3 +6,8 @@
 pub mod enforcer {
     tonic::include_proto!("ztseg.enforcer.v1");
 }
+
+/// Controller API, `ztseg.controller.v1`.
+pub mod controller {
+    tonic::include_proto!("ztseg.controller.v1");
+}

@@ -1,0 +1,262 @@
+//! The controller's certificate authority.
+//!
+//! `ztseg controller init` creates a CA (ECDSA P-256), the controller's server certificate and
+//! a first admin identity. Every other identity is obtained through enrollment: the caller
+//! generates its key locally and sends a CSR with a one-time join token; the CA signs the CSR's
+//! public key with the role and name the token was created for — nothing else from the CSR
+//! is used. The role and name live in one URI SAN, `spiffe://<trust-domain>/<role>/<name>`.
+
+use std::{
+    fs,
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::OffsetDateTime;
+
+use crate::auth::{Identity, Role};
+
+/// File names inside a controller data directory.
+pub const CA_CERT: &str = "ca.pem";
+pub const CA_KEY: &str = "ca-key.pem";
+pub const SERVER_CERT: &str = "server.pem";
+pub const SERVER_KEY: &str = "server-key.pem";
+
+/// Default lifetime of an enrolled certificate.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A loaded CA: certificate PEM and signing key.
+pub struct Ca {
+    pub cert_pem: String,
+    key: KeyPair,
+    pub trust_domain: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+    }
+}
+
+/// A certificate with its private key, both PEM.
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
+    }
+}
+
+/// Write a file readable by the owner only (private keys, tokens).
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn validity(params: &mut CertificateParams, not_before: OffsetDateTime, ttl: Duration) {
+    params.not_before = not_before;
+    params.not_after = not_before + ttl;
+}
+
+impl Ca {
+    /// Create a new CA for `trust_domain`.
+    pub fn generate(trust_domain: &str) -> Result<Self> {
+        check_name("trust domain", trust_domain)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "ztseg");
+        dn.push(DnType::CommonName, format!("ztseg CA {trust_domain}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
+        validity(&mut params, OffsetDateTime::now_utc() - time::Duration::minutes(5), Duration::from_secs(10 * 365 * 86400));
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert_pem: cert.pem(), key, trust_domain: trust_domain.to_owned() })
+    }
+
+    /// Load the CA from a controller data directory.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cert_pem = fs::read_to_string(dir.join(CA_CERT))
+            .with_context(|| format!("reading {}", dir.join(CA_CERT).display()))?;
+        let key_pem = fs::read_to_string(dir.join(CA_KEY))
+            .with_context(|| format!("reading {}", dir.join(CA_KEY).display()))?;
+        let key = KeyPair::from_pem(&key_pem).context("parsing the CA key")?;
+        let der = <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(cert_pem.as_bytes())
+            .context("parsing the CA certificate")?;
+        let trust_domain = ca_trust_domain(&der)?;
+        Ok(Self { cert_pem, key, trust_domain })
+    }
+
+    /// Write the CA into `dir` (key 0600).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        fs::create_dir_all(dir)?;
+        fs::write(dir.join(CA_CERT), &self.cert_pem)?;
+        write_private(&dir.join(CA_KEY), self.key.serialize_pem().as_bytes())
+    }
+
+    fn issuer(&self) -> Result<Issuer<'_, &KeyPair>> {
+        Ok(Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?)
+    }
+
+    /// The controller's server certificate for the given DNS names / IP addresses.
+    pub fn issue_server(&self, sans: &[String], ttl: Duration) -> Result<Issued> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(sans.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "ztseg controller");
+        params.subject_alt_names.push(SanType::URI(
+            format!("spiffe://{}/{}/controller", self.trust_domain, Role::Controller.as_str()).try_into()?,
+        ));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut params, OffsetDateTime::now_utc() - time::Duration::minutes(5), ttl);
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    fn client_params(&self, role: Role, name: &str, not_before: OffsetDateTime, ttl: Duration) -> Result<CertificateParams> {
+        check_name("name", name)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, format!("{}/{name}", role.as_str()));
+        params.subject_alt_names =
+            vec![SanType::URI(format!("spiffe://{}/{}/{name}", self.trust_domain, role.as_str()).try_into()?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut params, not_before, ttl);
+        Ok(params)
+    }
+
+    /// A client identity with a key generated here (bootstrap admin, tests).
+    pub fn issue_client(&self, role: Role, name: &str, ttl: Duration) -> Result<Issued> {
+        self.issue_client_at(role, name, OffsetDateTime::now_utc() - time::Duration::minutes(5), ttl)
+    }
+
+    /// As [`Ca::issue_client`] with an explicit start of validity (an already expired
+    /// certificate can be made for tests of the verifier).
+    pub fn issue_client_at(&self, role: Role, name: &str, not_before: OffsetDateTime, ttl: Duration) -> Result<Issued> {
+        let key = KeyPair::generate()?;
+        let cert = self.client_params(role, name, not_before, ttl)?.signed_by(&key, &self.issuer()?)?;
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// Sign the public key of a PKCS#10 request for `role`/`name`. The request's own subject
+    /// and extensions are ignored; its signature must verify (proof of key possession).
+    pub fn sign_csr(&self, csr_der: &[u8], role: Role, name: &str, ttl: Duration) -> Result<(String, OffsetDateTime)> {
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+            .map_err(|e| anyhow::anyhow!("certificate signing request rejected: {e}"))?;
+        let not_before = OffsetDateTime::now_utc() - time::Duration::minutes(5);
+        let params = self.client_params(role, name, not_before, ttl)?;
+        let not_after = params.not_after;
+        let cert = params.signed_by(&csr.public_key, &self.issuer()?)?;
+        Ok((cert.pem(), not_after))
+    }
+}
+
+/// Names (trust domain, identity names): lowercase letters, digits, `.` and `-`, 1..=63
+/// characters, starting with a letter or digit.
+pub fn check_name(what: &str, s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && s.as_bytes()[0].is_ascii_alphanumeric();
+    if !ok {
+        bail!("{what} {s:?}: use 1 to 63 characters of a-z, 0-9, '.' and '-', starting with a letter or digit");
+    }
+    Ok(())
+}
+
+fn ca_trust_domain(der: &[u8]) -> Result<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).context("parsing the CA certificate")?;
+    for uri in uri_sans(&cert) {
+        if let Some(td) = uri.strip_prefix("spiffe://")
+            && !td.contains('/')
+        {
+            return Ok(td.to_owned());
+        }
+    }
+    bail!("the CA certificate has no spiffe://<trust-domain> URI SAN")
+}
+
+fn uri_sans<'a>(cert: &'a x509_parser::certificate::X509Certificate<'_>) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(u) = n {
+                out.push(*u);
+            }
+        }
+    }
+    out
+}
+
+/// The identity in a (chain-verified) peer certificate: exactly one
+/// `spiffe://<trust_domain>/<role>/<name>` URI SAN.
+pub fn identity_of(der: &[u8], trust_domain: &str) -> Result<Identity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).context("parsing the peer certificate")?;
+    let prefix = format!("spiffe://{trust_domain}/");
+    let ids: Vec<&str> = uri_sans(&cert).into_iter().filter_map(|u| u.strip_prefix(&prefix)).collect();
+    let [one] = ids.as_slice() else {
+        bail!("the certificate must carry exactly one {prefix}<role>/<name> URI SAN (found {})", ids.len());
+    };
+    let (role, name) = one.split_once('/').context("identity URI without a name")?;
+    let role: Role = role.parse()?;
+    check_name("name", name)?;
+    Ok(Identity { role, name: name.to_owned() })
+}
+
+/// Paths of a client identity on disk (`<dir>/<stem>.pem`, `<dir>/<stem>-key.pem`, CA).
+#[derive(Debug, Clone)]
+pub struct ClientFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl ClientFiles {
+    #[must_use]
+    pub fn in_dir(dir: &Path, stem: &str) -> Self {
+        Self { ca: dir.join(CA_CERT), cert: dir.join(format!("{stem}.pem")), key: dir.join(format!("{stem}-key.pem")) }
+    }
+
+    /// Write an issued identity and the CA certificate.
+    pub fn save(&self, issued: &Issued, ca_pem: &str) -> Result<()> {
+        if let Some(d) = self.cert.parent() {
+            fs::create_dir_all(d)?;
+        }
+        fs::write(&self.ca, ca_pem)?;
+        fs::write(&self.cert, &issued.cert_pem)?;
+        write_private(&self.key, issued.key_pem.as_bytes())
+    }
+}
+
+/// A fresh key and a CSR for it (enrollment, client side).
+pub fn new_csr() -> Result<(Vec<u8>, String)> {
+    let key = KeyPair::generate()?;
+    let params = CertificateParams::new(Vec::<String>::new())?;
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.der().to_vec(), key.serialize_pem()))
+}

@@ -1,0 +1,275 @@
+//! `ztseg controller init` and `ztseg controller run`: the TLS listener and the services.
+//!
+//! TLS 1.3 only, ALPN h2. Client certificates are verified against the controller's CA
+//! (chain, validity period, client-auth usage) during the handshake; a connection may come
+//! without one (enrollment), and every other RPC then refuses it. Handshakes that fail
+//! certificate verification — unknown CA, expired, wrong usage — are recorded in the audit
+//! log as `tls.rejected`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use rustls::{
+    DistinguishedName, SignatureScheme,
+    pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject as _},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    audit,
+    auth::Role,
+    pki::{self, Ca, ClientFiles},
+    service::{Ctl, Services},
+    store::Store,
+};
+
+/// Store backend selection.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// `<data-dir>/ztseg.redb`.
+    Embedded,
+    /// etcd endpoints (`http://127.0.0.1:2379`), key prefix.
+    Etcd { endpoints: Vec<String>, prefix: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub store: StoreConfig,
+    /// Name of this controller instance (leader election, logs).
+    pub name: String,
+    /// SIEM sinks (`file:PATH`, `syslog:HOST:PORT`, `http://HOST:PORT/PATH`).
+    pub siem: Vec<String>,
+}
+
+/// `ztseg controller init`: create the CA, the server certificate and a first admin identity
+/// (written to `<data-dir>/admin/`). Refuses to overwrite an existing CA.
+pub fn init(data_dir: &Path, trust_domain: &str, sans: &[String]) -> Result<ClientFiles> {
+    if data_dir.join(pki::CA_KEY).exists() {
+        bail!("{} already holds a CA; refusing to replace it", data_dir.display());
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let ca = Ca::generate(trust_domain)?;
+    ca.save(data_dir)?;
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    names.extend(sans.iter().cloned());
+    names.dedup();
+    let server = ca.issue_server(&names, Duration::from_secs(365 * 86400))?;
+    std::fs::write(data_dir.join(pki::SERVER_CERT), &server.cert_pem)?;
+    pki::write_private(&data_dir.join(pki::SERVER_KEY), server.key_pem.as_bytes())?;
+    let admin = ca.issue_client(Role::Admin, "admin", pki::DEFAULT_CERT_TTL)?;
+    let files = ClientFiles::in_dir(&data_dir.join("admin"), "admin");
+    files.save(&admin, &ca.cert_pem)?;
+    Ok(files)
+}
+
+/// Records client certificates that fail verification, then refuses them.
+#[derive(Debug)]
+struct AuditingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    rejected: mpsc::UnboundedSender<String>,
+}
+
+impl ClientCertVerifier for AuditingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let r = self.inner.verify_client_cert(end_entity, intermediates, now);
+        if let Err(e) = &r {
+            let _ = self.rejected.send(e.to_string());
+        }
+        r
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn tls_config(data_dir: &Path, rejected: mpsc::UnboundedSender<String>) -> Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(data_dir.join(pki::CA_CERT)).context("reading ca.pem")? {
+        roots.add(c.context("parsing ca.pem")?)?;
+    }
+    let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .context("building the client verifier")?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(data_dir.join(pki::SERVER_CERT))
+        .context("reading server.pem")?
+        .collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(data_dir.join(pki::SERVER_KEY)).context("reading server-key.pem")?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(AuditingVerifier { inner, rejected }))
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// Open the configured store.
+pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>> {
+    Ok(match &cfg.store {
+        StoreConfig::Embedded => Arc::new(crate::store::embedded::EmbeddedStore::open(&cfg.data_dir.join("ztseg.redb"))?),
+        StoreConfig::Etcd { endpoints, prefix } => {
+            Arc::new(crate::store::etcd::EtcdStore::connect(endpoints, prefix, &cfg.name).await?)
+        }
+    })
+}
+
+/// Serve until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    let ca = Ca::load(&cfg.data_dir)?;
+    let store = open_store(&cfg).await?;
+    let ctl = Ctl::new(store, ca);
+    let (rej_tx, mut rej_rx) = mpsc::unbounded_channel::<String>();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&cfg.data_dir, rej_tx.clone())?));
+    let listener =
+        tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
+
+    // Rejected handshakes → audit (batched).
+    {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rej_rx.recv().await {
+                let mut batch = vec![first];
+                while let Ok(m) = rej_rx.try_recv() {
+                    batch.push(m);
+                }
+                let drafts = batch
+                    .into_iter()
+                    .map(|m| {
+                        audit::Draft::new("anonymous", "tls.rejected", "denied", serde_json::json!({ "reason": m }))
+                    })
+                    .collect();
+                if let Err(e) = ctl.audit(drafts).await {
+                    eprintln!("{}", log_line("error", "audit append failed", &[("error", &e.to_string())]));
+                }
+            }
+        });
+    }
+    for sink in &cfg.siem {
+        let exporter = crate::siem::Exporter::new(sink, ctl.store.clone(), ctl.appended.clone())?;
+        tokio::spawn(exporter.run());
+    }
+
+    let (conn_tx, conn_rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let conn_tx = conn_tx.clone();
+            tokio::spawn(async move {
+                if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
+                }
+            });
+        }
+    });
+    eprintln!(
+        "{}",
+        log_line("info", "controller serving", &[("listen", &cfg.listen.to_string()), ("name", &cfg.name)])
+    );
+    let s = Services(ctl);
+    use ztseg_api::controller::{
+        audit_server::AuditServer, distribution_server::DistributionServer, enrollment_server::EnrollmentServer,
+        policy_server::PolicyServer,
+    };
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(EnrollmentServer::new(s.clone()))
+        .add_service(PolicyServer::new(s.clone()).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+        .add_service(DistributionServer::new(s.clone()).max_encoding_message_size(64 << 20))
+        .add_service(AuditServer::new(s).max_encoding_message_size(64 << 20))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// One structured JSON log line.
+#[must_use]
+pub fn log_line(level: &str, msg: &str, fields: &[(&str, &str)]) -> String {
+    let mut m = serde_json::Map::new();
+    m.insert("ts_ms".into(), crate::now_ms().into());
+    m.insert("level".into(), level.into());
+    m.insert("msg".into(), msg.into());
+    for (k, v) in fields {
+        m.insert((*k).into(), (*v).into());
+    }
+    serde_json::Value::Object(m).to_string()
+}
+
+/// A client channel to the controller with the identity in `files`.
+pub async fn connect(endpoint: &str, files: &ClientFiles) -> Result<tonic::transport::Channel> {
+    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let ca = read(&files.ca)?;
+    let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    if files.cert.exists() {
+        tls = tls.identity(tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    }
+    connect_with(endpoint, tls).await
+}
+
+/// A client channel with an explicit TLS configuration (enrollment: no identity yet).
+pub async fn connect_with(endpoint: &str, tls: tonic::transport::ClientTlsConfig) -> Result<tonic::transport::Channel> {
+    let url = if endpoint.contains("://") { endpoint.to_owned() } else { format!("https://{endpoint}") };
+    let ep = tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| format!("controller endpoint {endpoint:?}"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    ep.connect().await.with_context(|| format!("connecting to the controller at {url}"))
+}
+
+/// Enroll: create a key and CSR, redeem `token`, write the identity to `files`.
+pub async fn enroll(endpoint: &str, ca_file: &Path, token: &str, files: &ClientFiles) -> Result<String> {
+    let ca = std::fs::read_to_string(ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&ca));
+    let ch = connect_with(endpoint, tls).await?;
+    let (csr, key_pem) = pki::new_csr()?;
+    let r = ztseg_api::controller::enrollment_client::EnrollmentClient::new(ch)
+        .enroll(ztseg_api::controller::EnrollRequest { token: token.to_owned(), csr_der: csr })
+        .await
+        .map_err(|s| anyhow::anyhow!("enrollment refused: {}", s.message()))?
+        .into_inner();
+    files.save(&pki::Issued { cert_pem: r.certificate_pem, key_pem }, &r.ca_pem)?;
+    Ok(r.identity)
+}

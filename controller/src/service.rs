@@ -1,0 +1,524 @@
+//! The controller's gRPC services. Every RPC first authenticates the caller from its mTLS
+//! certificate and checks its role against [`crate::auth::roles_for`]; refusals are answered
+//! with `UNAUTHENTICATED` / `PERMISSION_DENIED` and recorded in the audit log.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use ztseg_api::controller::{
+    self as pb, audit_server::Audit, distribution_server::Distribution, enrollment_server::Enrollment,
+    policy_server::Policy,
+};
+
+use crate::{
+    audit,
+    auth::{self, Identity, Role},
+    docs,
+    pki::Ca,
+    store::{EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta},
+};
+
+/// Largest diff kept inside an audit record; the full diff is always reproducible from the
+/// two immutable versions it names.
+const AUDIT_DIFF_LIMIT: usize = 64 << 10;
+
+/// Shared controller state behind every service.
+pub struct Ctl {
+    pub store: Arc<dyn Store>,
+    pub ca: Ca,
+    /// Wakes the SIEM exporter after an append.
+    pub appended: Arc<Notify>,
+    cache: Mutex<Vec<Arc<PolicyVersion>>>,
+}
+
+impl std::fmt::Debug for Ctl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctl").field("ca", &self.ca).finish_non_exhaustive()
+    }
+}
+
+fn store_status(e: &StoreError) -> Status {
+    match e {
+        StoreError::Conflict { .. } => Status::aborted(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
+    }
+}
+
+fn peer_addr<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+        .and_then(|i| i.get_ref().remote_addr())
+        .map_or_else(|| "unknown".into(), |a: SocketAddr| a.to_string())
+}
+
+impl Ctl {
+    #[must_use]
+    pub fn new(store: Arc<dyn Store>, ca: Ca) -> Arc<Self> {
+        Arc::new(Self { store, ca, appended: Arc::new(Notify::new()), cache: Mutex::new(Vec::new()) })
+    }
+
+    /// Append audit records; an audit failure is logged, never silently dropped.
+    pub async fn audit(&self, drafts: Vec<audit::Draft>) -> Result<u64, Status> {
+        let r = self.store.append_audit(drafts).await.map_err(|e| store_status(&e));
+        self.appended.notify_one();
+        r
+    }
+
+    /// Authenticate the caller of `rpc` (`Service/Method`) and check its role.
+    pub async fn authorize<T>(&self, req: &Request<T>, rpc: &str) -> Result<Identity, Status> {
+        let path = format!("/ztseg.controller.v1.{rpc}");
+        let addr = peer_addr(req);
+        let deny = |actor: String, why: String, status: Status| async move {
+            let d = audit::Draft::new(
+                actor,
+                "api.denied",
+                "denied",
+                serde_json::json!({ "rpc": path, "peer": addr, "reason": why }),
+            );
+            let _ = self.audit(vec![d]).await;
+            Err(status)
+        };
+        let Some(certs) = req.peer_certs() else {
+            return deny("anonymous".into(), "no client certificate".into(), Status::unauthenticated("a client certificate is required")).await;
+        };
+        let Some(leaf) = certs.first() else {
+            return deny("anonymous".into(), "no client certificate".into(), Status::unauthenticated("a client certificate is required")).await;
+        };
+        let id = match crate::pki::identity_of(leaf, &self.ca.trust_domain) {
+            Ok(id) => id,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                return deny("anonymous".into(), msg.clone(), Status::unauthenticated(msg)).await;
+            }
+        };
+        if !auth::roles_for(&format!("/ztseg.controller.v1.{rpc}")).contains(&id.role) {
+            let msg = format!("role {} may not call {rpc}", id.role);
+            return deny(id.to_string(), msg.clone(), Status::permission_denied(msg)).await;
+        }
+        Ok(id)
+    }
+
+    async fn version_cached(&self, v: u64) -> Result<Option<Arc<PolicyVersion>>, Status> {
+        if v == 0 {
+            return Ok(Some(Arc::new(PolicyVersion::default())));
+        }
+        if let Some(p) = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().find(|p| p.meta.version == v) {
+            return Ok(Some(p.clone()));
+        }
+        let Some(p) = self.store.version(v).await.map_err(|e| store_status(&e))? else {
+            return Ok(None);
+        };
+        let p = Arc::new(p);
+        let mut c = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.push(p.clone());
+        if c.len() > 4 {
+            c.remove(0);
+        }
+        Ok(Some(p))
+    }
+
+    /// The update that takes a subscriber from `have` to `head`: a delta if `have` is a
+    /// version this store knows, a full snapshot otherwise.
+    pub async fn update(&self, have: u64, head: u64) -> Result<pb::PolicyUpdate, Status> {
+        let new = self.version_cached(head).await?.ok_or_else(|| Status::internal(format!("version {head} missing")))?;
+        let old = if have > 0 && have < head { self.version_cached(have).await? } else { None };
+        let doc = |(n, c): (&String, &String)| pb::Document { name: n.clone(), content: c.clone() };
+        Ok(match old {
+            Some(old) => pb::PolicyUpdate {
+                version: head,
+                base_version: have,
+                snapshot: false,
+                upserts: new.documents.iter().filter(|(n, c)| old.documents.get(*n) != Some(*c)).map(doc).collect(),
+                removes: old.documents.keys().filter(|n| !new.documents.contains_key(*n)).cloned().collect(),
+            },
+            None => pb::PolicyUpdate {
+                version: head,
+                base_version: 0,
+                snapshot: true,
+                upserts: new.documents.iter().map(doc).collect(),
+                removes: Vec::new(),
+            },
+        })
+    }
+
+    async fn current_docs(&self) -> Result<(u64, Arc<PolicyVersion>), Status> {
+        let head = self.store.head().await.map_err(|e| store_status(&e))?;
+        let v = self.version_cached(head).await?.ok_or_else(|| Status::internal(format!("version {head} missing")))?;
+        Ok((head, v))
+    }
+
+    /// Validate and commit `docs` as the next version (shared by apply and rollback).
+    async fn commit(
+        &self,
+        actor: &Identity,
+        docs: BTreeMap<String, String>,
+        expected: u64,
+        message: String,
+        rolled_back_to: u64,
+        dry_run: bool,
+    ) -> Result<pb::ApplyResponse, Status> {
+        if let Err(errors) = docs::validate(&docs) {
+            return Err(Status::invalid_argument(format!("policy rejected:\n{}", errors.join("\n"))));
+        }
+        let (head, current) = self.current_docs().await?;
+        if expected != 0 && expected != head {
+            return Err(Status::aborted(format!("policy version conflict: expected {expected}, current is {head}")));
+        }
+        let diff = docs::diff(&current.documents, &docs);
+        if diff.is_empty() || dry_run {
+            return Ok(pb::ApplyResponse { version: head, changed: !diff.is_empty(), diff, audit_seq: 0 });
+        }
+        let summary = crate::store::summary(&current.documents, &docs);
+        let meta = VersionMeta {
+            version: 0,
+            actor: actor.to_string(),
+            time_ms: crate::now_ms(),
+            message: message.clone(),
+            rolled_back_to,
+            documents: u32::try_from(docs.len()).unwrap_or(u32::MAX),
+            summary: summary.clone(),
+        };
+        let mut kept = diff.clone();
+        if kept.len() > AUDIT_DIFF_LIMIT {
+            let mut cut = AUDIT_DIFF_LIMIT;
+            while !kept.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            kept.truncate(cut);
+            kept.push_str("\n[diff truncated; reproduce it with `ztseg policy diff` between the two versions]\n");
+        }
+        let draft = audit::Draft::new(
+            actor.to_string(),
+            if rolled_back_to == 0 { "policy.apply" } else { "policy.rollback" },
+            "success",
+            serde_json::json!({
+                "previous_version": head,
+                "message": message,
+                "summary": summary,
+                "rolled_back_to": rolled_back_to,
+                "diff_sha256": hex::encode(Sha256::digest(diff.as_bytes())),
+                "diff": kept,
+            }),
+        );
+        let (version, audit_seq) = self
+            .store
+            .commit(head, PolicyVersion { meta, documents: docs }, draft)
+            .await
+            .map_err(|e| store_status(&e))?;
+        self.appended.notify_one();
+        Ok(pb::ApplyResponse { version, changed: true, diff, audit_seq })
+    }
+}
+
+fn doc_map(docs: Vec<pb::Document>) -> Result<BTreeMap<String, String>, Status> {
+    let mut m = BTreeMap::new();
+    for d in docs {
+        if m.insert(d.name.clone(), d.content).is_some() {
+            return Err(Status::invalid_argument(format!("document {:?} given twice", d.name)));
+        }
+    }
+    Ok(m)
+}
+
+fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// The gRPC services, all sharing one [`Ctl`].
+#[derive(Debug, Clone)]
+pub struct Services(pub Arc<Ctl>);
+
+#[tonic::async_trait]
+impl Enrollment for Services {
+    async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        let addr = peer_addr(&req);
+        let r = req.into_inner();
+        let fail = |why: &str| {
+            audit::Draft::new("anonymous", "enroll", "failure", serde_json::json!({ "peer": addr, "reason": why }))
+        };
+        let tok = self.0.store.take_token(token_hash(&r.token)).await.map_err(|e| store_status(&e))?;
+        let Some(tok) = tok.filter(|t| t.expires_ms > crate::now_ms()) else {
+            self.0.audit(vec![fail("unknown, used or expired join token")]).await?;
+            return Err(Status::unauthenticated("join token unknown, already used or expired"));
+        };
+        let role: Role = tok.role.parse().map_err(|e| Status::internal(format!("{e}")))?;
+        let signed = self.0.ca.sign_csr(&r.csr_der, role, &tok.name, Duration::from_secs(tok.cert_ttl_s));
+        let (cert, not_after) = match signed {
+            Ok(x) => x,
+            Err(e) => {
+                self.0.audit(vec![fail(&format!("{e:#}"))]).await?;
+                return Err(Status::invalid_argument(format!("{e:#}")));
+            }
+        };
+        let identity = format!("spiffe://{}/{}/{}", self.0.ca.trust_domain, role, tok.name);
+        self.0
+            .audit(vec![audit::Draft::new(
+                format!("{role}/{}", tok.name),
+                "enroll",
+                "success",
+                serde_json::json!({ "peer": addr, "identity": identity, "not_after": not_after.unix_timestamp(), "token_created_by": tok.created_by }),
+            )])
+            .await?;
+        Ok(Response::new(pb::EnrollResponse {
+            certificate_pem: cert,
+            ca_pem: self.0.ca.cert_pem.clone(),
+            identity,
+            not_after_unix: not_after.unix_timestamp(),
+        }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let who = self.0.authorize(&req, "Enrollment/CreateJoinToken").await?;
+        let r = req.into_inner();
+        let role: Role = r.role.parse().map_err(|e| Status::invalid_argument(format!("role: {e}")))?;
+        if role == Role::Controller {
+            return Err(Status::invalid_argument("role: controller identities are not enrolled"));
+        }
+        crate::pki::check_name("name", &r.name).map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        let ttl = if r.ttl_seconds == 0 { 3600 } else { r.ttl_seconds.min(7 * 86400) };
+        let cert_ttl = if r.cert_ttl_seconds == 0 { crate::pki::DEFAULT_CERT_TTL.as_secs() } else { r.cert_ttl_seconds.min(365 * 86400) };
+        let mut secret = [0u8; 32];
+        rustls::crypto::ring::default_provider()
+            .secure_random
+            .fill(&mut secret)
+            .map_err(|_| Status::internal("no system randomness"))?;
+        let token = format!("ztseg-join-{}", base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, secret));
+        let expires_ms = crate::now_ms() + i64::try_from(ttl * 1000).unwrap_or(i64::MAX);
+        self.0
+            .store
+            .put_token(
+                token_hash(&token),
+                JoinToken { role: r.role.clone(), name: r.name.clone(), expires_ms, cert_ttl_s: cert_ttl, created_by: who.to_string() },
+            )
+            .await
+            .map_err(|e| store_status(&e))?;
+        self.0
+            .audit(vec![audit::Draft::new(
+                who.to_string(),
+                "token.create",
+                "success",
+                serde_json::json!({ "role": r.role, "name": r.name, "expires_ms": expires_ms }),
+            )])
+            .await?;
+        Ok(Response::new(pb::CreateJoinTokenResponse { token, expires_unix: expires_ms / 1000 }))
+    }
+}
+
+#[tonic::async_trait]
+impl Policy for Services {
+    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let who = self.0.authorize(&req, "Policy/Apply").await?;
+        let r = req.into_inner();
+        let docs = doc_map(r.documents)?;
+        Ok(Response::new(self.0.commit(&who, docs, r.expected_version, r.message, 0, r.dry_run).await?))
+    }
+
+    async fn diff(&self, req: Request<pb::DiffRequest>) -> Result<Response<pb::DiffResponse>, Status> {
+        self.0.authorize(&req, "Policy/Diff").await?;
+        let r = req.into_inner();
+        let docs = doc_map(r.documents)?;
+        let (head, current) = self.0.current_docs().await?;
+        let (against, base) = if r.against_version == 0 || r.against_version == head {
+            (head, current)
+        } else {
+            let v = self.0.version_cached(r.against_version).await?;
+            (r.against_version, v.ok_or_else(|| Status::not_found(format!("no policy version {}", r.against_version)))?)
+        };
+        Ok(Response::new(pb::DiffResponse { diff: docs::diff(&base.documents, &docs), against_version: against }))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        self.0.authorize(&req, "Policy/Get").await?;
+        let want = req.into_inner().version;
+        let (version, v) = if want == 0 {
+            self.0.current_docs().await?
+        } else {
+            (want, self.0.version_cached(want).await?.ok_or_else(|| Status::not_found(format!("no policy version {want}")))?)
+        };
+        let documents = v.documents.iter().map(|(n, c)| pb::Document { name: n.clone(), content: c.clone() }).collect();
+        Ok(Response::new(pb::GetResponse { version, documents }))
+    }
+
+    async fn history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        self.0.authorize(&req, "Policy/History").await?;
+        let limit = match req.into_inner().limit {
+            0 => 100,
+            n => n as usize,
+        };
+        let h = self.0.store.history(limit).await.map_err(|e| store_status(&e))?;
+        Ok(Response::new(pb::HistoryResponse {
+            versions: h
+                .into_iter()
+                .map(|m| pb::VersionInfo {
+                    version: m.version,
+                    actor: m.actor,
+                    time_unix_ms: m.time_ms,
+                    message: m.message,
+                    rolled_back_to: m.rolled_back_to,
+                    documents: m.documents,
+                    summary: m.summary,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let who = self.0.authorize(&req, "Policy/Rollback").await?;
+        let r = req.into_inner();
+        if r.to_version == 0 {
+            return Err(Status::invalid_argument("to_version: name the version to return to"));
+        }
+        let v = self
+            .0
+            .version_cached(r.to_version)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no policy version {}", r.to_version)))?;
+        let msg = if r.message.is_empty() { format!("rollback to version {}", r.to_version) } else { r.message };
+        Ok(Response::new(self.0.commit(&who, v.documents.clone(), 0, msg, r.to_version, false).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl Distribution for Services {
+    type SubscribeStream = ReceiverStream<Result<pb::PolicyUpdate, Status>>;
+
+    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let who = self.0.authorize(&req, "Distribution/Subscribe").await?;
+        let mut have = req.into_inner().from_version;
+        let ctl = self.0.clone();
+        let (tx, rx) = mpsc::channel(4);
+        let mut heads = ctl.store.watch_head();
+        tokio::spawn(async move {
+            loop {
+                let head = *heads.borrow_and_update();
+                if head != have && head > 0 {
+                    let u = ctl.update(have, head).await;
+                    let ok = u.is_ok();
+                    if tx.send(u).await.is_err() || !ok {
+                        return;
+                    }
+                    have = head;
+                }
+                tokio::select! {
+                    r = heads.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        let _ = who;
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report(&self, req: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
+        let who = self.0.authorize(&req, "Distribution/Report").await?;
+        let r = req.into_inner();
+        self.0
+            .store
+            .put_enforcer(EnforcerRecord {
+                name: who.name.clone(),
+                enforced_version: r.enforced_version,
+                last_seen_ms: crate::now_ms(),
+                policy_error: r.policy_error,
+            })
+            .await
+            .map_err(|e| store_status(&e))?;
+        if !r.denied.is_empty() {
+            let drafts = r
+                .denied
+                .into_iter()
+                .take(1000)
+                .map(|d| {
+                    let mut dr = audit::Draft::new(
+                        who.to_string(),
+                        "flow.denied",
+                        "denied",
+                        serde_json::json!({
+                            "workload": d.workload, "peer": d.peer, "tenant": d.tenant,
+                            "direction": d.direction, "src": d.src, "dst": d.dst, "dport": d.dport,
+                            "protocol": d.protocol, "reason": d.reason, "count": d.count,
+                        }),
+                    );
+                    if d.time_unix_ms > 0 {
+                        dr.time_ms = d.time_unix_ms;
+                    }
+                    dr
+                })
+                .collect();
+            self.0.audit(drafts).await?;
+        }
+        Ok(Response::new(pb::ReportResponse {}))
+    }
+
+    async fn list_enforcers(
+        &self,
+        req: Request<pb::ListEnforcersRequest>,
+    ) -> Result<Response<pb::ListEnforcersResponse>, Status> {
+        self.0.authorize(&req, "Distribution/ListEnforcers").await?;
+        let current_version = self.0.store.head().await.map_err(|e| store_status(&e))?;
+        let enforcers = self
+            .0
+            .store
+            .enforcers()
+            .await
+            .map_err(|e| store_status(&e))?
+            .into_iter()
+            .map(|e| pb::EnforcerInfo {
+                name: e.name,
+                enforced_version: e.enforced_version,
+                last_seen_unix_ms: e.last_seen_ms,
+                policy_error: e.policy_error,
+            })
+            .collect();
+        Ok(Response::new(pb::ListEnforcersResponse { current_version, enforcers }))
+    }
+}
+
+/// Verify the whole audit chain in `store`.
+pub async fn verify_chain(store: &dyn Store) -> Result<Result<u64, audit::BadRecord>, StoreError> {
+    let mut v = audit::Verifier::default();
+    let mut from = 1;
+    loop {
+        let page = store.audit_records(from, 1000).await?;
+        let Some(last) = page.last().map(|(k, _)| *k) else { break };
+        for (k, bytes) in &page {
+            if let Err(e) = v.feed(*k, bytes) {
+                return Ok(Err(e));
+            }
+        }
+        from = last + 1;
+    }
+    let head = store.audit_head().await?;
+    Ok(v.finish(&head))
+}
+
+#[tonic::async_trait]
+impl Audit for Services {
+    async fn list(&self, req: Request<pb::AuditListRequest>) -> Result<Response<pb::AuditListResponse>, Status> {
+        self.0.authorize(&req, "Audit/List").await?;
+        let r = req.into_inner();
+        let limit = if r.limit == 0 { 1000 } else { r.limit.min(10_000) as usize };
+        let recs = self.0.store.audit_records(r.from_seq.max(1), limit).await.map_err(|e| store_status(&e))?;
+        Ok(Response::new(pb::AuditListResponse {
+            records: recs.into_iter().map(|(_, b)| String::from_utf8_lossy(&b).into_owned()).collect(),
+        }))
+    }
+
+    async fn verify(&self, req: Request<pb::AuditVerifyRequest>) -> Result<Response<pb::AuditVerifyResponse>, Status> {
+        self.0.authorize(&req, "Audit/Verify").await?;
+        Ok(Response::new(match verify_chain(self.0.store.as_ref()).await.map_err(|e| store_status(&e))? {
+            Ok(n) => pb::AuditVerifyResponse { ok: true, records: n, error: String::new(), bad_seq: 0 },
+            Err(b) => pb::AuditVerifyResponse { ok: false, records: 0, error: b.to_string(), bad_seq: b.seq },
+        }))
+    }
+}

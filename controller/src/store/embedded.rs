@@ -1,0 +1,333 @@
+//! The embedded store: one redb file (`<data-dir>/ztseg.redb`).
+//!
+//! redb was chosen over SQLite because it is pure Rust (no C toolchain, fast builds), its
+//! write transactions are ACID with copy-on-write pages and an fsync at commit (a committed
+//! transaction survives kill -9 and power loss; an uncommitted one leaves no trace), and the
+//! controller needs only ordered key/value tables, not SQL. The file is locked by the
+//! process that opens it, so a second controller on the same file fails at start instead of
+//! corrupting it; HA is etcd's job.
+
+use std::{path::Path, sync::Arc};
+
+use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use tokio::sync::watch;
+
+use super::{BoxFut, EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta};
+use crate::audit;
+
+/// Policy versions: version → JSON [`PolicyVersion`].
+pub const VERSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("policy_versions");
+/// Audit chain: sequence → stored record bytes.
+pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Named values: `policy_head`, `audit_head`, export cursors.
+pub const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
+pub const ENFORCERS: TableDefinition<&str, &[u8]> = TableDefinition::new("enforcers");
+
+const POLICY_HEAD: &str = "policy_head";
+const AUDIT_HEAD: &str = "audit_head";
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    head_tx: watch::Sender<u64>,
+    leader: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+    }
+}
+
+fn be(e: impl std::fmt::Display) -> StoreError {
+    StoreError::backend(e)
+}
+
+fn corrupt(key: impl std::fmt::Display, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt { key: key.to_string(), message: e.to_string() }
+}
+
+type Meta<'t> = redb::Table<'t, &'static str, &'static str>;
+
+fn read_head(meta: &Meta<'_>) -> Result<u64, StoreError> {
+    match meta.get(POLICY_HEAD).map_err(be)? {
+        Some(v) => v.value().parse().map_err(|e| corrupt(POLICY_HEAD, e)),
+        None => Ok(0),
+    }
+}
+
+fn read_audit_head(meta: &Meta<'_>) -> Result<audit::Head, StoreError> {
+    match meta.get(AUDIT_HEAD).map_err(be)? {
+        Some(v) => serde_json::from_str(v.value()).map_err(|e| corrupt(AUDIT_HEAD, e)),
+        None => Ok(audit::Head { seq: 0, hash: audit::GENESIS.to_owned() }),
+    }
+}
+
+/// Append drafts inside an open write transaction.
+fn append(tx: &redb::WriteTransaction, drafts: &[audit::Draft]) -> Result<u64, StoreError> {
+    let mut meta = tx.open_table(META).map_err(be)?;
+    let mut head = read_audit_head(&meta)?;
+    let mut t = tx.open_table(AUDIT).map_err(be)?;
+    for d in drafts {
+        let seq = head.seq + 1;
+        let (bytes, hash) = audit::seal(d, seq, &head.hash);
+        t.insert(seq, bytes.as_slice()).map_err(be)?;
+        head = audit::Head { seq, hash };
+    }
+    let h = serde_json::to_string(&head).map_err(be)?;
+    meta.insert(AUDIT_HEAD, h.as_str()).map_err(be)?;
+    Ok(head.seq)
+}
+
+impl EmbeddedStore {
+    /// Open (or create) the store file.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let db = Database::create(path).with_context(|| format!("opening the store {}", path.display()))?;
+        let tx = db.begin_write()?;
+        {
+            tx.open_table(VERSIONS)?;
+            tx.open_table(AUDIT)?;
+            tx.open_table(TOKENS)?;
+            tx.open_table(ENFORCERS)?;
+            tx.open_table(META)?;
+        }
+        tx.commit()?;
+        let head = {
+            let rtx = db.begin_read()?;
+            let meta = rtx.open_table(META)?;
+            match meta.get(POLICY_HEAD)? {
+                Some(v) => v.value().parse().context("corrupt policy head")?,
+                None => 0,
+            }
+        };
+        Ok(Self { db: Arc::new(db), head_tx: watch::Sender::new(head), leader: watch::Sender::new(true) })
+    }
+
+    /// Run blocking database work off the async runtime.
+    fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> BoxFut<'_, T> {
+        let db = self.db.clone();
+        Box::pin(async move { tokio::task::spawn_blocking(move || f(&db)).await.map_err(be)? })
+    }
+}
+
+impl Store for EmbeddedStore {
+    fn head(&self) -> BoxFut<'_, u64> {
+        self.blocking(|db| {
+            let rtx = db.begin_read().map_err(be)?;
+            let meta = rtx.open_table(META).map_err(be)?;
+            match meta.get(POLICY_HEAD).map_err(be)? {
+                Some(v) => v.value().parse().map_err(|e| corrupt(POLICY_HEAD, e)),
+                None => Ok(0),
+            }
+        })
+    }
+
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        self.head_tx.subscribe()
+    }
+
+    fn commit(&self, expected: u64, mut version: PolicyVersion, mut draft: audit::Draft) -> BoxFut<'_, (u64, u64)> {
+        let head_tx = self.head_tx.clone();
+        let fut = self.blocking(move |db| {
+            let tx = db.begin_write().map_err(be)?;
+            let new = {
+                let mut meta = tx.open_table(META).map_err(be)?;
+                let current = read_head(&meta)?;
+                if current != expected {
+                    return Err(StoreError::Conflict { expected, current });
+                }
+                let new = current + 1;
+                version.meta.version = new;
+                let bytes = serde_json::to_vec(&version).map_err(be)?;
+                tx.open_table(VERSIONS).map_err(be)?.insert(new, bytes.as_slice()).map_err(be)?;
+                meta.insert(POLICY_HEAD, new.to_string().as_str()).map_err(be)?;
+                new
+            };
+            if let serde_json::Value::Object(m) = &mut draft.detail {
+                m.insert("version".into(), new.into());
+            }
+            let seq = append(&tx, std::slice::from_ref(&draft))?;
+            tx.commit().map_err(be)?;
+            Ok((new, seq))
+        });
+        Box::pin(async move {
+            let r = fut.await?;
+            head_tx.send_replace(r.0);
+            Ok(r)
+        })
+    }
+
+    fn version(&self, v: u64) -> BoxFut<'_, Option<PolicyVersion>> {
+        self.blocking(move |db| {
+            let rtx = db.begin_read().map_err(be)?;
+            let t = rtx.open_table(VERSIONS).map_err(be)?;
+            t.get(v)
+                .map_err(be)?
+                .map(|b| serde_json::from_slice(b.value()).map_err(|e| corrupt(format!("version {v}"), e)))
+                .transpose()
+        })
+    }
+
+    fn history(&self, limit: usize) -> BoxFut<'_, Vec<VersionMeta>> {
+        self.blocking(move |db| {
+            let rtx = db.begin_read().map_err(be)?;
+            let t = rtx.open_table(VERSIONS).map_err(be)?;
+            let mut out = Vec::new();
+            for e in t.iter().map_err(be)?.rev().take(limit) {
+                let (k, v) = e.map_err(be)?;
+                let pv: PolicyVersion =
+                    serde_json::from_slice(v.value()).map_err(|e| corrupt(format!("version {}", k.value()), e))?;
+                out.push(pv.meta);
+            }
+            Ok(out)
+        })
+    }
+
+    fn append_audit(&self, drafts: Vec<audit::Draft>) -> BoxFut<'_, u64> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(be)?;
+            let seq = append(&tx, &drafts)?;
+            tx.commit().map_err(be)?;
+            Ok(seq)
+        })
+    }
+
+    fn audit_records(&self, from: u64, limit: usize) -> BoxFut<'_, Vec<(u64, Vec<u8>)>> {
+        self.blocking(move |db| {
+            let rtx = db.begin_read().map_err(be)?;
+            let t = rtx.open_table(AUDIT).map_err(be)?;
+            let mut out = Vec::new();
+            for e in t.range(from..).map_err(be)?.take(limit) {
+                let (k, v) = e.map_err(be)?;
+                out.push((k.value(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
+    fn audit_head(&self) -> BoxFut<'_, audit::Head> {
+        self.blocking(|db| {
+            let rtx = db.begin_read().map_err(be)?;
+            read_audit_head_ro(&rtx.open_table(META).map_err(be)?)
+        })
+    }
+
+    fn put_token(&self, hash: String, token: JoinToken) -> BoxFut<'_, ()> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(be)?;
+            let bytes = serde_json::to_vec(&token).map_err(be)?;
+            tx.open_table(TOKENS).map_err(be)?.insert(hash.as_str(), bytes.as_slice()).map_err(be)?;
+            tx.commit().map_err(be)
+        })
+    }
+
+    fn take_token(&self, hash: String) -> BoxFut<'_, Option<JoinToken>> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(be)?;
+            let tok = {
+                let mut t = tx.open_table(TOKENS).map_err(be)?;
+                let v = t.remove(hash.as_str()).map_err(be)?;
+                v.map(|b| serde_json::from_slice(b.value()).map_err(|e| corrupt("join token", e))).transpose()?
+            };
+            tx.commit().map_err(be)?;
+            Ok(tok)
+        })
+    }
+
+    fn put_enforcer(&self, rec: EnforcerRecord) -> BoxFut<'_, ()> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(be)?;
+            let bytes = serde_json::to_vec(&rec).map_err(be)?;
+            tx.open_table(ENFORCERS).map_err(be)?.insert(rec.name.as_str(), bytes.as_slice()).map_err(be)?;
+            tx.commit().map_err(be)
+        })
+    }
+
+    fn enforcers(&self) -> BoxFut<'_, Vec<EnforcerRecord>> {
+        self.blocking(|db| {
+            let rtx = db.begin_read().map_err(be)?;
+            let t = rtx.open_table(ENFORCERS).map_err(be)?;
+            let mut out = Vec::new();
+            for e in t.iter().map_err(be)? {
+                let (k, v) = e.map_err(be)?;
+                out.push(serde_json::from_slice(v.value()).map_err(|e| corrupt(k.value(), e))?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn get_meta(&self, key: String) -> BoxFut<'_, Option<String>> {
+        self.blocking(move |db| {
+            let rtx = db.begin_read().map_err(be)?;
+            let t = rtx.open_table(META).map_err(be)?;
+            Ok(t.get(format!("x/{key}").as_str()).map_err(be)?.map(|v| v.value().to_owned()))
+        })
+    }
+
+    fn put_meta(&self, key: String, value: String) -> BoxFut<'_, ()> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(be)?;
+            tx.open_table(META).map_err(be)?.insert(format!("x/{key}").as_str(), value.as_str()).map_err(be)?;
+            tx.commit().map_err(be)
+        })
+    }
+
+    fn leadership(&self) -> watch::Receiver<bool> {
+        self.leader.subscribe()
+    }
+}
+
+fn read_audit_head_ro(meta: &redb::ReadOnlyTable<&'static str, &'static str>) -> Result<audit::Head, StoreError> {
+    match meta.get(AUDIT_HEAD).map_err(be)? {
+        Some(v) => serde_json::from_str(v.value()).map_err(|e| corrupt(AUDIT_HEAD, e)),
+        None => Ok(audit::Head { seq: 0, hash: audit::GENESIS.to_owned() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pv(docs: &[(&str, &str)]) -> PolicyVersion {
+        PolicyVersion {
+            meta: VersionMeta { actor: "admin/t".into(), ..VersionMeta::default() },
+            documents: docs.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commit_is_versioned_audited_and_checked() {
+        let dir = std::env::temp_dir().join(format!("ztseg-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.redb");
+        let _ = std::fs::remove_file(&path);
+        let s = EmbeddedStore::open(&path).unwrap();
+        let d = || audit::Draft::new("admin/t", "policy.apply", "success", serde_json::json!({}));
+        assert_eq!(s.commit(0, pv(&[("a", "x")]), d()).await.unwrap(), (1, 1));
+        assert_eq!(s.commit(1, pv(&[("a", "y")]), d()).await.unwrap(), (2, 2));
+        let e = s.commit(1, pv(&[("a", "z")]), d()).await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict { expected: 1, current: 2 }), "{e}");
+        assert_eq!(s.version(1).await.unwrap().unwrap().documents["a"], "x");
+        assert_eq!(s.history(10).await.unwrap().iter().map(|m| m.version).collect::<Vec<_>>(), vec![2, 1]);
+        // The audit record of a commit names the version it made.
+        let recs = s.audit_records(1, 10).await.unwrap();
+        let r: audit::Record = serde_json::from_slice(&recs[1].1).unwrap();
+        assert_eq!(r.detail["version"], 2);
+        // Tokens are redeemable once.
+        let tok = JoinToken { role: "enforcer".into(), name: "h".into(), expires_ms: 0, cert_ttl_s: 1, created_by: "x".into() };
+        s.put_token("h1".into(), tok.clone()).await.unwrap();
+        assert_eq!(s.take_token("h1".into()).await.unwrap(), Some(tok));
+        assert_eq!(s.take_token("h1".into()).await.unwrap(), None);
+        drop(s);
+        // Reopened: everything is there.
+        let s = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(s.head().await.unwrap(), 2);
+        assert_eq!(*s.watch_head().borrow(), 2);
+        assert_eq!(s.audit_head().await.unwrap().seq, 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
