@@ -5,5 +5,6 @@
 pub mod cli;
 pub mod client;
 pub mod compile;
+pub mod ctl;
 pub mod daemon;
 pub mod lab;

@@ -31,6 +31,9 @@ const APT_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     // setpriv, for the test that the API socket refuses non-root callers.
     "util-linux",
+    // etcd (server and etcdctl) for the controller's HA store tests.
+    "etcd-server",
+    "etcd-client",
 ];
 /// Toolchain that compiles the eBPF crate (aya-build runs `rustup run nightly cargo ...`).
 const EBPF_TOOLCHAIN: &str = "nightly";

@@ -1,0 +1,274 @@
+//! CLI commands that talk to (or run) the controller: `ztseg controller ...`, `ztseg enroll`,
+//! `ztseg policy apply|diff|get|history|rollback`, `ztseg audit list|verify`.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Context as _, Result, bail};
+use ztseg_api::controller::{self as pb};
+use ztseg_controller::pki::ClientFiles;
+
+/// How to reach the controller and who we are.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CtlArgs {
+    /// Controller address (`host:port`).
+    #[arg(long, env = "ZTSEG_CONTROLLER", default_value = "127.0.0.1:7443")]
+    pub controller: String,
+    /// Directory with `ca.pem`, `<identity>.pem` and `<identity>-key.pem`
+    /// (default: `$HOME/.config/ztseg`).
+    #[arg(long, env = "ZTSEG_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+    /// File stem of the identity in the identity directory.
+    #[arg(long, env = "ZTSEG_IDENTITY", default_value = "admin")]
+    pub identity: String,
+}
+
+impl CtlArgs {
+    #[must_use]
+    pub fn files(&self) -> ClientFiles {
+        let dir = self.identity_dir.clone().unwrap_or_else(default_identity_dir);
+        ClientFiles::in_dir(&dir, &self.identity)
+    }
+
+    pub async fn channel(&self) -> Result<tonic::transport::Channel> {
+        let f = self.files();
+        if !f.cert.exists() {
+            bail!(
+                "no identity at {} (enroll with `ztseg enroll`, or pass --identity-dir/--identity)",
+                f.cert.display()
+            );
+        }
+        ztseg_controller::server::connect(&self.controller, &f).await
+    }
+}
+
+fn default_identity_dir() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/etc/ztseg"), |h| PathBuf::from(h).join(".config/ztseg"))
+}
+
+/// Policy documents from files and directories: a directory contributes every `.yaml`/`.yml`
+/// below it, named by its path relative to the directory; a file is named by its file name.
+pub fn read_documents(paths: &[PathBuf]) -> Result<BTreeMap<String, String>> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) -> Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(base, &p, out)?;
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                let name = p.strip_prefix(base).unwrap_or(&p).to_string_lossy().into_owned();
+                out.insert(name, std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?);
+            }
+        }
+        Ok(())
+    }
+    let mut out = BTreeMap::new();
+    for p in paths {
+        if p.is_dir() {
+            walk(p, p, &mut out)?;
+        } else {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            if out.insert(name.clone(), text).is_some() {
+                bail!("two documents named {name:?}; put them in a directory instead");
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn docs_pb(docs: BTreeMap<String, String>) -> Vec<pb::Document> {
+    docs.into_iter().map(|(name, content)| pb::Document { name, content }).collect()
+}
+
+/// A gRPC status as an error that says what the controller said.
+fn st(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("controller refused ({:?}): {}", s.code(), s.message())
+}
+
+#[must_use]
+pub fn time_str(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+pub async fn token(a: &CtlArgs, role: &str, name: &str, ttl: u64, cert_ttl: u64) -> Result<String> {
+    let r = pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
+        .create_join_token(pb::CreateJoinTokenRequest {
+            role: role.into(),
+            name: name.into(),
+            ttl_seconds: ttl,
+            cert_ttl_seconds: cert_ttl,
+        })
+        .await
+        .map_err(st)?
+        .into_inner();
+    Ok(r.token)
+}
+
+pub async fn apply(
+    a: &CtlArgs,
+    paths: &[PathBuf],
+    message: String,
+    expected_version: u64,
+    dry_run: bool,
+) -> Result<pb::ApplyResponse> {
+    let docs = read_documents(paths)?;
+    if let Err(errors) = ztseg_controller::docs::validate(&docs) {
+        bail!("policy rejected:\n{}", errors.join("\n"));
+    }
+    pb::policy_client::PolicyClient::new(a.channel().await?)
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20)
+        .apply(pb::ApplyRequest { documents: docs_pb(docs), expected_version, message, dry_run })
+        .await
+        .map_err(st)
+        .map(tonic::Response::into_inner)
+}
+
+pub async fn diff(a: &CtlArgs, paths: &[PathBuf], against: u64) -> Result<pb::DiffResponse> {
+    let docs = read_documents(paths)?;
+    pb::policy_client::PolicyClient::new(a.channel().await?)
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20)
+        .diff(pb::DiffRequest { documents: docs_pb(docs), against_version: against })
+        .await
+        .map_err(st)
+        .map(tonic::Response::into_inner)
+}
+
+pub async fn get(a: &CtlArgs, version: u64) -> Result<pb::GetResponse> {
+    pb::policy_client::PolicyClient::new(a.channel().await?)
+        .max_decoding_message_size(64 << 20)
+        .get(pb::GetRequest { version })
+        .await
+        .map_err(st)
+        .map(tonic::Response::into_inner)
+}
+
+pub async fn history(a: &CtlArgs, limit: u32) -> Result<Vec<pb::VersionInfo>> {
+    Ok(pb::policy_client::PolicyClient::new(a.channel().await?)
+        .history(pb::HistoryRequest { limit })
+        .await
+        .map_err(st)?
+        .into_inner()
+        .versions)
+}
+
+pub async fn rollback(a: &CtlArgs, to_version: u64, message: String) -> Result<pb::ApplyResponse> {
+    pb::policy_client::PolicyClient::new(a.channel().await?)
+        .rollback(pb::RollbackRequest { to_version, message })
+        .await
+        .map_err(st)
+        .map(tonic::Response::into_inner)
+}
+
+pub async fn enforcers(a: &CtlArgs) -> Result<pb::ListEnforcersResponse> {
+    pb::distribution_client::DistributionClient::new(a.channel().await?)
+        .list_enforcers(pb::ListEnforcersRequest {})
+        .await
+        .map_err(st)
+        .map(tonic::Response::into_inner)
+}
+
+pub async fn audit_list(a: &CtlArgs, from: u64, limit: u32) -> Result<Vec<String>> {
+    Ok(pb::audit_client::AuditClient::new(a.channel().await?)
+        .max_decoding_message_size(64 << 20)
+        .list(pb::AuditListRequest { from_seq: from, limit })
+        .await
+        .map_err(st)?
+        .into_inner()
+        .records)
+}
+
+/// Verify the audit chain through the controller, or offline in an embedded store file.
+pub async fn audit_verify(a: &CtlArgs, data_dir: Option<&Path>) -> Result<ExitCode> {
+    let (ok, n, err) = if let Some(dir) = data_dir {
+        let store = ztseg_controller::store::embedded::EmbeddedStore::open(&dir.join("ztseg.redb"))?;
+        match ztseg_controller::service::verify_chain(&store).await? {
+            Ok(n) => (true, n, String::new()),
+            Err(b) => (false, 0, b.to_string()),
+        }
+    } else {
+        let r = pb::audit_client::AuditClient::new(a.channel().await?)
+            .verify(pb::AuditVerifyRequest {})
+            .await
+            .map_err(st)?
+            .into_inner();
+        (r.ok, r.records, r.error)
+    };
+    if ok {
+        println!("audit log intact: {n} records, hash chain verified");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("audit log FAILED verification: {err}");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `ztseg controller run` options.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Data directory (CA, server certificate, embedded store).
+    #[arg(long, env = "ZTSEG_CONTROLLER_DATA_DIR", default_value = "/var/lib/ztseg/controller")]
+    pub data_dir: PathBuf,
+    #[arg(long, env = "ZTSEG_CONTROLLER_LISTEN", default_value = "127.0.0.1:7443")]
+    pub listen: std::net::SocketAddr,
+    /// `embedded` (one redb file in the data directory) or `etcd`.
+    #[arg(long, env = "ZTSEG_CONTROLLER_STORE", value_parser = ["embedded", "etcd"], default_value = "embedded")]
+    pub store: String,
+    /// etcd endpoints, comma separated (`http://127.0.0.1:2379,...`).
+    #[arg(long, env = "ZTSEG_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    #[arg(long, env = "ZTSEG_ETCD_PREFIX", default_value = "/ztseg")]
+    pub etcd_prefix: String,
+    /// Name of this controller instance.
+    #[arg(long, env = "ZTSEG_CONTROLLER_NAME")]
+    pub name: Option<String>,
+    /// SIEM sink (repeatable): `file:PATH`, `syslog:HOST:PORT`, `http://HOST:PORT/PATH`.
+    #[arg(long, env = "ZTSEG_SIEM", value_delimiter = ',')]
+    pub siem: Vec<String>,
+}
+
+pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
+    let store = if a.store == "etcd" {
+        if a.etcd_endpoints.is_empty() {
+            eprintln!("error: --store etcd needs --etcd-endpoints");
+            return Ok(ExitCode::from(crate::daemon::EXIT_CONFIG));
+        }
+        ztseg_controller::server::StoreConfig::Etcd { endpoints: a.etcd_endpoints, prefix: a.etcd_prefix }
+    } else {
+        ztseg_controller::server::StoreConfig::Embedded
+    };
+    for s in &a.siem {
+        if let Err(e) = ztseg_controller::siem::Sink::parse(s) {
+            eprintln!("error: --siem: {e}");
+            return Ok(ExitCode::from(crate::daemon::EXIT_CONFIG));
+        }
+    }
+    let name = a.name.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "controller".into(), |h| h.trim().to_owned())
+    });
+    let cfg = ztseg_controller::server::Config { data_dir: a.data_dir, listen: a.listen, store, name, siem: a.siem };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
+            }
+        };
+        ztseg_controller::server::run(cfg, shutdown).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
