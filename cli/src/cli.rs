@@ -74,6 +74,34 @@ enum Commands {
     },
     /// Packet counters by verdict reason.
     Stats(SocketArgs),
+    /// The central controller: CA and enrollment, policy store, distribution, audit.
+    Controller {
+        #[command(subcommand)]
+        command: ControllerCommands,
+    },
+    /// Obtain a certificate from the controller with a one-time join token.
+    Enroll {
+        /// Controller address (`host:port`).
+        #[arg(long, env = "ZTSEG_CONTROLLER", default_value = "127.0.0.1:7443")]
+        controller: String,
+        /// The controller's CA certificate (obtained out of band).
+        #[arg(long)]
+        ca: PathBuf,
+        /// One-time join token (from `ztseg controller token`).
+        #[arg(long, env = "ZTSEG_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Directory to write `ca.pem`, `<identity>.pem` and `<identity>-key.pem` to.
+        #[arg(long)]
+        out: PathBuf,
+        /// File stem of the identity.
+        #[arg(long, default_value = "admin")]
+        identity: String,
+    },
+    /// The controller's append-only, hash-chained audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommands,
+    },
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -225,7 +253,115 @@ struct LabFileArgs {
 }
 
 #[derive(Subcommand)]
+enum ControllerCommands {
+    /// Create the CA, the controller's server certificate and a first admin identity
+    /// (`<data-dir>/admin/`).
+    Init {
+        #[arg(long, env = "ZTSEG_CONTROLLER_DATA_DIR", default_value = "/var/lib/ztseg/controller")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "ztseg.local")]
+        trust_domain: String,
+        /// Extra DNS name or IP address for the server certificate (repeatable).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+    /// Run the controller.
+    Run(crate::ctl::RunArgs),
+    /// Create a one-time join token for `ztseg enroll` (admin).
+    Token {
+        #[command(flatten)]
+        ctl: crate::ctl::CtlArgs,
+        #[arg(long, value_parser = ["admin", "operator", "auditor", "enforcer"])]
+        role: String,
+        /// Name of the identity (e.g. the host name of an enforcer).
+        #[arg(long)]
+        name: String,
+        /// Token lifetime, e.g. 10m, 1h.
+        #[arg(long, value_parser = parse_ttl, default_value = "1h")]
+        ttl: u64,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = 30)]
+        cert_days: u64,
+    },
+    /// Enforcers known to the controller and the policy version each enforces.
+    Enforcers(crate::ctl::CtlArgs),
+}
+
+#[derive(Subcommand)]
+enum AuditCommands {
+    /// Records in sequence order.
+    List {
+        #[command(flatten)]
+        ctl: crate::ctl::CtlArgs,
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+    /// Check the hash chain; names the first missing or modified record (exit 1).
+    Verify {
+        #[command(flatten)]
+        ctl: crate::ctl::CtlArgs,
+        /// Verify the embedded store in this controller data directory directly (the
+        /// controller must be stopped) instead of asking the controller.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum PolicyCommands {
+    /// Commit files/directories as the controller's next policy version.
+    Apply {
+        #[command(flatten)]
+        ctl: crate::ctl::CtlArgs,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Change description kept in the history.
+        #[arg(long, short = 'm', default_value = "")]
+        message: String,
+        /// Fail unless the controller is at this version (optimistic concurrency).
+        #[arg(long, default_value_t = 0)]
+        expected_version: u64,
+        /// Validate and show the diff without committing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Diff files/directories against the controller's policy (current or `--against`).
+    Diff {
+        #[command(flatten)]
+        ctl: crate::ctl::CtlArgs,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        against: u64,
+    },
+    /// Print (or write to a directory) the documents of a policy version.
+    Get {
+        #[command(flatten)]
+        ctl: crate::ctl::CtlArgs,
+        /// Version (default: current).
+        #[arg(long, default_value_t = 0)]
+        version: u64,
+        /// Write the documents under this directory instead of printing them.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Policy versions, newest first, with actor, time and change summary.
+    History {
+        #[command(flatten)]
+        ctl: crate::ctl::CtlArgs,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Commit a new version equal to an earlier one.
+    Rollback {
+        #[command(flatten)]
+        ctl: crate::ctl::CtlArgs,
+        version: u64,
+        #[arg(long, short = 'm', default_value = "")]
+        message: String,
+    },
     /// Check policy files; report every error with file, position and field.
     Validate {
         /// Files or directories.
@@ -255,6 +391,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Commands::Policy { command: PolicyCommands::Validate { paths } } => validate(&paths),
         Commands::Lab { command } => lab_cmd(command, cli.output),
+        Commands::Controller { command: ControllerCommands::Init { data_dir, trust_domain, san } } => {
+            let files = ztseg_controller::server::init(&data_dir, &trust_domain, &san)?;
+            println!(
+                "controller CA and server certificate in {}; admin identity in {} (use --identity-dir {})",
+                data_dir.display(),
+                files.cert.display(),
+                files.cert.parent().map_or_else(String::new, |p| p.display().to_string())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Controller { command: ControllerCommands::Run(a) } => crate::ctl::run_controller(a),
+        command @ (Commands::Controller { .. }
+        | Commands::Enroll { .. }
+        | Commands::Audit { .. }
+        | Commands::Policy { .. }) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(controller_cmd(command, cli.output))
+        }
         Commands::Enforcer { command: EnforcerCommands::Run { config } } => Ok(crate::daemon::run(&config)),
         Commands::Enforcer { command: EnforcerCommands::Uninstall { pin_dir } } => {
             enforcer::Datapath::uninstall(&pin_dir)?;
@@ -266,6 +420,115 @@ fn run(cli: Cli) -> Result<ExitCode> {
             rt.block_on(remote(command, cli.output))
         }
     }
+}
+
+/// Commands that talk to the controller.
+async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
+    use crate::ctl;
+    match command {
+        Commands::Controller { command: ControllerCommands::Token { ctl: a, role, name, ttl, cert_days } } => {
+            // The token is a secret: printed once, to stdout only.
+            println!("{}", ctl::token(&a, &role, &name, ttl, cert_days * 86_400).await?);
+        }
+        Commands::Controller { command: ControllerCommands::Enforcers(a) } => {
+            let r = ctl::enforcers(&a).await?;
+            let rows = r
+                .enforcers
+                .into_iter()
+                .map(|e| {
+                    vec![
+                        ("enforcer", e.name),
+                        ("enforced_version", e.enforced_version.to_string()),
+                        ("current_version", r.current_version.to_string()),
+                        ("in_sync", (e.enforced_version == r.current_version).to_string()),
+                        ("last_seen", ctl::time_str(e.last_seen_unix_ms)),
+                        ("policy_error", e.policy_error),
+                    ]
+                })
+                .collect();
+            print_rows(&rows, output)?;
+        }
+        Commands::Enroll { controller, ca, token, out, identity } => {
+            let files = ztseg_controller::pki::ClientFiles::in_dir(&out, &identity);
+            let id = ztseg_controller::server::enroll(&controller, &ca, &token, &files).await?;
+            println!("enrolled as {id}; certificate {}", files.cert.display());
+        }
+        Commands::Audit { command: AuditCommands::List { ctl: a, from, limit } } => {
+            for r in ctl::audit_list(&a, from, limit).await? {
+                println!("{r}");
+            }
+        }
+        Commands::Audit { command: AuditCommands::Verify { ctl: a, data_dir } } => {
+            return ctl::audit_verify(&a, data_dir.as_deref()).await;
+        }
+        Commands::Policy { command: PolicyCommands::Apply { ctl: a, paths, message, expected_version, dry_run } } => {
+            let r = ctl::apply(&a, &paths, message, expected_version, dry_run).await?;
+            print!("{}", r.diff);
+            if dry_run {
+                println!("dry run: version {} unchanged{}", r.version, if r.changed { "" } else { " (no difference)" });
+            } else if r.changed {
+                println!("applied: policy version {} (audit record {})", r.version, r.audit_seq);
+            } else {
+                println!("no change: policy version {} already holds these documents", r.version);
+            }
+        }
+        Commands::Policy { command: PolicyCommands::Diff { ctl: a, paths, against } } => {
+            let r = ctl::diff(&a, &paths, against).await?;
+            if r.diff.is_empty() {
+                println!("no difference from version {}", r.against_version);
+            } else {
+                print!("{}", r.diff);
+            }
+        }
+        Commands::Policy { command: PolicyCommands::Get { ctl: a, version, out } } => {
+            let r = ctl::get(&a, version).await?;
+            if let Some(dir) = out {
+                for d in &r.documents {
+                    ztseg_controller::docs::check_doc_name(&d.name).map_err(anyhow::Error::msg)?;
+                    let p = dir.join(&d.name);
+                    if let Some(parent) = p.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    std::fs::write(&p, &d.content)?;
+                }
+                println!("version {}: {} documents written to {}", r.version, r.documents.len(), dir.display());
+            } else {
+                for d in &r.documents {
+                    println!("# --- {} (version {})", d.name, r.version);
+                    print!("{}", d.content);
+                }
+            }
+        }
+        Commands::Policy { command: PolicyCommands::History { ctl: a, limit } } => {
+            let rows = ctl::history(&a, limit)
+                .await?
+                .into_iter()
+                .map(|v| {
+                    vec![
+                        ("version", v.version.to_string()),
+                        ("time", ctl::time_str(v.time_unix_ms)),
+                        ("actor", v.actor),
+                        ("documents", v.documents.to_string()),
+                        ("change", v.summary),
+                        ("rolled_back_to", if v.rolled_back_to == 0 { String::new() } else { v.rolled_back_to.to_string() }),
+                        ("message", v.message),
+                    ]
+                })
+                .collect();
+            print_rows(&rows, output)?;
+        }
+        Commands::Policy { command: PolicyCommands::Rollback { ctl: a, version, message } } => {
+            let r = ctl::rollback(&a, version, message).await?;
+            print!("{}", r.diff);
+            if r.changed {
+                println!("rolled back: policy version {} has the documents of version {version}", r.version);
+            } else {
+                println!("no change: the current version {} already has the documents of version {version}", r.version);
+            }
+        }
+        _ => unreachable!("dispatched by run()"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_rows(rows: &crate::client::Rows, output: Output) -> Result<()> {
