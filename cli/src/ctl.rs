@@ -46,7 +46,8 @@ impl CtlArgs {
 }
 
 fn default_identity_dir() -> PathBuf {
-    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/etc/ztseg"), |h| PathBuf::from(h).join(".config/ztseg"))
+    std::env::var_os("HOME")
+        .map_or_else(|| PathBuf::from("/etc/ztseg"), |h| PathBuf::from(h).join(".config/ztseg"))
 }
 
 /// Policy documents from files and directories: a directory contributes every `.yaml`/`.yml`
@@ -64,7 +65,10 @@ pub fn read_documents(paths: &[PathBuf]) -> Result<BTreeMap<String, String>> {
                 walk(base, &p, out)?;
             } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
                 let name = p.strip_prefix(base).unwrap_or(&p).to_string_lossy().into_owned();
-                out.insert(name, std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?);
+                out.insert(
+                    name,
+                    std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+                );
             }
         }
         Ok(())
@@ -89,6 +93,7 @@ fn docs_pb(docs: BTreeMap<String, String>) -> Vec<pb::Document> {
 }
 
 /// A gRPC status as an error that says what the controller said.
+#[expect(clippy::needless_pass_by_value, reason = "used as `map_err(st)`")]
 fn st(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("controller refused ({:?}): {}", s.code(), s.message())
 }
@@ -256,9 +261,16 @@ pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
         }
     }
     let name = a.name.unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "controller".into(), |h| h.trim().to_owned())
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "controller".into(), |h| h.trim().to_owned())
     });
-    let cfg = ztseg_controller::server::Config { data_dir: a.data_dir, listen: a.listen, store, name, siem: a.siem };
+    let cfg = ztseg_controller::server::Config {
+        data_dir: a.data_dir,
+        listen: a.listen,
+        store,
+        name,
+        siem: a.siem,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let shutdown = async {

@@ -30,7 +30,7 @@ pub const SERVER_CERT: &str = "server.pem";
 pub const SERVER_KEY: &str = "server-key.pem";
 
 /// Default lifetime of an enrolled certificate.
-pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_hours(30 * 24);
 
 /// A loaded CA: certificate PEM and signing key.
 pub struct Ca {
@@ -92,7 +92,11 @@ impl Ca {
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
-        validity(&mut params, OffsetDateTime::now_utc() - time::Duration::minutes(5), Duration::from_secs(10 * 365 * 86400));
+        validity(
+            &mut params,
+            OffsetDateTime::now_utc() - time::Duration::minutes(5),
+            Duration::from_hours(10 * 365 * 24),
+        );
         let cert = params.self_signed(&key)?;
         Ok(Self { cert_pem: cert.pem(), key, trust_domain: trust_domain.to_owned() })
     }
@@ -104,8 +108,10 @@ impl Ca {
         let key_pem = fs::read_to_string(dir.join(CA_KEY))
             .with_context(|| format!("reading {}", dir.join(CA_KEY).display()))?;
         let key = KeyPair::from_pem(&key_pem).context("parsing the CA key")?;
-        let der = <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(cert_pem.as_bytes())
-            .context("parsing the CA certificate")?;
+        let der = <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+            cert_pem.as_bytes(),
+        )
+        .context("parsing the CA certificate")?;
         let trust_domain = ca_trust_domain(&der)?;
         Ok(Self { cert_pem, key, trust_domain })
     }
@@ -131,19 +137,27 @@ impl Ca {
             format!("spiffe://{}/{}/controller", self.trust_domain, Role::Controller.as_str()).try_into()?,
         ));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         validity(&mut params, OffsetDateTime::now_utc() - time::Duration::minutes(5), ttl);
         let cert = params.signed_by(&key, &self.issuer()?)?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
-    fn client_params(&self, role: Role, name: &str, not_before: OffsetDateTime, ttl: Duration) -> Result<CertificateParams> {
+    fn client_params(
+        &self,
+        role: Role,
+        name: &str,
+        not_before: OffsetDateTime,
+        ttl: Duration,
+    ) -> Result<CertificateParams> {
         check_name("name", name)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, format!("{}/{name}", role.as_str()));
-        params.subject_alt_names =
-            vec![SanType::URI(format!("spiffe://{}/{}/{name}", self.trust_domain, role.as_str()).try_into()?)];
+        params.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://{}/{}/{name}", self.trust_domain, role.as_str()).try_into()?,
+        )];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         validity(&mut params, not_before, ttl);
@@ -157,7 +171,13 @@ impl Ca {
 
     /// As [`Ca::issue_client`] with an explicit start of validity (an already expired
     /// certificate can be made for tests of the verifier).
-    pub fn issue_client_at(&self, role: Role, name: &str, not_before: OffsetDateTime, ttl: Duration) -> Result<Issued> {
+    pub fn issue_client_at(
+        &self,
+        role: Role,
+        name: &str,
+        not_before: OffsetDateTime,
+        ttl: Duration,
+    ) -> Result<Issued> {
         let key = KeyPair::generate()?;
         let cert = self.client_params(role, name, not_before, ttl)?.signed_by(&key, &self.issuer()?)?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
@@ -165,7 +185,13 @@ impl Ca {
 
     /// Sign the public key of a PKCS#10 request for `role`/`name`. The request's own subject
     /// and extensions are ignored; its signature must verify (proof of key possession).
-    pub fn sign_csr(&self, csr_der: &[u8], role: Role, name: &str, ttl: Duration) -> Result<(String, OffsetDateTime)> {
+    pub fn sign_csr(
+        &self,
+        csr_der: &[u8],
+        role: Role,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<(String, OffsetDateTime)> {
         let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
             .map_err(|e| anyhow::anyhow!("certificate signing request rejected: {e}"))?;
         let not_before = OffsetDateTime::now_utc() - time::Duration::minutes(5);
@@ -184,7 +210,9 @@ pub fn check_name(what: &str, s: &str) -> Result<()> {
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
         && s.as_bytes()[0].is_ascii_alphanumeric();
     if !ok {
-        bail!("{what} {s:?}: use 1 to 63 characters of a-z, 0-9, '.' and '-', starting with a letter or digit");
+        bail!(
+            "{what} {s:?}: use 1 to 63 characters of a-z, 0-9, '.' and '-', starting with a letter or digit"
+        );
     }
     Ok(())
 }
@@ -239,7 +267,11 @@ pub struct ClientFiles {
 impl ClientFiles {
     #[must_use]
     pub fn in_dir(dir: &Path, stem: &str) -> Self {
-        Self { ca: dir.join(CA_CERT), cert: dir.join(format!("{stem}.pem")), key: dir.join(format!("{stem}-key.pem")) }
+        Self {
+            ca: dir.join(CA_CERT),
+            cert: dir.join(format!("{stem}.pem")),
+            key: dir.join(format!("{stem}-key.pem")),
+        }
     }
 
     /// Write an issued identity and the CA certificate.

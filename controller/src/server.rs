@@ -20,6 +20,10 @@ use rustls::{
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
 use tokio::sync::mpsc;
+use ztseg_api::controller::{
+    audit_server::AuditServer, distribution_server::DistributionServer, enrollment_server::EnrollmentServer,
+    policy_server::PolicyServer,
+};
 
 use crate::{
     audit,
@@ -61,7 +65,7 @@ pub fn init(data_dir: &Path, trust_domain: &str, sans: &[String]) -> Result<Clie
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     names.extend(sans.iter().cloned());
     names.dedup();
-    let server = ca.issue_server(&names, Duration::from_secs(365 * 86400))?;
+    let server = ca.issue_server(&names, Duration::from_hours(365 * 24))?;
     std::fs::write(data_dir.join(pki::SERVER_CERT), &server.cert_pem)?;
     pki::write_private(&data_dir.join(pki::SERVER_KEY), server.key_pem.as_bytes())?;
     let admin = ca.issue_client(Role::Admin, "admin", pki::DEFAULT_CERT_TTL)?;
@@ -126,14 +130,16 @@ fn tls_config(data_dir: &Path, rejected: mpsc::UnboundedSender<String>) -> Resul
     for c in CertificateDer::pem_file_iter(data_dir.join(pki::CA_CERT)).context("reading ca.pem")? {
         roots.add(c.context("parsing ca.pem")?)?;
     }
-    let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .context("building the client verifier")?;
+    let inner =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .context("building the client verifier")?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(data_dir.join(pki::SERVER_CERT))
         .context("reading server.pem")?
         .collect::<Result<_, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(data_dir.join(pki::SERVER_KEY)).context("reading server-key.pem")?;
+    let key =
+        PrivateKeyDer::from_pem_file(data_dir.join(pki::SERVER_KEY)).context("reading server-key.pem")?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(AuditingVerifier { inner, rejected }))
@@ -145,7 +151,9 @@ fn tls_config(data_dir: &Path, rejected: mpsc::UnboundedSender<String>) -> Resul
 /// Open the configured store.
 pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>> {
     Ok(match &cfg.store {
-        StoreConfig::Embedded => Arc::new(crate::store::embedded::EmbeddedStore::open(&cfg.data_dir.join("ztseg.redb"))?),
+        StoreConfig::Embedded => {
+            Arc::new(crate::store::embedded::EmbeddedStore::open(&cfg.data_dir.join("ztseg.redb"))?)
+        }
         StoreConfig::Etcd { endpoints, prefix } => {
             Arc::new(crate::store::etcd::EtcdStore::connect(endpoints, prefix, &cfg.name).await?)
         }
@@ -153,7 +161,10 @@ pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>> {
 }
 
 /// Serve until `shutdown` resolves.
-pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let ca = Ca::load(&cfg.data_dir)?;
     let store = open_store(&cfg).await?;
     let ctl = Ctl::new(store, ca);
@@ -174,7 +185,12 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + 
                 let drafts = batch
                     .into_iter()
                     .map(|m| {
-                        audit::Draft::new("anonymous", "tls.rejected", "denied", serde_json::json!({ "reason": m }))
+                        audit::Draft::new(
+                            "anonymous",
+                            "tls.rejected",
+                            "denied",
+                            serde_json::json!({ "reason": m }),
+                        )
                     })
                     .collect();
                 if let Err(e) = ctl.audit(drafts).await {
@@ -196,7 +212,8 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + 
             let acceptor = acceptor.clone();
             let conn_tx = conn_tx.clone();
             tokio::spawn(async move {
-                if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                {
                     let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
                 }
             });
@@ -207,15 +224,15 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + 
         log_line("info", "controller serving", &[("listen", &cfg.listen.to_string()), ("name", &cfg.name)])
     );
     let s = Services(ctl);
-    use ztseg_api::controller::{
-        audit_server::AuditServer, distribution_server::DistributionServer, enrollment_server::EnrollmentServer,
-        policy_server::PolicyServer,
-    };
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(EnrollmentServer::new(s.clone()))
-        .add_service(PolicyServer::new(s.clone()).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+        .add_service(
+            PolicyServer::new(s.clone())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
         .add_service(DistributionServer::new(s.clone()).max_encoding_message_size(64 << 20))
         .add_service(AuditServer::new(s).max_encoding_message_size(64 << 20))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), shutdown)
@@ -240,7 +257,8 @@ pub fn log_line(level: &str, msg: &str, fields: &[(&str, &str)]) -> String {
 pub async fn connect(endpoint: &str, files: &ClientFiles) -> Result<tonic::transport::Channel> {
     let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let ca = read(&files.ca)?;
-    let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    let mut tls =
+        tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
     if files.cert.exists() {
         tls = tls.identity(tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?));
     }
@@ -248,21 +266,27 @@ pub async fn connect(endpoint: &str, files: &ClientFiles) -> Result<tonic::trans
 }
 
 /// A client channel with an explicit TLS configuration (enrollment: no identity yet).
-pub async fn connect_with(endpoint: &str, tls: tonic::transport::ClientTlsConfig) -> Result<tonic::transport::Channel> {
+pub async fn connect_with(
+    endpoint: &str,
+    tls: tonic::transport::ClientTlsConfig,
+) -> Result<tonic::transport::Channel> {
     let url = if endpoint.contains("://") { endpoint.to_owned() } else { format!("https://{endpoint}") };
     let ep = tonic::transport::Endpoint::from_shared(url.clone())
         .with_context(|| format!("controller endpoint {endpoint:?}"))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
+        // Short keep-alives: a lost controller is noticed (and shown as stale) in seconds.
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true);
     ep.connect().await.with_context(|| format!("connecting to the controller at {url}"))
 }
 
 /// Enroll: create a key and CSR, redeem `token`, write the identity to `files`.
 pub async fn enroll(endpoint: &str, ca_file: &Path, token: &str, files: &ClientFiles) -> Result<String> {
     let ca = std::fs::read_to_string(ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
-    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&ca));
+    let tls =
+        tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&ca));
     let ch = connect_with(endpoint, tls).await?;
     let (csr, key_pem) = pki::new_csr()?;
     let r = ztseg_api::controller::enrollment_client::EnrollmentClient::new(ch)

@@ -87,10 +87,20 @@ impl Ctl {
             Err(status)
         };
         let Some(certs) = req.peer_certs() else {
-            return deny("anonymous".into(), "no client certificate".into(), Status::unauthenticated("a client certificate is required")).await;
+            return deny(
+                "anonymous".into(),
+                "no client certificate".into(),
+                Status::unauthenticated("a client certificate is required"),
+            )
+            .await;
         };
         let Some(leaf) = certs.first() else {
-            return deny("anonymous".into(), "no client certificate".into(), Status::unauthenticated("a client certificate is required")).await;
+            return deny(
+                "anonymous".into(),
+                "no client certificate".into(),
+                Status::unauthenticated("a client certificate is required"),
+            )
+            .await;
         };
         let id = match crate::pki::identity_of(leaf, &self.ca.trust_domain) {
             Ok(id) => id,
@@ -110,7 +120,13 @@ impl Ctl {
         if v == 0 {
             return Ok(Some(Arc::new(PolicyVersion::default())));
         }
-        if let Some(p) = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().find(|p| p.meta.version == v) {
+        if let Some(p) = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|p| p.meta.version == v)
+        {
             return Ok(Some(p.clone()));
         }
         let Some(p) = self.store.version(v).await.map_err(|e| store_status(&e))? else {
@@ -128,7 +144,10 @@ impl Ctl {
     /// The update that takes a subscriber from `have` to `head`: a delta if `have` is a
     /// version this store knows, a full snapshot otherwise.
     pub async fn update(&self, have: u64, head: u64) -> Result<pb::PolicyUpdate, Status> {
-        let new = self.version_cached(head).await?.ok_or_else(|| Status::internal(format!("version {head} missing")))?;
+        let new = self
+            .version_cached(head)
+            .await?
+            .ok_or_else(|| Status::internal(format!("version {head} missing")))?;
         let old = if have > 0 && have < head { self.version_cached(have).await? } else { None };
         let doc = |(n, c): (&String, &String)| pb::Document { name: n.clone(), content: c.clone() };
         Ok(match old {
@@ -136,7 +155,12 @@ impl Ctl {
                 version: head,
                 base_version: have,
                 snapshot: false,
-                upserts: new.documents.iter().filter(|(n, c)| old.documents.get(*n) != Some(*c)).map(doc).collect(),
+                upserts: new
+                    .documents
+                    .iter()
+                    .filter(|(n, c)| old.documents.get(*n) != Some(*c))
+                    .map(doc)
+                    .collect(),
                 removes: old.documents.keys().filter(|n| !new.documents.contains_key(*n)).cloned().collect(),
             },
             None => pb::PolicyUpdate {
@@ -151,7 +175,10 @@ impl Ctl {
 
     async fn current_docs(&self) -> Result<(u64, Arc<PolicyVersion>), Status> {
         let head = self.store.head().await.map_err(|e| store_status(&e))?;
-        let v = self.version_cached(head).await?.ok_or_else(|| Status::internal(format!("version {head} missing")))?;
+        let v = self
+            .version_cached(head)
+            .await?
+            .ok_or_else(|| Status::internal(format!("version {head} missing")))?;
         Ok((head, v))
     }
 
@@ -170,10 +197,13 @@ impl Ctl {
         }
         let (head, current) = self.current_docs().await?;
         if expected != 0 && expected != head {
-            return Err(Status::aborted(format!("policy version conflict: expected {expected}, current is {head}")));
+            return Err(Status::aborted(format!(
+                "policy version conflict: expected {expected}, current is {head}"
+            )));
         }
         let diff = docs::diff(&current.documents, &docs);
-        if diff.is_empty() || dry_run {
+        // The first version is always created (even empty): enforcers wait for one.
+        if (diff.is_empty() && head != 0) || dry_run {
             return Ok(pb::ApplyResponse { version: head, changed: !diff.is_empty(), diff, audit_seq: 0 });
         }
         let summary = crate::store::summary(&current.documents, &docs);
@@ -193,7 +223,9 @@ impl Ctl {
                 cut -= 1;
             }
             kept.truncate(cut);
-            kept.push_str("\n[diff truncated; reproduce it with `ztseg policy diff` between the two versions]\n");
+            kept.push_str(
+                "\n[diff truncated; reproduce it with `ztseg policy diff` between the two versions]\n",
+            );
         }
         let draft = audit::Draft::new(
             actor.to_string(),
@@ -242,7 +274,12 @@ impl Enrollment for Services {
         let addr = peer_addr(&req);
         let r = req.into_inner();
         let fail = |why: &str| {
-            audit::Draft::new("anonymous", "enroll", "failure", serde_json::json!({ "peer": addr, "reason": why }))
+            audit::Draft::new(
+                "anonymous",
+                "enroll",
+                "failure",
+                serde_json::json!({ "peer": addr, "reason": why }),
+            )
         };
         let tok = self.0.store.take_token(token_hash(&r.token)).await.map_err(|e| store_status(&e))?;
         let Some(tok) = tok.filter(|t| t.expires_ms > crate::now_ms()) else {
@@ -287,19 +324,32 @@ impl Enrollment for Services {
         }
         crate::pki::check_name("name", &r.name).map_err(|e| Status::invalid_argument(format!("{e}")))?;
         let ttl = if r.ttl_seconds == 0 { 3600 } else { r.ttl_seconds.min(7 * 86400) };
-        let cert_ttl = if r.cert_ttl_seconds == 0 { crate::pki::DEFAULT_CERT_TTL.as_secs() } else { r.cert_ttl_seconds.min(365 * 86400) };
+        let cert_ttl = if r.cert_ttl_seconds == 0 {
+            crate::pki::DEFAULT_CERT_TTL.as_secs()
+        } else {
+            r.cert_ttl_seconds.min(365 * 86400)
+        };
         let mut secret = [0u8; 32];
         rustls::crypto::ring::default_provider()
             .secure_random
             .fill(&mut secret)
             .map_err(|_| Status::internal("no system randomness"))?;
-        let token = format!("ztseg-join-{}", base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, secret));
+        let token = format!(
+            "ztseg-join-{}",
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, secret)
+        );
         let expires_ms = crate::now_ms() + i64::try_from(ttl * 1000).unwrap_or(i64::MAX);
         self.0
             .store
             .put_token(
                 token_hash(&token),
-                JoinToken { role: r.role.clone(), name: r.name.clone(), expires_ms, cert_ttl_s: cert_ttl, created_by: who.to_string() },
+                JoinToken {
+                    role: r.role.clone(),
+                    name: r.name.clone(),
+                    expires_ms,
+                    cert_ttl_s: cert_ttl,
+                    created_by: who.to_string(),
+                },
             )
             .await
             .map_err(|e| store_status(&e))?;
@@ -333,9 +383,15 @@ impl Policy for Services {
             (head, current)
         } else {
             let v = self.0.version_cached(r.against_version).await?;
-            (r.against_version, v.ok_or_else(|| Status::not_found(format!("no policy version {}", r.against_version)))?)
+            (
+                r.against_version,
+                v.ok_or_else(|| Status::not_found(format!("no policy version {}", r.against_version)))?,
+            )
         };
-        Ok(Response::new(pb::DiffResponse { diff: docs::diff(&base.documents, &docs), against_version: against }))
+        Ok(Response::new(pb::DiffResponse {
+            diff: docs::diff(&base.documents, &docs),
+            against_version: against,
+        }))
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
@@ -344,13 +400,23 @@ impl Policy for Services {
         let (version, v) = if want == 0 {
             self.0.current_docs().await?
         } else {
-            (want, self.0.version_cached(want).await?.ok_or_else(|| Status::not_found(format!("no policy version {want}")))?)
+            (
+                want,
+                self.0
+                    .version_cached(want)
+                    .await?
+                    .ok_or_else(|| Status::not_found(format!("no policy version {want}")))?,
+            )
         };
-        let documents = v.documents.iter().map(|(n, c)| pb::Document { name: n.clone(), content: c.clone() }).collect();
+        let documents =
+            v.documents.iter().map(|(n, c)| pb::Document { name: n.clone(), content: c.clone() }).collect();
         Ok(Response::new(pb::GetResponse { version, documents }))
     }
 
-    async fn history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+    async fn history(
+        &self,
+        req: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
         self.0.authorize(&req, "Policy/History").await?;
         let limit = match req.into_inner().limit {
             0 => 100,
@@ -373,7 +439,10 @@ impl Policy for Services {
         }))
     }
 
-    async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
         let who = self.0.authorize(&req, "Policy/Rollback").await?;
         let r = req.into_inner();
         if r.to_version == 0 {
@@ -384,7 +453,8 @@ impl Policy for Services {
             .version_cached(r.to_version)
             .await?
             .ok_or_else(|| Status::not_found(format!("no policy version {}", r.to_version)))?;
-        let msg = if r.message.is_empty() { format!("rollback to version {}", r.to_version) } else { r.message };
+        let msg =
+            if r.message.is_empty() { format!("rollback to version {}", r.to_version) } else { r.message };
         Ok(Response::new(self.0.commit(&who, v.documents.clone(), 0, msg, r.to_version, false).await?))
     }
 }
@@ -393,7 +463,10 @@ impl Policy for Services {
 impl Distribution for Services {
     type SubscribeStream = ReceiverStream<Result<pb::PolicyUpdate, Status>>;
 
-    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         let who = self.0.authorize(&req, "Distribution/Subscribe").await?;
         let mut have = req.into_inner().from_version;
         let ctl = self.0.clone();
@@ -504,17 +577,24 @@ pub async fn verify_chain(store: &dyn Store) -> Result<Result<u64, audit::BadRec
 
 #[tonic::async_trait]
 impl Audit for Services {
-    async fn list(&self, req: Request<pb::AuditListRequest>) -> Result<Response<pb::AuditListResponse>, Status> {
+    async fn list(
+        &self,
+        req: Request<pb::AuditListRequest>,
+    ) -> Result<Response<pb::AuditListResponse>, Status> {
         self.0.authorize(&req, "Audit/List").await?;
         let r = req.into_inner();
         let limit = if r.limit == 0 { 1000 } else { r.limit.min(10_000) as usize };
-        let recs = self.0.store.audit_records(r.from_seq.max(1), limit).await.map_err(|e| store_status(&e))?;
+        let recs =
+            self.0.store.audit_records(r.from_seq.max(1), limit).await.map_err(|e| store_status(&e))?;
         Ok(Response::new(pb::AuditListResponse {
             records: recs.into_iter().map(|(_, b)| String::from_utf8_lossy(&b).into_owned()).collect(),
         }))
     }
 
-    async fn verify(&self, req: Request<pb::AuditVerifyRequest>) -> Result<Response<pb::AuditVerifyResponse>, Status> {
+    async fn verify(
+        &self,
+        req: Request<pb::AuditVerifyRequest>,
+    ) -> Result<Response<pb::AuditVerifyResponse>, Status> {
         self.0.authorize(&req, "Audit/Verify").await?;
         Ok(Response::new(match verify_chain(self.0.store.as_ref()).await.map_err(|e| store_status(&e))? {
             Ok(n) => pb::AuditVerifyResponse { ok: true, records: n, error: String::new(), bad_seq: 0 },

@@ -45,7 +45,8 @@ impl Sink {
             return Ok(Self::Syslog(a.to_owned()));
         }
         if let Some(rest) = s.strip_prefix("http://") {
-            let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+            let (authority, path) =
+                rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
             if authority.is_empty() {
                 bail!("SIEM sink {s:?}: http:// needs HOST:PORT");
             }
@@ -63,7 +64,7 @@ impl Sink {
     }
 }
 
-/// (class_uid, class_name, category_uid, category_name, activity_id, activity_name)
+/// OCSF `(class_uid, class_name, category_uid, category_name, activity_id, activity_name)`.
 fn class_of(action: &str) -> (u32, &'static str, u32, &'static str, u32, &'static str) {
     match action {
         "flow.denied" => (4001, "Network Activity", 4, "Network Activity", 5, "Refuse"),
@@ -78,7 +79,8 @@ fn class_of(action: &str) -> (u32, &'static str, u32, &'static str, u32, &'stati
 /// One audit record in the export schema (documented in docs/controller.md).
 #[must_use]
 pub fn ocsf(r: &Record) -> Value {
-    let (class_uid, class_name, category_uid, category_name, activity_id, activity_name) = class_of(&r.action);
+    let (class_uid, class_name, category_uid, category_name, activity_id, activity_name) =
+        class_of(&r.action);
     let success = r.outcome == "success";
     let (role, name) = r.actor.split_once('/').unwrap_or(("", &r.actor));
     let mut v = json!({
@@ -154,7 +156,11 @@ impl Exporter {
             if let Err(e) = self.pump(&key).await {
                 eprintln!(
                     "{}",
-                    crate::server::log_line("error", "SIEM export failed; retrying", &[("sink", &key), ("error", &format!("{e:#}"))])
+                    crate::server::log_line(
+                        "error",
+                        "SIEM export failed; retrying",
+                        &[("sink", &key), ("error", &format!("{e:#}"))]
+                    )
                 );
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -170,7 +176,12 @@ impl Exporter {
     /// Ship everything after the cursor.
     async fn pump(&self, key: &str) -> Result<()> {
         loop {
-            let cursor: u64 = self.store.get_meta(key.to_owned()).await?.map_or(Ok(0), |s| s.parse()).context("SIEM cursor")?;
+            let cursor: u64 = self
+                .store
+                .get_meta(key.to_owned())
+                .await?
+                .map_or(Ok(0), |s| s.parse())
+                .context("SIEM cursor")?;
             let recs = self.store.audit_records(cursor + 1, 500).await?;
             let Some(last) = recs.last().map(|(k, _)| *k) else { return Ok(()) };
             let mut lines = String::new();
@@ -178,9 +189,11 @@ impl Exporter {
                 let line = match serde_json::from_slice::<Record>(bytes) {
                     Ok(r) => ocsf(&r).to_string(),
                     // A record that no longer parses is exported as such, never skipped.
-                    Err(e) => json!({ "metadata": { "log_name": "audit", "sequence": seq }, "status": "Failure",
+                    Err(e) => {
+                        json!({ "metadata": { "log_name": "audit", "sequence": seq }, "status": "Failure",
                                       "message": format!("audit record {seq} is unreadable: {e}") })
-                    .to_string(),
+                        .to_string()
+                    }
                 };
                 lines.push_str(&line);
                 lines.push('\n');
@@ -218,16 +231,21 @@ impl Exporter {
                 }
             }
             Sink::Http { authority, path } => {
-                let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(authority.as_str()))
-                    .await
-                    .context("SIEM HTTP connect timed out")??;
+                let mut s = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio::net::TcpStream::connect(authority.as_str()),
+                )
+                .await
+                .context("SIEM HTTP connect timed out")??;
                 let req = format!(
                     "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{lines}",
                     lines.len()
                 );
                 s.write_all(req.as_bytes()).await?;
                 let mut buf = vec![0u8; 64];
-                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.context("SIEM HTTP response timed out")??;
+                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                    .await
+                    .context("SIEM HTTP response timed out")??;
                 let head = String::from_utf8_lossy(&buf[..n]);
                 let code = head.split_whitespace().nth(1).unwrap_or("");
                 if !code.starts_with('2') {

@@ -174,6 +174,13 @@ impl enforcer_server::Enforcer for Api {
             rules: u32::try_from(e.dp.writer().rules().len()).unwrap_or(u32::MAX),
             grants: u32::try_from(e.grants().len()).unwrap_or(u32::MAX),
             node: e.cfg.node.clone(),
+            policy_source: if e.cfg.controller.is_some() { "controller" } else { "directory" }.into(),
+            controller_version: e.enforced_controller_version(),
+            controller_connected: e.controller_connected,
+            policy_stale: e.policy_stale(),
+            controller_last_contact_ms_ago: e
+                .controller_last_contact
+                .map_or(-1, |t| i64::try_from(t.elapsed().as_millis()).unwrap_or(i64::MAX)),
         };
         drop(e);
         self.timed("Status", t, Ok(r))

@@ -56,6 +56,29 @@ pub struct Config {
     pub namespaces: Vec<NamespaceConfig>,
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
+    /// Take policy from a controller instead of `policy_dir`.
+    #[serde(default)]
+    pub controller: Option<ControllerConfig>,
+}
+
+/// `[controller]`: where the controller is and which enrolled identity to use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// `host:port` of the controller (any controller of an HA set).
+    pub endpoint: String,
+    /// Directory with `ca.pem`, `<identity>.pem`, `<identity>-key.pem` (from `ztseg enroll`).
+    pub identity_dir: PathBuf,
+    /// File stem of the identity; default: the node name.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// Forward denied flows to the controller's audit log (folded per second).
+    #[serde(default = "default_true")]
+    pub report_denied: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -170,6 +193,15 @@ impl Config {
                 "node" | "pin_dir" | "socket" | "metrics_addr" | "policy_dir" | "state_dir" | "netns" => {
                     toml::Value::String(v)
                 }
+                "controller_endpoint" | "controller_identity_dir" => {
+                    let field = key.trim_start_matches("controller_").to_owned();
+                    let t =
+                        value.entry("controller").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    if let toml::Value::Table(t) = t {
+                        t.insert(field, toml::Value::String(v));
+                    }
+                    continue;
+                }
                 "policy_poll_ms" => toml::Value::Integer(v.parse().map_err(|_| ConfigError {
                     source_name: format!("environment {k}"),
                     field: key.clone(),
@@ -202,6 +234,20 @@ impl Config {
 
     fn validate(&self, name: &str) -> Result<(), ConfigError> {
         let err = |field: String, message: String| ConfigError { source_name: name.into(), field, message };
+        if let Some(c) = &self.controller {
+            if c.endpoint.is_empty() {
+                return Err(err("controller.endpoint".into(), "must be host:port".into()));
+            }
+            let id = c.identity.clone().unwrap_or_else(|| self.node.clone());
+            for f in ["ca.pem".to_owned(), format!("{id}.pem"), format!("{id}-key.pem")] {
+                if !c.identity_dir.join(&f).exists() {
+                    return Err(err(
+                        "controller.identity_dir".into(),
+                        format!("{} has no {f} (enroll with `ztseg enroll`)", c.identity_dir.display()),
+                    ));
+                }
+            }
+        }
         if self.policy_poll_ms == 0 {
             return Err(err("policy_poll_ms".into(), "must be at least 1".into()));
         }

@@ -82,6 +82,18 @@ pub struct Engine {
     tenant_policies: Vec<ztseg_policy::TenantPolicy>,
     fingerprint: Vec<(PathBuf, SystemTime, u64)>,
     own: Ownership,
+    /// Last-known controller policy (controller mode).
+    pub controller: ControllerPolicy,
+    /// Controller session state (controller mode).
+    pub controller_connected: bool,
+    pub controller_last_contact: Option<std::time::Instant>,
+}
+
+/// The controller policy this enforcer holds, persisted in the state directory.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ControllerPolicy {
+    pub version: u64,
+    pub documents: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -120,6 +132,10 @@ impl Engine {
         let identities = workloads.iter().map(|w| identity_of(&w.id())).collect();
         let tenants = workloads.iter().map(|w| tenant_of(w.tenant.as_deref())).collect();
         let own = Self::load_ownership(&cfg.state_dir, &dp);
+        let controller: ControllerPolicy = std::fs::read(cfg.state_dir.join("controller-policy.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         Ok(Self {
             cfg,
             dp,
@@ -136,6 +152,9 @@ impl Engine {
             tenant_policies: Vec::new(),
             fingerprint: Vec::new(),
             own,
+            controller,
+            controller_connected: false,
+            controller_last_contact: None,
         })
     }
 
@@ -377,10 +396,21 @@ impl Engine {
         v
     }
 
-    /// Re-read the policy directory if it changed (or `force`). An invalid file keeps the
-    /// policy in force and is reported with file, position and field.
+    /// Re-read the policy source if it changed (or `force`): the policy directory, or — with
+    /// a controller configured — the last-known controller policy (kept in the state
+    /// directory, so a restart without the controller enforces what was last received). An
+    /// invalid file keeps the policy in force and is reported with file, position and field.
     pub fn reload_policy(&mut self, force: bool) {
         if !self.attached {
+            return;
+        }
+        if self.cfg.controller.is_some() {
+            // Nothing is applied before the controller's first version: until then the data
+            // plane's default deny holds (an empty policy set would mean default allow).
+            if (force || !self.policy_loaded) && self.controller.version > 0 {
+                let docs = self.controller.documents.clone();
+                let _ = self.apply_documents(&docs);
+            }
             return;
         }
         let files = self.policy_files();
@@ -388,31 +418,52 @@ impl Engine {
             return;
         }
         self.fingerprint.clone_from(&files);
-        let mut policies = Vec::new();
-        let mut tenant_policies = Vec::new();
+        let mut docs = BTreeMap::new();
         let mut errors = Vec::new();
         for (f, _, _) in &files {
             match std::fs::read_to_string(f) {
-                Ok(text) => match ztseg_policy::parse_documents(f, &text) {
-                    Ok(docs) => {
-                        for d in docs {
-                            match d {
-                                ztseg_policy::Document::Network(p) => policies.push(p),
-                                ztseg_policy::Document::Tenant(t) => tenant_policies.push(t),
-                            }
-                        }
-                    }
-                    Err(es) => errors.extend(es.iter().map(ToString::to_string)),
-                },
+                Ok(text) => {
+                    docs.insert(f.display().to_string(), text);
+                }
                 Err(e) => errors.push(format!("{}: {e}", f.display())),
             }
         }
         if !errors.is_empty() {
-            self.policy_load_errors += 1;
-            let msg = errors.join("; ");
-            log::error("policy rejected; the policy in force stays", &[("errors", &msg)]);
-            self.policy_error = Some(msg);
+            self.reject(&errors);
             return;
+        }
+        let _ = self.apply_documents(&docs);
+    }
+
+    fn reject(&mut self, errors: &[String]) -> String {
+        self.policy_load_errors += 1;
+        let msg = errors.join("; ");
+        log::error("policy rejected; the policy in force stays", &[("errors", &msg)]);
+        self.policy_error = Some(msg.clone());
+        msg
+    }
+
+    /// Parse and enforce a complete document set (name → YAML). On any error nothing changes
+    /// and the error is returned (and shown in status).
+    pub fn apply_documents(&mut self, docs: &BTreeMap<String, String>) -> Result<(), String> {
+        let mut policies = Vec::new();
+        let mut tenant_policies = Vec::new();
+        let mut errors = Vec::new();
+        for (name, text) in docs {
+            match ztseg_policy::parse_documents(Path::new(name), text) {
+                Ok(parsed) => {
+                    for d in parsed {
+                        match d {
+                            ztseg_policy::Document::Network(p) => policies.push(p),
+                            ztseg_policy::Document::Tenant(t) => tenant_policies.push(t),
+                        }
+                    }
+                }
+                Err(es) => errors.extend(es.iter().map(ToString::to_string)),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(self.reject(&errors));
         }
         match self.apply_admin(&tenant_policies).and_then(|()| self.apply(&policies)) {
             Ok(()) => {
@@ -425,17 +476,56 @@ impl Engine {
                     "policy applied",
                     &[
                         ("version", &self.policy_version.to_string()),
+                        ("controller_version", &self.controller.version.to_string()),
                         ("policies", &self.policies.len().to_string()),
                     ],
                 );
+                Ok(())
             }
             Err(e) => {
                 self.policy_load_errors += 1;
                 let msg = format!("{e:#}");
                 log::error("policy could not be applied; the policy in force stays", &[("error", &msg)]);
-                self.policy_error = Some(msg);
+                self.policy_error = Some(msg.clone());
+                Err(msg)
             }
         }
+    }
+
+    /// Enforce controller policy `version` (complete document set). It is persisted first,
+    /// so a restart resumes from it; on error the previous version stays in force.
+    pub fn apply_controller(&mut self, version: u64, docs: BTreeMap<String, String>) -> Result<(), String> {
+        if !self.attached {
+            // Kept and applied right after attaching (reload_policy).
+            self.controller = ControllerPolicy { version, documents: docs };
+            self.policy_loaded = false;
+            return self.save_controller_policy().map_err(|e| format!("{e:#}"));
+        }
+        let previous = std::mem::replace(&mut self.controller.documents, docs.clone());
+        let previous_version = self.controller.version;
+        self.controller.version = version;
+        match self.apply_documents(&docs) {
+            Ok(()) => {
+                if let Err(e) = self.save_controller_policy() {
+                    log::error("could not persist the controller policy", &[("error", &format!("{e:#}"))]);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.controller.documents = previous;
+                self.controller.version = previous_version;
+                Err(e)
+            }
+        }
+    }
+
+    fn save_controller_policy(&self) -> Result<()> {
+        let p = self.cfg.state_dir.join("controller-policy.json");
+        let tmp = p.with_extension("tmp");
+        std::fs::create_dir_all(&self.cfg.state_dir)?;
+        std::fs::write(&tmp, serde_json::to_vec(&self.controller)?)?;
+        std::fs::rename(&tmp, &p)?;
+        Ok(())
     }
 
     /// Admin tier from `TenantPolicy` objects (tenant numbers as the data plane knows them).
@@ -624,6 +714,18 @@ impl Engine {
     #[must_use]
     pub fn tenant_name(&self, identity: u32) -> Option<String> {
         self.identities.iter().position(|i| *i == identity).and_then(|i| self.workloads[i].tenant.clone())
+    }
+
+    /// The controller version actually enforced (0 while none is).
+    #[must_use]
+    pub fn enforced_controller_version(&self) -> u64 {
+        if self.policy_loaded { self.controller.version } else { 0 }
+    }
+
+    /// Controller mode and no contact with the controller: the policy in force may be stale.
+    #[must_use]
+    pub fn policy_stale(&self) -> bool {
+        self.cfg.controller.is_some() && !self.controller_connected
     }
 
     #[must_use]

@@ -110,6 +110,21 @@ impl Metrics {
         let _ = writeln!(out, "# HELP ztseg_policy_version Policy versions applied since start.");
         let _ = writeln!(out, "# TYPE ztseg_policy_version gauge");
         let _ = writeln!(out, "ztseg_policy_version {}", engine.policy_version);
+        if engine.cfg.controller.is_some() {
+            let _ =
+                writeln!(out, "# HELP ztseg_controller_policy_version Controller policy version enforced.");
+            let _ = writeln!(out, "# TYPE ztseg_controller_policy_version gauge");
+            let _ = writeln!(out, "ztseg_controller_policy_version {}", engine.enforced_controller_version());
+            let _ = writeln!(out, "# HELP ztseg_controller_connected 1 while the controller session is up.");
+            let _ = writeln!(out, "# TYPE ztseg_controller_connected gauge");
+            let _ = writeln!(out, "ztseg_controller_connected {}", u8::from(engine.controller_connected));
+            let _ = writeln!(
+                out,
+                "# HELP ztseg_policy_stale 1 while the controller is unreachable and the last-known policy is enforced."
+            );
+            let _ = writeln!(out, "# TYPE ztseg_policy_stale gauge");
+            let _ = writeln!(out, "ztseg_policy_stale {}", u8::from(engine.policy_stale()));
+        }
         let _ = writeln!(out, "# HELP ztseg_policy_load_errors_total Policy loads rejected.");
         let _ = writeln!(out, "# TYPE ztseg_policy_load_errors_total counter");
         let _ = writeln!(out, "ztseg_policy_load_errors_total {}", engine.policy_load_errors);

@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod log;
 pub mod metrics;
+pub mod sync;
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -57,6 +58,8 @@ fn serve(cfg: config::Config) -> Result<()> {
     let socket = cfg.socket.clone();
     let metrics_addr = cfg.metrics_addr;
     let poll = Duration::from_millis(cfg.policy_poll_ms);
+    let controller = cfg.controller.clone();
+    let node = cfg.node.clone();
     // Enter the host's network namespace (lab) before any thread exists: setns applies to
     // this thread and to every thread it starts.
     if let Some(ns) = &cfg.netns {
@@ -119,6 +122,10 @@ fn serve(cfg: config::Config) -> Result<()> {
                     }
                 }
             });
+        }
+
+        if let Some(c) = controller {
+            tokio::spawn(sync::run(c, node, engine.clone(), flows.clone()));
         }
 
         let api = api::Api { engine: engine.clone(), metrics: metrics.clone(), flows };

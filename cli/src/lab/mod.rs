@@ -43,7 +43,22 @@ pub struct LabState {
     pub ports: Vec<u16>,
     pub protocols: Vec<String>,
     pub tenants: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub controller: Option<ControllerState>,
 }
+
+/// The lab's controller: its own network namespace with a management bridge
+/// (`10.75.0.1/24`) that every host reaches through a `mg0` link (`10.75.0.(H+2)`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControllerState {
+    pub netns: String,
+    pub data_dir: PathBuf,
+    pub endpoint: String,
+    pub pid: Option<u32>,
+}
+
+/// Controller address inside a lab.
+pub const LAB_CONTROLLER: &str = "10.75.0.1:7443";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostState {
@@ -201,6 +216,7 @@ pub fn up(lab_path: &Path, exe: &Path) -> Result<LabState> {
         ports: lab.ports.clone(),
         protocols: lab.protocols.clone(),
         tenants: BTreeMap::new(),
+        controller: None,
     };
     if !state.namespaces.iter().any(|n| n.name == "default")
         && lab.pods.iter().any(|p| p.namespace == "default")
@@ -213,7 +229,16 @@ pub fn up(lab_path: &Path, exe: &Path) -> Result<LabState> {
     build(&lab, &mut state)?;
     state.save()?;
     std::fs::create_dir_all(policy_dir(&name))?;
-    publish_files_only(&state, &lab, lab_path)?;
+    if lab.controller {
+        start_controller(&mut state, exe)?;
+        state.save()?;
+        for h in 0..state.hosts.len() {
+            enroll_host(&state, h)?;
+        }
+        controller_apply(&state, &lab, lab_path)?;
+    } else {
+        publish_files_only(&state, &lab, lab_path)?;
+    }
     for h in 0..state.hosts.len() {
         start_daemon(&mut state, h, exe)?;
         state.save()?;
@@ -235,7 +260,7 @@ fn publish_files_only(state: &LabState, lab: &LabFile, lab_path: &Path) -> Resul
 }
 
 fn build(lab: &LabFile, state: &mut LabState) -> Result<()> {
-    let name = &state.name;
+    let name = &state.name.clone();
     if lab.hosts.len() > 1 {
         let fabric = format!("zl-{name}-fabric");
         sh(&["ip", "netns", "add", &fabric])?;
@@ -283,6 +308,9 @@ fn build(lab: &LabFile, state: &mut LabState) -> Result<()> {
             }
         }
     }
+    if lab.controller {
+        build_controller_net(state)?;
+    }
     let mut per_host = vec![0u8; lab.hosts.len()];
     for (i, pod) in lab.pods.iter().enumerate() {
         let h = lab.hosts.iter().position(|x| x == lab.host_of(pod)).unwrap_or(0);
@@ -322,6 +350,36 @@ fn build(lab: &LabFile, state: &mut LabState) -> Result<()> {
                 "ip link set lo up && ip addr add {ipv4}/24 dev eth0 && ip link set eth0 up && ip route add default via 10.77.{h}.254"
             ),
         )?;
+    }
+    Ok(())
+}
+
+/// The controller's namespace with its management bridge, and each host's `mg0` link to it.
+fn build_controller_net(state: &mut LabState) -> Result<()> {
+    let name = state.name.clone();
+    let name = &name;
+    let ctl = format!("zl-{name}-ctl");
+    sh(&["ip", "netns", "add", &ctl])?;
+    state.controller = Some(ControllerState {
+        netns: ctl.clone(),
+        data_dir: lab_dir(name).join("controller"),
+        endpoint: LAB_CONTROLLER.into(),
+        pid: None,
+    });
+    ns_sh(
+        &ctl,
+        "ip link set lo up && ip link add mg type bridge && ip addr add 10.75.0.1/24 dev mg && ip link set mg up",
+    )?;
+    for h in 0..state.hosts.len() {
+        ns_sh(
+            &state.hosts[h].netns,
+            &format!(
+                "ip link add mg0 type veth peer name m{h} netns {ctl} && ip addr add 10.75.0.{}/24 dev mg0 && \
+                 ip link set mg0 up",
+                h + 2
+            ),
+        )?;
+        ns_sh(&ctl, &format!("ip link set m{h} master mg && ip link set m{h} up"))?;
     }
     Ok(())
 }
@@ -387,7 +445,145 @@ fn host_config(state: &LabState, h: usize) -> String {
             .collect();
         let _ = writeln!(c, "ports = [{}]", ports.join(", "));
     }
+    if let Some(ctl) = &state.controller {
+        let _ = write!(
+            c,
+            "\n[controller]\nendpoint = {:?}\nidentity_dir = {:?}\nidentity = {:?}\n",
+            ctl.endpoint,
+            host_identity_dir(state, h).display().to_string(),
+            host.name
+        );
+    }
     c
+}
+
+fn host_identity_dir(state: &LabState, h: usize) -> PathBuf {
+    lab_dir(&state.name).join(format!("{}-identity", state.hosts[h].name))
+}
+
+fn admin_args(ctl: &ControllerState) -> crate::ctl::CtlArgs {
+    crate::ctl::CtlArgs {
+        controller: ctl.endpoint.clone(),
+        identity_dir: Some(ctl.data_dir.join("admin")),
+        identity: "admin".into(),
+    }
+}
+
+/// Run async controller-client work inside the controller's namespace.
+fn in_ctl_netns<R: Send>(netns: &str, f: impl std::future::Future<Output = Result<R>> + Send) -> Result<R> {
+    in_netns(netns, || tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f))
+}
+
+/// Create the lab controller's CA and start it in its namespace.
+fn start_controller(state: &mut LabState, exe: &Path) -> Result<()> {
+    let dir = lab_dir(&state.name);
+    let Some(ctl) = state.controller.as_mut() else { return Ok(()) };
+    if !ctl.data_dir.join(ztseg_controller::pki::CA_KEY).exists() {
+        ztseg_controller::server::init(&ctl.data_dir, "ztseg.local", &["10.75.0.1".into()])?;
+    }
+    let log_path = dir.join("controller.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let child = Command::new("setsid")
+        .args(["ip", "netns", "exec", &ctl.netns])
+        .arg(exe)
+        .args(["controller", "run", "--name", "lab", "--listen", &ctl.endpoint, "--data-dir"])
+        .arg(&ctl.data_dir)
+        .arg("--siem")
+        .arg(format!("file:{}", dir.join("siem.jsonl").display()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the lab controller")?;
+    ctl.pid = Some(child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let offset = 0;
+    while !std::fs::read_to_string(&log_path).unwrap_or_default()[offset..].contains("controller serving") {
+        if std::time::Instant::now() > deadline {
+            bail!("the lab controller did not start; log: {}", log_path.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Enroll host `h`'s enforcer: a one-time token from the controller, redeemed from the
+/// host's namespace with a key generated there.
+fn enroll_host(state: &LabState, h: usize) -> Result<()> {
+    let Some(ctl) = &state.controller else { return Ok(()) };
+    let host = &state.hosts[h];
+    let args = admin_args(ctl);
+    let name = host.name.clone();
+    let token = in_ctl_netns(&ctl.netns, async move {
+        crate::ctl::token(&args, "enforcer", &name, 600, 30 * 86_400).await
+    })?;
+    let files = ztseg_controller::pki::ClientFiles::in_dir(&host_identity_dir(state, h), &host.name);
+    let ca = ctl.data_dir.join(ztseg_controller::pki::CA_CERT);
+    let endpoint = ctl.endpoint.clone();
+    in_ctl_netns(&host.netns, async move {
+        ztseg_controller::server::enroll(&endpoint, &ca, &token, &files).await.map(drop)
+    })
+}
+
+/// Apply the lab file's policies at the controller; returns the controller's version.
+fn controller_apply(state: &LabState, lab: &LabFile, lab_path: &Path) -> Result<u64> {
+    let Some(ctl) = &state.controller else { bail!("lab {} has no controller", state.name) };
+    let staged = lab_dir(&state.name).join("controller-policies");
+    let _ = std::fs::remove_dir_all(&staged);
+    std::fs::create_dir_all(&staged)?;
+    for (i, f) in lab.policy_files(lab_path)?.iter().enumerate() {
+        let name =
+            format!("{i:03}-{}", f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        std::fs::copy(f, staged.join(name)).with_context(|| format!("copying {}", f.display()))?;
+    }
+    let args = admin_args(ctl);
+    let r = in_ctl_netns(&ctl.netns, async move {
+        crate::ctl::apply(&args, &[staged], "ztseg lab apply".into(), 0, false).await
+    })?;
+    Ok(r.version)
+}
+
+/// Wait until every host enforces controller version `version` (or newer).
+fn wait_controller_version(state: &LabState, version: u64) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for host in &state.hosts {
+        loop {
+            let st = daemon_status(&host.socket)?;
+            if st.controller_version >= version && st.policy_loaded {
+                break;
+            }
+            // A host cut off from the controller keeps its last-known policy; it converges
+            // when it reconnects.
+            if st.policy_stale {
+                eprintln!(
+                    "host {}: controller unreachable, enforcing stale version {}",
+                    host.name, st.controller_version
+                );
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "host {}: controller policy version {version} not enforced in time (at {}; {})",
+                    host.name,
+                    st.controller_version,
+                    st.policy_error
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// `ztseg lab isolate|rejoin -f LAB HOST`: cut or restore a host's link to the controller.
+pub fn set_controller_link(lab_path: &Path, host: &str, up: bool) -> Result<()> {
+    let lab = LabFile::load(lab_path)?;
+    let state = LabState::load(lab.name())?;
+    if state.controller.is_none() {
+        bail!("lab {} has no controller (set `controller: true` in the lab file)", state.name);
+    }
+    let h = state.hosts.iter().find(|x| x.name == host).with_context(|| format!("no host {host:?}"))?;
+    ns_sh(&h.netns, &format!("ip link set mg0 {}", if up { "up" } else { "down" }))
 }
 
 /// Query a host daemon's status.
@@ -453,6 +649,10 @@ fn stop_daemon(state: &mut LabState, h: usize) {
 /// Copy the lab file's policies into the shared directory and wait until every daemon has
 /// applied them (or reports an error, which is returned).
 fn publish_policies(state: &LabState, lab: &LabFile, lab_path: &Path) -> Result<()> {
+    if state.controller.is_some() {
+        let v = controller_apply(state, lab, lab_path)?;
+        return wait_controller_version(state, v);
+    }
     let dir = policy_dir(&state.name);
     std::fs::create_dir_all(&dir)?;
     let mut wanted = BTreeMap::new();
@@ -631,6 +831,10 @@ pub fn down(name: &str) -> Result<()> {
             let _ = Command::new("kill").arg(pid.to_string()).output();
         }
     }
+    if let Some(pid) = state.controller.as_ref().and_then(|c| c.pid) {
+        // `ip netns exec` execs the controller: this pid is the controller itself.
+        let _ = Command::new("kill").arg(pid.to_string()).output();
+    }
     let mut errors = Vec::new();
     for host in &state.hosts {
         if let Err(e) = Datapath::uninstall(&host.pin_dir) {
@@ -644,6 +848,7 @@ pub fn down(name: &str) -> Result<()> {
         .map(|p| &p.netns)
         .chain(state.hosts.iter().map(|h| &h.netns))
         .chain(state.fabric.iter())
+        .chain(state.controller.iter().map(|c| &c.netns))
     {
         let _ = Command::new("ip").args(["netns", "del", ns]).output();
     }

@@ -56,6 +56,10 @@ pub struct LabFile {
     /// Expected reachability, one truth table per port and protocol.
     #[serde(default)]
     pub expect: Vec<Expectation>,
+    /// Run a controller: policies are applied at the controller and distributed to every
+    /// host's enforcer over mTLS (each host enrolls with a one-time join token).
+    #[serde(default)]
+    pub controller: bool,
 }
 
 fn default_protocols() -> Vec<String> {

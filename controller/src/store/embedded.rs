@@ -1,6 +1,6 @@
 //! The embedded store: one redb file (`<data-dir>/ztseg.redb`).
 //!
-//! redb was chosen over SQLite because it is pure Rust (no C toolchain, fast builds), its
+//! `redb` was chosen over `SQLite` because it is pure Rust (no C toolchain, fast builds), its
 //! write transactions are ACID with copy-on-write pages and an fsync at commit (a committed
 //! transaction survives kill -9 and power loss; an uncommitted one leaves no trace), and the
 //! controller needs only ordered key/value tables, not SQL. The file is locked by the
@@ -130,7 +130,12 @@ impl Store for EmbeddedStore {
         self.head_tx.subscribe()
     }
 
-    fn commit(&self, expected: u64, mut version: PolicyVersion, mut draft: audit::Draft) -> BoxFut<'_, (u64, u64)> {
+    fn commit(
+        &self,
+        expected: u64,
+        mut version: PolicyVersion,
+        mut draft: audit::Draft,
+    ) -> BoxFut<'_, (u64, u64)> {
         let head_tx = self.head_tx.clone();
         let fut = self.blocking(move |db| {
             let tx = db.begin_write().map_err(be)?;
@@ -179,8 +184,8 @@ impl Store for EmbeddedStore {
             let mut out = Vec::new();
             for e in t.iter().map_err(be)?.rev().take(limit) {
                 let (k, v) = e.map_err(be)?;
-                let pv: PolicyVersion =
-                    serde_json::from_slice(v.value()).map_err(|e| corrupt(format!("version {}", k.value()), e))?;
+                let pv: PolicyVersion = serde_json::from_slice(v.value())
+                    .map_err(|e| corrupt(format!("version {}", k.value()), e))?;
                 out.push(pv.meta);
             }
             Ok(out)
@@ -231,7 +236,8 @@ impl Store for EmbeddedStore {
             let tok = {
                 let mut t = tx.open_table(TOKENS).map_err(be)?;
                 let v = t.remove(hash.as_str()).map_err(be)?;
-                v.map(|b| serde_json::from_slice(b.value()).map_err(|e| corrupt("join token", e))).transpose()?
+                v.map(|b| serde_json::from_slice(b.value()).map_err(|e| corrupt("join token", e)))
+                    .transpose()?
             };
             tx.commit().map_err(be)?;
             Ok(tok)
@@ -271,7 +277,10 @@ impl Store for EmbeddedStore {
     fn put_meta(&self, key: String, value: String) -> BoxFut<'_, ()> {
         self.blocking(move |db| {
             let tx = db.begin_write().map_err(be)?;
-            tx.open_table(META).map_err(be)?.insert(format!("x/{key}").as_str(), value.as_str()).map_err(be)?;
+            tx.open_table(META)
+                .map_err(be)?
+                .insert(format!("x/{key}").as_str(), value.as_str())
+                .map_err(be)?;
             tx.commit().map_err(be)
         })
     }
@@ -281,7 +290,9 @@ impl Store for EmbeddedStore {
     }
 }
 
-fn read_audit_head_ro(meta: &redb::ReadOnlyTable<&'static str, &'static str>) -> Result<audit::Head, StoreError> {
+fn read_audit_head_ro(
+    meta: &redb::ReadOnlyTable<&'static str, &'static str>,
+) -> Result<audit::Head, StoreError> {
     match meta.get(AUDIT_HEAD).map_err(be)? {
         Some(v) => serde_json::from_str(v.value()).map_err(|e| corrupt(AUDIT_HEAD, e)),
         None => Ok(audit::Head { seq: 0, hash: audit::GENESIS.to_owned() }),
@@ -318,7 +329,13 @@ mod tests {
         let r: audit::Record = serde_json::from_slice(&recs[1].1).unwrap();
         assert_eq!(r.detail["version"], 2);
         // Tokens are redeemable once.
-        let tok = JoinToken { role: "enforcer".into(), name: "h".into(), expires_ms: 0, cert_ttl_s: 1, created_by: "x".into() };
+        let tok = JoinToken {
+            role: "enforcer".into(),
+            name: "h".into(),
+            expires_ms: 0,
+            cert_ttl_s: 1,
+            created_by: "x".into(),
+        };
         s.put_token("h1".into(), tok.clone()).await.unwrap();
         assert_eq!(s.take_token("h1".into()).await.unwrap(), Some(tok));
         assert_eq!(s.take_token("h1".into()).await.unwrap(), None);

@@ -1,0 +1,181 @@
+//! Controller session of the enforcer (controller mode).
+//!
+//! Subscribes with the version it enforces and receives a snapshot or a delta, then one
+//! delta per new version. Each update becomes a complete document set that the engine applies
+//! make-before-break and persists; the enforced version is reported back. When the controller
+//! is unreachable the last-known policy stays in force and status/metrics show it as stale;
+//! the session reconnects with backoff and resumes from its version. Denied flows seen in the
+//! kernel are folded per second and forwarded to the controller's audit log.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use tokio::sync::broadcast;
+use ztseg_api::{controller as pb, enforcer::FlowEvent};
+
+use super::{config::ControllerConfig, engine::Engine, log};
+
+fn lock(e: &Mutex<Engine>) -> std::sync::MutexGuard<'_, Engine> {
+    e.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Run the controller session forever.
+pub async fn run(
+    cfg: ControllerConfig,
+    node: String,
+    engine: Arc<Mutex<Engine>>,
+    flows: broadcast::Sender<FlowEvent>,
+) {
+    let files = ztseg_controller::pki::ClientFiles::in_dir(
+        &cfg.identity_dir,
+        cfg.identity.as_deref().unwrap_or(&node),
+    );
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let started = Instant::now();
+        let flows_rx = cfg.report_denied.then(|| flows.subscribe());
+        match session(&cfg, &files, &engine, flows_rx).await {
+            Ok(()) => {}
+            Err(e) => log::error(
+                "controller session ended; the last-known policy stays in force",
+                &[("endpoint", &cfg.endpoint), ("error", &format!("{e:#}"))],
+            ),
+        }
+        lock(&engine).controller_connected = false;
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(200);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Fold key of a denied flow.
+type FlowKey = (String, String, String, String, String, String, u32, String, String);
+
+async fn session(
+    cfg: &ControllerConfig,
+    files: &ztseg_controller::pki::ClientFiles,
+    engine: &Arc<Mutex<Engine>>,
+    mut flows: Option<broadcast::Receiver<FlowEvent>>,
+) -> Result<()> {
+    let ch = ztseg_controller::server::connect(&cfg.endpoint, files).await?;
+    let mut client = pb::distribution_client::DistributionClient::new(ch)
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(64 << 20);
+    let from = lock(engine).controller.version;
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest { from_version: from })
+        .await
+        .map_err(|s| anyhow::anyhow!("subscribe refused ({:?}): {}", s.code(), s.message()))?
+        .into_inner();
+    {
+        let mut e = lock(engine);
+        e.controller_connected = true;
+        e.controller_last_contact = Some(Instant::now());
+    }
+    log::info("controller connected", &[("endpoint", &cfg.endpoint), ("from_version", &from.to_string())]);
+    report(&mut client, engine, Vec::new()).await?;
+    let mut denied: BTreeMap<FlowKey, (i64, u32)> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_report = Instant::now();
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                let u = msg.map_err(|s| anyhow::anyhow!("policy stream: {}", s.message()))?
+                    .context("the controller closed the policy stream")?;
+                apply_update(engine, u).await?;
+                report(&mut client, engine, Vec::new()).await?;
+                last_report = Instant::now();
+            }
+            ev = async { match flows.as_mut() { Some(f) => f.recv().await, None => std::future::pending().await } } => {
+                match ev {
+                    Ok(ev) if ev.verdict == "DROP" => {
+                        let k = (ev.workload, ev.peer, ev.tenant, ev.direction, ev.src, ev.dst, ev.dport, ev.protocol, ev.reason);
+                        let e = denied.entry(k).or_insert((ztseg_controller::now_ms(), 0));
+                        e.1 += 1;
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        log::error("denied-flow forwarding lagged", &[("lost", &n.to_string())]);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => flows = None,
+                }
+            }
+            _ = tick.tick() => {
+                if !denied.is_empty() || last_report.elapsed() >= Duration::from_secs(5) {
+                    let batch = std::mem::take(&mut denied)
+                        .into_iter()
+                        .map(|((workload, peer, tenant, direction, src, dst, dport, protocol, reason), (t, count))| pb::DeniedFlow {
+                            time_unix_ms: t, workload, peer, tenant, direction, src, dst, dport, protocol, reason, count,
+                        })
+                        .collect();
+                    report(&mut client, engine, batch).await?;
+                    last_report = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+async fn report(
+    client: &mut pb::distribution_client::DistributionClient<tonic::transport::Channel>,
+    engine: &Arc<Mutex<Engine>>,
+    denied: Vec<pb::DeniedFlow>,
+) -> Result<()> {
+    let (enforced_version, policy_error) = {
+        let e = lock(engine);
+        (e.enforced_controller_version(), e.policy_error.clone().unwrap_or_default())
+    };
+    client
+        .report(pb::ReportRequest { enforced_version, policy_error, denied })
+        .await
+        .map_err(|s| anyhow::anyhow!("report refused ({:?}): {}", s.code(), s.message()))?;
+    lock(engine).controller_last_contact = Some(Instant::now());
+    Ok(())
+}
+
+/// Turn an update into a complete document set and enforce it.
+async fn apply_update(engine: &Arc<Mutex<Engine>>, u: pb::PolicyUpdate) -> Result<()> {
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut e = lock(&engine);
+        e.controller_last_contact = Some(Instant::now());
+        let docs = if u.snapshot {
+            u.upserts.into_iter().map(|d| (d.name, d.content)).collect()
+        } else {
+            if u.base_version != e.controller.version {
+                bail!(
+                    "delta from version {} does not apply to version {}; resubscribing",
+                    u.base_version,
+                    e.controller.version
+                );
+            }
+            let mut docs = e.controller.documents.clone();
+            for r in &u.removes {
+                docs.remove(r);
+            }
+            for d in u.upserts {
+                docs.insert(d.name, d.content);
+            }
+            docs
+        };
+        match e.apply_controller(u.version, docs) {
+            Ok(()) => Ok(()),
+            // A version that cannot be enforced is reported (status and controller); the
+            // previous one stays in force. Not a session error: the next version may fix it.
+            Err(msg) => {
+                log::error(
+                    "controller policy not enforced",
+                    &[("version", &u.version.to_string()), ("error", &msg)],
+                );
+                Ok(())
+            }
+        }
+    })
+    .await?
+}

@@ -1,0 +1,174 @@
+//! Policy distribution through the controller, with real traffic: a lab of three simulated
+//! hosts (one enforcer each) and a controller in its own namespace. Policies are applied at
+//! the controller only; every host must enforce them. A host cut off from the controller
+//! during two changes keeps its last-known policy (shown as stale) and converges when it
+//! reconnects.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+
+const NAME: &str = "dist";
+
+#[derive(Deserialize, Debug)]
+struct Matrix {
+    pods: Vec<String>,
+    allowed: Vec<Vec<bool>>,
+}
+
+fn ztseg(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ztseg-t")).args(args).output().expect("run ztseg");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+struct Lab {
+    dir: PathBuf,
+    file: String,
+}
+
+impl Lab {
+    fn up() -> Self {
+        ztseg_integration::require_root();
+        let dir = std::env::temp_dir().join(ztseg_integration::unique("ztseg-dist-"));
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        let file = dir.join("lab.yaml").display().to_string();
+        std::fs::write(
+            &file,
+            format!(
+                "name: {NAME}\nhosts: [h1, h2, h3]\ncontroller: true\nnamespaces:\n  - {{name: x, labels: {{ns: x}}}}\n\
+                 pods:\n  - {{name: a, namespace: x, labels: {{pod: a}}, host: h1}}\n  - {{name: b, namespace: x, labels: {{pod: b}}, host: h2}}\n  - {{name: c, namespace: x, labels: {{pod: c}}, host: h3}}\n\
+                 ports: [80]\nprotocols: [TCP]\ntimeoutMs: 400\npolicies: [policies]\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.join("policies/deny.yaml"), DENY).unwrap();
+        let lab = Self { dir, file };
+        let _ = ztseg(&["lab", "down", "-f", &lab.file]);
+        let (ok, out, err) = ztseg(&["lab", "up", "-f", &lab.file]);
+        assert!(ok, "lab up failed: {out}{err}");
+        lab
+    }
+
+    fn set_allow(&self, from: &[&str]) {
+        let p = self.dir.join("policies/allow.yaml");
+        if from.is_empty() {
+            let _ = std::fs::remove_file(p);
+        } else {
+            let peers: Vec<String> =
+                from.iter().map(|f| format!("{{podSelector: {{matchLabels: {{pod: {f}}}}}}}")).collect();
+            std::fs::write(
+                p,
+                format!(
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: allow, namespace: x}}\n\
+                     spec:\n  podSelector: {{}}\n  ingress:\n    - from: [{}]\n",
+                    peers.join(", ")
+                ),
+            )
+            .unwrap();
+        }
+        let (ok, out, err) = ztseg(&["lab", "apply", "-f", &self.file]);
+        assert!(ok, "lab apply failed: {out}{err}");
+    }
+
+    /// Allowed (from, to) pairs between distinct pods, e.g. "x/a->x/b".
+    fn reachable(&self) -> Vec<String> {
+        let (_, out, err) = ztseg(&["-o", "json", "lab", "probe", "-f", &self.file]);
+        let m: Vec<Matrix> = serde_json::from_str(&out).unwrap_or_else(|e| panic!("probe: {e}: {out}{err}"));
+        let mut v = Vec::new();
+        for (f, from) in m[0].pods.iter().enumerate() {
+            for (t, to) in m[0].pods.iter().enumerate() {
+                if f != t && m[0].allowed[f][t] {
+                    v.push(format!("{from}->{to}"));
+                }
+            }
+        }
+        v
+    }
+
+    fn status(host: &str) -> serde_json::Value {
+        let sock = format!("/run/ztseg/lab/{NAME}/{host}.sock");
+        let (ok, out, err) = ztseg(&["-o", "json", "enforcer", "status", "--socket", &sock]);
+        assert!(ok, "status {host}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v[0].clone()
+    }
+
+    fn wait(host: &str, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> Duration {
+        let t = Instant::now();
+        loop {
+            let s = Self::status(host);
+            if f(&s) {
+                return t.elapsed();
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "{host}: {what} not reached in 30 s: {s}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = ztseg(&["lab", "down", "-f", &self.file]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const DENY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
+
+fn version(s: &serde_json::Value) -> u64 {
+    s["controller_version"].as_str().unwrap().parse().unwrap()
+}
+
+#[test]
+fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
+    let lab = Lab::up();
+    // Version 1 (deny all ingress) arrived through the controller on every host.
+    for h in ["h1", "h2", "h3"] {
+        let s = Lab::status(h);
+        assert_eq!(s["policy_source"], "controller", "{s}");
+        assert_eq!(version(&s), 1, "{s}");
+        assert_eq!(s["policy_stale"], "false", "{s}");
+    }
+    assert_eq!(lab.reachable(), Vec::<String>::new());
+
+    // Version 2: ingress from a. Every host enforces it (ingress is decided at b's and c's hosts).
+    lab.set_allow(&["a"]);
+    for h in ["h1", "h2", "h3"] {
+        assert_eq!(version(&Lab::status(h)), 2);
+    }
+    assert_eq!(lab.reachable(), vec!["x/a->x/b", "x/a->x/c"]);
+
+    // Cut h3 off; it notices and reports the policy as stale.
+    let (ok, _, err) = ztseg(&["lab", "isolate", "-f", &lab.file, "h3"]);
+    assert!(ok, "{err}");
+    let took = Lab::wait("h3", "stale", |s| s["policy_stale"] == "true");
+    eprintln!("h3 noticed the lost controller after {took:?}");
+
+    // Two changes while h3 is away: versions 3 (from a and b) and 4 (from b only).
+    lab.set_allow(&["a", "b"]);
+    lab.set_allow(&["b"]);
+    assert_eq!(version(&Lab::status("h1")), 4);
+    assert_eq!(version(&Lab::status("h2")), 4);
+    let s3 = Lab::status("h3");
+    assert_eq!(version(&s3), 2, "the isolated host keeps its last-known version: {s3}");
+    // h1 and h2 enforce version 4 (to a and b: only from b); h3 still version 2 (to c: from a).
+    assert_eq!(lab.reachable(), vec!["x/a->x/c", "x/b->x/a"]);
+
+    // Reconnect: h3 resumes from version 2 and converges to 4.
+    let (ok, _, err) = ztseg(&["lab", "rejoin", "-f", &lab.file, "h3"]);
+    assert!(ok, "{err}");
+    let took = Lab::wait("h3", "version 4", |s| version(s) == 4 && s["policy_stale"] == "false");
+    eprintln!("h3 converged {took:?} after reconnecting");
+    assert_eq!(lab.reachable(), vec!["x/b->x/a", "x/b->x/c"]);
+    // It resumed with a delta from its own version, not from scratch.
+    let log = std::fs::read_to_string(format!("/run/ztseg/lab/{NAME}/h3.log")).unwrap();
+    assert!(log.contains("\"from_version\":\"2\""), "h3 did not resume from version 2:\n{log}");
+}
