@@ -129,6 +129,18 @@ enum LabCommands {
     },
     /// Remove the lab: servers, enforcement, namespaces.
     Down(LabFileArgs),
+    /// Cut a host's link to the lab controller (its enforcer keeps the last-known policy).
+    Isolate {
+        #[command(flatten)]
+        file: LabFileArgs,
+        host: String,
+    },
+    /// Restore a host's link to the lab controller (it resumes from its policy version).
+    Rejoin {
+        #[command(flatten)]
+        file: LabFileArgs,
+        host: String,
+    },
     /// (internal) serve a pod's ports.
     #[command(hide = true)]
     Serve {
@@ -368,6 +380,15 @@ enum PolicyCommands {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Run policy tests offline (docs/policy-test.md); exit 1 if a case fails, 2 if a file is invalid.
+    Test {
+        /// Test files or directories.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// More policy files or directories, loaded for every test (repeatable).
+        #[arg(long)]
+        policies: Vec<PathBuf>,
+    },
 }
 
 /// Parse the process arguments and run; the binary's whole `main`.
@@ -390,6 +411,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Commands::Policy { command: PolicyCommands::Validate { paths } } => validate(&paths),
+        Commands::Policy { command: PolicyCommands::Test { files, policies } } => {
+            let format = match cli.output {
+                Output::Table => crate::policy_test::Format::Table,
+                Output::Json => crate::policy_test::Format::Json,
+                Output::Yaml => crate::policy_test::Format::Yaml,
+            };
+            Ok(crate::policy_test::command(&files, &policies, format))
+        }
         Commands::Lab { command } => lab_cmd(command, cli.output),
         Commands::Controller { command: ControllerCommands::Init { data_dir, trust_domain, san } } => {
             let files = ztseg_controller::server::init(&data_dir, &trust_domain, &san)?;
@@ -423,10 +452,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// Commands that talk to the controller.
+#[expect(clippy::too_many_lines, reason = "one match arm per command, each a few lines")]
 async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
     use crate::ctl;
     match command {
-        Commands::Controller { command: ControllerCommands::Token { ctl: a, role, name, ttl, cert_days } } => {
+        Commands::Controller {
+            command: ControllerCommands::Token { ctl: a, role, name, ttl, cert_days },
+        } => {
             // The token is a secret: printed once, to stdout only.
             println!("{}", ctl::token(&a, &role, &name, ttl, cert_days * 86_400).await?);
         }
@@ -461,11 +493,17 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
         Commands::Audit { command: AuditCommands::Verify { ctl: a, data_dir } } => {
             return ctl::audit_verify(&a, data_dir.as_deref()).await;
         }
-        Commands::Policy { command: PolicyCommands::Apply { ctl: a, paths, message, expected_version, dry_run } } => {
+        Commands::Policy {
+            command: PolicyCommands::Apply { ctl: a, paths, message, expected_version, dry_run },
+        } => {
             let r = ctl::apply(&a, &paths, message, expected_version, dry_run).await?;
             print!("{}", r.diff);
             if dry_run {
-                println!("dry run: version {} unchanged{}", r.version, if r.changed { "" } else { " (no difference)" });
+                println!(
+                    "dry run: version {} unchanged{}",
+                    r.version,
+                    if r.changed { "" } else { " (no difference)" }
+                );
             } else if r.changed {
                 println!("applied: policy version {} (audit record {})", r.version, r.audit_seq);
             } else {
@@ -491,7 +529,12 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
                     }
                     std::fs::write(&p, &d.content)?;
                 }
-                println!("version {}: {} documents written to {}", r.version, r.documents.len(), dir.display());
+                println!(
+                    "version {}: {} documents written to {}",
+                    r.version,
+                    r.documents.len(),
+                    dir.display()
+                );
             } else {
                 for d in &r.documents {
                     println!("# --- {} (version {})", d.name, r.version);
@@ -510,7 +553,10 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
                         ("actor", v.actor),
                         ("documents", v.documents.to_string()),
                         ("change", v.summary),
-                        ("rolled_back_to", if v.rolled_back_to == 0 { String::new() } else { v.rolled_back_to.to_string() }),
+                        (
+                            "rolled_back_to",
+                            if v.rolled_back_to == 0 { String::new() } else { v.rolled_back_to.to_string() },
+                        ),
                         ("message", v.message),
                     ]
                 })
@@ -523,7 +569,10 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
             if r.changed {
                 println!("rolled back: policy version {} has the documents of version {version}", r.version);
             } else {
-                println!("no change: the current version {} already has the documents of version {version}", r.version);
+                println!(
+                    "no change: the current version {} already has the documents of version {version}",
+                    r.version
+                );
             }
         }
         _ => unreachable!("dispatched by run()"),
@@ -562,6 +611,10 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                 ("rules", st.rules.to_string()),
                 ("grants", st.grants.to_string()),
                 ("pin_dir", st.pin_dir),
+                ("policy_source", st.policy_source),
+                ("controller_version", st.controller_version.to_string()),
+                ("controller_connected", st.controller_connected.to_string()),
+                ("policy_stale", st.policy_stale.to_string()),
                 ("policy_error", st.policy_error),
             ]];
             print_rows(&rows, output)?;
@@ -829,6 +882,16 @@ fn lab_cmd(cmd: LabCommands, output: Output) -> Result<ExitCode> {
             let lab_file = lab::spec::LabFile::load(&a.file)?;
             lab::down(lab_file.name())?;
             println!("lab {} down", lab_file.name());
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommands::Isolate { file, host } => {
+            lab::set_controller_link(&file.file, &host, false)?;
+            println!("host {host}: link to the controller cut");
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommands::Rejoin { file, host } => {
+            lab::set_controller_link(&file.file, &host, true)?;
+            println!("host {host}: link to the controller restored");
             Ok(ExitCode::SUCCESS)
         }
         LabCommands::Serve { netns, ports, protocols } => {

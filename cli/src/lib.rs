@@ -8,3 +8,4 @@ pub mod compile;
 pub mod ctl;
 pub mod daemon;
 pub mod lab;
+pub mod policy_test;

@@ -29,7 +29,13 @@ pub struct Draft {
 impl Draft {
     #[must_use]
     pub fn new(actor: impl Into<String>, action: &str, outcome: &str, detail: serde_json::Value) -> Self {
-        Self { time_ms: crate::now_ms(), actor: actor.into(), action: action.into(), outcome: outcome.into(), detail }
+        Self {
+            time_ms: crate::now_ms(),
+            actor: actor.into(),
+            action: action.into(),
+            outcome: outcome.into(),
+            detail,
+        }
     }
 }
 
@@ -156,10 +162,16 @@ impl Verifier {
     pub fn finish(&self, head: &Head) -> Result<u64, BadRecord> {
         let last = self.next - 1;
         if head.seq > last {
-            return Err(BadRecord { seq: last + 1, message: format!("missing (the log ends at {last}, its head at {})", head.seq) });
+            return Err(BadRecord {
+                seq: last + 1,
+                message: format!("missing (the log ends at {last}, its head at {})", head.seq),
+            });
         }
         if head.seq < last {
-            return Err(BadRecord { seq: head.seq + 1, message: format!("beyond the head ({}) of the log", head.seq) });
+            return Err(BadRecord {
+                seq: head.seq + 1,
+                message: format!("beyond the head ({}) of the log", head.seq),
+            });
         }
         if last > 0 && head.hash != self.prev {
             return Err(BadRecord { seq: last, message: "does not match the head's hash: modified".into() });

@@ -99,7 +99,13 @@ mod tests {
 
     #[test]
     fn controller_role_may_call_nothing() {
-        for p in ["Policy/Apply", "Policy/Get", "Audit/List", "Distribution/Subscribe", "Enrollment/CreateJoinToken"] {
+        for p in [
+            "Policy/Apply",
+            "Policy/Get",
+            "Audit/List",
+            "Distribution/Subscribe",
+            "Enrollment/CreateJoinToken",
+        ] {
             assert!(!roles_for(&format!("/ztseg.controller.v1.{p}")).contains(&Role::Controller), "{p}");
         }
     }
