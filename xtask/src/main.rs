@@ -120,7 +120,27 @@ fn main() -> Result<()> {
                     cmd.arg(&root);
                     run(cmd)
                 }
-                other => bail!("unknown benchmark {other}"),
+                "control" => {
+                    cargo(
+                        &root,
+                        &[
+                            "build",
+                            "--release",
+                            "-p",
+                            "ztseg-benches",
+                            "--bin",
+                            "bench-control",
+                            "-p",
+                            "ztseg",
+                            "--bin",
+                            "ztseg",
+                        ],
+                    )?;
+                    let mut cmd = Command::new(root.join("target/release/bench-control"));
+                    cmd.arg(&root).arg(root.join("target/release/ztseg"));
+                    run(cmd)
+                }
+                other => bail!("unknown benchmark {other} (datapath, throughput, control)"),
             }
         }
     }
