@@ -123,12 +123,17 @@ async fn measure(data_dir: &Path, work: &Path) -> Result<Report> {
     let ca = pki::Ca::load(data_dir)?;
     let sim = SUBSCRIBERS - HOSTS.len();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // Every identity is written before any subscriber starts (they share ca.pem).
+    let mut identities = Vec::new();
     for i in 0..sim {
         let files = pki::ClientFiles::in_dir(&work.join("sim"), &format!("sim-{i}"));
         files.save(
             &ca.issue_client(Role::Enforcer, &format!("sim-{i}"), Duration::from_hours(1))?,
             &ca.cert_pem,
         )?;
+        identities.push(files);
+    }
+    for (i, files) in identities.into_iter().enumerate() {
         let tx = tx.clone();
         let ep = endpoint.clone();
         tokio::spawn(async move {

@@ -1,45 +1,1014 @@
 //! The etcd store (HA): several controllers share one etcd cluster.
+//!
+//! Every controller of a deployment connects to the same etcd cluster with the same key
+//! prefix. Writes that must be atomic are single etcd transactions guarded by compare
+//! operations (optimistic concurrency), so controllers never overwrite each other's work.
+//!
+//! # Key layout (all under `<prefix>`, e.g. `/ztseg`)
+//!
+//! | key                                  | value                                              |
+//! |--------------------------------------|----------------------------------------------------|
+//! | `/head/policy`                       | current policy version, decimal                    |
+//! | `/head/audit`                        | JSON [`audit::Head`] of the last audit record      |
+//! | `/versions/<v, 20 digits>`           | JSON `{meta, documents: name → sha256}`             |
+//! | `/blob/<sha256>/<chunk, 6 digits>`   | document content, in chunks of at most 512 KiB     |
+//! | `/audit/<seq, 20 digits>`            | the sealed audit record, byte for byte             |
+//! | `/tokens/<hash>`                     | JSON [`JoinToken`]                                 |
+//! | `/enforcers/<name>`                  | JSON [`EnforcerRecord`]                            |
+//! | `/meta/<key>`                        | named values ([`Store::get_meta`])                 |
+//! | `/leader`                            | name of the leader, bound to its lease             |
+//!
+//! Zero-padded numbers make etcd's key order the numeric order, so range reads return versions
+//! and audit records in sequence.
+//!
+//! # Policy versions are content-addressed
+//!
+//! A 10,000-rule policy is 1–2 MB of YAML; etcd refuses requests over 1.5 MiB by default
+//! (`--max-request-bytes`) and keeps every revision of a key until compaction. So a version
+//! record holds only the SHA-256 of each document, and the contents live under
+//! `/blob/<sha256>/`, written *before* the commit transaction and never changed afterwards.
+//! Unchanged documents are not written again (their hash is already referenced by the parent
+//! version, or all their chunks exist), so a commit that edits one document of a large policy
+//! moves a few kilobytes. A blob is split into chunks so that no single request exceeds the
+//! limit. Reading a version reassembles the documents and checks each against its hash (a
+//! mismatch is [`StoreError::Corrupt`]). Blobs are never deleted: history references them. A
+//! commit that fails after writing its blobs leaves them behind, harmless and reused by the
+//! next commit of the same content.
+//!
+//! # Commits and the audit chain
+//!
+//! A commit is one transaction: *if* the policy head and the audit head still have the mod
+//! revisions read a moment ago, *then* put the version record, the new policy head, the sealed
+//! audit record and the new audit head. If the policy head moved the caller gets
+//! [`StoreError::Conflict`]; if only the audit head moved (another controller appended audit
+//! records), the record is resealed on the new head and the transaction retried. Appends use
+//! the same compare-and-swap on the audit head, so concurrent controllers can never fork the
+//! chain. Large batches of audit drafts are appended in several transactions of at most 100
+//! records (etcd's default `--max-txn-ops` is 128); each keeps the chain intact.
+//!
+//! If a write transaction fails in a way that leaves its outcome unknown (the member died
+//! mid-request, a timeout), the retry first checks whether the audit record it tried to
+//! write is stored byte for byte — a sealed record names its sequence, predecessor hash,
+//! time and content, so that identifies the earlier attempt — and reports that attempt's
+//! success instead of writing again. Taking a join token is a single atomic delete; if its
+//! response is lost the token is consumed and the caller sees "no such token" (never twice).
+//!
+//! # Watches and leadership
+//!
+//! A background task watches `/head/policy` (starting right after the revision at which it
+//! read the head, so no change is missed; re-established with a fresh read after any error or
+//! when the stream goes quiet and does not answer a progress request) and feeds
+//! [`Store::watch_head`]. Another task campaigns for leadership: it holds a lease (TTL 5 s,
+//! kept alive every ~1.7 s) and creates `/leader` bound to that lease only if the key does
+//! not exist. The holder is leader; the others watch the key and try again when it is
+//! deleted — when the leader resigns (store dropped: its lease is revoked) or dies (its lease
+//! expires within 5 s). Leadership is dropped the moment a keep-alive fails or goes
+//! unanswered (at most ~3.2 s after the last successful one, so before the lease can expire on
+//! the server).
+//!
+//! # Failures
+//!
+//! All endpoints are given to the client, which balances requests over them; a request that
+//! fails because a member is down or the cluster is electing a leader is retried (bounded,
+//! with backoff) and usually lands on a live member. Connect timeout 2 s, request timeout
+//! 5 s, so a dead or hung member cannot block a call for long.
 
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, GetResponse, KeyValue,
+    KvClient, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
 use super::{BoxFut, EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta};
 use crate::audit;
 
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a call keeps retrying transient failures (member down, leader election).
+const RETRY_BUDGET: Duration = Duration::from_secs(15);
+/// Attempts of a commit or append transaction when other controllers keep moving the audit
+/// head.
+const CAS_ATTEMPTS: u32 = 50;
+/// Largest piece of a document in one key.
+const CHUNK: usize = 512 << 10;
+/// Payload and operation limits of one write transaction (etcd defaults: 1.5 MiB, 128 ops).
+const TXN_BYTES: usize = 1 << 20;
+const TXN_OPS: usize = 100;
+/// Blobs read or checked in one transaction.
+const READ_BATCH: usize = 16;
+/// Largest response the client accepts (audit pages, versions).
+const MAX_DECODE: usize = 128 << 20;
+const LEASE_TTL_S: i64 = 5;
+const KEEPALIVE_EVERY: Duration = Duration::from_millis(1666);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A follower re-checks the leader key this often even without a watch event.
+const LEADER_RECHECK: Duration = Duration::from_secs(3);
+/// The head watch asks for progress this often and re-establishes itself if nothing arrives
+/// for `WATCH_SILENCE`.
+const WATCH_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+const WATCH_SILENCE: Duration = Duration::from_secs(12);
+/// A background task that ran this long before failing counts as healthy again (its next
+/// failure is logged and retried quickly).
+const TASK_HEALTHY: Duration = Duration::from_secs(10);
+
+/// The key names under one prefix.
+#[derive(Debug, Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn heads(&self) -> String {
+        format!("{}/head/", self.prefix)
+    }
+    fn policy_head(&self) -> String {
+        format!("{}/head/policy", self.prefix)
+    }
+    fn audit_head(&self) -> String {
+        format!("{}/head/audit", self.prefix)
+    }
+    fn versions(&self) -> String {
+        format!("{}/versions/", self.prefix)
+    }
+    fn version(&self, v: u64) -> String {
+        format!("{}/versions/{v:020}", self.prefix)
+    }
+    fn blob(&self, sha: &str) -> String {
+        format!("{}/blob/{sha}/", self.prefix)
+    }
+    fn blob_chunk(&self, sha: &str, i: usize) -> String {
+        format!("{}/blob/{sha}/{i:06}", self.prefix)
+    }
+    fn audits(&self) -> String {
+        format!("{}/audit/", self.prefix)
+    }
+    fn audit(&self, seq: u64) -> String {
+        format!("{}/audit/{seq:020}", self.prefix)
+    }
+    /// The end of the audit range: `/audit0` follows every `/audit/…` key.
+    fn audit_end(&self) -> String {
+        format!("{}/audit0", self.prefix)
+    }
+    fn token(&self, hash: &str) -> String {
+        format!("{}/tokens/{hash}", self.prefix)
+    }
+    fn enforcers(&self) -> String {
+        format!("{}/enforcers/", self.prefix)
+    }
+    fn enforcer(&self, name: &str) -> String {
+        format!("{}/enforcers/{name}", self.prefix)
+    }
+    fn meta(&self, key: &str) -> String {
+        format!("{}/meta/{key}", self.prefix)
+    }
+    fn leader(&self) -> String {
+        format!("{}/leader", self.prefix)
+    }
+}
+
+/// What a version key holds: the metadata and the hash of each document.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredVersion {
+    meta: VersionMeta,
+    documents: BTreeMap<String, String>,
+}
+
+/// Both heads, read in one request, with the mod revisions the next transaction compares.
+#[derive(Debug)]
+struct Heads {
+    policy: u64,
+    policy_rev: i64,
+    audit: audit::Head,
+    audit_rev: i64,
+}
+
 pub struct EtcdStore {
+    kv: KvClient,
+    keys: Keys,
     head: watch::Sender<u64>,
     leader: watch::Sender<bool>,
+    /// Dropped with the store: the background tasks see it and stop (the leader resigns).
+    stop: watch::Sender<()>,
 }
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdStore").finish_non_exhaustive()
+        f.debug_struct("EtcdStore").field("prefix", &self.keys.prefix).finish_non_exhaustive()
     }
+}
+
+fn be(what: &str, e: &etcd_client::Error) -> StoreError {
+    StoreError::Backend(format!("etcd {what}: {e}"))
+}
+
+fn corrupt(key: impl std::fmt::Display, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt { key: key.to_string(), message: e.to_string() }
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(StoreError::backend)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T, StoreError> {
+    serde_json::from_slice(kv.value()).map_err(|e| corrupt(String::from_utf8_lossy(kv.key()), e))
+}
+
+fn parse_u64(kv: &KeyValue) -> Result<u64, StoreError> {
+    std::str::from_utf8(kv.value())
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| corrupt(String::from_utf8_lossy(kv.key()), "not a number"))
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+fn chunks_of(len: usize) -> usize {
+    len.div_ceil(CHUNK)
+}
+
+fn limit_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Failures after which the same request may succeed: a member is down or restarting, the
+/// cluster has no leader yet, a timeout. Everything else (invalid request, too large) is final.
+fn transient(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable
+                | Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::Aborted
+                | Code::Internal
+                | Code::ResourceExhausted
+        ),
+        _ => false,
+    }
+}
+
+/// A random-ish number below `n` (spreads the retries of competing controllers).
+fn jitter(n: u64) -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    if n == 0 {
+        return 0;
+    }
+    std::collections::hash_map::RandomState::new().build_hasher().finish() % n
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = 10u64.saturating_mul(1 << attempt.min(5)).min(250);
+    Duration::from_millis(base + jitter(base))
+}
+
+/// Pause of a background task before re-establishing its watch or campaign: 100 ms after the
+/// first failure, doubling up to 2 s while etcd stays unreachable.
+fn task_backoff(failures: u32) -> Duration {
+    let ms = 50u64.saturating_mul(1 << failures.min(6)).min(2000);
+    Duration::from_millis(ms + jitter(ms / 2))
+}
+
+/// Run `f` until it succeeds, fails for good or the retry budget is spent.
+async fn retry<T, Fut>(what: &str, mut f: impl FnMut() -> Fut) -> Result<T, StoreError>
+where
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = Instant::now() + RETRY_BUDGET;
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let delay = backoff(attempt);
+                if !transient(&e) || Instant::now() + delay >= deadline {
+                    return Err(be(what, &e));
+                }
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Raise the published head (never lower it: the watch task and commits both publish, and
+/// versions only grow).
+fn publish(tx: &watch::Sender<u64>, v: u64) {
+    tx.send_if_modified(|cur| {
+        if v > *cur {
+            *cur = v;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+fn log(level: &str, msg: &str, fields: &[(&str, &str)]) {
+    eprintln!("{}", crate::server::log_line(level, msg, fields));
 }
 
 impl EtcdStore {
-    pub async fn connect(_endpoints: &[String], _prefix: &str, _name: &str) -> anyhow::Result<Self> {
-        anyhow::bail!("the etcd store is not implemented yet")
+    /// Connect to the etcd cluster at `endpoints` (all members, e.g. `http://10.0.0.1:2379`),
+    /// keeping every key under `prefix`. `name` identifies this controller in the leader key.
+    /// Fails if no endpoint answers within the retry budget.
+    pub async fn connect(endpoints: &[String], prefix: &str, name: &str) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        anyhow::ensure!(!endpoints.is_empty(), "no etcd endpoints given");
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            // etcd refuses pings more often than every 5 s, and pings without streams.
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_require_leader(true);
+        let client = Client::connect(endpoints, Some(opts)).await.context("connecting to etcd")?;
+        let keys = Keys { prefix: prefix.trim_end_matches('/').to_owned() };
+        let kv = client.kv_client().max_decoding_message_size(MAX_DECODE);
+        let (stop, _) = watch::channel(());
+        let store = Self { kv, keys, head: watch::Sender::new(0), leader: watch::Sender::new(false), stop };
+        let head = store
+            .read_head()
+            .await
+            .with_context(|| format!("reading the policy head from etcd ({})", endpoints.join(",")))?;
+        publish(&store.head, head);
+        tokio::spawn(watch_head_task(
+            client.clone(),
+            store.keys.policy_head(),
+            store.head.clone(),
+            store.stop.subscribe(),
+        ));
+        tokio::spawn(leadership_task(
+            client,
+            store.keys.leader(),
+            name.to_owned(),
+            store.leader.clone(),
+            store.stop.subscribe(),
+        ));
+        Ok(store)
+    }
+
+    async fn get(
+        &self,
+        what: &str,
+        key: String,
+        opts: Option<GetOptions>,
+    ) -> Result<GetResponse, StoreError> {
+        retry(what, || {
+            let mut kv = self.kv.clone();
+            let (key, opts) = (key.clone(), opts.clone());
+            async move { kv.get(key, opts).await }
+        })
+        .await
+    }
+
+    /// A transaction that is safe to repeat (reads, or writes of immutable values).
+    async fn txn_idempotent(&self, what: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
+        retry(what, || {
+            let mut kv = self.kv.clone();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
+    async fn read_head(&self) -> Result<u64, StoreError> {
+        let r = self.get("read policy head", self.keys.policy_head(), None).await?;
+        r.kvs().first().map_or(Ok(0), parse_u64)
+    }
+
+    async fn read_audit_head(&self) -> Result<(audit::Head, i64), StoreError> {
+        let r = self.get("read audit head", self.keys.audit_head(), None).await?;
+        match r.kvs().first() {
+            Some(kv) => Ok((parse(kv)?, kv.mod_revision())),
+            None => Ok((audit::Head { seq: 0, hash: audit::GENESIS.to_owned() }, 0)),
+        }
+    }
+
+    async fn read_heads(&self) -> Result<Heads, StoreError> {
+        let r = self.get("read heads", self.keys.heads(), Some(GetOptions::new().with_prefix())).await?;
+        let mut h = Heads {
+            policy: 0,
+            policy_rev: 0,
+            audit: audit::Head { seq: 0, hash: audit::GENESIS.to_owned() },
+            audit_rev: 0,
+        };
+        let (pk, ak) = (self.keys.policy_head(), self.keys.audit_head());
+        for kv in r.kvs() {
+            if kv.key() == pk.as_bytes() {
+                h.policy = parse_u64(kv)?;
+                h.policy_rev = kv.mod_revision();
+            } else if kv.key() == ak.as_bytes() {
+                h.audit = parse(kv)?;
+                h.audit_rev = kv.mod_revision();
+            }
+        }
+        Ok(h)
+    }
+
+    async fn stored_version(&self, v: u64) -> Result<Option<StoredVersion>, StoreError> {
+        let r = self.get("read version", self.keys.version(v), None).await?;
+        r.kvs().first().map(parse).transpose()
+    }
+
+    /// Write the blobs of `blobs` (sha → content) that are not stored yet. `parent` is the
+    /// version the commit builds on: its documents are known to be complete.
+    async fn put_blobs(&self, parent: u64, blobs: &BTreeMap<String, &str>) -> Result<(), StoreError> {
+        let mut known = BTreeSet::new();
+        if parent > 0 {
+            // A missing or unreadable parent only costs the existence checks below.
+            if let Ok(Some(p)) = self.stored_version(parent).await {
+                known.extend(p.documents.into_values());
+            }
+        }
+        let todo: Vec<(&String, &str)> =
+            blobs.iter().filter(|(sha, _)| !known.contains(*sha)).map(|(s, c)| (s, *c)).collect();
+        // A blob is complete when all its chunks exist (chunks are written before any version
+        // refers to them; the same content always yields the same chunks).
+        let mut missing = Vec::new();
+        for batch in todo.chunks(READ_BATCH) {
+            let ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|(sha, _)| {
+                    TxnOp::get(self.keys.blob(sha), Some(GetOptions::new().with_prefix().with_count_only()))
+                })
+                .collect();
+            let r = self.txn_idempotent("check blobs", Txn::new().and_then(ops)).await?;
+            for ((sha, content), op) in batch.iter().zip(r.op_responses()) {
+                let TxnOpResponse::Get(g) = op else {
+                    return Err(StoreError::Backend("etcd check blobs: unexpected response".into()));
+                };
+                if usize::try_from(g.count()).ok() != Some(chunks_of(content.len())) {
+                    missing.push((*sha, *content));
+                }
+            }
+        }
+        let mut ops = Vec::new();
+        let mut bytes = 0;
+        for (sha, content) in missing {
+            for (i, chunk) in content.as_bytes().chunks(CHUNK).enumerate() {
+                if !ops.is_empty() && (ops.len() >= TXN_OPS || bytes + chunk.len() > TXN_BYTES) {
+                    let txn = Txn::new().and_then(std::mem::take(&mut ops));
+                    self.txn_idempotent("write blobs", txn).await?;
+                    bytes = 0;
+                }
+                ops.push(TxnOp::put(self.keys.blob_chunk(sha, i), chunk.to_vec(), None));
+                bytes += chunk.len();
+            }
+        }
+        if !ops.is_empty() {
+            self.txn_idempotent("write blobs", Txn::new().and_then(ops)).await?;
+        }
+        Ok(())
+    }
+
+    /// Reassemble a blob from its chunks and check it against its hash.
+    fn assemble(&self, sha: &str, kvs: &[KeyValue]) -> Result<String, StoreError> {
+        let mut buf = Vec::new();
+        for (i, kv) in kvs.iter().enumerate() {
+            if kv.key() != self.keys.blob_chunk(sha, i).as_bytes() {
+                return Err(corrupt(self.keys.blob_chunk(sha, i), "chunk missing"));
+            }
+            buf.extend_from_slice(kv.value());
+        }
+        if sha256_hex(&buf) != sha {
+            return Err(corrupt(self.keys.blob(sha), "content does not match its hash"));
+        }
+        String::from_utf8(buf).map_err(|e| corrupt(self.keys.blob(sha), e))
+    }
+
+    /// Whether one of the ambiguous attempts in `sent` (first sequence number, its sealed
+    /// bytes) was applied after all; returns its index.
+    async fn find_applied(&self, sent: &[(u64, Vec<u8>)], head: u64) -> Result<Option<usize>, StoreError> {
+        for (i, (seq, bytes)) in sent.iter().enumerate() {
+            if *seq > head {
+                continue;
+            }
+            let r = self.get("read audit record", self.keys.audit(*seq), None).await?;
+            if r.kvs().first().is_some_and(|kv| kv.value() == bytes.as_slice()) {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn commit_inner(
+        &self,
+        expected: u64,
+        version: PolicyVersion,
+        mut draft: audit::Draft,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut heads = self.read_heads().await?;
+        // Fail fast on a stale base before uploading anything.
+        if heads.policy != expected {
+            return Err(StoreError::Conflict { expected, current: heads.policy });
+        }
+        let new = expected + 1;
+        let PolicyVersion { mut meta, documents } = version;
+        let mut names = BTreeMap::new();
+        let mut blobs = BTreeMap::new();
+        for (name, content) in &documents {
+            let sha = sha256_hex(content.as_bytes());
+            blobs.insert(sha.clone(), content.as_str());
+            names.insert(name.clone(), sha);
+        }
+        self.put_blobs(expected, &blobs).await?;
+        meta.version = new;
+        let record = json(&StoredVersion { meta, documents: names })?;
+        if let serde_json::Value::Object(m) = &mut draft.detail {
+            m.insert("version".into(), new.into());
+        }
+        let (pk, ak) = (self.keys.policy_head(), self.keys.audit_head());
+        // Attempts whose outcome is unknown: (audit sequence, sealed record).
+        let mut sent: Vec<(u64, Vec<u8>)> = Vec::new();
+        for attempt in 0..CAS_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(backoff(attempt - 1)).await;
+                heads = self.read_heads().await?;
+                if !sent.is_empty()
+                    && heads.policy >= new
+                    && let Some(i) = self.find_applied(&sent, heads.audit.seq).await?
+                {
+                    publish(&self.head, new);
+                    return Ok((new, sent[i].0));
+                }
+                if heads.policy != expected {
+                    return Err(StoreError::Conflict { expected, current: heads.policy });
+                }
+            }
+            let seq = heads.audit.seq + 1;
+            let (bytes, hash) = audit::seal(&draft, seq, &heads.audit.hash);
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::mod_revision(pk.clone(), CompareOp::Equal, heads.policy_rev),
+                    Compare::mod_revision(ak.clone(), CompareOp::Equal, heads.audit_rev),
+                ])
+                .and_then(vec![
+                    TxnOp::put(self.keys.version(new), record.clone(), None),
+                    TxnOp::put(pk.clone(), new.to_string(), None),
+                    TxnOp::put(self.keys.audit(seq), bytes.clone(), None),
+                    TxnOp::put(ak.clone(), json(&audit::Head { seq, hash })?, None),
+                ]);
+            match self.kv.clone().txn(txn).await {
+                Ok(r) if r.succeeded() => {
+                    publish(&self.head, new);
+                    return Ok((new, seq));
+                }
+                // A head moved: re-read (conflict, or reseal on the new audit head).
+                Ok(_) => {}
+                Err(e) if transient(&e) => sent.push((seq, bytes)),
+                Err(e) => return Err(be("commit", &e)),
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "etcd commit: the audit chain kept moving; gave up after {CAS_ATTEMPTS} attempts"
+        )))
+    }
+
+    /// Append one batch (≤ `TXN_OPS` records, ≤ `TXN_BYTES`) in one transaction.
+    async fn append_batch(&self, drafts: &[audit::Draft]) -> Result<u64, StoreError> {
+        let ak = self.keys.audit_head();
+        // Ambiguous attempts: (first sequence, its sealed record); the last sequence follows.
+        let mut sent: Vec<(u64, Vec<u8>)> = Vec::new();
+        let n = drafts.len() as u64;
+        for attempt in 0..CAS_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(backoff(attempt - 1)).await;
+            }
+            let (head, rev) = self.read_audit_head().await?;
+            if !sent.is_empty()
+                && let Some(i) = self.find_applied(&sent, head.seq).await?
+            {
+                return Ok(sent[i].0 + n - 1);
+            }
+            let mut h = head;
+            let mut ops = Vec::with_capacity(drafts.len() + 1);
+            let mut first = None;
+            for d in drafts {
+                let seq = h.seq + 1;
+                let (bytes, hash) = audit::seal(d, seq, &h.hash);
+                if first.is_none() {
+                    first = Some((seq, bytes.clone()));
+                }
+                ops.push(TxnOp::put(self.keys.audit(seq), bytes, None));
+                h = audit::Head { seq, hash };
+            }
+            ops.push(TxnOp::put(ak.clone(), json(&h)?, None));
+            let txn =
+                Txn::new().when(vec![Compare::mod_revision(ak.clone(), CompareOp::Equal, rev)]).and_then(ops);
+            match self.kv.clone().txn(txn).await {
+                Ok(r) if r.succeeded() => return Ok(h.seq),
+                Ok(_) => {}
+                Err(e) if transient(&e) => sent.extend(first),
+                Err(e) => return Err(be("append audit", &e)),
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "etcd append audit: the audit chain kept moving; gave up after {CAS_ATTEMPTS} attempts"
+        )))
+    }
+
+    async fn append_inner(&self, drafts: Vec<audit::Draft>) -> Result<u64, StoreError> {
+        if drafts.is_empty() {
+            return Ok(self.read_audit_head().await?.0.seq);
+        }
+        // Split so that each transaction stays under etcd's request and operation limits.
+        let mut last = 0;
+        let mut start = 0;
+        let mut size = 0;
+        for (i, d) in drafts.iter().enumerate() {
+            let len = serde_json::to_vec(d).map_or(0, |b| b.len()) + 256;
+            if i > start && (i - start >= TXN_OPS || size + len > TXN_BYTES) {
+                last = self.append_batch(&drafts[start..i]).await?;
+                start = i;
+                size = 0;
+            }
+            size += len;
+        }
+        if start < drafts.len() {
+            last = self.append_batch(&drafts[start..]).await?;
+        }
+        Ok(last)
+    }
+
+    async fn version_inner(&self, v: u64) -> Result<Option<PolicyVersion>, StoreError> {
+        let Some(sv) = self.stored_version(v).await? else { return Ok(None) };
+        let shas: Vec<String> = sv.documents.values().cloned().collect::<BTreeSet<_>>().into_iter().collect();
+        let mut contents: BTreeMap<String, String> = BTreeMap::new();
+        for batch in shas.chunks(READ_BATCH) {
+            let ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|sha| TxnOp::get(self.keys.blob(sha), Some(GetOptions::new().with_prefix())))
+                .collect();
+            let r = self.txn_idempotent("read blobs", Txn::new().and_then(ops)).await?;
+            for (sha, op) in batch.iter().zip(r.op_responses()) {
+                let TxnOpResponse::Get(g) = op else {
+                    return Err(StoreError::Backend("etcd read blobs: unexpected response".into()));
+                };
+                contents.insert(sha.clone(), self.assemble(sha, g.kvs())?);
+            }
+        }
+        let mut documents = BTreeMap::new();
+        for (name, sha) in sv.documents {
+            let c = contents.get(&sha).ok_or_else(|| corrupt(self.keys.blob(&sha), "not read"))?;
+            documents.insert(name, c.clone());
+        }
+        Ok(Some(PolicyVersion { meta: sv.meta, documents }))
+    }
+
+    async fn history_inner(&self, limit: usize) -> Result<Vec<VersionMeta>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(limit_i64(limit));
+        let r = self.get("read history", self.keys.versions(), Some(opts)).await?;
+        r.kvs().iter().map(|kv| parse::<StoredVersion>(kv).map(|s| s.meta)).collect()
+    }
+
+    async fn audit_records_inner(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let opts = GetOptions::new().with_range(self.keys.audit_end()).with_limit(limit_i64(limit));
+        let r = self.get("read audit records", self.keys.audit(from), Some(opts)).await?;
+        let base = self.keys.audits();
+        r.kvs()
+            .iter()
+            .map(|kv| {
+                let seq = kv
+                    .key()
+                    .strip_prefix(base.as_bytes())
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| {
+                        corrupt(String::from_utf8_lossy(kv.key()), "not an audit sequence number")
+                    })?;
+                Ok((seq, kv.value().to_vec()))
+            })
+            .collect()
+    }
+
+    async fn put_value(&self, what: &str, key: String, value: Vec<u8>) -> Result<(), StoreError> {
+        retry(what, || {
+            let mut kv = self.kv.clone();
+            let (key, value) = (key.clone(), value.clone());
+            async move { kv.put(key, value, None).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn take_token_inner(&self, hash: String) -> Result<Option<JoinToken>, StoreError> {
+        // One delete is atomic: of concurrent takers exactly one sees the previous value.
+        let key = self.keys.token(&hash);
+        let r = retry("take token", || {
+            let mut kv = self.kv.clone();
+            let key = key.clone();
+            async move { kv.delete(key, Some(DeleteOptions::new().with_prev_key())).await }
+        })
+        .await?;
+        r.prev_kvs()
+            .first()
+            .map(|kv| serde_json::from_slice(kv.value()).map_err(|e| corrupt("join token", e)))
+            .transpose()
+    }
+
+    async fn enforcers_inner(&self) -> Result<Vec<EnforcerRecord>, StoreError> {
+        let r =
+            self.get("read enforcers", self.keys.enforcers(), Some(GetOptions::new().with_prefix())).await?;
+        r.kvs().iter().map(parse).collect()
+    }
+
+    async fn get_meta_inner(&self, key: String) -> Result<Option<String>, StoreError> {
+        let r = self.get("read meta", self.keys.meta(&key), None).await?;
+        r.kvs()
+            .first()
+            .map(|kv| String::from_utf8(kv.value().to_vec()).map_err(|e| corrupt(self.keys.meta(&key), e)))
+            .transpose()
     }
 }
 
-fn todo<'a, T: Send + 'a>() -> BoxFut<'a, T> {
-    Box::pin(async { Err(StoreError::Backend("etcd store not implemented".into())) })
+impl Store for EtcdStore {
+    fn head(&self) -> BoxFut<'_, u64> {
+        Box::pin(self.read_head())
+    }
+
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    fn commit(&self, expected: u64, version: PolicyVersion, audit: audit::Draft) -> BoxFut<'_, (u64, u64)> {
+        Box::pin(self.commit_inner(expected, version, audit))
+    }
+
+    fn version(&self, v: u64) -> BoxFut<'_, Option<PolicyVersion>> {
+        Box::pin(self.version_inner(v))
+    }
+
+    fn history(&self, limit: usize) -> BoxFut<'_, Vec<VersionMeta>> {
+        Box::pin(self.history_inner(limit))
+    }
+
+    fn append_audit(&self, drafts: Vec<audit::Draft>) -> BoxFut<'_, u64> {
+        Box::pin(self.append_inner(drafts))
+    }
+
+    fn audit_records(&self, from: u64, limit: usize) -> BoxFut<'_, Vec<(u64, Vec<u8>)>> {
+        Box::pin(self.audit_records_inner(from, limit))
+    }
+
+    fn audit_head(&self) -> BoxFut<'_, audit::Head> {
+        Box::pin(async { Ok(self.read_audit_head().await?.0) })
+    }
+
+    fn put_token(&self, hash: String, token: JoinToken) -> BoxFut<'_, ()> {
+        Box::pin(async move { self.put_value("put token", self.keys.token(&hash), json(&token)?).await })
+    }
+
+    fn take_token(&self, hash: String) -> BoxFut<'_, Option<JoinToken>> {
+        Box::pin(self.take_token_inner(hash))
+    }
+
+    fn put_enforcer(&self, rec: EnforcerRecord) -> BoxFut<'_, ()> {
+        Box::pin(
+            async move { self.put_value("put enforcer", self.keys.enforcer(&rec.name), json(&rec)?).await },
+        )
+    }
+
+    fn enforcers(&self) -> BoxFut<'_, Vec<EnforcerRecord>> {
+        Box::pin(self.enforcers_inner())
+    }
+
+    fn get_meta(&self, key: String) -> BoxFut<'_, Option<String>> {
+        Box::pin(self.get_meta_inner(key))
+    }
+
+    fn put_meta(&self, key: String, value: String) -> BoxFut<'_, ()> {
+        Box::pin(async move { self.put_value("put meta", self.keys.meta(&key), value.into_bytes()).await })
+    }
+
+    fn leadership(&self) -> watch::Receiver<bool> {
+        self.leader.subscribe()
+    }
 }
 
-impl Store for EtcdStore {
-    fn head(&self) -> BoxFut<'_, u64> { todo() }
-    fn watch_head(&self) -> watch::Receiver<u64> { self.head.subscribe() }
-    fn commit(&self, _: u64, _: PolicyVersion, _: audit::Draft) -> BoxFut<'_, (u64, u64)> { todo() }
-    fn version(&self, _: u64) -> BoxFut<'_, Option<PolicyVersion>> { todo() }
-    fn history(&self, _: usize) -> BoxFut<'_, Vec<VersionMeta>> { todo() }
-    fn append_audit(&self, _: Vec<audit::Draft>) -> BoxFut<'_, u64> { todo() }
-    fn audit_records(&self, _: u64, _: usize) -> BoxFut<'_, Vec<(u64, Vec<u8>)>> { todo() }
-    fn audit_head(&self) -> BoxFut<'_, audit::Head> { todo() }
-    fn put_token(&self, _: String, _: JoinToken) -> BoxFut<'_, ()> { todo() }
-    fn take_token(&self, _: String) -> BoxFut<'_, Option<JoinToken>> { todo() }
-    fn put_enforcer(&self, _: EnforcerRecord) -> BoxFut<'_, ()> { todo() }
-    fn enforcers(&self) -> BoxFut<'_, Vec<EnforcerRecord>> { todo() }
-    fn get_meta(&self, _: String) -> BoxFut<'_, Option<String>> { todo() }
-    fn put_meta(&self, _: String, _: String) -> BoxFut<'_, ()> { todo() }
-    fn leadership(&self) -> watch::Receiver<bool> { self.leader.subscribe() }
+/// Keep `head` equal to the policy head in etcd until the store is dropped.
+async fn watch_head_task(
+    client: Client,
+    key: String,
+    head: watch::Sender<u64>,
+    mut stop: watch::Receiver<()>,
+) {
+    let mut failures = 0u32;
+    loop {
+        let began = Instant::now();
+        tokio::select! {
+            r = follow_head(&client, &key, &head) => {
+                let e = r.err().unwrap_or_else(|| "stream ended".into());
+                if began.elapsed() > TASK_HEALTHY {
+                    failures = 0;
+                }
+                if failures == 0 {
+                    log("warn", "etcd policy head watch interrupted; re-establishing", &[("error", &e)]);
+                }
+                failures += 1;
+            }
+            _ = stop.changed() => return,
+        }
+        tokio::time::sleep(task_backoff(failures)).await;
+    }
+}
+
+/// Read the head, then watch it from the next revision. Returns on any failure.
+async fn follow_head(client: &Client, key: &str, head: &watch::Sender<u64>) -> Result<(), String> {
+    let r = client.kv_client().get(key, None).await.map_err(|e| e.to_string())?;
+    if let Some(kv) = r.kvs().first() {
+        publish(head, parse_u64(kv).map_err(|e| e.to_string())?);
+    }
+    let rev = r.header().map_or(0, etcd_client::ResponseHeader::revision);
+    let mut ws = client
+        .watch_client()
+        .watch(key, Some(WatchOptions::new().with_start_revision(rev + 1)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut progress = tokio::time::interval(WATCH_PROGRESS_EVERY);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            m = ws.message() => {
+                let m = m.map_err(|e| e.to_string())?.ok_or("watch stream closed")?;
+                last = Instant::now();
+                if m.canceled() {
+                    return Err(format!("watch canceled: {}", m.cancel_reason()));
+                }
+                for ev in m.events() {
+                    if ev.event_type() == EventType::Put && let Some(kv) = ev.kv() {
+                        match parse_u64(kv) {
+                            Ok(v) => publish(head, v),
+                            Err(e) => log("error", "unreadable policy head in etcd", &[("error", &e.to_string())]),
+                        }
+                    }
+                }
+            }
+            _ = progress.tick() => {
+                if last.elapsed() > WATCH_SILENCE {
+                    return Err("watch silent".into());
+                }
+                ws.request_progress().await.map_err(|e| e.to_string())?;
+            }
+        }
+    }
+}
+
+/// Campaign for leadership until the store is dropped; then resign (revoke the lease).
+async fn leadership_task(
+    client: Client,
+    key: String,
+    name: String,
+    leader: watch::Sender<bool>,
+    mut stop: watch::Receiver<()>,
+) {
+    let mut lease = None;
+    let mut failures = 0u32;
+    loop {
+        let began = Instant::now();
+        let r = tokio::select! {
+            r = campaign(&client, &key, &name, &leader, &mut lease) => r,
+            _ = stop.changed() => {
+                step_down(&leader, &name);
+                if let Some(id) = lease {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_client().revoke(id)).await;
+                }
+                return;
+            }
+        };
+        step_down(&leader, &name);
+        if began.elapsed() > TASK_HEALTHY {
+            failures = 0;
+        }
+        if let Err(e) = r {
+            if failures == 0 {
+                log(
+                    "warn",
+                    "etcd leadership campaign interrupted; retrying",
+                    &[("name", &name), ("error", &e)],
+                );
+            }
+            failures += 1;
+        }
+        tokio::time::sleep(task_backoff(failures)).await;
+    }
+}
+
+fn step_down(leader: &watch::Sender<bool>, name: &str) {
+    if leader.send_replace(false) {
+        log("info", "controller lost leadership", &[("name", name)]);
+    }
+}
+
+/// Hold a lease, take the leader key when it is free, and keep the lease alive. Returns (and
+/// the caller steps down) when a keep-alive fails or the watch breaks; `lease` is cleared
+/// when the lease is known to be gone.
+async fn campaign(
+    client: &Client,
+    key: &str,
+    name: &str,
+    leader: &watch::Sender<bool>,
+    lease: &mut Option<i64>,
+) -> Result<(), String> {
+    let mut lc = client.lease_client();
+    let id = if let Some(id) = *lease {
+        id
+    } else {
+        let g = lc.grant(LEASE_TTL_S, None).await.map_err(|e| e.to_string())?;
+        *lease = Some(g.id());
+        g.id()
+    };
+    let (mut keeper, mut acks) = match lc.keep_alive(id).await {
+        Ok(k) => k,
+        Err(e) => {
+            if matches!(e, etcd_client::Error::LeaseKeepAliveError(_)) {
+                *lease = None;
+            }
+            return Err(e.to_string());
+        }
+    };
+    let mut kv = client.kv_client();
+    let mut ws = None;
+    let mut tick = tokio::time::interval(KEEPALIVE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Take the key if it is free; otherwise learn whether it is ours (after a reconnect).
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(key, name, Some(PutOptions::new().with_lease(id)))])
+            .or_else(vec![TxnOp::get(key, None)]);
+        let r = kv.txn(txn).await.map_err(|e| e.to_string())?;
+        let ours = r.succeeded()
+            || r.op_responses().iter().any(|op| {
+                matches!(op, TxnOpResponse::Get(g) if g.kvs().first().is_some_and(|kv| kv.lease() == id))
+            });
+        if ours {
+            if !leader.send_replace(true) {
+                log("info", "controller is the leader", &[("name", name)]);
+            }
+        } else {
+            step_down(leader, name);
+        }
+        if ws.is_none() {
+            let rev = r.header().map_or(0, etcd_client::ResponseHeader::revision);
+            let opts = WatchOptions::new().with_start_revision(rev + 1);
+            ws = Some(client.watch_client().watch(key, Some(opts)).await.map_err(|e| e.to_string())?);
+        }
+        let Some(w) = ws.as_mut() else { return Err("no watch".into()) };
+        let recheck = tokio::time::sleep(LEADER_RECHECK);
+        tokio::pin!(recheck);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    keeper.keep_alive().await.map_err(|e| e.to_string())?;
+                    match tokio::time::timeout(KEEPALIVE_TIMEOUT, acks.message()).await {
+                        Ok(Ok(Some(a))) if a.ttl() > 0 => {}
+                        Ok(Ok(Some(_))) => {
+                            *lease = None;
+                            return Err("lease expired".into());
+                        }
+                        Ok(Ok(None)) => return Err("keep-alive stream closed".into()),
+                        Ok(Err(e)) => return Err(format!("keep-alive: {e}")),
+                        Err(_) => return Err("keep-alive unanswered".into()),
+                    }
+                }
+                m = w.message() => {
+                    let m = m.map_err(|e| e.to_string())?.ok_or("leader watch closed")?;
+                    if m.canceled() {
+                        return Err(format!("leader watch canceled: {}", m.cancel_reason()));
+                    }
+                    let lost = m.events().iter().any(|ev| {
+                        ev.event_type() == EventType::Delete || ev.kv().is_some_and(|kv| kv.lease() != id)
+                    });
+                    if lost {
+                        // The key is gone or someone else's: stop acting as leader at once.
+                        step_down(leader, name);
+                        break;
+                    }
+                }
+                () = &mut recheck, if !ours => break,
+            }
+        }
+    }
 }

@@ -1,0 +1,356 @@
+//! The etcd store against real etcd processes on loopback (fails, never skips, without etcd).
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
+
+use common::etcd_cluster::EtcdCluster;
+use tokio::sync::watch;
+use ztseg_controller::{
+    audit,
+    service::verify_chain,
+    store::{EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta, etcd::EtcdStore},
+};
+
+fn pv(docs: &[(&str, &str)]) -> PolicyVersion {
+    PolicyVersion {
+        meta: VersionMeta { actor: "admin/t".into(), ..VersionMeta::default() },
+        documents: docs.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect(),
+    }
+}
+
+fn draft() -> audit::Draft {
+    audit::Draft::new("admin/t", "policy.apply", "success", serde_json::json!({}))
+}
+
+async fn connect(etcd: &EtcdCluster, prefix: &str, name: &str) -> EtcdStore {
+    EtcdStore::connect(&etcd.endpoints(), prefix, name).await.expect("connecting the etcd store")
+}
+
+/// Wait until `rx` holds a value satisfying `ok`; false on timeout.
+async fn wait_until<T>(rx: &mut watch::Receiver<T>, timeout: Duration, ok: impl Fn(&T) -> bool) -> bool {
+    tokio::time::timeout(timeout, rx.wait_for(|v| ok(v))).await.is_ok_and(|r| r.is_ok())
+}
+
+async fn chain_ok(s: &EtcdStore) -> u64 {
+    match verify_chain(s).await.expect("reading the audit chain") {
+        Ok(n) => n,
+        Err(bad) => panic!("audit chain broken: {bad}"),
+    }
+}
+
+/// The embedded store's unit test, against etcd, plus a second instance on the same prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behaves_like_the_embedded_store() {
+    let etcd = EtcdCluster::start(1);
+    let s = connect(&etcd, "/ztseg-basic", "a").await;
+    assert_eq!(s.head().await.unwrap(), 0);
+    assert_eq!(s.audit_head().await.unwrap(), audit::Head { seq: 0, hash: audit::GENESIS.into() });
+    assert_eq!(s.commit(0, pv(&[("a", "x")]), draft()).await.unwrap(), (1, 1));
+    assert_eq!(s.commit(1, pv(&[("a", "y")]), draft()).await.unwrap(), (2, 2));
+    let e = s.commit(1, pv(&[("a", "z")]), draft()).await.unwrap_err();
+    assert!(matches!(e, StoreError::Conflict { expected: 1, current: 2 }), "{e}");
+    let v1 = s.version(1).await.unwrap().unwrap();
+    assert_eq!(v1.documents["a"], "x");
+    assert_eq!(v1.meta.version, 1);
+    assert_eq!(v1.meta.actor, "admin/t");
+    assert!(s.version(3).await.unwrap().is_none());
+    assert_eq!(s.history(10).await.unwrap().iter().map(|m| m.version).collect::<Vec<_>>(), vec![2, 1]);
+    assert_eq!(s.history(1).await.unwrap().len(), 1);
+    // The audit record of a commit names the version it made.
+    let recs = s.audit_records(1, 10).await.unwrap();
+    assert_eq!(recs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2]);
+    let r: audit::Record = serde_json::from_slice(&recs[1].1).unwrap();
+    assert_eq!(r.detail["version"], 2);
+    assert_eq!(s.audit_records(2, 10).await.unwrap().len(), 1);
+    assert!(s.audit_records(1, 0).await.unwrap().is_empty());
+    // Tokens are redeemable once.
+    let tok = JoinToken {
+        role: "enforcer".into(),
+        name: "h".into(),
+        expires_ms: 0,
+        cert_ttl_s: 1,
+        created_by: "x".into(),
+    };
+    s.put_token("h1".into(), tok.clone()).await.unwrap();
+    assert_eq!(s.take_token("h1".into()).await.unwrap(), Some(tok));
+    assert_eq!(s.take_token("h1".into()).await.unwrap(), None);
+    // Named values and enforcers.
+    assert_eq!(s.get_meta("cursor".into()).await.unwrap(), None);
+    s.put_meta("cursor".into(), "17".into()).await.unwrap();
+    assert_eq!(s.get_meta("cursor".into()).await.unwrap().as_deref(), Some("17"));
+    let rec = EnforcerRecord {
+        name: "h".into(),
+        enforced_version: 2,
+        last_seen_ms: 5,
+        policy_error: String::new(),
+    };
+    s.put_enforcer(rec.clone()).await.unwrap();
+    assert_eq!(s.enforcers().await.unwrap(), vec![rec]);
+    assert_eq!(s.append_audit(vec![]).await.unwrap(), 2);
+    assert_eq!(chain_ok(&s).await, 2);
+
+    // A second controller on the same prefix sees the first one's commits.
+    let s2 = connect(&etcd, "/ztseg-basic", "b").await;
+    let mut w = s2.watch_head();
+    assert_eq!(*w.borrow(), 2);
+    assert_eq!(s.commit(2, pv(&[("a", "w")]), draft()).await.unwrap(), (3, 3));
+    assert!(wait_until(&mut w, Duration::from_secs(10), |v| *v == 3).await, "second store did not see v3");
+    assert_eq!(s2.version(3).await.unwrap().unwrap().documents["a"], "w");
+    assert_eq!(s2.commit(3, pv(&[("b", "1")]), draft()).await.unwrap(), (4, 4));
+    let mut w1 = s.watch_head();
+    assert!(wait_until(&mut w1, Duration::from_secs(10), |v| *v == 4).await, "first store did not see v4");
+    assert_eq!(chain_ok(&s2).await, 4);
+
+    // Another prefix is another store.
+    let other = connect(&etcd, "/ztseg-other", "c").await;
+    assert_eq!(other.head().await.unwrap(), 0);
+    drop((s, s2, other));
+    // Reconnected: everything is there.
+    let s = connect(&etcd, "/ztseg-basic/", "a").await;
+    assert_eq!(s.head().await.unwrap(), 4);
+    assert_eq!(*s.watch_head().borrow(), 4);
+    assert_eq!(s.audit_head().await.unwrap().seq, 4);
+    assert_eq!(s.get_meta("cursor".into()).await.unwrap().as_deref(), Some("17"));
+}
+
+/// Large documents are stored content-addressed in chunks and come back byte for byte;
+/// unchanged documents are shared between versions; a damaged blob is reported as corrupt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_policies_round_trip() {
+    let etcd = EtcdCluster::start(1);
+    let s = connect(&etcd, "/ztseg-large", "a").await;
+    // Over 2 MiB in one document plus 300 small ones.
+    let big: String = (0..60_000).fold(String::new(), |mut s, i| {
+        let _ = writeln!(s, "- {{from: web-{i}, to: db, port: {}}}", i % 65_536);
+        s
+    });
+    assert!(big.len() > 2 << 20, "{}", big.len()); // etcd refuses requests over 1.5 MiB
+    let mut docs: BTreeMap<String, String> =
+        (0..300).map(|i| (format!("d{i:03}.yaml"), format!("rule: {i}\n"))).collect();
+    docs.insert("big.yaml".into(), big.clone());
+    docs.insert("empty.yaml".into(), String::new());
+    docs.insert("same.yaml".into(), "rule: 7\n".into());
+    let v1 = PolicyVersion {
+        meta: VersionMeta { actor: "admin/t".into(), ..VersionMeta::default() },
+        documents: docs,
+    };
+    let t = Instant::now();
+    assert_eq!(s.commit(0, v1.clone(), draft()).await.unwrap(), (1, 1));
+    eprintln!("commit of {} documents took {:?}", v1.documents.len(), t.elapsed());
+    let back = s.version(1).await.unwrap().unwrap();
+    assert_eq!(back.documents, v1.documents);
+    // Change one small document: the big one is not rewritten, both versions read back.
+    let mut v2 = v1.clone();
+    v2.documents.insert("d000.yaml".into(), "rule: changed\n".into());
+    let t = Instant::now();
+    assert_eq!(s.commit(1, v2.clone(), draft()).await.unwrap(), (2, 2));
+    eprintln!("incremental commit took {:?}", t.elapsed());
+    assert_eq!(s.version(2).await.unwrap().unwrap().documents, v2.documents);
+    assert_eq!(s.version(1).await.unwrap().unwrap().documents, v1.documents);
+
+    // Damage one chunk of the big document behind the store's back.
+    let sha = hex_sha256(big.as_bytes());
+    let mut raw = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    raw.put(format!("/ztseg-large/blob/{sha}/000001"), "garbage", None).await.unwrap();
+    match s.version(2).await {
+        Err(StoreError::Corrupt { key, .. }) => assert!(key.contains(&sha), "{key}"),
+        other => panic!("expected a corrupt blob, got {other:?}"),
+    }
+    // A corrupt head value is reported as such.
+    raw.put("/ztseg-large/head/policy", "two", None).await.unwrap();
+    assert!(matches!(s.head().await, Err(StoreError::Corrupt { .. })));
+}
+
+fn hex_sha256(b: &[u8]) -> String {
+    use sha2::{Digest as _, Sha256};
+    hex::encode(Sha256::digest(b))
+}
+
+/// Two controllers appending and committing at the same time never fork the audit chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_keep_one_chain() {
+    let etcd = EtcdCluster::start(1);
+    let a = std::sync::Arc::new(connect(&etcd, "/ztseg-race", "a").await);
+    let b = std::sync::Arc::new(connect(&etcd, "/ztseg-race", "b").await);
+    let mut tasks = Vec::new();
+    for (i, s) in [a.clone(), b.clone(), a.clone(), b.clone()].into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut commits = 0u64;
+            for j in 0..15 {
+                let d = audit::Draft::new(
+                    format!("w{i}"),
+                    "test.event",
+                    "success",
+                    serde_json::json!({ "j": j }),
+                );
+                s.append_audit(vec![d.clone(), d]).await.unwrap();
+                // Commits race too: each either lands or reports a conflict.
+                let head = s.head().await.unwrap();
+                match s.commit(head, pv(&[("a", &format!("{i}-{j}"))]), draft()).await {
+                    Ok(_) => commits += 1,
+                    Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            commits
+        }));
+    }
+    let mut commits = 0;
+    for t in tasks {
+        commits += t.await.unwrap();
+    }
+    // One big batch is split into several transactions, still one chain.
+    let big: Vec<audit::Draft> =
+        (0..250).map(|k| audit::Draft::new("bulk", "x", "success", serde_json::json!({ "k": k }))).collect();
+    let last = a.append_audit(big).await.unwrap();
+    let expected = 4 * 15 * 2 + commits + 250;
+    assert_eq!(last, expected);
+    assert_eq!(chain_ok(&a).await, expected);
+    assert_eq!(b.head().await.unwrap(), commits);
+    assert_eq!(b.history(1000).await.unwrap().len() as u64, commits);
+}
+
+/// A store whose runtime can be torn down to simulate a crashed controller process.
+struct Instance {
+    rt: Option<tokio::runtime::Runtime>,
+    store: Option<EtcdStore>,
+    leader: watch::Receiver<bool>,
+}
+
+impl Instance {
+    fn start(etcd: &EtcdCluster, prefix: &str, name: &str) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let store = rt.block_on(EtcdStore::connect(&etcd.endpoints(), prefix, name)).unwrap();
+        let leader = store.leadership();
+        Self { rt: Some(rt), store: Some(store), leader }
+    }
+    fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+    /// Like kill -9: the runtime stops without the store resigning.
+    fn crash(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+        self.store.take();
+    }
+    /// Drop the store while its runtime runs (it resigns).
+    fn close(&mut self) {
+        self.store.take();
+    }
+}
+
+/// Wait until exactly one of `insts` is leader, for `stable` in a row; returns its index.
+fn one_leader(insts: &[&Instance], timeout: Duration, stable: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    let mut since: Option<(usize, Instant)> = None;
+    loop {
+        let leaders: Vec<usize> =
+            insts.iter().enumerate().filter(|(_, i)| i.is_leader()).map(|(n, _)| n).collect();
+        since = match (leaders.as_slice(), since) {
+            ([n], Some((m, t))) if *n == m => Some((m, t)),
+            ([n], _) => Some((*n, Instant::now())),
+            _ => None,
+        };
+        if let Some((n, t)) = since
+            && t.elapsed() >= stable
+        {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "no single leader within {timeout:?} (leaders now: {leaders:?})");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn leadership_moves_when_the_leader_dies() {
+    let etcd = EtcdCluster::start(1);
+    let mut ctl_a = Instance::start(&etcd, "/ztseg-lead", "a");
+    let mut ctl_b = Instance::start(&etcd, "/ztseg-lead", "b");
+    let first = one_leader(&[&ctl_a, &ctl_b], Duration::from_secs(10), Duration::from_secs(2));
+    let (dead, survivor) = if first == 0 { (&mut ctl_a, &mut ctl_b) } else { (&mut ctl_b, &mut ctl_a) };
+    // Crash the leader: its lease expires (TTL 5 s) and the other takes over.
+    let started = Instant::now();
+    dead.crash();
+    let only = one_leader(&[&*survivor], Duration::from_secs(10), Duration::ZERO);
+    assert_eq!(only, 0);
+    eprintln!("failover after a crash took {:?}", started.elapsed());
+    // A graceful shutdown resigns at once: a third controller takes over quickly.
+    let ctl_c = Instance::start(&etcd, "/ztseg-lead", "c");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(survivor.is_leader() && !ctl_c.is_leader(), "leadership changed without a reason");
+    let started = Instant::now();
+    survivor.close();
+    one_leader(&[&ctl_c], Duration::from_secs(4), Duration::ZERO);
+    eprintln!("failover after a resignation took {:?}", started.elapsed());
+    drop(ctl_c);
+}
+
+/// Find the member that is the raft leader.
+async fn raft_leader(etcd: &EtcdCluster) -> usize {
+    for (i, m) in etcd.members.iter().enumerate() {
+        let mut c = etcd_client::Client::connect([m.client_url.as_str()], None).await.unwrap();
+        let st = c.status().await.unwrap();
+        if st.leader() == st.header().unwrap().member_id() {
+            return i;
+        }
+    }
+    panic!("no raft leader");
+}
+
+/// With three members, killing one (the raft leader) does not stop commits, watches or
+/// leadership on either controller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_losing_an_etcd_member() {
+    let mut etcd = EtcdCluster::start(3);
+    let a = std::sync::Arc::new(connect(&etcd, "/ztseg-ha", "a").await);
+    let b = connect(&etcd, "/ztseg-ha", "b").await;
+    assert_eq!(a.commit(0, pv(&[("p", "0")]), draft()).await.unwrap(), (1, 1));
+    let (mut wa, mut wb) = (a.watch_head(), b.watch_head());
+    assert!(wait_until(&mut wb, Duration::from_secs(10), |v| *v == 1).await);
+    // Audit appends are in flight while the member dies: none may fail or be recorded twice.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let appender = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !*stop_rx.borrow() {
+                let d = audit::Draft::new("bg", "test.event", "success", serde_json::json!({ "n": n }));
+                a.append_audit(vec![d]).await.unwrap_or_else(|e| panic!("append {n} during the kill: {e}"));
+                n += 1;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = raft_leader(&etcd).await;
+    etcd.kill(victim);
+    let started = Instant::now();
+    for v in 1..=8u64 {
+        let (store, seen) = if v % 2 == 0 { (&*a, &mut wb) } else { (&b, &mut wa) };
+        let got = store.commit(v, pv(&[("p", &v.to_string())]), draft()).await;
+        assert_eq!(got.unwrap_or_else(|e| panic!("commit {v} after the kill: {e}")).0, v + 1);
+        assert!(
+            wait_until(seen, Duration::from_secs(15), |h| *h == v + 1).await,
+            "the other store did not see version {}",
+            v + 1
+        );
+    }
+    eprintln!("8 commits after losing the raft leader took {:?}", started.elapsed());
+    stop_tx.send_replace(true);
+    let background = appender.await.unwrap();
+    assert!(background > 0);
+    assert_eq!(chain_ok(&b).await, 9 + background);
+    let (la, lb) = (a.leadership(), b.leadership());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while *la.borrow() == *lb.borrow() {
+        assert!(Instant::now() < deadline, "not exactly one leader after the member loss");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(b.version(9).await.unwrap().unwrap().documents["p"], "8");
+}
