@@ -95,7 +95,12 @@ fn docs_pb(docs: BTreeMap<String, String>) -> Vec<pb::Document> {
 /// A gRPC status as an error that says what the controller said.
 #[expect(clippy::needless_pass_by_value, reason = "used as `map_err(st)`")]
 fn st(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("controller refused ({:?}): {}", s.code(), s.message())
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+            anyhow::anyhow!("controller call failed ({:?}): {}", s.code(), s.message())
+        }
+        code => anyhow::anyhow!("controller refused ({code:?}): {}", s.message()),
+    }
 }
 
 #[must_use]
@@ -198,7 +203,7 @@ pub async fn audit_list(a: &CtlArgs, from: u64, limit: u32) -> Result<Vec<String
 /// Verify the audit chain through the controller, or offline in an embedded store file.
 pub async fn audit_verify(a: &CtlArgs, data_dir: Option<&Path>) -> Result<ExitCode> {
     let (ok, n, err) = if let Some(dir) = data_dir {
-        let store = ztseg_controller::store::embedded::EmbeddedStore::open(&dir.join("ztseg.redb"))?;
+        let store = ztseg_controller::store::embedded::EmbeddedStore::open_existing(&dir.join("ztseg.redb"))?;
         match ztseg_controller::service::verify_chain(&store).await? {
             Ok(n) => (true, n, String::new()),
             Err(b) => (false, 0, b.to_string()),

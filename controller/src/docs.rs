@@ -55,7 +55,9 @@ pub fn diff(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> S
         }
         let from = if old.contains_key(n) { format!("a/{n}") } else { "/dev/null".into() };
         let to = if new.contains_key(n) { format!("b/{n}") } else { "/dev/null".into() };
-        let d = similar::TextDiff::from_lines(a, b);
+        // Bounded: two large, wholly different documents fall back to a coarser (still correct)
+        // diff instead of holding up the apply.
+        let d = similar::TextDiff::configure().timeout(std::time::Duration::from_millis(50)).diff_lines(a, b);
         let _ = write!(out, "{}", d.unified_diff().context_radius(3).header(&from, &to));
     }
     out

@@ -2,9 +2,9 @@
 //!
 //! TLS 1.3 only, ALPN h2. Client certificates are verified against the controller's CA
 //! (chain, validity period, client-auth usage) during the handshake; a connection may come
-//! without one (enrollment), and every other RPC then refuses it. Handshakes that fail
-//! certificate verification — unknown CA, expired, wrong usage — are recorded in the audit
-//! log as `tls.rejected`.
+//! without one (enrollment), and every other RPC then refuses it. Failed handshakes — unknown
+//! CA, expired certificate, wrong usage, or anything else — are recorded in the audit log as
+//! `tls.rejected` with the peer's address.
 
 use std::{
     net::SocketAddr,
@@ -14,11 +14,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use rustls::{
-    DistinguishedName, SignatureScheme,
-    pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject as _},
-    server::danger::{ClientCertVerified, ClientCertVerifier},
-};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use tokio::sync::mpsc;
 use ztseg_api::controller::{
     audit_server::AuditServer, distribution_server::DistributionServer, enrollment_server::EnrollmentServer,
@@ -74,57 +70,7 @@ pub fn init(data_dir: &Path, trust_domain: &str, sans: &[String]) -> Result<Clie
     Ok(files)
 }
 
-/// Records client certificates that fail verification, then refuses them.
-#[derive(Debug)]
-struct AuditingVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    rejected: mpsc::UnboundedSender<String>,
-}
-
-impl ClientCertVerifier for AuditingVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let r = self.inner.verify_client_cert(end_entity, intermediates, now);
-        if let Err(e) = &r {
-            let _ = self.rejected.send(e.to_string());
-        }
-        r
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-fn tls_config(data_dir: &Path, rejected: mpsc::UnboundedSender<String>) -> Result<rustls::ServerConfig> {
+fn tls_config(data_dir: &Path) -> Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(data_dir.join(pki::CA_CERT)).context("reading ca.pem")? {
@@ -142,7 +88,7 @@ fn tls_config(data_dir: &Path, rejected: mpsc::UnboundedSender<String>) -> Resul
         PrivateKeyDer::from_pem_file(data_dir.join(pki::SERVER_KEY)).context("reading server-key.pem")?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(AuditingVerifier { inner, rejected }))
+        .with_client_cert_verifier(inner)
         .with_single_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
@@ -168,8 +114,8 @@ pub async fn run(
     let ca = Ca::load(&cfg.data_dir)?;
     let store = open_store(&cfg).await?;
     let ctl = Ctl::new(store, ca);
-    let (rej_tx, mut rej_rx) = mpsc::unbounded_channel::<String>();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&cfg.data_dir, rej_tx.clone())?));
+    let (rej_tx, mut rej_rx) = mpsc::unbounded_channel::<(SocketAddr, String)>();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&cfg.data_dir)?));
     let listener =
         tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
 
@@ -184,12 +130,12 @@ pub async fn run(
                 }
                 let drafts = batch
                     .into_iter()
-                    .map(|m| {
+                    .map(|(peer, m)| {
                         audit::Draft::new(
                             "anonymous",
                             "tls.rejected",
                             "denied",
-                            serde_json::json!({ "reason": m }),
+                            serde_json::json!({ "peer": peer.to_string(), "reason": m }),
                         )
                     })
                     .collect();
@@ -207,14 +153,26 @@ pub async fn run(
     let (conn_tx, conn_rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, peer)) = listener.accept().await else { continue };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let conn_tx = conn_tx.clone();
+            let rej_tx = rej_tx.clone();
             tokio::spawn(async move {
-                if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                {
-                    let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
+                    }
+                    // Certificate failures (unknown CA, expired, wrong usage) and every other
+                    // failed handshake are audited with the peer's address.
+                    // A connection closed before any TLS was spoken (a port check) is not one.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                    Ok(Err(e)) => {
+                        let _ = rej_tx.send((peer, e.to_string()));
+                    }
+                    Err(_) => {
+                        let _ = rej_tx.send((peer, "TLS handshake timed out".into()));
+                    }
                 }
             });
         }

@@ -83,7 +83,16 @@ impl Ctl {
                 "denied",
                 serde_json::json!({ "rpc": path, "peer": addr, "reason": why }),
             );
-            let _ = self.audit(vec![d]).await;
+            if let Err(e) = self.audit(vec![d]).await {
+                eprintln!(
+                    "{}",
+                    crate::server::log_line(
+                        "error",
+                        "could not record a refused call",
+                        &[("error", e.message())]
+                    )
+                );
+            }
             Err(status)
         };
         let Some(certs) = req.peer_certs() else {

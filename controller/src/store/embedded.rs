@@ -104,6 +104,16 @@ impl EmbeddedStore {
         Ok(Self { db: Arc::new(db), head_tx: watch::Sender::new(head), leader: watch::Sender::new(true) })
     }
 
+    /// Open an existing store without creating or changing anything (offline verification).
+    pub fn open_existing(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        if !path.is_file() {
+            anyhow::bail!("no store at {} (is this a controller data directory?)", path.display());
+        }
+        let db = Database::open(path).with_context(|| format!("opening the store {}", path.display()))?;
+        Ok(Self { db: Arc::new(db), head_tx: watch::Sender::new(0), leader: watch::Sender::new(false) })
+    }
+
     /// Run blocking database work off the async runtime.
     fn blocking<T: Send + 'static>(
         &self,
