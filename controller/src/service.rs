@@ -30,6 +30,9 @@ use crate::{
 /// two immutable versions it names.
 const AUDIT_DIFF_LIMIT: usize = 64 << 10;
 
+/// Denied flows one `Report` may carry (an enforcer sends more in several reports).
+pub const MAX_DENIED_PER_REPORT: usize = 1000;
+
 /// Shared controller state behind every service.
 pub struct Ctl {
     pub store: Arc<dyn Store>,
@@ -476,7 +479,7 @@ impl Distribution for Services {
         &self,
         req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let who = self.0.authorize(&req, "Distribution/Subscribe").await?;
+        self.0.authorize(&req, "Distribution/Subscribe").await?;
         let mut have = req.into_inner().from_version;
         let ctl = self.0.clone();
         let (tx, rx) = mpsc::channel(4);
@@ -498,13 +501,18 @@ impl Distribution for Services {
                 }
             }
         });
-        let _ = who;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn report(&self, req: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
         let who = self.0.authorize(&req, "Distribution/Report").await?;
         let r = req.into_inner();
+        if r.denied.len() > MAX_DENIED_PER_REPORT {
+            return Err(Status::invalid_argument(format!(
+                "denied: {} flows in one report, at most {MAX_DENIED_PER_REPORT}",
+                r.denied.len()
+            )));
+        }
         self.0
             .store
             .put_enforcer(EnforcerRecord {
@@ -519,7 +527,6 @@ impl Distribution for Services {
             let drafts = r
                 .denied
                 .into_iter()
-                .take(1000)
                 .map(|d| {
                     let mut dr = audit::Draft::new(
                         who.to_string(),

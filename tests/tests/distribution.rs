@@ -137,7 +137,29 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
         assert_eq!(version(&s), 1, "{s}");
         assert_eq!(s["policy_stale"], "false", "{s}");
     }
+    let probe_started = std::time::SystemTime::now();
     assert_eq!(lab.reachable(), Vec::<String>::new());
+    // The denied probes reach the controller's SIEM sink (as OCSF network activity) within 5 s.
+    let probed = Instant::now();
+    let since_ms =
+        i64::try_from(probe_started.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap();
+    let siem = format!("/run/ztseg/lab/{NAME}/siem.jsonl");
+    let found = loop {
+        let text = std::fs::read_to_string(&siem).unwrap_or_default();
+        let hit = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| {
+            v["class_uid"] == 4001
+                && v["disposition"] == "Blocked"
+                && v["dst_endpoint"]["port"] == 80
+                && v["time"].as_i64().is_some_and(|t| t >= since_ms - 1000)
+        });
+        if let Some(v) = hit {
+            break v;
+        }
+        assert!(probed.elapsed() < Duration::from_secs(5), "no denied flow in {siem} within 5 s:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("denied flow in the SIEM sink {:?} after the probe: {found}", probed.elapsed());
+    assert!(found["actor"]["user"]["type"] == "enforcer", "{found}");
 
     // Version 2: ingress from a. Every host enforces it (ingress is decided at b's and c's hosts).
     lab.set_allow(&["a"]);

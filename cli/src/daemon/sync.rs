@@ -54,6 +54,9 @@ pub async fn run(
     }
 }
 
+/// Distinct denied flows held between reports; beyond this they are counted and logged.
+const MAX_PENDING_DENIED: usize = 50_000;
+
 /// Fold key of a denied flow.
 type FlowKey = (String, String, String, String, String, String, u32, String, String);
 
@@ -81,6 +84,8 @@ async fn session(
     log::info("controller connected", &[("endpoint", &cfg.endpoint), ("from_version", &from.to_string())]);
     report(&mut client, engine, Vec::new()).await?;
     let mut denied: BTreeMap<FlowKey, (i64, u32)> = BTreeMap::new();
+    // Distinct denied flows not yet reported that were dropped because too many were pending.
+    let mut overflow: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_report = Instant::now();
     loop {
@@ -96,8 +101,13 @@ async fn session(
                 match ev {
                     Ok(ev) if ev.verdict == "DROP" => {
                         let k = (ev.workload, ev.peer, ev.tenant, ev.direction, ev.src, ev.dst, ev.dport, ev.protocol, ev.reason);
-                        let e = denied.entry(k).or_insert((ztseg_controller::now_ms(), 0));
-                        e.1 += 1;
+                        if let Some(e) = denied.get_mut(&k) {
+                            e.1 = e.1.saturating_add(1);
+                        } else if denied.len() < MAX_PENDING_DENIED {
+                            denied.insert(k, (ztseg_controller::now_ms(), 1));
+                        } else {
+                            overflow += 1;
+                        }
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -107,14 +117,26 @@ async fn session(
                 }
             }
             _ = tick.tick() => {
+                if overflow > 0 {
+                    log::error("denied flows not forwarded: too many distinct flows pending", &[("flows", &overflow.to_string())]);
+                    overflow = 0;
+                }
                 if !denied.is_empty() || last_report.elapsed() >= Duration::from_secs(5) {
-                    let batch = std::mem::take(&mut denied)
-                        .into_iter()
-                        .map(|((workload, peer, tenant, direction, src, dst, dport, protocol, reason), (t, count))| pb::DeniedFlow {
-                            time_unix_ms: t, workload, peer, tenant, direction, src, dst, dport, protocol, reason, count,
-                        })
-                        .collect();
-                    report(&mut client, engine, batch).await?;
+                    // In reports of at most MAX_DENIED_PER_REPORT; what is not sent stays pending.
+                    loop {
+                        let keys: Vec<FlowKey> = denied.keys().take(ztseg_controller::service::MAX_DENIED_PER_REPORT).cloned().collect();
+                        let batch = keys
+                            .into_iter()
+                            .filter_map(|k| denied.remove(&k).map(|v| (k, v)))
+                            .map(|((workload, peer, tenant, direction, src, dst, dport, protocol, reason), (t, count))| pb::DeniedFlow {
+                                time_unix_ms: t, workload, peer, tenant, direction, src, dst, dport, protocol, reason, count,
+                            })
+                            .collect();
+                        report(&mut client, engine, batch).await?;
+                        if denied.is_empty() {
+                            break;
+                        }
+                    }
                     last_report = Instant::now();
                 }
             }
