@@ -28,7 +28,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use ztseg_policy::{
     Cluster, ContainerPort, Direction, Document, Endpoint, IpNetwork, Isolation, Namespace, NetworkPolicy,
@@ -245,22 +245,17 @@ enum Seg {
     Index(usize),
 }
 
+fn owned(path: &[Seg]) -> Vec<ztseg_policy::Seg> {
+    path.iter()
+        .map(|s| match s {
+            Seg::Key(k) => ztseg_policy::Seg::Key((*k).to_owned()),
+            Seg::Index(i) => ztseg_policy::Seg::Index(*i),
+        })
+        .collect()
+}
+
 fn path_string(path: &[Seg]) -> String {
-    let mut out = String::new();
-    for seg in path {
-        match seg {
-            Seg::Key(k) => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(k);
-            }
-            Seg::Index(i) => {
-                let _ = write!(out, "[{i}]");
-            }
-        }
-    }
-    if out.is_empty() { ".".to_owned() } else { out }
+    ztseg_policy::path_string(&owned(path))
 }
 
 /// Collects located errors of one test file.
@@ -533,58 +528,7 @@ fn de_error(file: &Path, err: serde_path_to_error::Error<serde_yaml::Error>) -> 
 
 /// Position of the node at `path` (or of the nearest enclosing node present in the text).
 fn locate(text: &str, path: &[Seg]) -> (usize, usize) {
-    match Locate(path).deserialize(serde_yaml::Deserializer::from_str(text)) {
-        Ok(()) => (1, 1),
-        Err(e) => e.location().map_or((1, 1), |l| (l.line(), l.column())),
-    }
-}
-
-/// Walks a document along a path and fails on the node it ends at, so that `serde_yaml` gives the
-/// error that node's position.
-struct Locate<'p>(&'p [Seg]);
-
-const FOUND: &str = "node located";
-
-impl<'de> DeserializeSeed<'de> for Locate<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Locate<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(FOUND)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        if let Some((Seg::Key(want), rest)) = self.0.split_first() {
-            while let Some(key) = map.next_key::<serde_yaml::Value>()? {
-                if key.as_str() == Some(*want) {
-                    return map.next_value_seed(Locate(rest));
-                }
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Err(de::Error::custom(FOUND))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        if let Some((Seg::Index(want), rest)) = self.0.split_first() {
-            for _ in 0..*want {
-                if seq.next_element::<IgnoredAny>()?.is_none() {
-                    return Err(de::Error::custom(FOUND));
-                }
-            }
-            if seq.next_element_seed(Locate(rest))?.is_some() {
-                return Ok(());
-            }
-        }
-        Err(de::Error::custom(FOUND))
-    }
+    ztseg_policy::yaml_position(text, &owned(path))
 }
 
 // ---- evaluation --------------------------------------------------------------------------------

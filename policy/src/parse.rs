@@ -449,6 +449,16 @@ impl<'de> Visitor<'de> for KindScan<'_> {
     }
 }
 
+/// Line and column (1-based) of the node at `path` in the first YAML document of `text`, or of
+/// its nearest ancestor present in the text; (1, 1) if there is none.
+#[must_use]
+pub fn yaml_position(text: &str, path: &[Seg]) -> (usize, usize) {
+    match Walk(path).deserialize(serde_yaml::Deserializer::from_str(text)) {
+        Ok(()) => (1, 1),
+        Err(e) => e.location().map_or((1, 1), |l| (l.line(), l.column())),
+    }
+}
+
 /// Walks a document along a path and fails at the node it ends on (or at the deepest node that
 /// exists), so that `serde_yaml` attaches that node's position to the error.
 struct Walk<'p>(&'p [Seg]);

@@ -23,13 +23,16 @@ pub struct FieldError {
 
 /// One step of a field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Seg {
+pub enum Seg {
+    /// A mapping key.
     Key(String),
+    /// A sequence index.
     Index(usize),
 }
 
 /// Renders a path the way `serde_path_to_error` does: `a.b[0].c`, `.` for the root.
-pub(crate) fn path_string(path: &[Seg]) -> String {
+#[must_use]
+pub fn path_string(path: &[Seg]) -> String {
     if path.is_empty() {
         return ".".to_owned();
     }
