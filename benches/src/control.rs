@@ -117,12 +117,15 @@ async fn host_version(host: &str) -> Result<u64> {
     Ok(c.status(ztseg_api::enforcer::StatusRequest {}).await?.into_inner().controller_version)
 }
 
-async fn measure(data_dir: &Path, work: &Path) -> Result<Report> {
-    let endpoint = "10.75.0.1:7443".to_owned();
-    let admin = pki::ClientFiles::in_dir(&data_dir.join("admin"), "admin");
+/// Reports of simulated subscribers: (subscriber, version, when).
+type Seen = tokio::sync::mpsc::UnboundedReceiver<(usize, u64, Instant)>;
+
+/// Start the simulated subscribers; returns their number and the channel of (subscriber,
+/// version, when) they report on.
+fn spawn_simulated(data_dir: &Path, work: &Path, endpoint: &str) -> Result<(usize, Seen)> {
     let ca = pki::Ca::load(data_dir)?;
     let sim = SUBSCRIBERS - HOSTS.len();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     // Every identity is written before any subscriber starts (they share ca.pem).
     let mut identities = Vec::new();
     for i in 0..sim {
@@ -135,13 +138,20 @@ async fn measure(data_dir: &Path, work: &Path) -> Result<Report> {
     }
     for (i, files) in identities.into_iter().enumerate() {
         let tx = tx.clone();
-        let ep = endpoint.clone();
+        let ep = endpoint.to_owned();
         tokio::spawn(async move {
             if let Err(e) = simulated(ep, files, tx, i).await {
                 eprintln!("simulated subscriber {i}: {e:#}");
             }
         });
     }
+    Ok((sim, rx))
+}
+
+async fn measure(data_dir: &Path, work: &Path) -> Result<Report> {
+    let endpoint = "10.75.0.1:7443".to_owned();
+    let admin = pki::ClientFiles::in_dir(&data_dir.join("admin"), "admin");
+    let (sim, mut rx) = spawn_simulated(data_dir, work, &endpoint)?;
     let mut policy_client =
         pb::policy_client::PolicyClient::new(ztseg_controller::server::connect(&endpoint, &admin).await?)
             .max_encoding_message_size(64 << 20);
