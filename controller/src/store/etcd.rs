@@ -282,11 +282,22 @@ fn task_backoff(failures: u32) -> Duration {
 }
 
 /// Run `f` until it succeeds, fails for good or the retry budget is spent.
-async fn retry<T, Fut>(what: &str, mut f: impl FnMut() -> Fut) -> Result<T, StoreError>
+async fn retry<T, Fut>(what: &str, f: impl FnMut() -> Fut) -> Result<T, StoreError>
 where
     Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
-    let deadline = Instant::now() + RETRY_BUDGET;
+    retry_until(Instant::now() + RETRY_BUDGET, what, f).await
+}
+
+/// As [`retry`], giving up at `deadline`.
+async fn retry_until<T, Fut>(
+    deadline: Instant,
+    what: &str,
+    mut f: impl FnMut() -> Fut,
+) -> Result<T, StoreError>
+where
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
     let mut attempt = 0;
     loop {
         match f().await {
@@ -922,8 +933,14 @@ fn step_down(leader: &watch::Sender<bool>, name: &str) {
 }
 
 /// Hold a lease, take the leader key when it is free, and keep the lease alive. Returns (and
-/// the caller steps down) when a keep-alive fails or the watch breaks; `lease` is cleared
-/// when the lease is known to be gone.
+/// the caller steps down) when the lease is lost or cannot be confirmed in time; `lease` is
+/// cleared when the lease is known to be gone.
+///
+/// With one etcd member down, a share of requests fails at once (the client still spreads them
+/// over every endpoint), so each request is retried while that is safe: keep-alives until
+/// shortly before the lease could expire after the last confirmed renewal, the rest within
+/// one lease period. Leadership is announced only once the watch on the leader key is in
+/// place.
 async fn campaign(
     client: &Client,
     key: &str,
@@ -931,25 +948,27 @@ async fn campaign(
     leader: &watch::Sender<bool>,
     lease: &mut Option<i64>,
 ) -> Result<(), String> {
+    let ttl = Duration::from_secs(LEASE_TTL_S.unsigned_abs());
     let mut lc = client.lease_client();
     let id = if let Some(id) = *lease {
         id
     } else {
-        let g = lc.grant(LEASE_TTL_S, None).await.map_err(|e| e.to_string())?;
+        let g = retry_until(Instant::now() + ttl, "lease grant", || {
+            let mut lc = lc.clone();
+            async move { lc.grant(LEASE_TTL_S, None).await }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         *lease = Some(g.id());
         g.id()
     };
-    let (mut keeper, mut acks) = match lc.keep_alive(id).await {
-        Ok(k) => k,
-        Err(e) => {
-            if matches!(e, etcd_client::Error::LeaseKeepAliveError(_)) {
-                *lease = None;
-            }
-            return Err(e.to_string());
-        }
-    };
-    let mut kv = client.kv_client();
-    let mut ws = None;
+    // The lease is known alive until `confirmed + ttl`; act as leader only before `safe()`.
+    let mut confirmed = Instant::now();
+    let window = ttl.saturating_sub(KEEPALIVE_TIMEOUT);
+    let safe = |confirmed: Instant| confirmed + window;
+    let mut keeper = keep_alive_stream(&mut lc, id, safe(confirmed), lease).await?;
+    let kv = client.kv_client();
+    let mut ws: Option<etcd_client::WatchStream> = None;
     let mut tick = tokio::time::interval(KEEPALIVE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -958,11 +977,28 @@ async fn campaign(
             .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then(vec![TxnOp::put(key, name, Some(PutOptions::new().with_lease(id)))])
             .or_else(vec![TxnOp::get(key, None)]);
-        let r = kv.txn(txn).await.map_err(|e| e.to_string())?;
+        let r = retry_until(safe(confirmed), "leader key", || {
+            let mut kv = kv.clone();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         let ours = r.succeeded()
             || r.op_responses().iter().any(|op| {
                 matches!(op, TxnOpResponse::Get(g) if g.kvs().first().is_some_and(|kv| kv.lease() == id))
             });
+        if ws.is_none() {
+            let rev = r.header().map_or(0, etcd_client::ResponseHeader::revision);
+            let w = retry_until(safe(confirmed), "leader watch", || {
+                let mut wc = client.watch_client();
+                let opts = WatchOptions::new().with_start_revision(rev + 1);
+                async move { wc.watch(key, Some(opts)).await }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            ws = Some(w);
+        }
         if ours {
             if !leader.send_replace(true) {
                 log("info", "controller is the leader", &[("name", name)]);
@@ -970,34 +1006,23 @@ async fn campaign(
         } else {
             step_down(leader, name);
         }
-        if ws.is_none() {
-            let rev = r.header().map_or(0, etcd_client::ResponseHeader::revision);
-            let opts = WatchOptions::new().with_start_revision(rev + 1);
-            ws = Some(client.watch_client().watch(key, Some(opts)).await.map_err(|e| e.to_string())?);
-        }
         let Some(w) = ws.as_mut() else { return Err("no watch".into()) };
         let recheck = tokio::time::sleep(LEADER_RECHECK);
         tokio::pin!(recheck);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    keeper.keep_alive().await.map_err(|e| e.to_string())?;
-                    match tokio::time::timeout(KEEPALIVE_TIMEOUT, acks.message()).await {
-                        Ok(Ok(Some(a))) if a.ttl() > 0 => {}
-                        Ok(Ok(Some(_))) => {
-                            *lease = None;
-                            return Err("lease expired".into());
-                        }
-                        Ok(Ok(None)) => return Err("keep-alive stream closed".into()),
-                        Ok(Err(e)) => return Err(format!("keep-alive: {e}")),
-                        Err(_) => return Err("keep-alive unanswered".into()),
-                    }
+                    keep_lease(&mut lc, id, &mut keeper, &mut confirmed, window, lease).await?;
                 }
                 m = w.message() => {
-                    let m = m.map_err(|e| e.to_string())?.ok_or("leader watch closed")?;
-                    if m.canceled() {
-                        return Err(format!("leader watch canceled: {}", m.cancel_reason()));
-                    }
+                    let m = match m {
+                        Ok(Some(m)) if !m.canceled() => m,
+                        // The watch broke: re-read the key and watch again (outer loop).
+                        _ => {
+                            ws = None;
+                            break;
+                        }
+                    };
                     let lost = m.events().iter().any(|ev| {
                         ev.event_type() == EventType::Delete || ev.kv().is_some_and(|kv| kv.lease() != id)
                     });
@@ -1010,5 +1035,84 @@ async fn campaign(
                 () = &mut recheck, if !ours => break,
             }
         }
+    }
+}
+
+/// Renew the lease once; if the keep-alive stream broke (e.g. its member died), open another
+/// one while the lease is still certainly alive (`confirmed + window`).
+async fn keep_lease(
+    lc: &mut etcd_client::LeaseClient,
+    id: i64,
+    keeper: &mut Keeper,
+    confirmed: &mut Instant,
+    window: Duration,
+    lease: &mut Option<i64>,
+) -> Result<(), String> {
+    let mut reopened = false;
+    loop {
+        match renew(keeper, *confirmed + window).await {
+            Ok(()) => {
+                *confirmed = Instant::now();
+                return Ok(());
+            }
+            Err(Renewal::Expired) => {
+                *lease = None;
+                return Err("lease expired".into());
+            }
+            Err(Renewal::Broken(why)) => {
+                if reopened || Instant::now() >= *confirmed + window {
+                    return Err(format!("keep-alive: {why}"));
+                }
+                *keeper = keep_alive_stream(lc, id, *confirmed + window, lease).await?;
+                reopened = true;
+            }
+        }
+    }
+}
+
+enum Renewal {
+    Expired,
+    Broken(String),
+}
+
+type Keeper = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+/// Open a keep-alive stream for `id`, retrying transient failures until `deadline`.
+async fn keep_alive_stream(
+    lc: &mut etcd_client::LeaseClient,
+    id: i64,
+    deadline: Instant,
+    lease: &mut Option<i64>,
+) -> Result<Keeper, String> {
+    let mut attempt = 0;
+    loop {
+        match lc.keep_alive(id).await {
+            Ok(k) => return Ok(k),
+            Err(e) => {
+                if matches!(e, etcd_client::Error::LeaseKeepAliveError(_)) {
+                    *lease = None;
+                    return Err(e.to_string());
+                }
+                let delay = backoff(attempt);
+                if !transient(&e) || Instant::now() + delay >= deadline {
+                    return Err(e.to_string());
+                }
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Send one keep-alive and wait for its answer, no later than `deadline`.
+async fn renew(keeper: &mut Keeper, deadline: Instant) -> Result<(), Renewal> {
+    keeper.0.keep_alive().await.map_err(|e| Renewal::Broken(e.to_string()))?;
+    let wait = deadline.saturating_duration_since(Instant::now()).min(KEEPALIVE_TIMEOUT);
+    match tokio::time::timeout(wait, keeper.1.message()).await {
+        Ok(Ok(Some(a))) if a.ttl() > 0 => Ok(()),
+        Ok(Ok(Some(_))) => Err(Renewal::Expired),
+        Ok(Ok(None)) => Err(Renewal::Broken("keep-alive stream closed".into())),
+        Ok(Err(e)) => Err(Renewal::Broken(e.to_string())),
+        Err(_) => Err(Renewal::Broken("keep-alive unanswered".into())),
     }
 }
