@@ -97,6 +97,8 @@ enum Commands {
         #[arg(long, default_value = "admin")]
         identity: String,
     },
+    /// Replace this identity's certificate with a fresh one (new key, same role and name).
+    Renew(crate::ctl::CtlArgs),
     /// The controller's append-only, hash-chained audit log.
     Audit {
         #[command(subcommand)]
@@ -297,6 +299,15 @@ enum ControllerCommands {
     },
     /// Enforcers known to the controller and the policy version each enforces.
     Enforcers(crate::ctl::CtlArgs),
+    /// Revoke every certificate issued so far to an identity (admin).
+    Revoke {
+        #[command(flatten)]
+        ctl: crate::ctl::CtlArgs,
+        #[arg(long, value_parser = ["admin", "operator", "auditor", "enforcer"])]
+        role: String,
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -433,6 +444,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Controller { command: ControllerCommands::Run(a) } => crate::ctl::run_controller(a),
         command @ (Commands::Controller { .. }
         | Commands::Enroll { .. }
+        | Commands::Renew(_)
         | Commands::Audit { .. }
         | Commands::Policy { .. }) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -484,6 +496,15 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
             let files = ztseg_controller::pki::ClientFiles::in_dir(&out, &identity);
             let id = ztseg_controller::server::enroll(&controller, &ca, &token, &files).await?;
             println!("enrolled as {id}; certificate {}", files.cert.display());
+        }
+        Commands::Renew(a) => {
+            let files = a.files();
+            let id = ztseg_controller::server::renew(&a.controller, &files).await?;
+            println!("renewed {id}; certificate {}", files.cert.display());
+        }
+        Commands::Controller { command: ControllerCommands::Revoke { ctl: a, role, name } } => {
+            let at = ctl::revoke(&a, &role, &name).await?;
+            println!("revoked every certificate of {role}/{name} issued up to {}", ctl::time_str(at));
         }
         Commands::Audit { command: AuditCommands::List { ctl: a, from, limit } } => {
             for r in ctl::audit_list(&a, from, limit).await? {

@@ -125,6 +125,15 @@ pub async fn token(a: &CtlArgs, role: &str, name: &str, ttl: u64, cert_ttl: u64)
     Ok(r.token)
 }
 
+pub async fn revoke(a: &CtlArgs, role: &str, name: &str) -> Result<i64> {
+    Ok(pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
+        .revoke(pb::RevokeRequest { role: role.into(), name: name.into() })
+        .await
+        .map_err(st)?
+        .into_inner()
+        .revoked_at_unix_ms)
+}
+
 pub async fn apply(
     a: &CtlArgs,
     paths: &[PathBuf],

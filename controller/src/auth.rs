@@ -73,7 +73,8 @@ pub const UNAUTHENTICATED: &[&str] = &["/ztseg.controller.v1.Enrollment/Enroll"]
 pub fn roles_for(path: &str) -> &'static [Role] {
     use Role::{Admin, Auditor, Enforcer, Operator};
     match path.strip_prefix("/ztseg.controller.v1.") {
-        Some("Enrollment/CreateJoinToken") => &[Admin],
+        Some("Enrollment/CreateJoinToken" | "Enrollment/Revoke") => &[Admin],
+        Some("Enrollment/Renew") => &[Admin, Operator, Auditor, Enforcer],
         Some("Policy/Apply" | "Policy/Rollback") => &[Admin, Operator],
         Some("Policy/Diff" | "Policy/Get" | "Policy/History" | "Distribution/ListEnforcers") => {
             &[Admin, Operator, Auditor]

@@ -29,6 +29,10 @@ pub const CA_KEY: &str = "ca-key.pem";
 pub const SERVER_CERT: &str = "server.pem";
 pub const SERVER_KEY: &str = "server-key.pem";
 
+/// Certificates start this long before their issuance (clock skew between hosts). The
+/// issuance time of a certificate is therefore its `notBefore` plus this.
+pub const BACKDATE: time::Duration = time::Duration::minutes(5);
+
 /// Default lifetime of an enrolled certificate.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_hours(30 * 24);
 
@@ -92,11 +96,7 @@ impl Ca {
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
-        validity(
-            &mut params,
-            OffsetDateTime::now_utc() - time::Duration::minutes(5),
-            Duration::from_hours(10 * 365 * 24),
-        );
+        validity(&mut params, OffsetDateTime::now_utc() - BACKDATE, Duration::from_hours(10 * 365 * 24));
         let cert = params.self_signed(&key)?;
         Ok(Self { cert_pem: cert.pem(), key, trust_domain: trust_domain.to_owned() })
     }
@@ -139,7 +139,7 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages =
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        validity(&mut params, OffsetDateTime::now_utc() - time::Duration::minutes(5), ttl);
+        validity(&mut params, OffsetDateTime::now_utc() - BACKDATE, ttl);
         let cert = params.signed_by(&key, &self.issuer()?)?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
@@ -166,7 +166,7 @@ impl Ca {
 
     /// A client identity with a key generated here (bootstrap admin, tests).
     pub fn issue_client(&self, role: Role, name: &str, ttl: Duration) -> Result<Issued> {
-        self.issue_client_at(role, name, OffsetDateTime::now_utc() - time::Duration::minutes(5), ttl)
+        self.issue_client_at(role, name, OffsetDateTime::now_utc() - BACKDATE, ttl)
     }
 
     /// As [`Ca::issue_client`] with an explicit start of validity (an already expired
@@ -194,7 +194,7 @@ impl Ca {
     ) -> Result<(String, OffsetDateTime)> {
         let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
             .map_err(|e| anyhow::anyhow!("certificate signing request rejected: {e}"))?;
-        let not_before = OffsetDateTime::now_utc() - time::Duration::minutes(5);
+        let not_before = OffsetDateTime::now_utc() - BACKDATE;
         let params = self.client_params(role, name, not_before, ttl)?;
         let not_after = params.not_after;
         let cert = params.signed_by(&csr.public_key, &self.issuer()?)?;
@@ -256,6 +256,28 @@ pub fn identity_of(der: &[u8], trust_domain: &str) -> Result<Identity> {
     Ok(Identity { role, name: name.to_owned() })
 }
 
+/// Validity of a certificate (DER): `notBefore` and `notAfter` as Unix seconds.
+pub fn validity_of(der: &[u8]) -> Result<(i64, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).context("parsing the certificate")?;
+    Ok((cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp()))
+}
+
+/// The DER of the (first) certificate in a PEM text.
+pub fn cert_der(pem: &str) -> Result<Vec<u8>> {
+    let der = <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+        pem.as_bytes(),
+    )
+    .context("parsing the certificate PEM")?;
+    Ok(der.to_vec())
+}
+
+/// Whether a certificate (PEM) should be renewed at Unix time `now`: less than a third of its
+/// lifetime left.
+pub fn needs_renewal(cert_pem: &str, now: i64) -> Result<bool> {
+    let (nb, na) = validity_of(&cert_der(cert_pem)?)?;
+    Ok(na - now < (na - nb) / 3)
+}
+
 /// Paths of a client identity on disk (`<dir>/<stem>.pem`, `<dir>/<stem>-key.pem`, CA).
 #[derive(Debug, Clone)]
 pub struct ClientFiles {
@@ -274,15 +296,35 @@ impl ClientFiles {
         }
     }
 
-    /// Write an issued identity and the CA certificate.
+    /// Write an issued identity and the CA certificate. The new key and certificate are
+    /// written beside the old ones first and then moved into place; an interruption between
+    /// the two moves is completed by [`ClientFiles::recover`] (called before every use).
     pub fn save(&self, issued: &Issued, ca_pem: &str) -> Result<()> {
         if let Some(d) = self.cert.parent() {
             fs::create_dir_all(d)?;
         }
         fs::write(&self.ca, ca_pem)?;
-        fs::write(&self.cert, &issued.cert_pem)?;
-        write_private(&self.key, issued.key_pem.as_bytes())
+        write_private(&pending(&self.key), issued.key_pem.as_bytes())?;
+        write_private(&pending(&self.cert), issued.cert_pem.as_bytes())?;
+        self.recover()
     }
+
+    /// Finish a [`ClientFiles::save`] that was interrupted: key first, then certificate.
+    pub fn recover(&self) -> Result<()> {
+        for f in [&self.key, &self.cert] {
+            let p = pending(f);
+            if p.exists() {
+                fs::rename(&p, f).with_context(|| format!("moving {} into place", p.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn pending(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".new");
+    PathBuf::from(s)
 }
 
 /// A fresh key and a CSR for it (enrollment, client side).
@@ -291,4 +333,39 @@ pub fn new_csr() -> Result<(Vec<u8>, String)> {
     let params = CertificateParams::new(Vec::<String>::new())?;
     let csr = params.serialize_request(&key)?;
     Ok((csr.der().to_vec(), key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_in_the_last_third_of_the_lifetime() {
+        let ca = Ca::generate("ztseg.local").unwrap();
+        let c = ca.issue_client(Role::Enforcer, "h", Duration::from_mins(50)).unwrap();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        assert!(!needs_renewal(&c.cert_pem, now).unwrap());
+        // notBefore is now - 300 s, notAfter now + 2700 s: due from now + 1700 s.
+        assert!(!needs_renewal(&c.cert_pem, now + 1690).unwrap());
+        assert!(needs_renewal(&c.cert_pem, now + 1710).unwrap());
+    }
+
+    #[test]
+    fn an_interrupted_save_is_completed() {
+        let dir = std::env::temp_dir().join(format!("ztseg-pki-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let files = ClientFiles::in_dir(&dir, "h");
+        let ca = Ca::generate("ztseg.local").unwrap();
+        let a = ca.issue_client(Role::Enforcer, "h", Duration::from_mins(50)).unwrap();
+        files.save(&a, &ca.cert_pem).unwrap();
+        // A second save stopped after the new files were written but before they moved.
+        let b = ca.issue_client(Role::Enforcer, "h", Duration::from_mins(50)).unwrap();
+        write_private(&pending(&files.key), b.key_pem.as_bytes()).unwrap();
+        write_private(&pending(&files.cert), b.cert_pem.as_bytes()).unwrap();
+        fs::rename(pending(&files.key), &files.key).unwrap();
+        files.recover().unwrap();
+        assert_eq!(fs::read_to_string(&files.cert).unwrap(), b.cert_pem);
+        assert_eq!(fs::read_to_string(&files.key).unwrap(), b.key_pem);
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

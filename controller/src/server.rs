@@ -213,6 +213,7 @@ pub fn log_line(level: &str, msg: &str, fields: &[(&str, &str)]) -> String {
 
 /// A client channel to the controller with the identity in `files`.
 pub async fn connect(endpoint: &str, files: &ClientFiles) -> Result<tonic::transport::Channel> {
+    files.recover()?;
     let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let ca = read(&files.ca)?;
     let mut tls =
@@ -251,6 +252,19 @@ pub async fn enroll(endpoint: &str, ca_file: &Path, token: &str, files: &ClientF
         .enroll(ztseg_api::controller::EnrollRequest { token: token.to_owned(), csr_der: csr })
         .await
         .map_err(|s| anyhow::anyhow!("enrollment refused: {}", s.message()))?
+        .into_inner();
+    files.save(&pki::Issued { cert_pem: r.certificate_pem, key_pem }, &r.ca_pem)?;
+    Ok(r.identity)
+}
+
+/// Renew the identity in `files` through the controller (same role and name, new key).
+pub async fn renew(endpoint: &str, files: &ClientFiles) -> Result<String> {
+    let ch = connect(endpoint, files).await?;
+    let (csr, key_pem) = pki::new_csr()?;
+    let r = ztseg_api::controller::enrollment_client::EnrollmentClient::new(ch)
+        .renew(ztseg_api::controller::RenewRequest { csr_der: csr })
+        .await
+        .map_err(|s| anyhow::anyhow!("renewal refused: {}", s.message()))?
         .into_inner();
     files.save(&pki::Issued { cert_pem: r.certificate_pem, key_pem }, &r.ca_pem)?;
     Ok(r.identity)

@@ -39,6 +39,8 @@ pub struct Ctl {
     pub ca: Ca,
     /// Wakes the SIEM exporter after an append.
     pub appended: Arc<Notify>,
+    /// Bumped on every revocation made here: open policy streams re-check their caller.
+    pub revocations: tokio::sync::watch::Sender<u64>,
     cache: Mutex<Vec<Arc<PolicyVersion>>>,
 }
 
@@ -65,7 +67,13 @@ fn peer_addr<T>(req: &Request<T>) -> String {
 impl Ctl {
     #[must_use]
     pub fn new(store: Arc<dyn Store>, ca: Ca) -> Arc<Self> {
-        Arc::new(Self { store, ca, appended: Arc::new(Notify::new()), cache: Mutex::new(Vec::new()) })
+        Arc::new(Self {
+            store,
+            ca,
+            appended: Arc::new(Notify::new()),
+            revocations: tokio::sync::watch::Sender::new(0),
+            cache: Mutex::new(Vec::new()),
+        })
     }
 
     /// Append audit records; an audit failure is logged, never silently dropped.
@@ -77,6 +85,21 @@ impl Ctl {
 
     /// Authenticate the caller of `rpc` (`Service/Method`) and check its role.
     pub async fn authorize<T>(&self, req: &Request<T>, rpc: &str) -> Result<Identity, Status> {
+        self.authorize_cert(req, rpc).await.map(|(id, _)| id)
+    }
+
+    /// When `id`'s certificates issued up to some time were revoked: that time (ms).
+    pub async fn revoked_at(&self, id: &Identity) -> Result<Option<i64>, Status> {
+        let v = self.store.get_meta(revocation_key(id)).await.map_err(|e| store_status(&e))?;
+        Ok(v.and_then(|t| t.parse().ok()))
+    }
+
+    /// As [`Ctl::authorize`], also returning the certificate's validity (Unix seconds).
+    pub async fn authorize_cert<T>(
+        &self,
+        req: &Request<T>,
+        rpc: &str,
+    ) -> Result<(Identity, (i64, i64)), Status> {
         let path = format!("/ztseg.controller.v1.{rpc}");
         let addr = peer_addr(req);
         let deny = |actor: String, why: String, status: Status| async move {
@@ -114,18 +137,26 @@ impl Ctl {
             )
             .await;
         };
-        let id = match crate::pki::identity_of(leaf, &self.ca.trust_domain) {
-            Ok(id) => id,
+        let (id, validity) = match crate::pki::identity_of(leaf, &self.ca.trust_domain)
+            .and_then(|id| Ok((id, crate::pki::validity_of(leaf)?)))
+        {
+            Ok(x) => x,
             Err(e) => {
                 let msg = format!("{e:#}");
                 return deny("anonymous".into(), msg.clone(), Status::unauthenticated(msg)).await;
             }
         };
+        if let Some(t) = self.revoked_at(&id).await?
+            && issued_ms(validity.0) <= t
+        {
+            let msg = format!("the certificate of {id} was revoked");
+            return deny(id.to_string(), msg.clone(), Status::unauthenticated(msg)).await;
+        }
         if !auth::roles_for(&format!("/ztseg.controller.v1.{rpc}")).contains(&id.role) {
             let msg = format!("role {} may not call {rpc}", id.role);
             return deny(id.to_string(), msg.clone(), Status::permission_denied(msg)).await;
         }
-        Ok(id)
+        Ok((id, validity))
     }
 
     async fn version_cached(&self, v: u64) -> Result<Option<Arc<PolicyVersion>>, Status> {
@@ -272,6 +303,15 @@ fn doc_map(docs: Vec<pb::Document>) -> Result<BTreeMap<String, String>, Status> 
     Ok(m)
 }
 
+fn revocation_key(id: &Identity) -> String {
+    format!("revoked/{}/{}", id.role, id.name)
+}
+
+/// Issuance time (ms) of a certificate whose `notBefore` is `not_before` (Unix seconds).
+fn issued_ms(not_before: i64) -> i64 {
+    (not_before + crate::pki::BACKDATE.whole_seconds()) * 1000
+}
+
 fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
@@ -374,6 +414,67 @@ impl Enrollment for Services {
             )])
             .await?;
         Ok(Response::new(pb::CreateJoinTokenResponse { token, expires_unix: expires_ms / 1000 }))
+    }
+
+    async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        self.renew_impl(req).await
+    }
+
+    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Result<Response<pb::RevokeResponse>, Status> {
+        self.revoke_impl(req).await
+    }
+}
+
+impl Services {
+    async fn renew_impl(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let (who, (nb, na)) = self.0.authorize_cert(&req, "Enrollment/Renew").await?;
+        let ttl = Duration::from_secs(u64::try_from(na - nb).unwrap_or(0));
+        let (cert, not_after) = self
+            .0
+            .ca
+            .sign_csr(&req.into_inner().csr_der, who.role, &who.name, ttl)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let identity = format!("spiffe://{}/{}/{}", self.0.ca.trust_domain, who.role, who.name);
+        self.0
+            .audit(vec![audit::Draft::new(
+                who.to_string(),
+                "renew",
+                "success",
+                serde_json::json!({ "identity": identity, "not_after": not_after.unix_timestamp() }),
+            )])
+            .await?;
+        Ok(Response::new(pb::EnrollResponse {
+            certificate_pem: cert,
+            ca_pem: self.0.ca.cert_pem.clone(),
+            identity,
+            not_after_unix: not_after.unix_timestamp(),
+        }))
+    }
+
+    async fn revoke_impl(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let who = self.0.authorize(&req, "Enrollment/Revoke").await?;
+        let r = req.into_inner();
+        let role: Role = r.role.parse().map_err(|e| Status::invalid_argument(format!("role: {e}")))?;
+        crate::pki::check_name("name", &r.name).map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        let id = Identity { role, name: r.name };
+        let now = crate::now_ms();
+        self.0.store.put_meta(revocation_key(&id), now.to_string()).await.map_err(|e| store_status(&e))?;
+        self.0.revocations.send_modify(|n| *n += 1);
+        self.0
+            .audit(vec![audit::Draft::new(
+                who.to_string(),
+                "identity.revoke",
+                "success",
+                serde_json::json!({ "identity": id.to_string(), "revoked_at_ms": now }),
+            )])
+            .await?;
+        Ok(Response::new(pb::RevokeResponse { revoked_at_unix_ms: now }))
     }
 }
 
@@ -479,13 +580,30 @@ impl Distribution for Services {
         &self,
         req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        self.0.authorize(&req, "Distribution/Subscribe").await?;
+        let (who, (nb, _)) = self.0.authorize_cert(&req, "Distribution/Subscribe").await?;
         let mut have = req.into_inner().from_version;
         let ctl = self.0.clone();
         let (tx, rx) = mpsc::channel(4);
         let mut heads = ctl.store.watch_head();
+        let mut revocations = ctl.revocations.subscribe();
         tokio::spawn(async move {
             loop {
+                // A revoked subscriber gets nothing more (checked on every change).
+                match ctl.revoked_at(&who).await {
+                    Ok(Some(t)) if issued_ms(nb) <= t => {
+                        let _ = tx
+                            .send(Err(Status::unauthenticated(format!(
+                                "the certificate of {who} was revoked"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
                 let head = *heads.borrow_and_update();
                 if head != have && head > 0 {
                     let u = ctl.update(have, head).await;
@@ -497,6 +615,7 @@ impl Distribution for Services {
                 }
                 tokio::select! {
                     r = heads.changed() => if r.is_err() { return },
+                    r = revocations.changed() => if r.is_err() { return },
                     () = tx.closed() => return,
                 }
             }

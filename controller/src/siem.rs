@@ -68,7 +68,10 @@ impl Sink {
 fn class_of(action: &str) -> (u32, &'static str, u32, &'static str, u32, &'static str) {
     match action {
         "flow.denied" => (4001, "Network Activity", 4, "Network Activity", 5, "Refuse"),
-        "tls.rejected" | "enroll" => (3002, "Authentication", 3, "Identity & Access Management", 1, "Logon"),
+        "tls.rejected" | "enroll" | "renew" => {
+            (3002, "Authentication", 3, "Identity & Access Management", 1, "Logon")
+        }
+        "identity.revoke" => (3001, "Account Change", 3, "Identity & Access Management", 5, "Disable"),
         "api.denied" => (6003, "API Activity", 6, "Application Activity", 0, "Unknown"),
         "policy.apply" | "policy.rollback" => (6003, "API Activity", 6, "Application Activity", 3, "Update"),
         "token.create" => (6003, "API Activity", 6, "Application Activity", 1, "Create"),

@@ -991,6 +991,99 @@ fn enrollment_tokens_are_single_use_and_carry_the_role() {
     assert_eq!(h[0].actor, "operator/op-a");
 }
 
+/// Renewal gives the caller a new certificate for the same identity and lifetime (new key);
+/// revocation refuses every certificate of the identity issued so far — including the renewed
+/// one and open policy streams — while a later re-enrollment works again.
+#[test]
+fn renewal_keeps_the_identity_and_revocation_cuts_it_off() {
+    let c = Controller::started("revoke");
+    let files = c.identity(Role::Enforcer, "host-r");
+    let old = fs::read_to_string(&files.cert).unwrap();
+    let out = c.cli_as(files.cert.parent().unwrap(), "host-r", &["renew"]);
+    assert!(out.ok() && out.stdout.contains("renewed spiffe://ztseg.local/enforcer/host-r"), "{out}");
+    let new = fs::read_to_string(&files.cert).unwrap();
+    assert_ne!(old, new, "the certificate was not replaced");
+    let der = |pem: &str| ztseg_controller::pki::cert_der(pem).unwrap();
+    let (ob, oa) = ztseg_controller::pki::validity_of(&der(&old)).unwrap();
+    let (nb, na) = ztseg_controller::pki::validity_of(&der(&new)).unwrap();
+    assert_eq!(oa - ob, na - nb, "same lifetime");
+    assert!(nb >= ob, "renewed later");
+    assert_eq!(
+        ztseg_controller::pki::identity_of(&der(&new), "ztseg.local").unwrap().to_string(),
+        "enforcer/host-r"
+    );
+    c.wait_audit("renew by enforcer/host-r", |r| r["action"] == "renew" && r["actor"] == "enforcer/host-r");
+
+    // An open policy stream of the identity.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let addr = c.addr.clone();
+    let stream_files = files.clone();
+    let stream = rt.spawn(async move {
+        let ch = ztseg_controller::server::connect(&addr, &stream_files).await.unwrap();
+        let mut s = DistributionClient::new(ch)
+            .subscribe(pb::SubscribeRequest { from_version: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        s.message().await
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!stream.is_finished(), "the stream ended before the revocation");
+
+    let out = c.cli(&["controller", "revoke", "--role", "enforcer", "--name", "host-r"]);
+    assert!(out.ok(), "revoke: {out}");
+    // The open stream ends with UNAUTHENTICATED.
+    let end = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), stream).await });
+    let status = end.expect("stream cut within 5 s").unwrap().expect_err("the stream must end with an error");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // New calls with the (renewed) certificate are refused and audited.
+    let r = call(&c.addr, &files, |ch| async move {
+        DistributionClient::new(ch).report(pb::ReportRequest::default()).await
+    });
+    let e = r.expect_err("a revoked certificate was accepted");
+    assert_eq!(e.code, Some(Code::Unauthenticated), "{}", e.message);
+    assert!(e.message.contains("revoked"), "{}", e.message);
+    c.wait_audit("identity.revoke by admin", |r| {
+        r["action"] == "identity.revoke" && r["actor"] == "admin/admin"
+    });
+    c.wait_audit("api.denied of the revoked identity", |r| {
+        r["action"] == "api.denied"
+            && r["actor"] == "enforcer/host-r"
+            && r["detail"]["reason"].as_str().is_some_and(|m| m.contains("revoked"))
+    });
+    // Another identity is unaffected; re-enrolling the revoked name yields a working one.
+    assert!(
+        call(&c.addr, &c.identity(Role::Enforcer, "host-s"), |ch| async move {
+            DistributionClient::new(ch).report(pb::ReportRequest::default()).await
+        })
+        .is_ok()
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let tok = c.cli(&["controller", "token", "--role", "enforcer", "--name", "host-r"]);
+    assert!(tok.ok(), "{tok}");
+    let dir = c.root.join("host-r-again");
+    let ca = c.data.join("ca.pem");
+    let out = c.cli(&[
+        "enroll",
+        "--ca",
+        path_str(&ca),
+        "--token",
+        tok.stdout.trim(),
+        "--out",
+        path_str(&dir),
+        "--identity",
+        "host-r",
+    ]);
+    assert!(out.ok(), "{out}");
+    assert!(
+        call(&c.addr, &ClientFiles::in_dir(&dir, "host-r"), |ch| async move {
+            DistributionClient::new(ch).report(pb::ReportRequest::default()).await
+        })
+        .is_ok(),
+        "re-enrolled identity refused"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. SIEM export
 // ---------------------------------------------------------------------------------------

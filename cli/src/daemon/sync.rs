@@ -54,6 +54,30 @@ pub async fn run(
     }
 }
 
+/// How often a running session checks whether its certificate is due for renewal.
+const RENEWAL_CHECK: Duration = Duration::from_mins(1);
+
+fn due(files: &ztseg_controller::pki::ClientFiles) -> Result<bool> {
+    files.recover()?;
+    let pem =
+        std::fs::read_to_string(&files.cert).with_context(|| format!("reading {}", files.cert.display()))?;
+    let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())?;
+    ztseg_controller::pki::needs_renewal(&pem, now)
+}
+
+/// Renew the enforcer's certificate (new key, same identity) when a third of its lifetime is
+/// left. A failure is logged and the current certificate used while it is valid.
+async fn renew_if_due(cfg: &ControllerConfig, files: &ztseg_controller::pki::ClientFiles) -> Result<()> {
+    if !due(files)? {
+        return Ok(());
+    }
+    match ztseg_controller::server::renew(&cfg.endpoint, files).await {
+        Ok(id) => log::info("certificate renewed", &[("identity", &id)]),
+        Err(e) => log::error("certificate renewal failed", &[("error", &format!("{e:#}"))]),
+    }
+    Ok(())
+}
+
 /// Distinct denied flows held between reports; beyond this they are counted and logged.
 const MAX_PENDING_DENIED: usize = 50_000;
 
@@ -66,6 +90,7 @@ async fn session(
     engine: &Arc<Mutex<Engine>>,
     mut flows: Option<broadcast::Receiver<FlowEvent>>,
 ) -> Result<()> {
+    renew_if_due(cfg, files).await?;
     let ch = ztseg_controller::server::connect(&cfg.endpoint, files).await?;
     let mut client = pb::distribution_client::DistributionClient::new(ch)
         .max_decoding_message_size(256 << 20)
@@ -88,6 +113,7 @@ async fn session(
     let mut overflow: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_report = Instant::now();
+    let mut renewal_check = Instant::now();
     loop {
         tokio::select! {
             msg = stream.message() => {
@@ -117,6 +143,14 @@ async fn session(
                 }
             }
             _ = tick.tick() => {
+                // Reconnect with a fresh certificate once a third of its lifetime is left.
+                if renewal_check.elapsed() >= RENEWAL_CHECK {
+                    renewal_check = Instant::now();
+                    if due(files)? {
+                        log::info("certificate renewal due; reconnecting", &[]);
+                        return Ok(());
+                    }
+                }
                 if overflow > 0 {
                     log::error("denied flows not forwarded: too many distinct flows pending", &[("flows", &overflow.to_string())]);
                     overflow = 0;
