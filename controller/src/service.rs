@@ -303,6 +303,16 @@ fn doc_map(docs: Vec<pb::Document>) -> Result<BTreeMap<String, String>, Status> 
     Ok(m)
 }
 
+/// An enrollable identity from request fields.
+fn parse_identity(role: &str, name: &str) -> Result<Identity, Status> {
+    let role: Role = role.parse().map_err(|e| Status::invalid_argument(format!("role: {e}")))?;
+    if role == Role::Controller {
+        return Err(Status::invalid_argument("role: controller identities are not enrolled"));
+    }
+    crate::pki::check_name("name", name).map_err(|e| Status::invalid_argument(format!("{e}")))?;
+    Ok(Identity { role, name: name.to_owned() })
+}
+
 fn revocation_key(id: &Identity) -> String {
     format!("revoked/{}/{}", id.role, id.name)
 }
@@ -347,21 +357,9 @@ impl Enrollment for Services {
                 return Err(Status::invalid_argument(format!("{e:#}")));
             }
         };
-        let identity = format!("spiffe://{}/{}/{}", self.0.ca.trust_domain, role, tok.name);
-        self.0
-            .audit(vec![audit::Draft::new(
-                format!("{role}/{}", tok.name),
-                "enroll",
-                "success",
-                serde_json::json!({ "peer": addr, "identity": identity, "not_after": not_after.unix_timestamp(), "token_created_by": tok.created_by }),
-            )])
-            .await?;
-        Ok(Response::new(pb::EnrollResponse {
-            certificate_pem: cert,
-            ca_pem: self.0.ca.cert_pem.clone(),
-            identity,
-            not_after_unix: not_after.unix_timestamp(),
-        }))
+        let id = Identity { role, name: tok.name };
+        let detail = serde_json::json!({ "peer": addr, "token_created_by": tok.created_by });
+        self.issued(&id, "enroll", detail, cert, not_after).await
     }
 
     async fn create_join_token(
@@ -370,11 +368,7 @@ impl Enrollment for Services {
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
         let who = self.0.authorize(&req, "Enrollment/CreateJoinToken").await?;
         let r = req.into_inner();
-        let role: Role = r.role.parse().map_err(|e| Status::invalid_argument(format!("role: {e}")))?;
-        if role == Role::Controller {
-            return Err(Status::invalid_argument("role: controller identities are not enrolled"));
-        }
-        crate::pki::check_name("name", &r.name).map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        parse_identity(&r.role, &r.name)?;
         let ttl = if r.ttl_seconds == 0 { 3600 } else { r.ttl_seconds.min(7 * 86400) };
         let cert_ttl = if r.cert_ttl_seconds == 0 {
             crate::pki::DEFAULT_CERT_TTL.as_secs()
@@ -437,17 +431,24 @@ impl Services {
             .ca
             .sign_csr(&req.into_inner().csr_der, who.role, &who.name, ttl)
             .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
-        let identity = format!("spiffe://{}/{}/{}", self.0.ca.trust_domain, who.role, who.name);
-        self.0
-            .audit(vec![audit::Draft::new(
-                who.to_string(),
-                "renew",
-                "success",
-                serde_json::json!({ "identity": identity, "not_after": not_after.unix_timestamp() }),
-            )])
-            .await?;
+        self.issued(&who, "renew", serde_json::json!({}), cert, not_after).await
+    }
+
+    /// Audit a certificate issued to `id` (enrollment or renewal) and answer with it.
+    async fn issued(
+        &self,
+        id: &Identity,
+        action: &str,
+        mut detail: serde_json::Value,
+        certificate_pem: String,
+        not_after: time::OffsetDateTime,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let identity = format!("spiffe://{}/{}/{}", self.0.ca.trust_domain, id.role, id.name);
+        detail["identity"] = identity.clone().into();
+        detail["not_after"] = not_after.unix_timestamp().into();
+        self.0.audit(vec![audit::Draft::new(id.to_string(), action, "success", detail)]).await?;
         Ok(Response::new(pb::EnrollResponse {
-            certificate_pem: cert,
+            certificate_pem,
             ca_pem: self.0.ca.cert_pem.clone(),
             identity,
             not_after_unix: not_after.unix_timestamp(),
@@ -460,9 +461,7 @@ impl Services {
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         let who = self.0.authorize(&req, "Enrollment/Revoke").await?;
         let r = req.into_inner();
-        let role: Role = r.role.parse().map_err(|e| Status::invalid_argument(format!("role: {e}")))?;
-        crate::pki::check_name("name", &r.name).map_err(|e| Status::invalid_argument(format!("{e}")))?;
-        let id = Identity { role, name: r.name };
+        let id = parse_identity(&r.role, &r.name)?;
         let now = crate::now_ms();
         self.0.store.put_meta(revocation_key(&id), now.to_string()).await.map_err(|e| store_status(&e))?;
         self.0.revocations.send_modify(|n| *n += 1);

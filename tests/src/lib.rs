@@ -127,3 +127,27 @@ pub fn workload(identity: u32, tenant: u32, v4: Option<&str>, v6: Option<&str>) 
 pub fn ip(s: &str) -> IpAddr {
     s.parse().expect("address")
 }
+
+/// A free TCP port on loopback (bound and released; good enough for tests).
+#[must_use]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// A command for `program` without any `ZTSEG_*` variable of the environment the tests run
+/// in, and with stdin closed.
+#[must_use]
+pub fn clean_command(program: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ZTSEG_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.stdin(std::process::Stdio::null());
+    cmd
+}

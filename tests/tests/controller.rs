@@ -13,7 +13,7 @@ use std::{
     fmt,
     fs::{self, OpenOptions},
     future::Future,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -46,20 +46,8 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local address").port()
-}
-
-/// A command without any `ZTSEG_*` variable of the environment the tests run in.
 fn ztseg_command() -> Command {
-    let mut cmd = Command::new(ZTSEG);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ZTSEG_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.stdin(Stdio::null());
-    cmd
+    ztseg_integration::clean_command(ZTSEG)
 }
 
 /// How a CLI run ended.
@@ -158,7 +146,7 @@ impl Controller {
     fn start(&mut self) {
         assert!(self.child.is_none(), "controller already running");
         for attempt in 0..3 {
-            self.addr = format!("127.0.0.1:{}", free_port());
+            self.addr = format!("127.0.0.1:{}", ztseg_integration::free_port());
             let log =
                 OpenOptions::new().create(true).append(true).open(self.root.join("controller.log")).unwrap();
             let mut cmd = ztseg_command();

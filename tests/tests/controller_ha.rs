@@ -14,9 +14,8 @@ mod etcd_cluster;
 
 use std::{
     fs,
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -38,24 +37,12 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local address").port()
-}
-
 fn now_ms() -> i64 {
     ztseg_controller::now_ms()
 }
 
-/// A command without any `ZTSEG_*` variable of the environment the test runs in.
 fn ztseg_command() -> Command {
-    let mut cmd = Command::new(ZTSEG);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ZTSEG_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.stdin(Stdio::null());
-    cmd
+    ztseg_integration::clean_command(ZTSEG)
 }
 
 /// Run `cmd` to completion: (success, stdout, stderr).
@@ -99,7 +86,7 @@ struct Controller {
 
 impl Controller {
     fn start(name: &str, data_dir: &Path, endpoints: &[String], prefix: &str, log: PathBuf) -> Self {
-        let endpoint = format!("127.0.0.1:{}", free_port());
+        let endpoint = format!("127.0.0.1:{}", ztseg_integration::free_port());
         let out = fs::File::create(&log).expect("creating the controller log");
         let child = ztseg_command()
             .args(["controller", "run", "--data-dir", path_str(data_dir), "--listen", &endpoint])
