@@ -250,6 +250,14 @@ pub struct RunArgs {
     pub etcd_endpoints: Vec<String>,
     #[arg(long, env = "ZTSEG_ETCD_PREFIX", default_value = "/ztseg")]
     pub etcd_prefix: String,
+    /// CA certificate of the etcd members (TLS; endpoints must be `https://`).
+    #[arg(long, env = "ZTSEG_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd's `--client-cert-auth` (with `--etcd-key`).
+    #[arg(long, env = "ZTSEG_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "ZTSEG_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
     /// Name of this controller instance.
     #[arg(long, env = "ZTSEG_CONTROLLER_NAME")]
     pub name: Option<String>,
@@ -264,7 +272,18 @@ pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
             eprintln!("error: --store etcd needs --etcd-endpoints");
             return Ok(ExitCode::from(crate::daemon::EXIT_CONFIG));
         }
-        ztseg_controller::server::StoreConfig::Etcd { endpoints: a.etcd_endpoints, prefix: a.etcd_prefix }
+        if a.etcd_cert.is_some() && a.etcd_ca.is_none() {
+            eprintln!("error: --etcd-cert needs --etcd-ca");
+            return Ok(ExitCode::from(crate::daemon::EXIT_CONFIG));
+        }
+        let tls = a
+            .etcd_ca
+            .map(|ca| ztseg_controller::store::etcd::EtcdTls { ca, identity: a.etcd_cert.zip(a.etcd_key) });
+        ztseg_controller::server::StoreConfig::Etcd {
+            endpoints: a.etcd_endpoints,
+            prefix: a.etcd_prefix,
+            tls,
+        }
     } else {
         ztseg_controller::server::StoreConfig::Embedded
     };

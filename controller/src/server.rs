@@ -34,8 +34,8 @@ use crate::{
 pub enum StoreConfig {
     /// `<data-dir>/ztseg.redb`.
     Embedded,
-    /// etcd endpoints (`http://127.0.0.1:2379`), key prefix.
-    Etcd { endpoints: Vec<String>, prefix: String },
+    /// etcd endpoints (`http://127.0.0.1:2379`, or `https://` with `tls`), key prefix.
+    Etcd { endpoints: Vec<String>, prefix: String, tls: Option<crate::store::etcd::EtcdTls> },
 }
 
 #[derive(Debug, Clone)]
@@ -100,9 +100,9 @@ pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>> {
         StoreConfig::Embedded => {
             Arc::new(crate::store::embedded::EmbeddedStore::open(&cfg.data_dir.join("ztseg.redb"))?)
         }
-        StoreConfig::Etcd { endpoints, prefix } => {
-            Arc::new(crate::store::etcd::EtcdStore::connect(endpoints, prefix, &cfg.name).await?)
-        }
+        StoreConfig::Etcd { endpoints, prefix, tls } => Arc::new(
+            crate::store::etcd::EtcdStore::connect_with(endpoints, prefix, &cfg.name, tls.as_ref()).await?,
+        ),
     })
 }
 

@@ -354,3 +354,88 @@ async fn survives_losing_an_etcd_member() {
     }
     assert_eq!(b.version(9).await.unwrap().unwrap().documents["p"], "8");
 }
+
+/// etcd with `--client-cert-auth` over TLS: the store connects with the CA and a client
+/// certificate; without the client certificate, or over plain HTTP, it cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_over_mutual_tls_only_with_a_client_certificate() {
+    use ztseg_controller::{
+        auth::Role,
+        pki::{Ca, write_private},
+        store::etcd::EtcdTls,
+    };
+    struct Kill(std::process::Child, std::path::PathBuf);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("ztseg-etcd-tls-{}", common::etcd_cluster::unique_name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = Ca::generate("etcd.test").unwrap();
+    let server = ca.issue_server(&["127.0.0.1".into()], Duration::from_hours(1)).unwrap();
+    let client = ca.issue_client(Role::Admin, "controller", Duration::from_hours(1)).unwrap();
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(dir.join("server.pem"), &server.cert_pem).unwrap();
+    write_private(&dir.join("server-key.pem"), server.key_pem.as_bytes()).unwrap();
+    std::fs::write(dir.join("client.pem"), &client.cert_pem).unwrap();
+    write_private(&dir.join("client-key.pem"), client.key_pem.as_bytes()).unwrap();
+    let ports = common::etcd_cluster::free_ports(2);
+    let (client_url, peer_url) =
+        (format!("https://127.0.0.1:{}", ports[0]), format!("http://127.0.0.1:{}", ports[1]));
+    let p = |f: &str| dir.join(f).display().to_string();
+    let child = std::process::Command::new(common::etcd_cluster::etcd_binary())
+        .args(["--name", "m0", "--data-dir", &p("m0.etcd")])
+        .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("m0={peer_url}")])
+        .args(["--cert-file", &p("server.pem"), "--key-file", &p("server-key.pem")])
+        .args(["--trusted-ca-file", &p("ca.pem"), "--client-cert-auth"])
+        .stdout(std::fs::File::create(dir.join("etcd.log")).unwrap())
+        .stderr(std::fs::File::create(dir.join("etcd.err")).unwrap())
+        .spawn()
+        .expect("starting etcd");
+    let _guard = Kill(child, dir.clone());
+    let tls = EtcdTls {
+        ca: dir.join("ca.pem"),
+        identity: Some((dir.join("client.pem"), dir.join("client-key.pem"))),
+    };
+    let endpoints = vec![client_url.clone()];
+    let t = std::time::Instant::now();
+    let store = loop {
+        match EtcdStore::connect_with(&endpoints, "/tls", "c1", Some(&tls)).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    t.elapsed() < Duration::from_mins(1),
+                    "TLS etcd not reachable: {e:#}\n{}",
+                    std::fs::read_to_string(dir.join("etcd.err")).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(store.commit(0, pv(&[("a.yaml", "x")]), draft()).await.unwrap().0, 1);
+    assert_eq!(store.version(1).await.unwrap().unwrap().documents["a.yaml"], "x");
+    drop(store);
+
+    // Without a client certificate etcd refuses the connection.
+    let anonymous = EtcdTls { ca: dir.join("ca.pem"), identity: None };
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        EtcdStore::connect_with(&endpoints, "/tls", "c2", Some(&anonymous)),
+    )
+    .await
+    .expect("a refused connection must fail, not hang");
+    assert!(r.is_err(), "etcd accepted a client without a certificate");
+    // https:// without a CA, and TLS with http:// endpoints, are configuration errors.
+    let e = EtcdStore::connect_with(&endpoints, "/tls", "c3", None).await.err().unwrap();
+    assert!(format!("{e:#}").contains("needs the etcd CA"), "{e:#}");
+    let e = EtcdStore::connect_with(&["http://127.0.0.1:1".to_owned()], "/tls", "c4", Some(&tls))
+        .await
+        .err()
+        .unwrap();
+    assert!(format!("{e:#}").contains("needs https://"), "{e:#}");
+}

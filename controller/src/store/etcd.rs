@@ -331,19 +331,58 @@ fn log(level: &str, msg: &str, fields: &[(&str, &str)]) {
     eprintln!("{}", crate::server::log_line(level, msg, fields));
 }
 
+/// TLS towards etcd: the CA that signed the members' certificates and, for etcd's
+/// `--client-cert-auth`, the controller's client certificate and key (PEM files).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: std::path::PathBuf,
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> anyhow::Result<etcd_client::TlsOptions> {
+        use anyhow::Context as _;
+        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let mut o = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca)?));
+        if let Some((cert, key)) = &self.identity {
+            o = o.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(o)
+    }
+}
+
 impl EtcdStore {
     /// Connect to the etcd cluster at `endpoints` (all members, e.g. `http://10.0.0.1:2379`),
     /// keeping every key under `prefix`. `name` identifies this controller in the leader key.
     /// Fails if no endpoint answers within the retry budget.
     pub async fn connect(endpoints: &[String], prefix: &str, name: &str) -> anyhow::Result<Self> {
+        Self::connect_with(endpoints, prefix, name, None).await
+    }
+
+    /// As [`EtcdStore::connect`], over TLS when `tls` is given (`https://` endpoints).
+    pub async fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        name: &str,
+        tls: Option<&EtcdTls>,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         anyhow::ensure!(!endpoints.is_empty(), "no etcd endpoints given");
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             // etcd refuses pings more often than every 5 s, and pings without streams.
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_require_leader(true);
+        if let Some(t) = tls {
+            for e in endpoints {
+                anyhow::ensure!(e.starts_with("https://"), "etcd endpoint {e}: TLS needs https:// endpoints");
+            }
+            opts = opts.with_tls(t.options()?);
+        } else if let Some(e) = endpoints.iter().find(|e| e.starts_with("https://")) {
+            anyhow::bail!("etcd endpoint {e}: https:// needs the etcd CA (--etcd-ca)");
+        }
         let client = Client::connect(endpoints, Some(opts)).await.context("connecting to etcd")?;
         let keys = Keys { prefix: prefix.trim_end_matches('/').to_owned() };
         let kv = client.kv_client().max_decoding_message_size(MAX_DECODE);

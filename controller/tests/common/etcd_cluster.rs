@@ -62,13 +62,15 @@ pub fn etcd_binary() -> PathBuf {
 }
 
 /// `n` distinct free TCP ports on 127.0.0.1 (held together while choosing, then released).
-fn free_ports(n: usize) -> Vec<u16> {
+#[must_use]
+pub fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> =
         (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("binding a free port")).collect();
     listeners.iter().map(|l| l.local_addr().expect("local address").port()).collect()
 }
 
-fn unique_name() -> String {
+#[must_use]
+pub fn unique_name() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
