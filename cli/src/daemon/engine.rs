@@ -465,7 +465,17 @@ impl Engine {
         if !errors.is_empty() {
             return Err(self.reject(&errors));
         }
-        match self.apply_admin(&tenant_policies).and_then(|()| self.apply(&policies)) {
+        // Both tiers or neither: if the tenant tier cannot be installed (a full map), the admin
+        // tier goes back to the version in force.
+        let result = self.apply_admin(&tenant_policies).and_then(|()| {
+            self.apply(&policies).inspect_err(|_| {
+                let previous = self.tenant_policies.clone();
+                if let Err(e) = self.apply_admin(&previous) {
+                    log::error("could not restore the admin tier", &[("error", &format!("{e:#}"))]);
+                }
+            })
+        });
+        match result {
             Ok(()) => {
                 self.policies = policies;
                 self.tenant_policies = tenant_policies;
