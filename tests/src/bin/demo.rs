@@ -37,7 +37,30 @@ fn check(ok: bool, what: &str) -> Result<()> {
 impl Demo {
     fn run(&self, args: &[&str]) -> Result<String> {
         println!("    $ ztseg {}", args.join(" "));
+        self.run_quiet(args)
+    }
+
+    /// As [`Demo::run`] without echoing the command (polling).
+    fn run_quiet(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(&self.ztseg).args(args).output().context("running ztseg")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("ztseg {} failed: {text}{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(text)
+    }
+
+    /// `ztseg` inside the lab controller's namespace, as the lab's admin identity.
+    fn run_ctl(&self, args: &[&str]) -> Result<String> {
+        println!("    $ ztseg {}", args.join(" "));
+        let out = Command::new("ip")
+            .args(["netns", "exec", "zl-demo-ctl"])
+            .arg(&self.ztseg)
+            .args(args)
+            .env("ZTSEG_CONTROLLER", "10.75.0.1:7443")
+            .env("ZTSEG_IDENTITY_DIR", "/run/ztseg/lab/demo/controller/admin")
+            .output()
+            .context("running ztseg in the controller's namespace")?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
             bail!("ztseg {} failed: {text}{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
@@ -104,7 +127,8 @@ fn run(d: &Demo) -> Result<()> {
 
     step(
         1,
-        "build the lab: 2 hosts, each with its own enforcer daemon; 4 pods; policies from policies/demo/policies",
+        "build the lab: a controller, 2 hosts each with its own enforcer (enrolled with one-time tokens), \
+         4 pods; policies from policies/demo/policies applied at the controller",
     );
     print!("{}", d.run(&["lab", "up", "-f", lab])?);
 
@@ -189,7 +213,68 @@ fn run(d: &Demo) -> Result<()> {
     conn.set_read_timeout(Some(Duration::from_millis(500)))?;
     check(!alive(&mut conn), "revocation cut the established connection")?;
 
-    step(6, "what node2's enforcer saw");
+    step(6, "central policy: a change at the controller reaches both hosts; history, rollback, audit");
+    check(
+        connect(2, "10.77.1.1:5432", Duration::from_millis(500)).is_none(),
+        "shop/cache -> shop/db:5432 blocked",
+    )?;
+    let dir = std::env::temp_dir().join(format!("ztseg-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    d.run_ctl(&["policy", "get", "--out", dir.to_str().unwrap_or_default()])?;
+    std::fs::write(
+        dir.join("cache-to-db.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db-from-cache, namespace: shop}\n\
+         spec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n    - from: [{podSelector: {matchLabels: {app: cache}}}]\n\
+         \x20     ports: [{port: 5432}]\n",
+    )?;
+    print!(
+        "{}",
+        d.run_ctl(&["policy", "apply", dir.to_str().unwrap_or_default(), "-m", "cache needs the db"])?
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let enforced = |v: &str| -> Result<bool> {
+        Ok(["node1", "node2"].iter().all(|h| {
+            d.run_quiet(&["-o", "json", "enforcer", "status", "--socket", &Demo::socket(h)])
+                .ok()
+                .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+                .is_some_and(|s| s[0]["controller_version"] == v)
+        }))
+    };
+    let t = Instant::now();
+    while !enforced("2")? && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check(
+        enforced("2")?,
+        &format!(
+            "both enforcers enforce version 2 ({:.0} ms after the apply)",
+            t.elapsed().as_secs_f64() * 1000.0
+        ),
+    )?;
+    check(
+        connect(2, "10.77.1.1:5432", Duration::from_secs(2)).is_some(),
+        "shop/cache -> shop/db:5432 now allowed",
+    )?;
+    print!("{}", d.run_ctl(&["policy", "history"])?);
+    print!("{}", d.run_ctl(&["policy", "rollback", "1", "-m", "back to the reviewed version"])?);
+    let t = Instant::now();
+    while !enforced("3")? && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check(
+        connect(2, "10.77.1.1:5432", Duration::from_millis(500)).is_none(),
+        "after the rollback: blocked again",
+    )?;
+    print!("{}", d.run_ctl(&["audit", "verify"])?);
+    let siem = std::fs::read_to_string("/run/ztseg/lab/demo/siem.jsonl").unwrap_or_default();
+    let denied = siem.lines().filter(|l| l.contains("\"class_uid\":4001")).count();
+    println!(
+        "    SIEM export (OCSF JSON lines): {} records, {denied} of them denied flows",
+        siem.lines().count()
+    );
+    check(denied > 0, "denied flows reached the SIEM sink")?;
+
+    step(7, "what node2's enforcer saw");
     print!("{}", d.run(&["rules", "--socket", &Demo::socket("node2")])?);
     let stats = d.run(&["-o", "json", "stats", "--socket", &Demo::socket("node2")])?;
     let v: serde_json::Value = serde_json::from_str(&stats)?;
@@ -211,6 +296,9 @@ fn run(d: &Demo) -> Result<()> {
     println!("  metrics:  ip netns exec zl-demo-h1 curl -s 127.0.0.1:9464/metrics   (readiness: /readyz)");
     println!("  flows:    ztseg flows --socket {} --verdict DROP", Demo::socket("node2"));
     println!("  status:   ztseg enforcer status --socket {}", Demo::socket("node2"));
+    println!("  policy:   ip netns exec zl-demo-ctl env ZTSEG_CONTROLLER=10.75.0.1:7443 \\");
+    println!("              ZTSEG_IDENTITY_DIR=/run/ztseg/lab/demo/controller/admin ztseg policy history");
+    println!("  audit:    /run/ztseg/lab/demo/siem.jsonl (OCSF JSON lines)   (docs/controller.md)");
     println!("  your own: ztseg lab up|probe|apply|label|down -f YOUR-LAB.yaml   (docs/lab.md)");
     Ok(())
 }
