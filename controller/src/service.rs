@@ -30,6 +30,9 @@ use crate::{
 /// two immutable versions it names.
 const AUDIT_DIFF_LIMIT: usize = 64 << 10;
 
+/// An unchanged enforcer status is rewritten this often (its `last_seen`).
+const STATUS_REFRESH: Duration = Duration::from_secs(30);
+
 /// Denied flows one `Report` may carry (an enforcer sends more in several reports).
 pub const MAX_DENIED_PER_REPORT: usize = 1000;
 
@@ -42,6 +45,8 @@ pub struct Ctl {
     /// Bumped on every revocation made here: open policy streams re-check their caller.
     pub revocations: tokio::sync::watch::Sender<u64>,
     cache: Mutex<Vec<Arc<PolicyVersion>>>,
+    /// Last status written per enforcer: (version, error, when).
+    reported: Mutex<std::collections::HashMap<String, (u64, String, std::time::Instant)>>,
 }
 
 impl std::fmt::Debug for Ctl {
@@ -73,6 +78,7 @@ impl Ctl {
             appended: Arc::new(Notify::new()),
             revocations: tokio::sync::watch::Sender::new(0),
             cache: Mutex::new(Vec::new()),
+            reported: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -631,16 +637,34 @@ impl Distribution for Services {
                 r.denied.len()
             )));
         }
-        self.0
-            .store
-            .put_enforcer(EnforcerRecord {
-                name: who.name.clone(),
-                enforced_version: r.enforced_version,
-                last_seen_ms: crate::now_ms(),
-                policy_error: r.policy_error,
+        // Status is written when it changes, and otherwise at most every STATUS_REFRESH (a
+        // store write is an fsync or a consensus round; enforcers report every few seconds).
+        let now = std::time::Instant::now();
+        let due = {
+            let seen = self.0.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            seen.get(&who.name).is_none_or(|(v, err, at)| {
+                *v != r.enforced_version
+                    || *err != r.policy_error
+                    || now.duration_since(*at) >= STATUS_REFRESH
             })
-            .await
-            .map_err(|e| store_status(&e))?;
+        };
+        if due {
+            self.0
+                .store
+                .put_enforcer(EnforcerRecord {
+                    name: who.name.clone(),
+                    enforced_version: r.enforced_version,
+                    last_seen_ms: crate::now_ms(),
+                    policy_error: r.policy_error.clone(),
+                })
+                .await
+                .map_err(|e| store_status(&e))?;
+            self.0
+                .reported
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(who.name.clone(), (r.enforced_version, r.policy_error, now));
+        }
         if !r.denied.is_empty() {
             let drafts = r
                 .denied
