@@ -121,6 +121,40 @@ impl Drop for Lab {
     }
 }
 
+/// Network namespace of pod `i` (file order) of the lab.
+fn pod_netns(i: usize) -> String {
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("/run/ztseg/lab/{NAME}.json")).unwrap())
+            .unwrap();
+    state["pods"][i]["netns"].as_str().unwrap().to_owned()
+}
+
+/// A TCP connection from namespace `ns` that got the server's greeting byte.
+fn connect_from(ns: &str, addr: &str) -> Option<std::net::TcpStream> {
+    use std::io::Read as _;
+    ztseg::lab::in_netns(ns, || {
+        let mut c = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_millis(300))?;
+        c.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b)?;
+        Ok(c)
+    })
+    .ok()
+}
+
+/// The peer still acknowledges what we send (a cut flow leaves bytes unacknowledged).
+fn alive(c: &mut std::net::TcpStream) -> bool {
+    use std::io::Write as _;
+    if c.write_all(b"ping").is_err() {
+        return false;
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    let mut n: libc::c_int = 0;
+    // SAFETY: ioctl(TIOCOUTQ) writes one int into `n`, on a socket we own.
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(c), libc::TIOCOUTQ, &raw mut n) };
+    rc == 0 && n == 0
+}
+
 const DENY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
 
 fn version(s: &serde_json::Value) -> u64 {
@@ -175,8 +209,35 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     eprintln!("h3 noticed the lost controller after {took:?}");
 
     // Two changes while h3 is away: versions 3 (from a and b) and 4 (from b only).
+    // Make-before-break through the controller: a live x/a -> x/b connection (allowed by
+    // versions 2 and 3) survives the change to 3, while x/c -> x/b (allowed by neither) is
+    // never admitted during it; version 4 no longer allows x/a -> x/b and cuts it.
+    let mut conn = connect_from(&pod_netns(0), "10.77.1.1:80").expect("x/a -> x/b allowed by version 2");
+    assert!(alive(&mut conn), "flow alive before the change");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let intruder = {
+        let stop = stop.clone();
+        let ns = pod_netns(2);
+        std::thread::spawn(move || {
+            let mut admitted = 0;
+            let mut tries = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tries += 1;
+                if connect_from(&ns, "10.77.1.1:80").is_some() {
+                    admitted += 1;
+                }
+            }
+            (tries, admitted)
+        })
+    };
     lab.set_allow(&["a", "b"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (tries, admitted) = intruder.join().unwrap();
+    assert!(tries > 0);
+    assert_eq!(admitted, 0, "x/c -> x/b admitted during the change ({tries} tries)");
+    assert!(alive(&mut conn), "make-before-break kept the flow allowed by both versions");
     lab.set_allow(&["b"]);
+    assert!(!alive(&mut conn), "version 4 cut x/a -> x/b");
     assert_eq!(version(&Lab::status("h1")), 4);
     assert_eq!(version(&Lab::status("h2")), 4);
     let s3 = Lab::status("h3");
