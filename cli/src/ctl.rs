@@ -267,6 +267,17 @@ pub struct RunArgs {
 }
 
 pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
+    use ztseg_controller::pki::{CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY};
+    for f in [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY] {
+        if !a.data_dir.join(f).is_file() {
+            eprintln!(
+                "error: --data-dir {} has no {f} (create it with `ztseg controller init --data-dir {}`)",
+                a.data_dir.display(),
+                a.data_dir.display()
+            );
+            return Ok(ExitCode::from(crate::daemon::EXIT_CONFIG));
+        }
+    }
     let store = if a.store == "etcd" {
         if a.etcd_endpoints.is_empty() {
             eprintln!("error: --store etcd needs --etcd-endpoints");

@@ -1123,3 +1123,31 @@ fn siem_file_sink_gets_denied_call_within_5s() {
     assert!(is(&rec, "api.denied", "operator/op-siem", "Audit/List"), "{rec}");
     assert_eq!(rec["hash"], line["unmapped"]["hash"]);
 }
+
+/// Configuration errors of `controller run` exit with 64 and name what is wrong.
+#[test]
+fn controller_configuration_errors_exit_64() {
+    let dir = std::env::temp_dir().join(unique("ztseg-ctl-empty-"));
+    fs::create_dir_all(&dir).unwrap();
+    let run = |extra: &[&str]| {
+        let mut cmd = ztseg_command();
+        cmd.args(["controller", "run", "--listen", "127.0.0.1:0", "--data-dir", path_str(&dir)]).args(extra);
+        cmd.output().expect("run the controller")
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("has no ca.pem") && err.contains("controller init"), "{err}");
+    // With a CA: a bad SIEM sink and etcd without endpoints are named.
+    let init = ztseg_command().args(["controller", "init", "--data-dir", path_str(&dir)]).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let out = run(&["--siem", "ftp://x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("--siem"), "{err}");
+    let out = run(&["--store", "etcd"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("--etcd-endpoints"), "{err}");
+    let _ = fs::remove_dir_all(&dir);
+}
