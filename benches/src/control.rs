@@ -85,7 +85,8 @@ async fn simulated(
 ) -> Result<()> {
     let ch = ztseg_controller::server::connect(&endpoint, &files).await?;
     let mut c = pb::distribution_client::DistributionClient::new(ch).max_decoding_message_size(256 << 20);
-    let mut stream = c.subscribe(pb::SubscribeRequest { from_version: 0 }).await?.into_inner();
+    let mut stream =
+        c.subscribe(pb::SubscribeRequest { from_version: 0, history: String::new() }).await?.into_inner();
     let mut docs: BTreeMap<String, String> = BTreeMap::new();
     while let Some(u) = stream.message().await? {
         if u.snapshot {

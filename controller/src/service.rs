@@ -197,6 +197,7 @@ impl Ctl {
             .version_cached(head)
             .await?
             .ok_or_else(|| Status::internal(format!("version {head} missing")))?;
+        let history = self.history_id().await?;
         let old = if have > 0 && have < head { self.version_cached(have).await? } else { None };
         let doc = |(n, c): (&String, &String)| pb::Document { name: n.clone(), content: c.clone() };
         Ok(match old {
@@ -211,6 +212,7 @@ impl Ctl {
                     .map(doc)
                     .collect(),
                 removes: old.documents.keys().filter(|n| !new.documents.contains_key(*n)).cloned().collect(),
+                history,
             },
             None => pb::PolicyUpdate {
                 version: head,
@@ -218,8 +220,16 @@ impl Ctl {
                 snapshot: true,
                 upserts: new.documents.iter().map(doc).collect(),
                 removes: Vec::new(),
+                history,
             },
         })
+    }
+
+    /// The identity of this policy history (see `PolicyUpdate.history`); empty before version 1.
+    pub async fn history_id(&self) -> Result<String, Status> {
+        let Some(v1) = self.version_cached(1).await? else { return Ok(String::new()) };
+        let bytes = serde_json::to_vec(&*v1).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(hex::encode(&Sha256::digest(&bytes)[..16]))
     }
 
     async fn current_docs(&self) -> Result<(u64, Arc<PolicyVersion>), Status> {
@@ -586,7 +596,13 @@ impl Distribution for Services {
         req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let (who, (nb, _)) = self.0.authorize_cert(&req, "Distribution/Subscribe").await?;
-        let mut have = req.into_inner().from_version;
+        let r = req.into_inner();
+        // A version of another history is no base for a delta, nor proof of being current.
+        let mut have = if r.history.is_empty() || r.history == self.0.history_id().await? {
+            r.from_version
+        } else {
+            u64::MAX
+        };
         let ctl = self.0.clone();
         let (tx, rx) = mpsc::channel(4);
         let mut heads = ctl.store.watch_head();

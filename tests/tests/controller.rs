@@ -1009,7 +1009,7 @@ fn renewal_keeps_the_identity_and_revocation_cuts_it_off() {
     let stream = rt.spawn(async move {
         let ch = ztseg_controller::server::connect(&addr, &stream_files).await.unwrap();
         let mut s = DistributionClient::new(ch)
-            .subscribe(pb::SubscribeRequest { from_version: 0 })
+            .subscribe(pb::SubscribeRequest { from_version: 0, history: String::new() })
             .await
             .unwrap()
             .into_inner();
@@ -1150,4 +1150,46 @@ fn controller_configuration_errors_exit_64() {
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("--etcd-endpoints"), "{err}");
     let _ = fs::remove_dir_all(&dir);
+}
+
+/// Subscriptions name the policy history their version came from: a current subscriber of
+/// this history gets nothing new, one of another history (a rebuilt store with the same version
+/// numbers) gets a full snapshot, and an older version of this history gets a delta.
+#[test]
+fn subscriptions_resume_only_within_the_same_history() {
+    let c = Controller::started("history");
+    let out = c.cli(&["policy", "apply", DEMO_POLICIES, "-m", "v1"]);
+    assert!(out.ok(), "{out}");
+    let extra = c.root.join("v2");
+    copy_dir(Path::new(DEMO_POLICIES), &extra);
+    fs::write(
+        extra.join("extra.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: extra, namespace: shop}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n",
+    )
+    .unwrap();
+    let out = c.cli(&["policy", "apply", path_str(&extra), "-m", "v2"]);
+    assert!(out.ok(), "{out}");
+    let files = c.identity(Role::Enforcer, "host-h");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let first = |from_version: u64, history: String| {
+        let files = files.clone();
+        let addr = c.addr.clone();
+        rt.block_on(async move {
+            let ch = ztseg_controller::server::connect(&addr, &files).await.unwrap();
+            let mut s = DistributionClient::new(ch)
+                .subscribe(pb::SubscribeRequest { from_version, history })
+                .await
+                .unwrap()
+                .into_inner();
+            tokio::time::timeout(Duration::from_secs(1), s.message()).await.ok().map(|m| m.unwrap().unwrap())
+        })
+    };
+    let snap = first(0, String::new()).expect("a new subscriber gets a snapshot");
+    assert!(snap.snapshot && snap.version == 2 && !snap.history.is_empty(), "{snap:?}");
+    assert!(first(2, snap.history.clone()).is_none(), "a current subscriber got an update");
+    let other = first(2, "0123456789abcdef0123456789abcdef".into()).expect("another history gets a snapshot");
+    assert!(other.snapshot && other.version == 2 && other.upserts.len() == snap.upserts.len(), "{other:?}");
+    let delta = first(1, snap.history.clone()).expect("an older version gets a delta");
+    assert!(!delta.snapshot && delta.base_version == 1 && delta.upserts.len() == 1, "{delta:?}");
+    assert_eq!(delta.upserts[0].name, "extra.yaml");
 }

@@ -210,7 +210,7 @@ impl Subscriber {
             };
             let mut stream = match DistributionClient::new(ch)
                 .max_decoding_message_size(64 << 20)
-                .subscribe(pb::SubscribeRequest { from_version })
+                .subscribe(pb::SubscribeRequest { from_version, history: String::new() })
                 .await
             {
                 Ok(r) => r.into_inner(),

@@ -93,6 +93,9 @@ pub struct Engine {
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ControllerPolicy {
     pub version: u64,
+    /// The controller's policy history the version belongs to.
+    #[serde(default)]
+    pub history: String,
     pub documents: BTreeMap<String, String>,
 }
 
@@ -504,15 +507,21 @@ impl Engine {
 
     /// Enforce controller policy `version` (complete document set). It is persisted first,
     /// so a restart resumes from it; on error the previous version stays in force.
-    pub fn apply_controller(&mut self, version: u64, docs: BTreeMap<String, String>) -> Result<(), String> {
+    pub fn apply_controller(
+        &mut self,
+        version: u64,
+        history: String,
+        docs: BTreeMap<String, String>,
+    ) -> Result<(), String> {
         if !self.attached {
             // Kept and applied right after attaching (reload_policy).
-            self.controller = ControllerPolicy { version, documents: docs };
+            self.controller = ControllerPolicy { version, history, documents: docs };
             self.policy_loaded = false;
             return self.save_controller_policy().map_err(|e| format!("{e:#}"));
         }
         let previous = std::mem::replace(&mut self.controller.documents, docs.clone());
         let previous_version = self.controller.version;
+        let previous_history = std::mem::replace(&mut self.controller.history, history);
         self.controller.version = version;
         match self.apply_documents(&docs) {
             Ok(()) => {
@@ -524,6 +533,7 @@ impl Engine {
             Err(e) => {
                 self.controller.documents = previous;
                 self.controller.version = previous_version;
+                self.controller.history = previous_history;
                 Err(e)
             }
         }

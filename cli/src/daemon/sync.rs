@@ -95,9 +95,12 @@ async fn session(
     let mut client = pb::distribution_client::DistributionClient::new(ch)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(64 << 20);
-    let from = lock(engine).controller.version;
+    let (from, history) = {
+        let e = lock(engine);
+        (e.controller.version, e.controller.history.clone())
+    };
     let mut stream = client
-        .subscribe(pb::SubscribeRequest { from_version: from })
+        .subscribe(pb::SubscribeRequest { from_version: from, history })
         .await
         .map_err(|s| anyhow::anyhow!("subscribe refused ({:?}): {}", s.code(), s.message()))?
         .into_inner();
@@ -204,7 +207,7 @@ async fn apply_update(engine: &Arc<Mutex<Engine>>, u: pb::PolicyUpdate) -> Resul
         let docs = if u.snapshot {
             u.upserts.into_iter().map(|d| (d.name, d.content)).collect()
         } else {
-            if u.base_version != e.controller.version {
+            if u.base_version != e.controller.version || u.history != e.controller.history {
                 bail!(
                     "delta from version {} does not apply to version {}; resubscribing",
                     u.base_version,
@@ -220,7 +223,7 @@ async fn apply_update(engine: &Arc<Mutex<Engine>>, u: pb::PolicyUpdate) -> Resul
             }
             docs
         };
-        match e.apply_controller(u.version, docs) {
+        match e.apply_controller(u.version, u.history, docs) {
             Ok(()) => Ok(()),
             // A version that cannot be enforced is reported (status and controller); the
             // previous one stays in force. Not a session error: the next version may fix it.
