@@ -45,6 +45,8 @@ pub struct Ctl {
     /// Bumped on every revocation made here: open policy streams re-check their caller.
     pub revocations: tokio::sync::watch::Sender<u64>,
     cache: Mutex<Vec<Arc<PolicyVersion>>>,
+    /// The policy history's identity, once version 1 exists.
+    history: std::sync::OnceLock<String>,
     /// Last status written per enforcer: (version, error, when).
     reported: Mutex<std::collections::HashMap<String, (u64, String, std::time::Instant)>>,
 }
@@ -79,6 +81,7 @@ impl Ctl {
             revocations: tokio::sync::watch::Sender::new(0),
             cache: Mutex::new(Vec::new()),
             reported: Mutex::new(std::collections::HashMap::new()),
+            history: std::sync::OnceLock::new(),
         })
     }
 
@@ -227,9 +230,15 @@ impl Ctl {
 
     /// The identity of this policy history (see `PolicyUpdate.history`); empty before version 1.
     pub async fn history_id(&self) -> Result<String, Status> {
-        let Some(v1) = self.version_cached(1).await? else { return Ok(String::new()) };
-        let bytes = serde_json::to_vec(&*v1).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(hex::encode(&Sha256::digest(&bytes)[..16]))
+        if let Some(h) = self.history.get() {
+            return Ok(h.clone());
+        }
+        let Some(v1) = self.store.version(1).await.map_err(|e| store_status(&e))? else {
+            return Ok(String::new());
+        };
+        let bytes = serde_json::to_vec(&v1).map_err(|e| Status::internal(e.to_string()))?;
+        // Version 1 never changes: computed once.
+        Ok(self.history.get_or_init(|| hex::encode(&Sha256::digest(&bytes)[..16])).clone())
     }
 
     async fn current_docs(&self) -> Result<(u64, Arc<PolicyVersion>), Status> {
