@@ -284,12 +284,7 @@ enum ControllerCommands {
     /// Create a one-time join token for `ztseg enroll` (admin).
     Token {
         #[command(flatten)]
-        ctl: crate::ctl::CtlArgs,
-        #[arg(long, value_parser = ["admin", "operator", "auditor", "enforcer"])]
-        role: String,
-        /// Name of the identity (e.g. the host name of an enforcer).
-        #[arg(long)]
-        name: String,
+        id: IdentityArgs,
         /// Token lifetime, e.g. 10m, 1h.
         #[arg(long, value_parser = parse_ttl, default_value = "1h")]
         ttl: u64,
@@ -302,12 +297,20 @@ enum ControllerCommands {
     /// Revoke every certificate issued so far to an identity (admin).
     Revoke {
         #[command(flatten)]
-        ctl: crate::ctl::CtlArgs,
-        #[arg(long, value_parser = ["admin", "operator", "auditor", "enforcer"])]
-        role: String,
-        #[arg(long)]
-        name: String,
+        id: IdentityArgs,
     },
+}
+
+/// An enrollable identity at the controller.
+#[derive(clap::Args)]
+struct IdentityArgs {
+    #[command(flatten)]
+    ctl: crate::ctl::CtlArgs,
+    #[arg(long, value_parser = ["admin", "operator", "auditor", "enforcer"])]
+    role: String,
+    /// Name of the identity (e.g. the host name of an enforcer).
+    #[arg(long)]
+    name: String,
 }
 
 #[derive(Subcommand)]
@@ -469,7 +472,7 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
     use crate::ctl;
     match command {
         Commands::Controller {
-            command: ControllerCommands::Token { ctl: a, role, name, ttl, cert_days },
+            command: ControllerCommands::Token { id: IdentityArgs { ctl: a, role, name }, ttl, cert_days },
         } => {
             // The token is a secret: printed once, to stdout only.
             println!("{}", ctl::token(&a, &role, &name, ttl, cert_days * 86_400).await?);
@@ -502,7 +505,9 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
             let id = ztseg_controller::server::renew(&a.controller, &files).await?;
             println!("renewed {id}; certificate {}", files.cert.display());
         }
-        Commands::Controller { command: ControllerCommands::Revoke { ctl: a, role, name } } => {
+        Commands::Controller {
+            command: ControllerCommands::Revoke { id: IdentityArgs { ctl: a, role, name } },
+        } => {
             let at = ctl::revoke(&a, &role, &name).await?;
             println!("revoked every certificate of {role}/{name} issued up to {}", ctl::time_str(at));
         }

@@ -130,15 +130,8 @@ impl Ctl {
             }
             Err(status)
         };
-        let Some(certs) = req.peer_certs() else {
-            return deny(
-                "anonymous".into(),
-                "no client certificate".into(),
-                Status::unauthenticated("a client certificate is required"),
-            )
-            .await;
-        };
-        let Some(leaf) = certs.first() else {
+        let certs = req.peer_certs();
+        let Some(leaf) = certs.as_deref().and_then(|c| c.first()) else {
             return deny(
                 "anonymous".into(),
                 "no client certificate".into(),
