@@ -30,7 +30,7 @@ use aya::{
 };
 use enforcer::{Datapath, DatapathOptions, Rule, writer::Action};
 use enforcer_common::{
-    CtKey, CtValue, DIR_EGRESS, Reason, map_names,
+    CtKey, CtKey4, CtValue, DIR_EGRESS, Reason, map_names,
     program_names::{FLOOR, TC_FROM_WORKLOAD},
 };
 use serde::Serialize;
@@ -133,20 +133,30 @@ fn prepare(dir: &Path, entries: u32) -> Result<Datapath> {
     Ok(dp)
 }
 
-/// Fill conntrack to capacity with unrelated flows so the new-flow case never gets an entry.
+/// Fill both conntrack maps to capacity with unrelated flows so the new-flow case never gets
+/// an entry.
 fn fill_conntrack(dir: &Path) -> Result<()> {
-    let data = MapData::from_pin(dir.join(map_names::CONNTRACK))?;
-    let mut ct: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(aya::maps::Map::HashMap(data))?;
-    let mut i = 0u32;
-    loop {
-        let mut k = CtKey { proto: 6, dir: 1, ..CtKey::default() };
-        k.saddr[0] = i;
-        k.sport = 1;
-        if ct.insert(k, CtValue::default(), 0).is_err() {
-            return Ok(());
+    fn fill<K: aya::Pod>(dir: &Path, name: &str, key: impl Fn(u32) -> K) -> Result<()> {
+        let data = MapData::from_pin(dir.join(name))?;
+        let mut ct: HashMap<MapData, K, CtValue> = HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        let mut i = 0u32;
+        while ct.insert(key(i), CtValue::default(), 0).is_ok() {
+            i += 1;
         }
-        i += 1;
+        Ok(())
     }
+    fill(dir, map_names::CONNTRACK4, |i| CtKey4 {
+        saddr: i,
+        sport: 1,
+        proto: 6,
+        dir: 1,
+        ..CtKey4::default()
+    })?;
+    fill(dir, map_names::CONNTRACK6, |i| {
+        let mut k = CtKey { proto: 6, dir: 1, sport: 1, ..CtKey::default() };
+        k.saddr[0] = i;
+        k
+    })
 }
 
 fn main() -> Result<()> {

@@ -18,7 +18,7 @@ pub type Addr = [u32; 4];
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Layout version of every pinned map. Bump on any change to a type in this crate.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 // ---- reserved identities and tenants -------------------------------------------------------
 
@@ -282,7 +282,9 @@ const _: () =
 
 /// Conntrack key, in the orientation of the packet that opened the flow at this check point.
 /// `dir` is the check direction that admitted it, so one map serves both ends of a flow
-/// between two local workloads.
+/// between two local workloads. IPv6 flows are tracked under this key (`ZT_CT6`); IPv4 flows
+/// under the 16-byte [`CtKey4`] (`ZT_CT4`), since hashing the key is most of a lookup's cost.
+/// Userspace lists both as `CtKey` (IPv4 mapped).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -295,6 +297,60 @@ pub struct CtKey {
     pub pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+
+/// IPv4 conntrack key: [`CtKey`] with 4-byte addresses (network-order bytes as a native word,
+/// the last word of the mapped form).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
+
+impl CtKey4 {
+    /// The same flow as a [`CtKey`] with IPv4-mapped addresses.
+    #[must_use]
+    pub const fn widen(&self) -> CtKey {
+        CtKey {
+            saddr: [0, 0, V4_MAPPED_WORD, self.saddr],
+            daddr: [0, 0, V4_MAPPED_WORD, self.daddr],
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            dir: self.dir,
+            pad: [0; 2],
+        }
+    }
+}
+
+impl CtKey {
+    /// The IPv4 key of this flow, if both addresses are IPv4 mapped.
+    #[must_use]
+    pub const fn narrow(&self) -> Option<CtKey4> {
+        const fn mapped(a: &Addr) -> bool {
+            a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD
+        }
+        if mapped(&self.saddr) && mapped(&self.daddr) {
+            Some(CtKey4 {
+                saddr: self.saddr[3],
+                daddr: self.daddr[3],
+                sport: self.sport,
+                dport: self.dport,
+                proto: self.proto,
+                dir: self.dir,
+                pad: [0; 2],
+            })
+        } else {
+            None
+        }
+    }
+}
 
 /// The flow was admitted while its workload was in audit mode (would have been dropped).
 pub const CT_F_AUDIT: u32 = 1;
@@ -347,7 +403,10 @@ pub struct Event {
     pub dir: u8,
     pub verdict: u8,
     pub reason: u8,
-    pub pad: [u8; 7],
+    /// Padding, zero; three naturally aligned fields so the program clears it with three stores.
+    pub pad1: u8,
+    pub pad2: u16,
+    pub pad4: u32,
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 80);
 
@@ -464,7 +523,10 @@ pub mod map_names {
     pub const ADMIN: &str = "ZT_ADMIN";
     pub const RULES: &str = "ZT_RULES";
     pub const CONFIG: &str = "ZT_CONFIG";
-    pub const CONNTRACK: &str = "ZT_CONNTRACK";
+    /// IPv4 conntrack ([`super::CtKey4`] keys).
+    pub const CONNTRACK4: &str = "ZT_CT4";
+    /// IPv6 conntrack ([`super::CtKey`] keys).
+    pub const CONNTRACK6: &str = "ZT_CT6";
     pub const EVENTS: &str = "ZT_EVENTS";
     pub const COUNTERS: &str = "ZT_COUNTERS";
 }
@@ -487,8 +549,8 @@ pub mod program_names {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue, Endpoint, Event, IdentityInfo, PolicyKey,
-        PolicyValue, RuleState,
+        AdminKey, AdminValue, CidrAddr, Config, CtKey, CtKey4, CtValue, Endpoint, Event, IdentityInfo,
+        PolicyKey, PolicyValue, RuleState,
     };
     // SAFETY: every type is repr(C), Copy, has explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for IdentityInfo {}
@@ -501,6 +563,7 @@ mod pod {
     unsafe impl aya::Pod for AdminValue {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtKey4 {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for Event {}
 }

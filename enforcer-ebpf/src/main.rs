@@ -13,6 +13,8 @@
 #![no_std]
 #![no_main]
 
+use core::mem::MaybeUninit;
+
 mod maps;
 mod parse;
 mod policy;
@@ -21,16 +23,17 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_coarse_ns, bpf_skb_cgroup_id},
     macros::{cgroup_skb, cgroup_sock_addr, classifier},
+    maps::HashMap,
     programs::{SkBuffContext, SockAddrContext, TcContext, sk_buff::SkBuff},
 };
 use enforcer_common::{
-    CT_F_AUDIT, CT_F_CLOSING, CT_F_FAILSAFE, Config, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS,
+    CT_F_AUDIT, CT_F_CLOSING, CT_F_FAILSAFE, Config, CtKey, CtKey4, CtValue, DIR_EGRESS, DIR_INGRESS,
     ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_WORLD, IPPROTO_ICMP,
     IPPROTO_ICMPV6, IPPROTO_TCP, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, TENANT_NONE, VERDICT_ALLOW,
     VERDICT_AUDIT, VERDICT_DROP,
 };
 use maps::{
-    ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_CONNTRACK, ZT_COUNTERS, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH, ZT_EVENTS,
+    ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_COUNTERS, ZT_CT4, ZT_CT6, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH, ZT_EVENTS,
     ZT_IDENTITY,
 };
 use parse::{Flow, ParseError};
@@ -107,7 +110,9 @@ fn emit(flow: &Flow, ep: &Endpoint, peer: &IdentityInfo, meta: u64, cookie: u32)
         (*e).dir = (meta >> 16) as u8;
         (*e).verdict = meta as u8;
         (*e).reason = (meta >> 8) as u8;
-        (*e).pad = [0; 7];
+        (*e).pad1 = 0;
+        (*e).pad2 = 0;
+        (*e).pad4 = 0;
     }
     // Wake the reader only once a batch is pending: a wakeup per event costs microseconds
     // (irq_work + IPI) on the packet path. The reader also polls on a short timer.
@@ -160,11 +165,93 @@ fn ct_live(ct: &CtValue, ep: &Endpoint) -> bool {
     still_admitted(ct.slot, ct.cookie)
 }
 
+// Conntrack keys are built and turned around as whole 32-bit words: a key assembled from 8-
+// and 16-bit stores and then hashed with 32-bit loads stalls the CPU on every mixed word (no
+// store-to-load forwarding), which costs more than the hash itself. The word layout assumes a
+// little-endian target, like the port and flag packing below.
+#[cfg(not(target_endian = "little"))]
+compile_error!("conntrack key packing assumes a little-endian BPF target");
+
+/// Word 0 of a key's tail: source port, destination port.
+#[inline(always)]
+fn ports_word(flow: &Flow) -> u32 {
+    u32::from(flow.sport) | (u32::from(flow.dport) << 16)
+}
+
+/// Word 1 of a key's tail: protocol, direction, zero padding.
+#[inline(always)]
+fn proto_dir_word(flow: &Flow, dir: u8) -> u32 {
+    u32::from(flow.proto) | (u32::from(dir) << 8)
+}
+
+/// A conntrack key type and the map that holds it.
+trait Tuple: Sized + 'static {
+    fn map() -> &'static HashMap<Self, CtValue>;
+    /// The key of the opposite orientation (a reply), with the other check direction.
+    fn swapped(&self) -> Self;
+}
+
+impl Tuple for CtKey4 {
+    #[inline(always)]
+    fn map() -> &'static HashMap<Self, CtValue> {
+        &ZT_CT4
+    }
+    #[inline(always)]
+    fn swapped(&self) -> Self {
+        // SAFETY: CtKey4 is repr(C), 16 bytes, four u32-aligned words, every bit pattern valid.
+        let w: [u32; 4] = unsafe { core::mem::transmute(*self) };
+        // SAFETY: as above.
+        unsafe { core::mem::transmute([w[1], w[0], w[2].rotate_left(16), w[3] ^ (1 << 8)]) }
+    }
+}
+
+impl Tuple for CtKey {
+    #[inline(always)]
+    fn map() -> &'static HashMap<Self, CtValue> {
+        &ZT_CT6
+    }
+    #[inline(always)]
+    fn swapped(&self) -> Self {
+        // SAFETY: CtKey is repr(C), 40 bytes, ten u32-aligned words, every bit pattern valid.
+        let w: [u32; 10] = unsafe { core::mem::transmute(*self) };
+        // SAFETY: as above.
+        unsafe {
+            core::mem::transmute([
+                w[4],
+                w[5],
+                w[6],
+                w[7],
+                w[0],
+                w[1],
+                w[2],
+                w[3],
+                w[8].rotate_left(16),
+                w[9] ^ (1 << 8),
+            ])
+        }
+    }
+}
+
+#[inline(always)]
+fn key4(flow: &Flow, dir: u8) -> CtKey4 {
+    let w = [flow.saddr[3], flow.daddr[3], ports_word(flow), proto_dir_word(flow, dir)];
+    // SAFETY: CtKey4 is repr(C), four u32 words in this order (saddr, daddr, ports, proto/dir).
+    unsafe { core::mem::transmute::<[u32; 4], CtKey4>(w) }
+}
+
+#[inline(always)]
+fn key6(flow: &Flow, dir: u8) -> CtKey {
+    let (s, d) = (&flow.saddr, &flow.daddr);
+    let w = [s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], ports_word(flow), proto_dir_word(flow, dir)];
+    // SAFETY: CtKey is repr(C), ten u32 words in this order (saddr, daddr, ports, proto/dir).
+    unsafe { core::mem::transmute::<[u32; 10], CtKey>(w) }
+}
+
 /// Conntrack hit on `key`: `Some(true)` pass, `Some(false)` entry invalid and removed, `None`
 /// no entry.
 #[inline(always)]
-fn ct_check(key: &CtKey, ep: &Endpoint, now: u64, closing: bool) -> Option<bool> {
-    let p = ZT_CONNTRACK.get_ptr_mut(key)?;
+fn ct_check<K: Tuple>(key: &K, ep: &Endpoint, now: u64, closing: bool) -> Option<bool> {
+    let p = K::map().get_ptr_mut(key)?;
     // SAFETY: the value stays valid for this program run; races on the statistics fields with
     // other CPUs are benign.
     let ct = unsafe { &mut *p };
@@ -177,27 +264,37 @@ fn ct_check(key: &CtKey, ep: &Endpoint, now: u64, closing: bool) -> Option<bool>
         }
         Some(true)
     } else {
-        let _ = ZT_CONNTRACK.remove(key);
+        let _ = K::map().remove(key);
         count(Reason::CtInvalidated);
         Some(false)
     }
 }
 
-/// Conntrack check of the reply orientation of `key`; restores `key` before returning so the
-/// caller can insert it (one key on the stack instead of two).
-#[inline(always)]
-fn ct_check_reply(key: &mut CtKey, ep: &Endpoint, now: u64, closing: bool) -> bool {
-    swap_ct(key);
-    let hit = ct_check(key, ep, now, closing) == Some(true);
-    swap_ct(key);
-    hit
+/// What conntrack says about a packet that is not a pure TCP SYN.
+enum Track {
+    /// Part of a tracked flow in this orientation, or a reply to one: pass.
+    Pass(Reason),
+    /// This check point admitted the flow in this orientation before, but its rule no longer
+    /// does (the entry was removed).
+    Reinstate,
+    /// Not tracked.
+    Miss,
 }
 
 #[inline(always)]
-fn swap_ct(key: &mut CtKey) {
-    core::mem::swap(&mut key.saddr, &mut key.daddr);
-    core::mem::swap(&mut key.sport, &mut key.dport);
-    key.dir ^= 1;
+fn track<K: Tuple>(key: K, ep: &Endpoint, now: u64, closing: bool) -> Track {
+    let reinstate = match ct_check(&key, ep, now, closing) {
+        Some(true) => return Track::Pass(Reason::AllowEstablished),
+        Some(false) => true,
+        None => false,
+    };
+    if ct_check(&key.swapped(), ep, now, closing) == Some(true) {
+        Track::Pass(Reason::AllowReply)
+    } else if reinstate {
+        Track::Reinstate
+    } else {
+        Track::Miss
+    }
 }
 
 /// The verdict for one parsed packet of the workload `ep`, checked in direction `dir`.
@@ -209,15 +306,6 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
         return true;
     }
     let ts = coarse_now();
-    let mut key = CtKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-        dir,
-        pad: [0; 2],
-    };
     // A pure TCP SYN opens a new connection: it is never a packet or a reply of a tracked
     // flow, so it goes straight to policy (which then replaces any stale entry).
     // `reinstate`: this check point admitted the flow in this orientation before, but its
@@ -225,17 +313,18 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
     // that does (make-before-break policy changes keep live flows).
     let mut reinstate = false;
     if !flow.syn_only {
-        match ct_check(&key, ep, ts, flow.closing) {
-            Some(true) => {
-                count(Reason::AllowEstablished);
+        let t = if flow.family == 4 {
+            track(key4(flow, dir), ep, ts, flow.closing)
+        } else {
+            track(key6(flow, dir), ep, ts, flow.closing)
+        };
+        match t {
+            Track::Pass(reason) => {
+                count(reason);
                 return true;
             }
-            Some(false) => reinstate = true,
-            None => {}
-        }
-        if ct_check_reply(&mut key, ep, ts, flow.closing) {
-            count(Reason::AllowReply);
-            return true;
+            Track::Reinstate => reinstate = true,
+            Track::Miss => {}
         }
     }
 
@@ -275,7 +364,12 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
             local_identity: ep.identity,
             flags: if audit { CT_F_AUDIT } else { flags },
         };
-        if ZT_CONNTRACK.insert(&key, &value, 0).is_err() {
+        let inserted = if flow.family == 4 {
+            ZT_CT4.insert(&key4(flow, dir), &value, 0)
+        } else {
+            ZT_CT6.insert(&key6(flow, dir), &value, 0)
+        };
+        if inserted.is_err() {
             count(Reason::CtFull);
         }
         if audit {
@@ -336,9 +430,10 @@ fn tc_main(ctx: &TcContext, dir: u8) -> i32 {
     let skb: &SkBuff = &ctx.skb;
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*skb.skb).ifindex };
-    let mut flow = Flow::EMPTY;
-    match parse::parse_l2(&parse::Direct::new(skb), &mut flow) {
-        Ok(()) => {}
+    let mut flow = MaybeUninit::<Flow>::uninit();
+    let flow = match parse::parse_l2(&parse::Direct::new(skb), &mut flow) {
+        // SAFETY: the parser initialised the flow, as it does whenever it returns Ok.
+        Ok(()) => unsafe { flow.assume_init() },
         Err(e) => {
             return match parse_drop(e) {
                 None => TC_ACT_OK,
@@ -377,9 +472,10 @@ pub fn zt_tc_to_wl(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn cg_main(ctx: &SkBuffContext, dir: u8) -> i32 {
     let skb: &SkBuff = &ctx.skb;
-    let mut flow = Flow::EMPTY;
-    match parse::parse_l3(&parse::Loaded(skb), &mut flow) {
-        Ok(()) => {}
+    let mut flow = MaybeUninit::<Flow>::uninit();
+    let flow = match parse::parse_l3(&parse::Loaded(skb), &mut flow) {
+        // SAFETY: the parser initialised the flow, as it does whenever it returns Ok.
+        Ok(()) => unsafe { flow.assume_init() },
         Err(e) => {
             return match parse_drop(e) {
                 None => 1,

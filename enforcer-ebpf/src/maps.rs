@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    Addr, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue, ENDPOINT_ARRAY_SIZE, Endpoint,
+    Addr, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtKey4, CtValue, ENDPOINT_ARRAY_SIZE, Endpoint,
     IdentityInfo, PolicyKey, PolicyValue, REASON_COUNT, RuleState,
 };
 
@@ -48,10 +48,14 @@ pub static ZT_RULES: Array<RuleState> = Array::pinned(262_144, 0);
 #[map]
 pub static ZT_CONFIG: Array<Config> = Array::pinned(1, 0);
 
-/// Connection tracking. A plain hash: userspace garbage-collects idle entries; when it is full
-/// new flows are still evaluated per packet (slower, never more permissive).
+/// IPv4 connection tracking. A plain hash: userspace garbage-collects idle entries; when it is
+/// full new flows are still evaluated per packet (slower, never more permissive).
 #[map]
-pub static ZT_CONNTRACK: HashMap<CtKey, CtValue> = HashMap::pinned(262_144, 0);
+pub static ZT_CT4: HashMap<CtKey4, CtValue> = HashMap::pinned(262_144, 0);
+
+/// IPv6 connection tracking, as `ZT_CT4`.
+#[map]
+pub static ZT_CT6: HashMap<CtKey, CtValue> = HashMap::pinned(262_144, 0);
 
 /// Drops, audits and new allowed flows.
 #[map]

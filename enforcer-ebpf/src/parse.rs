@@ -5,6 +5,8 @@
 //! programs use `bpf_skb_load_bytes` throughout. Either way a truncated header is an error
 //! here, never an out-of-bounds read. Every failure is a reason the caller counts and drops on.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::programs::sk_buff::SkBuff;
 use enforcer_common::{
     Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, V4_MAPPED_WORD,
@@ -106,43 +108,36 @@ impl Packet for Loaded<'_> {
     }
 }
 
-impl Flow {
-    pub const EMPTY: Flow = Flow {
-        saddr: [0; 4],
-        daddr: [0; 4],
-        sport: 0,
-        dport: 0,
-        policy_port: 0,
-        proto: 0,
-        family: 0,
-        link_local: false,
-        syn_only: false,
-        closing: false,
-    };
-}
-
-/// Parse a frame seen by a TC program (Ethernet first) into `flow`. Not inlined: its header
-/// buffers live in their own stack frame, released before the verdict runs.
+/// Parse a frame seen by a TC program (Ethernet first) into `out`, which is initialised
+/// exactly when `Ok` is returned. Not inlined: its header buffers live in their own stack
+/// frame, released before the verdict runs. The flow is written field by field once parsed
+/// (zero-filling the whole struct first lowers to a byte loop in BPF, and a BPF function
+/// cannot return a struct through a pointer into its own frame).
 #[inline(never)]
-pub fn parse_l2<P: Packet>(skb: &P, flow: &mut Flow) -> Result<(), ParseError> {
+pub fn parse_l2<P: Packet>(skb: &P, out: &mut MaybeUninit<Flow>) -> Result<(), ParseError> {
     let proto = u16::from_be(skb.load::<u16>(12)?);
-    match proto {
-        ETH_P_IP => parse_ipv4(skb, ETH_HLEN, flow),
-        ETH_P_IPV6 => parse_ipv6(skb, ETH_HLEN, flow),
+    let flow = match proto {
+        ETH_P_IP => parse_ipv4(skb, ETH_HLEN),
+        ETH_P_IPV6 => parse_ipv6(skb, ETH_HLEN),
         ETH_P_ARP => Err(ParseError::Arp),
         _ => Err(ParseError::NonIp),
-    }
+    }?;
+    out.write(flow);
+    Ok(())
 }
 
-/// Parse a packet seen by a cgroup_skb program (network header first).
+/// Parse a packet seen by a cgroup_skb program (network header first); `out` as for
+/// [`parse_l2`].
 #[inline(never)]
-pub fn parse_l3<P: Packet>(skb: &P, flow: &mut Flow) -> Result<(), ParseError> {
+pub fn parse_l3<P: Packet>(skb: &P, out: &mut MaybeUninit<Flow>) -> Result<(), ParseError> {
     let first = skb.load::<u8>(0)?;
-    match first >> 4 {
-        4 => parse_ipv4(skb, 0, flow),
-        6 => parse_ipv6(skb, 0, flow),
+    let flow = match first >> 4 {
+        4 => parse_ipv4(skb, 0),
+        6 => parse_ipv6(skb, 0),
         _ => Err(ParseError::Malformed),
-    }
+    }?;
+    out.write(flow);
+    Ok(())
 }
 
 #[repr(C)]
@@ -199,7 +194,7 @@ struct IcmpHead {
 }
 
 #[inline(always)]
-fn parse_ipv4<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
+fn parse_ipv4<P: Packet>(skb: &P, off: usize) -> Result<Flow, ParseError> {
     let ip = skb.load::<Ipv4Hdr>(off)?;
     let ihl = usize::from(ip.ver_ihl & 0x0f) * 4;
     let tot_len = usize::from(u16::from_be(ip.tot_len));
@@ -212,15 +207,11 @@ fn parse_ipv4<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), Par
     if u16::from_be(ip.frag_off) & 0x3fff != 0 {
         return Err(ParseError::Fragment);
     }
-    flow.saddr = mapped(ip.saddr);
-    flow.daddr = mapped(ip.daddr);
-    flow.proto = ip.proto;
-    flow.family = 4;
-    parse_l4(skb, off + ihl, flow)
+    parse_l4(skb, off + ihl, mapped(ip.saddr), mapped(ip.daddr), ip.proto, 4)
 }
 
 #[inline(always)]
-fn parse_ipv6<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
+fn parse_ipv6<P: Packet>(skb: &P, off: usize) -> Result<Flow, ParseError> {
     let ip = skb.load::<Ipv6Hdr>(off)?;
     let payload = usize::from(u16::from_be(ip.payload_len));
     if (u32::from_be(ip.ver_tc_flow) >> 28) != 6 || (payload != 0 && off + 40 + payload > skb.len()) {
@@ -253,11 +244,7 @@ fn parse_ipv6<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), Par
     if !done {
         return Err(ParseError::Malformed);
     }
-    flow.saddr = ip.saddr;
-    flow.daddr = ip.daddr;
-    flow.proto = next;
-    flow.family = 6;
-    parse_l4(skb, l4, flow)
+    parse_l4(skb, l4, ip.saddr, ip.daddr, next, 6)
 }
 
 /// Policy port of an ICMP/ICMPv6 type (see `enforcer_common::icmp_port`).
@@ -267,9 +254,18 @@ fn icmp_policy_port(ty: u8) -> u16 {
 }
 
 #[inline(always)]
-fn parse_l4<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), ParseError> {
+fn parse_l4<P: Packet>(
+    skb: &P,
+    off: usize,
+    saddr: Addr,
+    daddr: Addr,
+    proto: u8,
+    family: u8,
+) -> Result<Flow, ParseError> {
     let len = skb.len();
-    match flow.proto {
+    let (mut sport, mut dport, mut policy_port) = (0u16, 0u16, 0u16);
+    let (mut link_local, mut syn_only, mut closing) = (false, false, false);
+    match proto {
         IPPROTO_TCP => {
             let h = skb.load::<Ports>(off)?;
             // Data offset and flags bytes.
@@ -278,9 +274,9 @@ fn parse_l4<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), Parse
             if doff < 20 || off + doff > len {
                 return Err(ParseError::Malformed);
             }
-            set_ports(flow, &h);
-            flow.syn_only = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            flow.closing = flags & (TCP_FIN | TCP_RST) != 0;
+            (sport, dport, policy_port) = ports(&h);
+            syn_only = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            closing = flags & (TCP_FIN | TCP_RST) != 0;
         }
         IPPROTO_UDP => {
             let h = skb.load::<Ports>(off)?;
@@ -289,7 +285,7 @@ fn parse_l4<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), Parse
             if ulen != 0 && (ulen < 8 || off + ulen > len) {
                 return Err(ParseError::Malformed);
             }
-            set_ports(flow, &h);
+            (sport, dport, policy_port) = ports(&h);
         }
         IPPROTO_SCTP => {
             // Common header: ports, verification tag, checksum.
@@ -297,31 +293,31 @@ fn parse_l4<P: Packet>(skb: &P, off: usize, flow: &mut Flow) -> Result<(), Parse
             if off + 12 > len {
                 return Err(ParseError::Malformed);
             }
-            set_ports(flow, &h);
+            (sport, dport, policy_port) = ports(&h);
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let h = skb.load::<IcmpHead>(off)?;
             let id = u16::from_be(h.id);
-            flow.policy_port = icmp_policy_port(h.ty);
-            let v6 = flow.proto == IPPROTO_ICMPV6;
+            policy_port = icmp_policy_port(h.ty);
+            let v6 = proto == IPPROTO_ICMPV6;
             let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
             if h.ty == request {
-                flow.sport = id;
+                sport = id;
             } else if h.ty == reply {
-                flow.dport = id;
+                dport = id;
             } else if v6 && matches!(h.ty, 130..=137 | 143) {
                 // MLD (130-132, 143) and neighbour discovery (133-137).
-                flow.link_local = true;
+                link_local = true;
             }
         }
         _ => {}
     }
-    Ok(())
+    Ok(Flow { saddr, daddr, sport, dport, policy_port, proto, family, link_local, syn_only, closing })
 }
 
+/// Source port, destination port and policy port (the destination port) of a ports header.
 #[inline(always)]
-fn set_ports(flow: &mut Flow, h: &Ports) {
-    flow.sport = u16::from_be(h.sport);
-    flow.dport = u16::from_be(h.dport);
-    flow.policy_port = flow.dport;
+fn ports(h: &Ports) -> (u16, u16, u16) {
+    let dport = u16::from_be(h.dport);
+    (u16::from_be(h.sport), dport, dport)
 }

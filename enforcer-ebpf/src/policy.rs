@@ -47,6 +47,23 @@ pub fn still_admitted(slot: u32, cookie: u32) -> bool {
     rule_admits(slot, cookie)
 }
 
+// Lookup keys are written as whole 32-bit words (see the conntrack keys in main.rs: a word
+// assembled from narrower stores stalls the hash's loads). Little-endian packing.
+
+#[inline(always)]
+fn policy_key(src: u32, dst: u32, dport: u16, proto: u8, dir: u8) -> PolicyKey {
+    let w = [src, dst, u32::from(dport) | (u32::from(proto) << 16) | (u32::from(dir) << 24)];
+    // SAFETY: PolicyKey is repr(C): src, dst, then dport/proto/dir in the third word.
+    unsafe { core::mem::transmute::<[u32; 3], PolicyKey>(w) }
+}
+
+#[inline(always)]
+fn admin_key(src_tenant: u32, dst_tenant: u32, dport: u16, proto: u8) -> AdminKey {
+    let w = [src_tenant, dst_tenant, u32::from(dport) | (u32::from(proto) << 16)];
+    // SAFETY: AdminKey is repr(C): two tenants, then dport/proto/zero pad in the third word.
+    unsafe { core::mem::transmute::<[u32; 3], AdminKey>(w) }
+}
+
 pub struct Local {
     pub identity: u32,
     pub tenant: u32,
@@ -68,13 +85,12 @@ pub fn decide(cfg: &Config, local: &Local, peer: &IdentityInfo, dir: u8, proto: 
         if cfg.admin_shape_count[shape] != 0 {
             let tenants = shape / 3;
             let ports = shape % 3;
-            let key = AdminKey {
-                src_tenant: if tenants & 2 != 0 { TENANT_ANY } else { src_t },
-                dst_tenant: if tenants & 1 != 0 { TENANT_ANY } else { dst_t },
-                dport: if ports == 0 { port } else { PORT_ANY },
-                proto: if ports == 2 { PROTO_ANY } else { proto },
-                pad: 0,
-            };
+            let key = admin_key(
+                if tenants & 2 != 0 { TENANT_ANY } else { src_t },
+                if tenants & 1 != 0 { TENANT_ANY } else { dst_t },
+                if ports == 0 { port } else { PORT_ANY },
+                if ports == 2 { PROTO_ANY } else { proto },
+            );
             // SAFETY: read-only access to a map value the kernel keeps alive for this run.
             if let Some(v) = unsafe { ZT_ADMIN.get(&key) } {
                 if v.priority < best_prio && rule_admits(v.slot, v.cookie) {
@@ -107,13 +123,13 @@ pub fn decide(cfg: &Config, local: &Local, peer: &IdentityInfo, dir: u8, proto: 
         if cfg.policy_shape_count[shape] != 0 {
             let peer_id = if POLICY_SHAPE_PEER[shape] { peer.identity } else { IDENTITY_ANY };
             let (src, dst) = if egress { (local.identity, peer_id) } else { (peer_id, local.identity) };
-            let key = PolicyKey {
-                src_identity: src,
-                dst_identity: dst,
-                dport: if POLICY_SHAPE_PORT[shape] { port } else { PORT_ANY },
-                proto: if POLICY_SHAPE_PROTO[shape] { proto } else { PROTO_ANY },
+            let key = policy_key(
+                src,
+                dst,
+                if POLICY_SHAPE_PORT[shape] { port } else { PORT_ANY },
+                if POLICY_SHAPE_PROTO[shape] { proto } else { PROTO_ANY },
                 dir,
-            };
+            );
             // SAFETY: read-only access to a map value the kernel keeps alive for this run.
             if let Some(v) = unsafe { ZT_POLICY.get(&key) } {
                 if rule_admits(v.slot, v.cookie) {

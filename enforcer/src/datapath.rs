@@ -145,7 +145,8 @@ impl Datapath {
             .default_map_pin_directory(pin_dir)
             .map_max_entries(map_names::POLICY, opts.policy_entries)
             .map_max_entries(map_names::RULES, opts.rule_slots)
-            .map_max_entries(map_names::CONNTRACK, opts.conntrack_entries)
+            .map_max_entries(map_names::CONNTRACK4, opts.conntrack_entries)
+            .map_max_entries(map_names::CONNTRACK6, opts.conntrack_entries)
             .map_max_entries(map_names::IDENTITY, opts.identity_entries);
         let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
 

@@ -26,7 +26,7 @@ use aya::{
     },
 };
 use enforcer_common::{
-    ACTION_ALLOW, ACTION_DENY, ACTION_PASS, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtValue,
+    ACTION_ALLOW, ACTION_DENY, ACTION_PASS, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtKey4, CtValue,
     DIR_EGRESS, ENDPOINT_ARRAY_SIZE, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6,
     ENDPOINT_F_VALID, Endpoint, Failsafe, IDENTITY_ANY, IdentityInfo, MAX_FAILSAFE, PORT_ANY, PROTO_ANY,
     PolicyKey, PolicyValue, RULE_F_ACTIVE, Reason, RuleState, SLOT_NONE, admin_shape, map_names,
@@ -174,7 +174,8 @@ pub struct Writer {
     admin: HashMap<MapData, AdminKey, AdminValue>,
     rules: Array<MapData, RuleState>,
     config: Array<MapData, Config>,
-    conntrack: HashMap<MapData, CtKey, CtValue>,
+    conntrack4: HashMap<MapData, CtKey4, CtValue>,
+    conntrack6: HashMap<MapData, CtKey, CtValue>,
     counters: PerCpuArray<MapData, u64>,
     records: BTreeMap<u32, Record>,
     owners: StdHashMap<PolicyKey, u32>,
@@ -226,7 +227,8 @@ impl Writer {
             admin,
             rules,
             config: take(ebpf, map_names::CONFIG)?,
-            conntrack: take(ebpf, map_names::CONNTRACK)?,
+            conntrack4: take(ebpf, map_names::CONNTRACK4)?,
+            conntrack6: take(ebpf, map_names::CONNTRACK6)?,
             counters: take(ebpf, map_names::COUNTERS)?,
             records: BTreeMap::new(),
             owners: StdHashMap::new(),
@@ -853,9 +855,23 @@ impl Writer {
         Ok(out)
     }
 
-    /// Conntrack entries.
+    /// Conntrack entries of both families (IPv4 keys widened to the mapped form).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, Error> {
-        self.conntrack.iter().map(|r| r.map_err(Error::map(map_names::CONNTRACK))).collect()
+        let mut out: Vec<(CtKey, CtValue)> = self
+            .conntrack4
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.widen(), v)).map_err(Error::map(map_names::CONNTRACK4)))
+            .collect::<Result<_, _>>()?;
+        for r in &self.conntrack6 {
+            out.push(r.map_err(Error::map(map_names::CONNTRACK6))?);
+        }
+        Ok(out)
+    }
+
+    /// Number of conntrack entries of both families.
+    #[must_use]
+    pub fn conntrack_len(&self) -> usize {
+        self.conntrack4.keys().count() + self.conntrack6.keys().count()
     }
 
     /// Free memory: remove rules whose expiry passed and conntrack entries idle longer than
@@ -873,9 +889,7 @@ impl Writer {
             self.revoke(c)?;
         }
         let idle = u64::try_from(ct_idle.as_nanos()).unwrap_or(u64::MAX);
-        let mut dead = Vec::new();
-        for item in &self.conntrack {
-            let (k, v) = item.map_err(Error::map(map_names::CONNTRACK))?;
+        let dead = |v: &CtValue| {
             let limit = if v.flags & enforcer_common::CT_F_CLOSING != 0 {
                 idle.min(enforcer_common::CT_CLOSING_IDLE_NS)
             } else {
@@ -884,17 +898,34 @@ impl Writer {
             let idle_out = now.saturating_sub(v.last_seen_ns) > limit;
             let unbacked =
                 v.slot != SLOT_NONE && !self.rules.get(&v.slot, 0).unwrap_or_default().admits(v.cookie, now);
-            if idle_out || unbacked {
-                dead.push(k);
-            }
+            idle_out || unbacked
+        };
+        let dead4 = dead_entries(&self.conntrack4, map_names::CONNTRACK4, dead)?;
+        let dead6 = dead_entries(&self.conntrack6, map_names::CONNTRACK6, dead)?;
+        for k in dead4 {
+            stats.conntrack_removed += usize::from(self.conntrack4.remove(&k).is_ok());
         }
-        for k in dead {
-            if self.conntrack.remove(&k).is_ok() {
-                stats.conntrack_removed += 1;
-            }
+        for k in dead6 {
+            stats.conntrack_removed += usize::from(self.conntrack6.remove(&k).is_ok());
         }
         Ok(stats)
     }
+}
+
+/// Keys of the conntrack entries `dead` selects.
+fn dead_entries<K: aya::Pod>(
+    map: &HashMap<MapData, K, CtValue>,
+    name: &'static str,
+    dead: impl Fn(&CtValue) -> bool,
+) -> Result<Vec<K>, Error> {
+    let mut out = Vec::new();
+    for item in map {
+        let (k, v) = item.map_err(Error::map(name))?;
+        if dead(&v) {
+            out.push(k);
+        }
+    }
+    Ok(out)
 }
 
 fn key_shape(k: &PolicyKey) -> Option<usize> {

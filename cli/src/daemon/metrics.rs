@@ -92,7 +92,7 @@ impl Metrics {
         let _ = writeln!(out, "# HELP ztseg_map_capacity Capacity per map.");
         let _ = writeln!(out, "# TYPE ztseg_map_capacity gauge");
         let (slots, slot_cap) = w.slots();
-        let ct = w.conntrack().map_or(0, |c| c.len());
+        let ct = w.conntrack_len();
         for (map, used, cap) in [
             ("policy", w.policy_len() as u64, u64::from(w.policy_capacity())),
             ("rules", u64::from(slots), u64::from(slot_cap)),
