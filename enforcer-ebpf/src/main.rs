@@ -75,6 +75,8 @@ fn config() -> &'static Config {
 
 /// Pending event bytes that trigger an explicit reader wakeup (a quarter of the ring).
 const WAKEUP_BYTES: u64 = 256 * 1024;
+/// Ring-buffer space of one event: the record plus its 8-byte header, rounded to 8.
+const RECORD_BYTES: u64 = ((core::mem::size_of::<Event>() as u64 + 8) + 7) & !7;
 
 /// Pack verdict, reason and direction with the interface index for [`emit`] (BPF calls take at
 /// most five arguments).
@@ -114,9 +116,11 @@ fn emit(flow: &Flow, ep: &Endpoint, peer: &IdentityInfo, meta: u64, cookie: u32)
         (*e).pad2 = 0;
         (*e).pad4 = 0;
     }
-    // Wake the reader only once a batch is pending: a wakeup per event costs microseconds
-    // (irq_work + IPI) on the packet path. The reader also polls on a short timer.
-    let flags = if ZT_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+    // Wake the reader only when the pending data crosses the threshold: a wakeup per event
+    // costs microseconds (irq_work + IPI) on the packet path, and once the threshold is passed
+    // the reader has been told. The reader also polls on a short timer.
+    let pending = ZT_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    let flags = if pending >= WAKEUP_BYTES && pending < WAKEUP_BYTES + RECORD_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -247,20 +251,52 @@ fn key6(flow: &Flow, dir: u8) -> CtKey {
     unsafe { core::mem::transmute::<[u32; 10], CtKey>(w) }
 }
 
+/// How a packet ends its flow, for the conntrack entry it passes on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Not a closing packet.
+    No,
+    /// FIN, or an RST from the peer: garbage collection may free the entry soon after it goes
+    /// idle (a peer's address can be forged, so its RST alone does not end the flow here).
+    Closing,
+    /// RST sent by the local workload itself (its source address is checked): the flow is
+    /// over, the entry is removed as the RST passes. Any later packet is judged by policy.
+    Reset,
+}
+
+#[inline(always)]
+fn ending(flow: &Flow, dir: u8) -> Ending {
+    if flow.reset && dir == DIR_EGRESS {
+        Ending::Reset
+    } else if flow.closing {
+        Ending::Closing
+    } else {
+        Ending::No
+    }
+}
+
 /// Conntrack hit on `key`: `Some(true)` pass, `Some(false)` entry invalid and removed, `None`
 /// no entry.
 #[inline(always)]
-fn ct_check<K: Tuple>(key: &K, ep: &Endpoint, now: u64, closing: bool) -> Option<bool> {
+fn ct_check<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending) -> Option<bool> {
     let p = K::map().get_ptr_mut(key)?;
     // SAFETY: the value stays valid for this program run; races on the statistics fields with
     // other CPUs are benign.
     let ct = unsafe { &mut *p };
     if ct_live(ct, ep) {
-        ct.last_seen_ns = now;
-        ct.packets += 1;
-        if closing {
-            // FIN or RST seen: garbage collection may free the entry soon after it goes idle.
-            ct.flags |= CT_F_CLOSING;
+        match end {
+            Ending::No => {
+                ct.last_seen_ns = now;
+                ct.packets += 1;
+            }
+            Ending::Closing => {
+                ct.last_seen_ns = now;
+                ct.packets += 1;
+                ct.flags |= CT_F_CLOSING;
+            }
+            Ending::Reset => {
+                let _ = K::map().remove(key);
+            }
         }
         Some(true)
     } else {
@@ -282,13 +318,13 @@ enum Track {
 }
 
 #[inline(always)]
-fn track<K: Tuple>(key: K, ep: &Endpoint, now: u64, closing: bool) -> Track {
-    let reinstate = match ct_check(&key, ep, now, closing) {
+fn track<K: Tuple>(key: K, ep: &Endpoint, now: u64, end: Ending) -> Track {
+    let reinstate = match ct_check(&key, ep, now, end) {
         Some(true) => return Track::Pass(Reason::AllowEstablished),
         Some(false) => true,
         None => false,
     };
-    if ct_check(&key.swapped(), ep, now, closing) == Some(true) {
+    if ct_check(&key.swapped(), ep, now, end) == Some(true) {
         Track::Pass(Reason::AllowReply)
     } else if reinstate {
         Track::Reinstate
@@ -314,9 +350,9 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
     let mut reinstate = false;
     if !flow.syn_only {
         let t = if flow.family == 4 {
-            track(key4(flow, dir), ep, ts, flow.closing)
+            track(key4(flow, dir), ep, ts, ending(flow, dir))
         } else {
-            track(key6(flow, dir), ep, ts, flow.closing)
+            track(key6(flow, dir), ep, ts, ending(flow, dir))
         };
         match t {
             Track::Pass(reason) => {
@@ -561,6 +597,7 @@ fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
         link_local: false,
         syn_only: false,
         closing: false,
+        reset: false,
     };
     let cfg = config();
     let peer = peer_identity(cfg, &daddr);

@@ -43,6 +43,8 @@ pub struct Flow {
     pub syn_only: bool,
     /// TCP with FIN or RST: the connection is closing.
     pub closing: bool,
+    /// TCP with RST: the connection is over once this packet is through.
+    pub reset: bool,
 }
 
 pub enum ParseError {
@@ -264,7 +266,7 @@ fn parse_l4<P: Packet>(
 ) -> Result<Flow, ParseError> {
     let len = skb.len();
     let (mut sport, mut dport, mut policy_port) = (0u16, 0u16, 0u16);
-    let (mut link_local, mut syn_only, mut closing) = (false, false, false);
+    let (mut link_local, mut syn_only, mut closing, mut reset) = (false, false, false, false);
     match proto {
         IPPROTO_TCP => {
             let h = skb.load::<Ports>(off)?;
@@ -277,6 +279,7 @@ fn parse_l4<P: Packet>(
             (sport, dport, policy_port) = ports(&h);
             syn_only = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             closing = flags & (TCP_FIN | TCP_RST) != 0;
+            reset = flags & TCP_RST != 0;
         }
         IPPROTO_UDP => {
             let h = skb.load::<Ports>(off)?;
@@ -312,7 +315,7 @@ fn parse_l4<P: Packet>(
         }
         _ => {}
     }
-    Ok(Flow { saddr, daddr, sport, dport, policy_port, proto, family, link_local, syn_only, closing })
+    Ok(Flow { saddr, daddr, sport, dport, policy_port, proto, family, link_local, syn_only, closing, reset })
 }
 
 /// Source port, destination port and policy port (the destination port) of a ports header.

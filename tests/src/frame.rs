@@ -70,6 +70,8 @@ pub fn frag6(next: u8, offset: u16, more: bool) -> Vec<u8> {
 
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
+pub const RST: u8 = 0x04;
+pub const FIN: u8 = 0x01;
 
 #[must_use]
 pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {

@@ -687,3 +687,42 @@ fn closing_tcp_flows_are_collected_early() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].0.sport, 41001);
 }
+
+/// An RST the local workload sends ends its flow here: the entry goes as the RST passes, and
+/// the peer's later packets are judged by policy again (replies to nothing are dropped). An
+/// RST from the peer — whose address could be forged — only marks the flow closing. Both
+/// conntrack maps (IPv4 and IPv6).
+#[test]
+fn local_reset_ends_the_flow_peer_reset_only_closes_it() {
+    let mut dp = setup("reset");
+    dp.writer().install(&allow(DIR_EGRESS, Some(B), TCP, 80)).unwrap();
+    for (local, peer) in [("10.0.0.1", "10.0.0.2"), ("fd00::1", "fd00::2")] {
+        let f = |src: &str, sport: u16, dst: &str, dport: u16, flags: u8| {
+            if local.contains(':') {
+                frame::frame6(src, dst, TCP, &frame::tcp(sport, dport, flags))
+            } else {
+                frame::frame4(src, dst, TCP, &frame::tcp(sport, dport, flags))
+            }
+        };
+        let entry = |dp: &TestDatapath| {
+            dp.writer().conntrack().unwrap().into_iter().find(|(k, _)| k.sport == 42000).map(|(_, v)| v)
+        };
+        assert_eq!(dp.run(TC_FROM_WORKLOAD, &f(local, 42000, peer, 80, frame::SYN)).unwrap(), TC_ACT_OK);
+        assert_eq!(
+            dp.run(TC_TO_WORKLOAD, &f(peer, 80, local, 42000, frame::SYN | frame::ACK)).unwrap(),
+            TC_ACT_OK
+        );
+        // The peer's RST passes as a reply and only marks the entry closing.
+        assert_eq!(
+            dp.run(TC_TO_WORKLOAD, &f(peer, 80, local, 42000, frame::RST | frame::ACK)).unwrap(),
+            TC_ACT_OK
+        );
+        let e = entry(&dp).expect("entry survives the peer's reset");
+        assert_ne!(e.flags & enforcer_common::CT_F_CLOSING, 0);
+        // The local RST passes and removes the entry.
+        assert_eq!(dp.run(TC_FROM_WORKLOAD, &f(local, 42000, peer, 80, frame::RST)).unwrap(), TC_ACT_OK);
+        assert!(entry(&dp).is_none(), "{local}: entry removed by the local reset");
+        // A late packet of the peer is no reply to anything now.
+        assert_eq!(dp.run(TC_TO_WORKLOAD, &f(peer, 80, local, 42000, frame::ACK)).unwrap(), TC_ACT_SHOT);
+    }
+}
