@@ -189,8 +189,10 @@ impl Datapath {
     /// Take the event reader (once).
     pub fn events(&mut self) -> Result<crate::EventReader, Error> {
         let m = self.ebpf.take_map(map_names::EVENTS).ok_or(Error::MissingMap { name: map_names::EVENTS })?;
-        let ring = aya::maps::RingBuf::try_from(m).map_err(Error::map(map_names::EVENTS))?;
-        Ok(crate::EventReader::new(ring))
+        let aya::maps::Map::RingBuf(data) = m else {
+            return Err(Error::MissingMap { name: map_names::EVENTS });
+        };
+        Ok(crate::EventReader::new(crate::ring::Ring::new(data, map_names::EVENTS)?))
     }
 
     #[must_use]

@@ -25,6 +25,12 @@ pub enum Error {
     MissingProgram { name: &'static str },
     #[error("map {name} is missing from the eBPF object")]
     MissingMap { name: &'static str },
+    #[error("mapping ring buffer {name}")]
+    RingMap {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("program {name}")]
     Program {
         name: &'static str,

@@ -1,15 +1,10 @@
 //! Reading drop, audit and new-flow events from the ring buffer.
 
-use std::{
-    net::IpAddr,
-    os::fd::{AsFd as _, AsRawFd as _},
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
-use aya::maps::{MapData, RingBuf};
 use enforcer_common::{DIR_EGRESS, Event, Reason, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP};
 
-use crate::{Error, addr};
+use crate::{Error, addr, ring::Ring};
 
 /// Verdict of an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -76,7 +71,7 @@ impl FlowEvent {
 
 /// Consumer of the events ring buffer (one per pin directory at a time).
 pub struct EventReader {
-    ring: RingBuf<MapData>,
+    ring: Ring,
 }
 
 impl std::fmt::Debug for EventReader {
@@ -86,28 +81,21 @@ impl std::fmt::Debug for EventReader {
 }
 
 impl EventReader {
-    pub(crate) fn new(ring: RingBuf<MapData>) -> Self {
+    pub(crate) fn new(ring: Ring) -> Self {
         Self { ring }
     }
 
-    /// Next event if one is ready (records of an unknown shape are skipped).
-    pub fn try_next(&mut self) -> Option<FlowEvent> {
-        loop {
-            let item = self.ring.next()?;
-            if let Some(e) = FlowEvent::decode(&item) {
-                return Some(e);
-            }
-        }
-    }
-
-    /// Every event ready now.
+    /// Every event ready now, in order (records of an unknown shape are skipped). The ring's
+    /// consumer position is advanced once for the whole batch.
     pub fn drain(&mut self) -> Vec<FlowEvent> {
-        std::iter::from_fn(|| self.try_next()).collect()
+        let mut out = Vec::new();
+        self.ring.consume(|bytes| out.extend(FlowEvent::decode(bytes)));
+        out
     }
 
     /// Wait up to `timeout` for the ring to have data.
     pub fn wait(&mut self, timeout: Duration) -> Result<bool, Error> {
-        let mut pfd = libc::pollfd { fd: self.ring.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd { fd: self.ring.raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: one pollfd we own.
         let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
@@ -120,6 +108,6 @@ impl EventReader {
     /// The raw file descriptor, for async readiness (tokio `AsyncFd`).
     #[must_use]
     pub fn as_raw_fd(&self) -> i32 {
-        self.ring.as_fd().as_raw_fd()
+        self.ring.raw_fd()
     }
 }

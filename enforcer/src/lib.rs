@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod holder;
 pub mod netns;
+mod ring;
 pub mod time;
 pub mod writer;
 

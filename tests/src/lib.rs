@@ -101,11 +101,16 @@ impl TestDatapath {
 
     /// Run TC program `name` once on `frame` through `BPF_PROG_TEST_RUN`.
     pub fn run(&mut self, name: &'static str, frame: &[u8]) -> Result<u32, ProgramError> {
+        self.run_repeat(name, frame, 1)
+    }
+
+    /// Run TC program `name` `repeat` times on `frame` (one syscall); the last verdict.
+    pub fn run_repeat(&mut self, name: &'static str, frame: &[u8], repeat: u32) -> Result<u32, ProgramError> {
         let prog: &mut SchedClassifier =
             self.dp.program_mut(name).expect("program").try_into().expect("classifier");
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
-        opts.repeat = 1;
+        opts.repeat = repeat;
         prog.test_run(opts).map(|r| r.return_value)
     }
 }
