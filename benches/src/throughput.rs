@@ -165,8 +165,7 @@ fn setup(t: &Topo, dir: &Path, cfg: Config) -> Result<Installed> {
             let s = stop.clone();
             let h = std::thread::spawn(move || {
                 while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = ev.wait(Duration::from_millis(100));
-                    for e in ev.drain() {
+                    for e in ev.batch(Duration::from_millis(100)).unwrap_or_default() {
                         std::hint::black_box(e);
                     }
                 }

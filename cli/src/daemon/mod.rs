@@ -158,8 +158,7 @@ fn spawn_event_reader(
     std::thread::spawn(move || {
         loop {
             // The kernel wakes the reader only for batches; poll on a short timer too.
-            let _ = events.wait(Duration::from_millis(100));
-            for ev in events.drain() {
+            for ev in events.batch(Duration::from_millis(100)).unwrap_or_default() {
                 let (workload, peer, tenant) = {
                     let e = engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     (
