@@ -59,7 +59,7 @@ pub static ZT_CT6: HashMap<CtKey, CtValue> = HashMap::pinned(262_144, 0);
 
 /// Drops, audits and new allowed flows.
 #[map]
-pub static ZT_EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+pub static ZT_EVENTS: RingBuf = RingBuf::pinned(1 << 22, 0);
 
 /// Per-CPU packet counters indexed by `Reason`.
 #[map]

@@ -75,8 +75,8 @@ impl FlowEvent {
 /// Shortest time between two drains of a busy ring in [`EventReader::batch`]. A reader that
 /// follows right behind the kernel's writer reads the cache lines the packet path is writing
 /// next to, and each event then pays for moving lines between cores; a millisecond apart, the
-/// lines it reads are finished. The 1 MiB ring holds about 11,900 events, a millisecond's worth
-/// of one core's new flows at full speed, so nothing is lost by waiting.
+/// lines it reads are finished. The 4 MiB ring holds about 47,600 events, several milliseconds
+/// of one core writing events at full speed, so nothing is lost by waiting.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Consumer of the events ring buffer (one per pin directory at a time).

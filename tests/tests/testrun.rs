@@ -727,8 +727,8 @@ fn local_reset_ends_the_flow_peer_reset_only_closes_it() {
     }
 }
 
-/// Events read in batches keep their order and none is lost or repeated while the 1 MiB ring
-/// wraps around three times (88-byte records, so records straddle the end of the ring).
+/// Events read in batches keep their order and none is lost or repeated while the 4 MiB ring
+/// wraps around (88-byte records, so records straddle the end of the ring).
 #[test]
 fn events_keep_order_across_ring_wraparound() {
     let mut dp = setup("wrap");
@@ -736,9 +736,9 @@ fn events_keep_order_across_ring_wraparound() {
     let before = dp.writer().counters().unwrap()[&Reason::EventLost];
     for batch in 0..12u16 {
         let fr = frame::tcp4("10.0.0.1", 2000 + batch, "10.0.0.2", 81);
-        assert_eq!(dp.run_repeat(TC_FROM_WORKLOAD, &fr, 3000).unwrap(), TC_ACT_SHOT);
+        assert_eq!(dp.run_repeat(TC_FROM_WORKLOAD, &fr, 12_000).unwrap(), TC_ACT_SHOT);
         let ev = events.drain();
-        assert_eq!(ev.len(), 3000, "batch {batch}");
+        assert_eq!(ev.len(), 12_000, "batch {batch}");
         assert!(
             ev.iter().all(|e| e.sport == 2000 + batch
                 && e.dport == 81
