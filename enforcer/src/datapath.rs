@@ -195,6 +195,34 @@ impl Datapath {
         Ok(crate::EventReader::new(crate::ring::Ring::new(data, map_names::EVENTS)?))
     }
 
+    /// Capacity of a pinned map of this data plane.
+    pub fn map_capacity(&self, name: &'static str) -> Result<u32, Error> {
+        let info = aya::maps::MapInfo::from_pin(self.pin_dir.join(name)).map_err(Error::map(name))?;
+        Ok(info.max_entries())
+    }
+
+    /// Maps whose pinned capacity differs from `opts` (pinned maps keep the size they were
+    /// created with): (map, wanted, pinned).
+    pub fn capacity_mismatches(
+        &self,
+        opts: &DatapathOptions,
+    ) -> Result<Vec<(&'static str, u32, u32)>, Error> {
+        let mut out = Vec::new();
+        for (name, want) in [
+            (map_names::POLICY, opts.policy_entries),
+            (map_names::RULES, opts.rule_slots),
+            (map_names::CONNTRACK4, opts.conntrack_entries),
+            (map_names::CONNTRACK6, opts.conntrack_entries),
+            (map_names::IDENTITY, opts.identity_entries),
+        ] {
+            let have = self.map_capacity(name)?;
+            if have != want {
+                out.push((name, want, have));
+            }
+        }
+        Ok(out)
+    }
+
     #[must_use]
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir

@@ -60,6 +60,9 @@ name = "b"
 labels = {{ app = "b" }}
 interface = "hv1"
 ipv4 = "10.77.0.2"
+
+[maps]
+conntrack_entries = 4096
 "#,
             pin = pin_dir.display(),
             sock = socket.display(),
@@ -247,6 +250,8 @@ fn policy_reload_metrics_and_malformed_policy() {
     assert!(metric(&body, "ztseg_packets_total{reason=\"drop_default\"}") >= 5);
     assert_eq!(metric(&body, "ztseg_ready"), 1);
     assert!(body.contains("ztseg_map_capacity{map=\"policy\"}"));
+    // [maps] sizes the maps it creates: conntrack 4096 for each address family.
+    assert_eq!(metric(&body, "ztseg_map_capacity{map=\"conntrack\"}"), 8192, "{body}");
 
     // A malformed file is rejected with file, position and field; the policy in force stays.
     std::fs::write(d.dir.join("policies/bad.yaml"), "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress:\n  - ports:\n    - {port: 70000}\n").unwrap();

@@ -59,6 +59,79 @@ pub struct Config {
     /// Take policy from a controller instead of `policy_dir`.
     #[serde(default)]
     pub controller: Option<ControllerConfig>,
+    /// Map sizes, used when the pin directory's maps are created.
+    #[serde(default)]
+    pub maps: MapsConfig,
+}
+
+/// `[maps]`: capacities of the data plane's maps. They take effect when the maps are created
+/// (first start on a pin directory); pinned maps keep their size across restarts, so resizing
+/// means `ztseg enforcer uninstall` first.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapsConfig {
+    /// Tenant-tier policy entries (keys) over all rules and grants.
+    #[serde(default = "default_policy_entries")]
+    pub policy_entries: u32,
+    /// Rules and grants installed at once.
+    #[serde(default = "default_rule_slots")]
+    pub rule_slots: u32,
+    /// Tracked flows, for IPv4 and again for IPv6.
+    #[serde(default = "default_conntrack_entries")]
+    pub conntrack_entries: u32,
+    /// Addresses with a known identity (workloads on every host).
+    #[serde(default = "default_identity_entries")]
+    pub identity_entries: u32,
+}
+
+impl Default for MapsConfig {
+    fn default() -> Self {
+        Self {
+            policy_entries: default_policy_entries(),
+            rule_slots: default_rule_slots(),
+            conntrack_entries: default_conntrack_entries(),
+            identity_entries: default_identity_entries(),
+        }
+    }
+}
+
+impl MapsConfig {
+    /// Largest accepted size of any map: 16 Mi entries (gigabytes of kernel memory beyond).
+    pub const MAX_ENTRIES: u32 = 1 << 24;
+
+    #[must_use]
+    pub fn options(&self) -> enforcer::DatapathOptions {
+        enforcer::DatapathOptions {
+            policy_entries: self.policy_entries,
+            rule_slots: self.rule_slots,
+            conntrack_entries: self.conntrack_entries,
+            identity_entries: self.identity_entries,
+            ..enforcer::DatapathOptions::default()
+        }
+    }
+
+    fn fields(&self) -> [(&'static str, u32, u32); 4] {
+        // (field, value, minimum)
+        [
+            ("policy_entries", self.policy_entries, 64),
+            ("rule_slots", self.rule_slots, 64),
+            ("conntrack_entries", self.conntrack_entries, 1024),
+            ("identity_entries", self.identity_entries, 64),
+        ]
+    }
+}
+
+fn default_policy_entries() -> u32 {
+    enforcer::DatapathOptions::default().policy_entries
+}
+fn default_rule_slots() -> u32 {
+    enforcer::DatapathOptions::default().rule_slots
+}
+fn default_conntrack_entries() -> u32 {
+    enforcer::DatapathOptions::default().conntrack_entries
+}
+fn default_identity_entries() -> u32 {
+    enforcer::DatapathOptions::default().identity_entries
 }
 
 /// `[controller]`: where the controller is and which enrolled identity to use.
@@ -251,6 +324,14 @@ impl Config {
         if self.policy_poll_ms == 0 {
             return Err(err("policy_poll_ms".into(), "must be at least 1".into()));
         }
+        for (field, value, min) in self.maps.fields() {
+            if !(min..=MapsConfig::MAX_ENTRIES).contains(&value) {
+                return Err(err(
+                    format!("maps.{field}"),
+                    format!("{value} is outside {min}..={}", MapsConfig::MAX_ENTRIES),
+                ));
+            }
+        }
         for (i, f) in self.failsafe.iter().enumerate() {
             parse_failsafe(f).map_err(|m| err(format!("failsafe[{i}]"), m))?;
         }
@@ -365,6 +446,23 @@ mod tests {
         assert_eq!(cfg.workloads.len(), 3);
         assert!(cfg.is_local(&cfg.workloads[0]));
         assert!(!cfg.is_local(&cfg.workloads[2]));
+    }
+
+    #[test]
+    fn map_sizes_are_configured_and_checked() {
+        let cfg = load("[maps]\nconntrack_entries = 1048576\npolicy_entries = 200000\n", &[]).unwrap();
+        let o = cfg.maps.options();
+        assert_eq!((o.conntrack_entries, o.policy_entries), (1_048_576, 200_000));
+        assert_eq!(o.rule_slots, enforcer::DatapathOptions::default().rule_slots);
+        let e = load("[maps]\nconntrack_entries = 0\n", &[]).unwrap_err();
+        assert_eq!(e.field, "maps.conntrack_entries", "{e}");
+        let e = load("[maps]\nrule_slots = 99999999\n", &[]).unwrap_err();
+        assert_eq!(e.field, "maps.rule_slots", "{e}");
+        assert!(e.message.contains("99999999"), "{e}");
+        let e = load("[maps]\nconntrack = 5\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("conntrack"), "{e}");
+        let e = load("[maps]\npolicy_entries = -1\n", &[]).unwrap_err();
+        assert!(e.field.contains("policy_entries"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use enforcer::{Datapath, DatapathOptions, Rule, TcHook, Workload, writer::Action};
+use enforcer::{Datapath, Rule, TcHook, Workload, writer::Action};
 use enforcer_common::{DIR_EGRESS, DIR_INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 use serde::{Deserialize, Serialize};
 
@@ -119,7 +119,13 @@ impl Engine {
     /// which the daemon retries until every local workload's interface exists.
     pub fn open(cfg: Config) -> Result<Self> {
         enforcer::datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
-        let dp = Datapath::open(&cfg.pin_dir, &DatapathOptions::default())?;
+        let dp = Datapath::open(&cfg.pin_dir, &cfg.maps.options())?;
+        for (map, want, have) in dp.capacity_mismatches(&cfg.maps.options())? {
+            super::log::info(
+                "pinned map keeps its size; `ztseg enforcer uninstall` then start again to resize",
+                &[("map", map), ("configured", &want.to_string()), ("pinned", &have.to_string())],
+            );
+        }
         let mut workloads = cfg.workloads.clone();
         let config_workloads = workloads.len();
         // Workloads added through the API in an earlier run.

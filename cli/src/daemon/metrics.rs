@@ -93,10 +93,14 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE ztseg_map_capacity gauge");
         let (slots, slot_cap) = w.slots();
         let ct = w.conntrack_len();
+        let ct_cap: u64 = [enforcer_common::map_names::CONNTRACK4, enforcer_common::map_names::CONNTRACK6]
+            .iter()
+            .map(|m| engine.dp.map_capacity(m).map_or(0, u64::from))
+            .sum();
         for (map, used, cap) in [
             ("policy", w.policy_len() as u64, u64::from(w.policy_capacity())),
             ("rules", u64::from(slots), u64::from(slot_cap)),
-            ("conntrack", ct as u64, 0),
+            ("conntrack", ct as u64, ct_cap),
         ] {
             let _ = writeln!(out, "ztseg_map_entries{{map=\"{map}\"}} {used}");
             if cap > 0 {
