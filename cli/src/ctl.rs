@@ -264,6 +264,13 @@ pub struct RunArgs {
     /// SIEM sink (repeatable): `file:PATH`, `syslog:HOST:PORT`, `http://HOST:PORT/PATH`.
     #[arg(long, env = "ZTSEG_SIEM", value_delimiter = ',')]
     pub siem: Vec<String>,
+    /// Failed TLS handshakes audited in full per source address and window; further ones in
+    /// the window are counted into one `tls.rejected.suppressed` record.
+    #[arg(long, env = "ZTSEG_AUDIT_REJECTED_PER_PEER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub audit_rejected_per_peer: u32,
+    /// Length of that window in seconds.
+    #[arg(long, env = "ZTSEG_AUDIT_REJECTED_WINDOW", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub audit_rejected_window: u64,
 }
 
 pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
@@ -314,6 +321,10 @@ pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
         store,
         name,
         siem: a.siem,
+        rejected_audit: ztseg_controller::limit::RejectPolicy {
+            per_peer: a.audit_rejected_per_peer,
+            window: std::time::Duration::from_secs(a.audit_rejected_window),
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {

@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod auth;
 pub mod docs;
+pub mod limit;
 pub mod pki;
 pub mod server;
 pub mod service;

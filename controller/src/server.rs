@@ -47,6 +47,8 @@ pub struct Config {
     pub name: String,
     /// SIEM sinks (`file:PATH`, `syslog:HOST:PORT`, `http://HOST:PORT/PATH`).
     pub siem: Vec<String>,
+    /// How many rejected handshakes per source address and window are audited in full.
+    pub rejected_audit: crate::limit::RejectPolicy,
 }
 
 /// `ztseg controller init`: create the CA, the server certificate and a first admin identity
@@ -114,51 +116,33 @@ pub async fn run(
     let ca = Ca::load(&cfg.data_dir)?;
     let store = open_store(&cfg).await?;
     let ctl = Ctl::new(store, ca);
-    let (rej_tx, mut rej_rx) = mpsc::unbounded_channel::<(SocketAddr, String)>();
+    let (rej_tx, rej_rx) = mpsc::unbounded_channel::<(SocketAddr, String)>();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&cfg.data_dir)?));
     let listener =
         tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
 
-    // Rejected handshakes → audit (batched).
-    {
-        let ctl = ctl.clone();
-        tokio::spawn(async move {
-            while let Some(first) = rej_rx.recv().await {
-                let mut batch = vec![first];
-                while let Ok(m) = rej_rx.try_recv() {
-                    batch.push(m);
-                }
-                let drafts = batch
-                    .into_iter()
-                    .map(|(peer, m)| {
-                        audit::Draft::new(
-                            "anonymous",
-                            "tls.rejected",
-                            "denied",
-                            serde_json::json!({ "peer": peer.to_string(), "reason": m }),
-                        )
-                    })
-                    .collect();
-                if let Err(e) = ctl.audit(drafts).await {
-                    eprintln!("{}", log_line("error", "audit append failed", &[("error", &e.to_string())]));
-                }
-            }
-        });
-    }
+    spawn_reject_auditor(ctl.clone(), rej_rx, cfg.rejected_audit);
     for sink in &cfg.siem {
         let exporter = crate::siem::Exporter::new(sink, ctl.store.clone(), ctl.appended.clone())?;
         tokio::spawn(exporter.run());
     }
 
     let (conn_tx, conn_rx) = mpsc::channel(64);
+    let pending = Arc::new(tokio::sync::Semaphore::new(crate::limit::MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let Ok((tcp, peer)) = listener.accept().await else { continue };
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                drop(tcp);
+                let _ = rej_tx.send((peer, "too many TLS handshakes in progress".into()));
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let conn_tx = conn_tx.clone();
             let rej_tx = rej_tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
@@ -196,6 +180,64 @@ pub async fn run(
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), shutdown)
         .await?;
     Ok(())
+}
+
+/// Audit rejected handshakes: batched, at most `policy.per_peer` records per source address
+/// and window; the rest are counted into one `tls.rejected.suppressed` record per window.
+fn spawn_reject_auditor(
+    ctl: Arc<Ctl>,
+    mut rej_rx: mpsc::UnboundedReceiver<(SocketAddr, String)>,
+    policy: crate::limit::RejectPolicy,
+) {
+    let mut limiter = crate::limit::RejectLimiter::new(policy);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut drafts = Vec::new();
+            tokio::select! {
+                first = rej_rx.recv() => {
+                    let Some(first) = first else { break };
+                    let mut batch = vec![first];
+                    while let Ok(m) = rej_rx.try_recv() {
+                        batch.push(m);
+                    }
+                    let now = std::time::Instant::now();
+                    for (peer, reason) in batch {
+                        if limiter.admit(peer.ip(), now) {
+                            drafts.push(audit::Draft::new(
+                                "anonymous",
+                                "tls.rejected",
+                                "denied",
+                                serde_json::json!({ "peer": peer.to_string(), "reason": reason }),
+                            ));
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    let window_s = limiter.policy().window.as_secs();
+                    for s in limiter.flush(std::time::Instant::now()) {
+                        drafts.push(audit::Draft::new(
+                            "anonymous",
+                            "tls.rejected.suppressed",
+                            "denied",
+                            serde_json::json!({
+                                "peer": s.peer.to_string(),
+                                "count": s.count,
+                                "window_s": window_s,
+                            }),
+                        ));
+                    }
+                }
+            }
+            if drafts.is_empty() {
+                continue;
+            }
+            if let Err(e) = ctl.audit(drafts).await {
+                eprintln!("{}", log_line("error", "audit append failed", &[("error", &e.to_string())]));
+            }
+        }
+    });
 }
 
 /// One structured JSON log line.

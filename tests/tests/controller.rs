@@ -13,6 +13,7 @@ use std::{
     fmt,
     fs::{self, OpenOptions},
     future::Future,
+    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -117,6 +118,8 @@ struct Controller {
     data: PathBuf,
     addr: String,
     siem: Option<PathBuf>,
+    /// Extra `controller run` arguments.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -126,7 +129,7 @@ impl Controller {
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(root.join("cli")).unwrap();
         let data = root.join("data");
-        let c = Self { root, data, addr: String::new(), siem: None, child: None };
+        let c = Self { root, data, addr: String::new(), siem: None, extra: Vec::new(), child: None };
         let out = c.cli(&["controller", "init", "--data-dir", path_str(&c.data)]);
         assert!(out.ok(), "controller init: {out}");
         c
@@ -155,6 +158,7 @@ impl Controller {
             if let Some(s) = &self.siem {
                 cmd.arg("--siem").arg(format!("file:{}", s.display()));
             }
+            cmd.args(&self.extra);
             let mut child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("spawn the controller");
             let sock: SocketAddr = self.addr.parse().unwrap();
             let t0 = Instant::now();
@@ -511,6 +515,42 @@ fn mtls_certificate_from_unknown_ca_is_rejected_in_handshake() {
     let recs = c.audit();
     assert_eq!(count(&recs, "api.denied"), 0, "no refused certificate reached the API: {recs:#?}");
     // The listener is unharmed by the refusals.
+    call(&c.addr, &c.admin_files(), policy_get).expect("admin Policy/Get after the refusals");
+}
+
+/// Failed handshakes are audited in full up to a per-address allowance per window; the rest
+/// are counted into one `tls.rejected.suppressed` record when the window ends, so whoever can
+/// reach the port cannot grow the append-only audit log without bound.
+#[test]
+fn rejected_handshakes_are_audited_up_to_a_bound_per_peer() {
+    let mut c = Controller::init("rejlimit");
+    c.extra = ["--audit-rejected-per-peer", "3", "--audit-rejected-window", "2"].map(String::from).to_vec();
+    c.start();
+    assert_eq!(count(&c.audit(), "tls.rejected"), 0);
+    for _ in 0..10 {
+        // Not TLS at all: one failed handshake per connection.
+        let mut s = TcpStream::connect(&c.addr).unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let _ = s.read(&mut [0u8; 64]);
+    }
+    let t0 = Instant::now();
+    let summary = loop {
+        let recs = c.audit();
+        if let Some(r) = recs.iter().find(|r| r["action"] == "tls.rejected.suppressed") {
+            assert_eq!(count(&recs, "tls.rejected"), 3, "{recs:#?}");
+            break r.clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no summary record after 10 s: {recs:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(summary["detail"]["peer"], "127.0.0.1", "{summary}");
+    assert_eq!(summary["detail"]["count"], 7, "{summary}");
+    assert_eq!(summary["detail"]["window_s"], 2, "{summary}");
+    assert_eq!(summary["actor"], "anonymous", "{summary}");
+    assert_eq!(summary["outcome"], "denied", "{summary}");
+    // Summarised once; the listener still serves.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(count(&c.audit(), "tls.rejected.suppressed"), 1);
     call(&c.addr, &c.admin_files(), policy_get).expect("admin Policy/Get after the refusals");
 }
 

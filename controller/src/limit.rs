@@ -1,0 +1,144 @@
+//! Bounds on what unauthenticated peers can make the controller do.
+//!
+//! Every failed TLS handshake is audited, and the audit log is append-only: without a bound,
+//! anyone who can reach the port could grow it without limit. [`RejectLimiter`] records the
+//! first `per_peer` rejections of each source address in a window in full and counts the rest;
+//! when the window ends, one summary record carries the count. Handshakes in progress are
+//! capped too ([`MAX_PENDING_HANDSHAKES`]), so slow or idle connections cannot pin tasks.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+/// TLS handshakes in progress at once; a connection beyond this is closed at once (and that
+/// rejection is audited like the others).
+pub const MAX_PENDING_HANDSHAKES: usize = 512;
+
+/// Source addresses tracked at once; rejections from further addresses share one bucket
+/// (reported with the unspecified address `::`), so the table itself stays bounded.
+pub const MAX_TRACKED_PEERS: usize = 4096;
+
+/// How many rejected handshakes per source address and window are audited in full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RejectPolicy {
+    pub per_peer: u32,
+    pub window: Duration,
+}
+
+impl Default for RejectPolicy {
+    fn default() -> Self {
+        Self { per_peer: 10, window: Duration::from_mins(1) }
+    }
+}
+
+#[derive(Debug)]
+struct Window {
+    start: Instant,
+    recorded: u32,
+    suppressed: u64,
+}
+
+/// Per-source-address window counters for rejected handshakes.
+#[derive(Debug)]
+pub struct RejectLimiter {
+    policy: RejectPolicy,
+    peers: HashMap<IpAddr, Window>,
+}
+
+/// Rejections of one source address that were counted but not recorded in full.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Suppressed {
+    pub peer: IpAddr,
+    pub count: u64,
+}
+
+impl RejectLimiter {
+    #[must_use]
+    pub fn new(policy: RejectPolicy) -> Self {
+        Self { policy, peers: HashMap::new() }
+    }
+
+    /// Whether a rejection from `peer` at `now` is recorded in full (else it is counted).
+    pub fn admit(&mut self, peer: IpAddr, now: Instant) -> bool {
+        let key = if self.peers.contains_key(&peer) || self.peers.len() < MAX_TRACKED_PEERS {
+            peer
+        } else {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        };
+        let w = self.peers.entry(key).or_insert(Window { start: now, recorded: 0, suppressed: 0 });
+        if w.recorded < self.policy.per_peer {
+            w.recorded += 1;
+            true
+        } else {
+            w.suppressed += 1;
+            false
+        }
+    }
+
+    /// End the windows that are over at `now`: their addresses are forgotten, and those with
+    /// counted rejections are returned for one summary record each.
+    pub fn flush(&mut self, now: Instant) -> Vec<Suppressed> {
+        let window = self.policy.window;
+        let mut out = Vec::new();
+        self.peers.retain(|peer, w| {
+            if now.duration_since(w.start) < window {
+                return true;
+            }
+            if w.suppressed > 0 {
+                out.push(Suppressed { peer: *peer, count: w.suppressed });
+            }
+            false
+        });
+        out.sort_by_key(|s| s.peer);
+        out
+    }
+
+    #[must_use]
+    pub fn policy(&self) -> RejectPolicy {
+        self.policy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn records_per_peer_then_counts_then_summarises_once() {
+        let mut l = RejectLimiter::new(RejectPolicy { per_peer: 3, window: Duration::from_secs(10) });
+        let t0 = Instant::now();
+        let a: Vec<bool> = (0..8).map(|_| l.admit(ip("192.0.2.1"), t0)).collect();
+        assert_eq!(a, [true, true, true, false, false, false, false, false]);
+        // Another address has its own allowance.
+        assert!(l.admit(ip("192.0.2.2"), t0));
+        assert!(l.flush(t0 + Duration::from_secs(9)).is_empty(), "window not over yet");
+        let s = l.flush(t0 + Duration::from_secs(10));
+        assert_eq!(s, [Suppressed { peer: ip("192.0.2.1"), count: 5 }]);
+        assert!(l.flush(t0 + Duration::from_secs(11)).is_empty(), "summarised once");
+        // A new window starts afresh.
+        assert!(l.admit(ip("192.0.2.1"), t0 + Duration::from_secs(12)));
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let mut l = RejectLimiter::new(RejectPolicy { per_peer: 1, window: Duration::from_secs(10) });
+        let t0 = Instant::now();
+        for i in 0..MAX_TRACKED_PEERS {
+            let i = u32::try_from(i).unwrap();
+            assert!(l.admit(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)), t0));
+        }
+        // Further addresses share the overflow bucket: one recorded, the rest counted.
+        assert!(l.admit(ip("203.0.113.1"), t0));
+        assert!(!l.admit(ip("203.0.113.2"), t0));
+        assert!(!l.admit(ip("203.0.113.3"), t0));
+        let s = l.flush(t0 + Duration::from_secs(10));
+        assert_eq!(s, [Suppressed { peer: IpAddr::V6(Ipv6Addr::UNSPECIFIED), count: 2 }]);
+        assert_eq!(l.peers.len(), 0);
+    }
+}
