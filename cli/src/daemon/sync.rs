@@ -238,3 +238,96 @@ async fn apply_update(engine: &Arc<Mutex<Engine>>, u: pb::PolicyUpdate) -> Resul
     })
     .await?
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ztseg_controller::{
+        auth::Role,
+        pki::{self, Ca, ClientFiles},
+        server,
+    };
+
+    use super::*;
+
+    fn validity(files: &ClientFiles) -> (i64, i64) {
+        let pem = std::fs::read_to_string(&files.cert).unwrap();
+        pki::validity_of(&pki::cert_der(&pem).unwrap()).unwrap()
+    }
+
+    /// An enforcer whose certificate is in the last third of its lifetime renews it through
+    /// the controller before connecting: same identity, new key, a later expiry. One that is
+    /// not due keeps its files untouched. Real controller (embedded store) over mTLS.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_certificate_due_for_renewal_is_renewed_before_the_session() {
+        let root = std::env::temp_dir().join(format!("ztseg-renew-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = root.join("controller");
+        server::init(&data, "ztseg.local", &[]).unwrap();
+        let ca = Ca::load(&data).unwrap();
+        let ca_pem = std::fs::read_to_string(data.join(pki::CA_CERT)).unwrap();
+        // 2 h 30 min of lifetime, 2 h of it gone: due. And one issued just now: not due.
+        let now = time::OffsetDateTime::now_utc();
+        let old = ca
+            .issue_client_at(Role::Enforcer, "n1", now - time::Duration::hours(2), Duration::from_mins(150))
+            .unwrap();
+        let fresh = ca.issue_client(Role::Enforcer, "n2", Duration::from_hours(24)).unwrap();
+        let ids = root.join("identity");
+        let due_files = ClientFiles::in_dir(&ids, "n1");
+        due_files.save(&old, &ca_pem).unwrap();
+        let fresh_files = ClientFiles::in_dir(&ids, "n2");
+        fresh_files.save(&fresh, &ca_pem).unwrap();
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listen = listener.local_addr().unwrap();
+        drop(listener);
+        let cfg = server::Config {
+            data_dir: data.clone(),
+            listen,
+            store: server::StoreConfig::Embedded,
+            name: "test".into(),
+            siem: Vec::new(),
+            rejected_audit: ztseg_controller::limit::RejectPolicy::default(),
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let ctl = tokio::spawn(server::run(cfg, async move {
+            let _ = stop_rx.await;
+        }));
+        let t0 = Instant::now();
+        while tokio::net::TcpStream::connect(listen).await.is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "controller did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let endpoint = listen.to_string();
+        let cc = |id: &str| ControllerConfig {
+            endpoint: endpoint.clone(),
+            identity_dir: ids.clone(),
+            identity: Some(id.into()),
+            report_denied: false,
+        };
+        let (nb0, na0) = validity(&due_files);
+        let key0 = std::fs::read(&due_files.key).unwrap();
+        assert!(due(&due_files).unwrap());
+        renew_if_due(&cc("n1"), &due_files).await.unwrap();
+        let (nb1, na1) = validity(&due_files);
+        assert!(nb1 > nb0 && na1 > na0, "renewed: {nb0}..{na0} -> {nb1}..{na1}");
+        assert_ne!(std::fs::read(&due_files.key).unwrap(), key0, "a new key");
+        let der = pki::cert_der(&std::fs::read_to_string(&due_files.cert).unwrap()).unwrap();
+        let id = pki::identity_of(&der, "ztseg.local").unwrap();
+        assert_eq!((id.role, id.name.as_str()), (Role::Enforcer, "n1"));
+        assert!(!due(&due_files).unwrap(), "no longer due");
+        // The renewed identity works for a session.
+        server::connect(&endpoint, &due_files).await.unwrap();
+
+        let before = (std::fs::read(&fresh_files.cert).unwrap(), std::fs::read(&fresh_files.key).unwrap());
+        renew_if_due(&cc("n2"), &fresh_files).await.unwrap();
+        let after = (std::fs::read(&fresh_files.cert).unwrap(), std::fs::read(&fresh_files.key).unwrap());
+        assert_eq!(before, after, "not due: untouched");
+
+        let _ = stop_tx.send(());
+        let _ = ctl.await;
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
