@@ -171,6 +171,11 @@ const CONFIGS: [Config; 6] = [
     Config::Nftables,
 ];
 const ROUNDS: usize = 3;
+/// Quiet time after a configuration is set up and before it is measured: tearing down the
+/// previous configuration (a data plane's maps and programs, 10,000 iptables rules) leaves the
+/// kernel seconds of deferred work that would otherwise land on whichever configuration is
+/// measured next.
+const SETTLE: Duration = Duration::from_secs(3);
 
 impl Config {
     fn name(self) -> String {
@@ -432,6 +437,7 @@ fn main() -> Result<()> {
     for round in 0..ROUNDS {
         for (i, cfg) in CONFIGS.iter().enumerate() {
             let mut guard = setup(&t, &dir, *cfg)?;
+            std::thread::sleep(SETTLE);
             samples[i].push(measure(&t, &format!("{} (round {round})", cfg.name()))?);
             // Grant latency on the 10,000-entry data plane (events on and drained, as under
             // the daemon), once, right after its last traffic measurement.
@@ -470,7 +476,8 @@ fn write_doc(root: &Path, r: &Report) -> Result<()> {
         "Two pods routed through a simulated host (veth pairs, IP forwarding), all configurations measured in one \
          run: TCP connect/accept/close loop for 2 s (connections per second; the client closes with RST so no \
          TIME_WAIT state builds up) and iperf3 bulk TCP for 4 s, in 3 interleaved rounds (every configuration set up \
-         and torn down each round), median per configuration. \
+         and torn down each round, and measured after 3 s of quiet: the previous teardown leaves the kernel \
+         seconds of deferred work), median per configuration. \
          iptables: 10,000-rule linear FORWARD chain, the matching rules last, policy DROP. nftables: one rule \
          matching a 10,000-element `saddr . daddr` set, policy drop. ztseg: TC programs on both host-side \
          interfaces (egress check of A, ingress check of B), conntrack for established packets, a thread draining \

@@ -317,14 +317,20 @@ enum Track {
     Miss,
 }
 
+/// Conntrack lookups of a packet in its own orientation and as a reply. `reply_first`: the
+/// packet is known to answer (a TCP SYN-ACK), so the reply orientation is looked up first and
+/// usually alone; the outcome is the same either way, only the number of lookups differs.
 #[inline(always)]
-fn track<K: Tuple>(key: K, ep: &Endpoint, now: u64, end: Ending) -> Track {
+fn track<K: Tuple>(key: K, ep: &Endpoint, now: u64, end: Ending, reply_first: bool) -> Track {
+    if reply_first && ct_check(&key.swapped(), ep, now, end) == Some(true) {
+        return Track::Pass(Reason::AllowReply);
+    }
     let reinstate = match ct_check(&key, ep, now, end) {
         Some(true) => return Track::Pass(Reason::AllowEstablished),
         Some(false) => true,
         None => false,
     };
-    if ct_check(&key.swapped(), ep, now, end) == Some(true) {
+    if !reply_first && ct_check(&key.swapped(), ep, now, end) == Some(true) {
         Track::Pass(Reason::AllowReply)
     } else if reinstate {
         Track::Reinstate
@@ -350,9 +356,9 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
     let mut reinstate = false;
     if !flow.syn_only {
         let t = if flow.family == 4 {
-            track(key4(flow, dir), ep, ts, ending(flow, dir))
+            track(key4(flow, dir), ep, ts, ending(flow, dir), flow.syn_ack)
         } else {
-            track(key6(flow, dir), ep, ts, ending(flow, dir))
+            track(key6(flow, dir), ep, ts, ending(flow, dir), flow.syn_ack)
         };
         match t {
             Track::Pass(reason) => {
@@ -596,6 +602,7 @@ fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
         },
         link_local: false,
         syn_only: false,
+        syn_ack: false,
         closing: false,
         reset: false,
     };

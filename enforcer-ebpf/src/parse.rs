@@ -41,6 +41,8 @@ pub struct Flow {
     pub link_local: bool,
     /// TCP with SYN set and ACK clear: the first packet of a connection.
     pub syn_only: bool,
+    /// TCP with SYN and ACK: the answer to a connection's first packet (a reply).
+    pub syn_ack: bool,
     /// TCP with FIN or RST: the connection is closing.
     pub closing: bool,
     /// TCP with RST: the connection is over once this packet is through.
@@ -266,7 +268,8 @@ fn parse_l4<P: Packet>(
 ) -> Result<Flow, ParseError> {
     let len = skb.len();
     let (mut sport, mut dport, mut policy_port) = (0u16, 0u16, 0u16);
-    let (mut link_local, mut syn_only, mut closing, mut reset) = (false, false, false, false);
+    let (mut link_local, mut syn_only, mut syn_ack, mut closing, mut reset) =
+        (false, false, false, false, false);
     match proto {
         IPPROTO_TCP => {
             let h = skb.load::<Ports>(off)?;
@@ -278,6 +281,7 @@ fn parse_l4<P: Packet>(
             }
             (sport, dport, policy_port) = ports(&h);
             syn_only = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            syn_ack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
             closing = flags & (TCP_FIN | TCP_RST) != 0;
             reset = flags & TCP_RST != 0;
         }
@@ -315,7 +319,20 @@ fn parse_l4<P: Packet>(
         }
         _ => {}
     }
-    Ok(Flow { saddr, daddr, sport, dport, policy_port, proto, family, link_local, syn_only, closing, reset })
+    Ok(Flow {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        policy_port,
+        proto,
+        family,
+        link_local,
+        syn_only,
+        syn_ack,
+        closing,
+        reset,
+    })
 }
 
 /// Source port, destination port and policy port (the destination port) of a ports header.
