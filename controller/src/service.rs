@@ -589,6 +589,10 @@ impl Policy for Services {
     }
 }
 
+/// Longest time a policy stream of a revoked identity stays open when the revocation was made
+/// at another controller sharing the store (one made here ends it at once).
+pub const REVOCATION_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[tonic::async_trait]
 impl Distribution for Services {
     type SubscribeStream = ReceiverStream<Result<pb::PolicyUpdate, Status>>;
@@ -639,6 +643,9 @@ impl Distribution for Services {
                 tokio::select! {
                     r = heads.changed() => if r.is_err() { return },
                     r = revocations.changed() => if r.is_err() { return },
+                    // A revocation made at another controller of an HA set is not signalled
+                    // here: look again at least this often.
+                    () = tokio::time::sleep(REVOCATION_RECHECK) => {}
                     () = tx.closed() => return,
                 }
             }

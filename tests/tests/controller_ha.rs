@@ -344,7 +344,7 @@ fn two_controllers_survive_losing_an_etcd_member_and_a_controller() {
     let op = ca.issue_client(Role::Operator, "ops", Duration::from_hours(1)).unwrap();
     ClientFiles::in_dir(&ops.0, ops.1).save(&op, &ca.cert_pem).unwrap();
     let subs_dir = tmp.0.join("subs");
-    let sub_files: Vec<ClientFiles> = (1..=3)
+    let sub_files: Vec<ClientFiles> = (1..=4)
         .map(|i| {
             let name = format!("sub-{i}");
             let issued = ca.issue_client(Role::Enforcer, &name, Duration::from_hours(1)).unwrap();
@@ -399,6 +399,24 @@ fn two_controllers_survive_losing_an_etcd_member_and_a_controller() {
         let u = s.update(&rt, wait);
         assert_eq!(shape(&u), (2, 1, false, ups(&[("allow.yaml", &allow_a)]), vec![]), "{}", s.what);
     }
+
+    // A revocation made at c1 ends a policy stream held at c2, with no policy change to carry
+    // it: c2 looks again at least every REVOCATION_RECHECK.
+    let mut doomed = Subscriber::start(&rt, &ctls[1], sub_files[3].clone(), 2);
+    let t = Instant::now();
+    let (ok, out, err) =
+        ctls[0].cli(&admin, &["controller", "revoke", "--role", "enforcer", "--name", "sub-4"]);
+    assert!(ok, "revoke at c1: {out}{err}");
+    match doomed.event(&rt, Duration::from_secs(15)) {
+        Event::Failed(m) => assert!(m.contains("revoked"), "{}: {m}", doomed.what),
+        other => panic!("{}: expected the stream to end, got {other:?}", doomed.what),
+    }
+    let took = t.elapsed();
+    assert!(
+        took <= ztseg_controller::service::REVOCATION_RECHECK + Duration::from_secs(3),
+        "revocation at c1 reached the stream at c2 after {took:?}"
+    );
+    eprintln!("revocation at c1 ended the stream at c2 after {took:?}");
 
     // A stale --expected-version is refused at either controller, and commits nothing.
     for c in &ctls {
