@@ -158,17 +158,31 @@ fn spawn_event_reader(
     std::thread::spawn(move || {
         loop {
             // The kernel wakes the reader only for batches; poll on a short timer too.
-            for ev in events.batch(Duration::from_millis(100)).unwrap_or_default() {
-                let (workload, peer, tenant) = {
-                    let e = engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    (
-                        e.workload_name(ev.local_identity)
-                            .unwrap_or_else(|| format!("identity:{}", ev.local_identity)),
-                        e.workload_name(ev.peer_identity)
-                            .unwrap_or_else(|| format!("identity:{}", ev.peer_identity)),
-                        e.tenant_name(ev.local_identity).unwrap_or_default(),
-                    )
-                };
+            let batch = events.batch(Duration::from_millis(100)).unwrap_or_default();
+            if batch.is_empty() {
+                continue;
+            }
+            // Names of every identity in the batch, under one short hold of the engine lock
+            // (not one per event: a flood of drops must not contend with the API and policy).
+            let names: std::collections::HashMap<u32, (Option<String>, Option<String>)> = {
+                let e = engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut m = std::collections::HashMap::new();
+                for ev in &batch {
+                    for id in [ev.local_identity, ev.peer_identity] {
+                        m.entry(id).or_insert_with(|| (e.workload_name(id), e.tenant_name(id)));
+                    }
+                }
+                m
+            };
+            let name = |id: u32| {
+                names.get(&id).and_then(|n| n.0.clone()).unwrap_or_else(|| format!("identity:{id}"))
+            };
+            for ev in batch {
+                let (workload, peer, tenant) = (
+                    name(ev.local_identity),
+                    name(ev.peer_identity),
+                    names.get(&ev.local_identity).and_then(|n| n.1.clone()).unwrap_or_default(),
+                );
                 let verdict = match ev.verdict {
                     Verdict::Allow => "ALLOW",
                     Verdict::Drop => "DROP",
