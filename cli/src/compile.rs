@@ -266,12 +266,30 @@ pub fn compile_admin(
 /// Bring the admin tier of `w` to `desired`: install new rules, replace changed ones in place
 /// (make-before-break), then revoke rules no longer wanted. `current` maps owner → (cookie,
 /// fingerprint) and is updated.
+/// Which part of the desired admin tier [`sync_admin`] brings in.
+///
+/// A policy change touches both tiers, and each tier's update is make-before-break, but the two
+/// cannot switch at one instant. So that no flow is ever allowed that neither version allows,
+/// the admin tier changes in two steps around the tenant tier: first its new and changed DENY
+/// rules only (`Restrictive`: a flow they deny is denied by the new version), then the tenant
+/// tier, then everything else (`All`: allows, passes, removals — a removed DENY no longer
+/// shields tenant allows that the new version has already taken away).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminSync {
+    Restrictive,
+    All,
+}
+
 pub fn sync_admin(
     w: &mut enforcer::writer::Writer,
     desired: &BTreeMap<String, (enforcer::AdminRule, String)>,
     current: &mut BTreeMap<String, (u32, String)>,
+    what: AdminSync,
 ) -> Result<()> {
     for (owner, (rule, fp)) in desired {
+        if what == AdminSync::Restrictive && rule.action != enforcer::writer::Action::Deny {
+            continue;
+        }
         match current.get(owner) {
             Some((_, old_fp)) if old_fp == fp => {}
             Some((cookie, _)) => {
@@ -283,6 +301,9 @@ pub fn sync_admin(
                 current.insert(owner.clone(), (h.cookie, fp.clone()));
             }
         }
+    }
+    if what == AdminSync::Restrictive {
+        return Ok(());
     }
     let gone: Vec<String> = current.keys().filter(|o| !desired.contains_key(*o)).cloned().collect();
     for owner in gone {

@@ -20,7 +20,7 @@ use super::{
     config::{Config, Mode, WorkloadConfig, identity_of, parse_failsafe, tenant_of},
     log,
 };
-use crate::compile;
+use crate::compile::{self, AdminSync};
 
 /// A grant request overlapping a live grant.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +87,13 @@ pub struct Engine {
     /// Controller session state (controller mode).
     pub controller_connected: bool,
     pub controller_last_contact: Option<std::time::Instant>,
+    /// Called after each step of a policy change (`admin-deny`, `tenant`, `admin`) with the
+    /// data plane as it is at that moment: a way to observe the transition (tests, tracing).
+    pub after_step: Option<StepObserver>,
 }
+
+/// See [`Engine::after_step`].
+pub type StepObserver = Box<dyn FnMut(&mut Datapath, &'static str) + Send>;
 
 /// The controller policy this enforcer holds, persisted in the state directory.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -164,6 +170,7 @@ impl Engine {
             controller,
             controller_connected: false,
             controller_last_contact: None,
+            after_step: None,
         })
     }
 
@@ -474,15 +481,18 @@ impl Engine {
         if !errors.is_empty() {
             return Err(self.reject(&errors));
         }
-        // Both tiers or neither: if the tenant tier cannot be installed (a full map), the admin
-        // tier goes back to the version in force.
-        let result = self.apply_admin(&tenant_policies).and_then(|()| {
-            self.apply(&policies).inspect_err(|_| {
-                let previous = self.tenant_policies.clone();
-                if let Err(e) = self.apply_admin(&previous) {
-                    log::error("could not restore the admin tier", &[("error", &format!("{e:#}"))]);
-                }
-            })
+        // Admin DENYs first, then the tenant tier, then the rest of the admin tier (see
+        // `compile::AdminSync`): never a moment that allows what neither version allows.
+        // Both tiers or neither: if a step fails (a full map), both go back to the version in
+        // force.
+        let result = self.apply_steps(&policies, &tenant_policies).inspect_err(|_| {
+            let (previous, previous_admin) = (self.policies.clone(), self.tenant_policies.clone());
+            if let Err(e) = self.apply(&previous) {
+                log::error("could not restore the tenant tier", &[("error", &format!("{e:#}"))]);
+            }
+            if let Err(e) = self.apply_admin(&previous_admin, AdminSync::All) {
+                log::error("could not restore the admin tier", &[("error", &format!("{e:#}"))]);
+            }
         });
         match result {
             Ok(()) => {
@@ -554,11 +564,31 @@ impl Engine {
         Ok(())
     }
 
+    fn apply_steps(
+        &mut self,
+        policies: &[ztseg_policy::NetworkPolicy],
+        tenant_policies: &[ztseg_policy::TenantPolicy],
+    ) -> Result<()> {
+        self.apply_admin(tenant_policies, AdminSync::Restrictive)?;
+        self.observe("admin-deny");
+        self.apply(policies)?;
+        self.observe("tenant");
+        self.apply_admin(tenant_policies, AdminSync::All)?;
+        self.observe("admin");
+        Ok(())
+    }
+
+    fn observe(&mut self, step: &'static str) {
+        if let Some(f) = self.after_step.as_mut() {
+            f(&mut self.dp, step);
+        }
+    }
+
     /// Admin tier from `TenantPolicy` objects (tenant numbers as the data plane knows them).
-    fn apply_admin(&mut self, tenant_policies: &[ztseg_policy::TenantPolicy]) -> Result<()> {
+    fn apply_admin(&mut self, tenant_policies: &[ztseg_policy::TenantPolicy], what: AdminSync) -> Result<()> {
         let desired = compile::compile_admin(tenant_policies, |t| tenant_of(Some(t)))?;
         let mut current = std::mem::take(&mut self.own.admin);
-        let result = compile::sync_admin(&mut self.dp.writer(), &desired, &mut current);
+        let result = compile::sync_admin(&mut self.dp.writer(), &desired, &mut current, what);
         self.own.admin = current;
         self.save_ownership()?;
         result
