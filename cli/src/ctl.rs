@@ -261,7 +261,8 @@ pub struct RunArgs {
     /// Name of this controller instance.
     #[arg(long, env = "ZTSEG_CONTROLLER_NAME")]
     pub name: Option<String>,
-    /// SIEM sink (repeatable): `file:PATH`, `syslog:HOST:PORT`, `http://HOST:PORT/PATH`.
+    /// SIEM sink (repeatable): `file:PATH`, `syslog:HOST:PORT` (UDP), `syslog+tcp:HOST:PORT`,
+    /// `http://HOST:PORT/PATH`.
     #[arg(long, env = "ZTSEG_SIEM", value_delimiter = ',')]
     pub siem: Vec<String>,
     /// Failed TLS handshakes audited in full per source address and window; further ones in

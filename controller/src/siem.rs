@@ -6,10 +6,13 @@
 //! second, so a record reaches its sink within about a second of being written.
 //!
 //! Sinks: `file:PATH` (appended, fsynced per batch), `syslog:HOST:PORT` (RFC 5424 over UDP,
-//! one record per datagram), `http://HOST:PORT/PATH` (HTTP/1.1 POST of a batch as
+//! one record per datagram; UDP has no acknowledgement, a receiver that is down loses records),
+//! `syslog+tcp:HOST:PORT` (RFC 5424 over TCP with octet-counting framing, RFC 6587: a batch
+//! counts as delivered once the receiver has taken every byte and the connection closed
+//! cleanly; otherwise it is sent again), `http://HOST:PORT/PATH` (HTTP/1.1 POST of a batch as
 //! `application/x-ndjson`; any 2xx acknowledges it).
 
-use std::{io::Write as _, path::PathBuf, sync::Arc, time::Duration};
+use std::{fmt::Write as _, io::Write as _, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
@@ -27,6 +30,7 @@ pub const OCSF_VERSION: &str = "1.3.0";
 pub enum Sink {
     File(PathBuf),
     Syslog(String),
+    SyslogTcp(String),
     Http { authority: String, path: String },
 }
 
@@ -44,6 +48,12 @@ impl Sink {
             }
             return Ok(Self::Syslog(a.to_owned()));
         }
+        if let Some(a) = s.strip_prefix("syslog+tcp:") {
+            if !a.contains(':') {
+                bail!("SIEM sink {s:?}: syslog+tcp: needs HOST:PORT");
+            }
+            return Ok(Self::SyslogTcp(a.to_owned()));
+        }
         if let Some(rest) = s.strip_prefix("http://") {
             let (authority, path) =
                 rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
@@ -52,16 +62,25 @@ impl Sink {
             }
             return Ok(Self::Http { authority: authority.to_owned(), path });
         }
-        bail!("SIEM sink {s:?}: use file:PATH, syslog:HOST:PORT or http://HOST:PORT/PATH")
+        bail!(
+            "SIEM sink {s:?}: use file:PATH, syslog:HOST:PORT, syslog+tcp:HOST:PORT or http://HOST:PORT/PATH"
+        )
     }
 
     fn cursor_key(&self) -> String {
         match self {
             Self::File(p) => format!("siem/file:{}", p.display()),
             Self::Syslog(a) => format!("siem/syslog:{a}"),
+            Self::SyslogTcp(a) => format!("siem/syslog+tcp:{a}"),
             Self::Http { authority, path } => format!("siem/http://{authority}{path}"),
         }
     }
+}
+
+/// One RFC 5424 message: `<PRI>1 TIMESTAMP HOST APP PROCID MSGID SD MSG`, facility 13 (log
+/// audit), severity informational; the timestamp is in the JSON.
+fn syslog_message(host: &str, json_line: &str) -> String {
+    format!("<110>1 - {host} ztseg-controller - audit - {json_line}")
 }
 
 /// OCSF `(class_uid, class_name, category_uid, category_name, activity_id, activity_name)`.
@@ -228,10 +247,31 @@ impl Exporter {
                 sock.connect(addr).await.with_context(|| format!("syslog {addr}"))?;
                 let host = hostname();
                 for l in lines.lines() {
-                    // <PRI>1 TIMESTAMP HOST APP PROCID MSGID SD MSG ; facility 13 (log audit), info.
-                    let msg = format!("<110>1 - {host} ztseg-controller - audit - {l}");
-                    sock.send(msg.as_bytes()).await?;
+                    sock.send(syslog_message(&host, l).as_bytes()).await?;
                 }
+            }
+            Sink::SyslogTcp(addr) => {
+                let mut s = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio::net::TcpStream::connect(addr.as_str()),
+                )
+                .await
+                .context("syslog TCP connect timed out")?
+                .with_context(|| format!("syslog+tcp {addr}"))?;
+                let host = hostname();
+                let mut framed = String::new();
+                for l in lines.lines() {
+                    // Octet counting: MSG-LEN SP SYSLOG-MSG.
+                    let m = syslog_message(&host, l);
+                    let _ = write!(framed, "{} {m}", m.len());
+                }
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    s.write_all(framed.as_bytes()).await?;
+                    s.shutdown().await
+                })
+                .await
+                .context("syslog TCP send timed out")?
+                .with_context(|| format!("syslog+tcp {addr}"))?;
             }
             Sink::Http { authority, path } => {
                 let mut s = tokio::time::timeout(
@@ -278,6 +318,8 @@ mod tests {
         );
         assert!(Sink::parse("ftp://x").unwrap_err().to_string().contains("file:PATH"));
         assert!(Sink::parse("syslog:nohost").is_err());
+        assert_eq!(Sink::parse("syslog+tcp:10.0.0.9:6514").unwrap(), Sink::SyslogTcp("10.0.0.9:6514".into()));
+        assert!(Sink::parse("syslog+tcp:nohost").is_err());
     }
 
     #[test]

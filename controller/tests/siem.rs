@@ -115,3 +115,52 @@ async fn http_sink_retries_a_failed_batch_and_loses_nothing() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Split octet-counted syslog frames (`MSG-LEN SP MSG`, RFC 6587) into messages.
+fn frames(mut data: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let sp = data.iter().position(|&b| b == b' ').expect("frame length");
+        let len: usize = std::str::from_utf8(&data[..sp]).unwrap().parse().expect("numeric length");
+        out.push(String::from_utf8(data[sp + 1..sp + 1 + len].to_vec()).unwrap());
+        data = &data[sp + 1 + len..];
+    }
+    out
+}
+
+/// syslog over TCP: RFC 5424 messages in octet-counted frames. The receiver is down when the
+/// records are written; the batch is sent again until it is taken, and every record arrives
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syslog_tcp_sink_frames_records_and_resends_until_taken() {
+    let (store, dir) = store("syslog-tcp");
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(Exporter::new(&format!("syslog+tcp:{addr}"), store.clone(), wake.clone()).unwrap().run());
+    store.append_audit((0..3).map(denied).collect()).await.unwrap();
+    wake.notify_one();
+    // At least one delivery attempt fails while nothing listens.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let mut msgs = Vec::new();
+    while msgs.len() < 3 {
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .expect("a delivery")
+            .unwrap();
+        let mut data = Vec::new();
+        c.read_to_end(&mut data).await.unwrap();
+        msgs.extend(frames(&data));
+    }
+    assert_eq!(msgs.len(), 3, "{msgs:#?}");
+    for (want, msg) in (1..=3u64).zip(&msgs) {
+        assert!(msg.starts_with("<110>1 - "), "{msg}");
+        let v: serde_json::Value = serde_json::from_str(&msg[msg.find('{').unwrap()..]).unwrap();
+        assert_eq!(v["metadata"]["sequence"], want, "{v}");
+        assert_eq!(v["unmapped"]["action"], "api.denied");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
