@@ -265,8 +265,9 @@ pub struct RunArgs {
     /// `http://HOST:PORT/PATH`.
     #[arg(long, env = "ZTSEG_SIEM", value_delimiter = ',')]
     pub siem: Vec<String>,
-    /// Failed TLS handshakes audited in full per source address and window; further ones in
-    /// the window are counted into one `tls.rejected.suppressed` record.
+    /// Failed TLS handshakes, and refused anonymous calls, audited in full per source address
+    /// and window; further ones are counted into one `tls.rejected.suppressed` /
+    /// `anonymous.suppressed` record when the window ends.
     #[arg(long, env = "ZTSEG_AUDIT_REJECTED_PER_PEER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub audit_rejected_per_peer: u32,
     /// Length of that window in seconds.

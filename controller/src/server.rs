@@ -115,7 +115,23 @@ pub async fn run(
 ) -> Result<()> {
     let ca = Ca::load(&cfg.data_dir)?;
     let store = open_store(&cfg).await?;
-    let ctl = Ctl::new(store, ca);
+    let ctl = Ctl::new(store, ca, cfg.rejected_audit);
+    // Summaries of refused anonymous calls counted but not recorded, as their windows end.
+    {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let drafts = ctl.anonymous_summaries();
+                if !drafts.is_empty()
+                    && let Err(e) = ctl.audit(drafts).await
+                {
+                    eprintln!("{}", log_line("error", "audit append failed", &[("error", e.message())]));
+                }
+            }
+        });
+    }
     let (rej_tx, rej_rx) = mpsc::unbounded_channel::<(SocketAddr, String)>();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&cfg.data_dir)?));
     let listener =

@@ -49,6 +49,9 @@ pub struct Ctl {
     history: std::sync::OnceLock<String>,
     /// Last status written per enforcer: (version, error, when).
     reported: Mutex<std::collections::HashMap<String, (u64, String, std::time::Instant)>>,
+    /// Bounds audit records of refused anonymous calls (no or unusable certificate, failed
+    /// enrollment) per source address; see [`crate::limit`].
+    anonymous: Mutex<crate::limit::RejectLimiter>,
 }
 
 impl std::fmt::Debug for Ctl {
@@ -72,9 +75,12 @@ fn peer_addr<T>(req: &Request<T>) -> String {
 }
 
 impl Ctl {
+    /// `anonymous`: how many refused anonymous calls per source address and window are
+    /// audited in full.
     #[must_use]
-    pub fn new(store: Arc<dyn Store>, ca: Ca) -> Arc<Self> {
+    pub fn new(store: Arc<dyn Store>, ca: Ca, anonymous: crate::limit::RejectPolicy) -> Arc<Self> {
         Arc::new(Self {
+            anonymous: Mutex::new(crate::limit::RejectLimiter::new(anonymous)),
             store,
             ca,
             appended: Arc::new(Notify::new()),
@@ -83,6 +89,41 @@ impl Ctl {
             reported: Mutex::new(std::collections::HashMap::new()),
             history: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Audit a refused anonymous call from `peer`, unless that address has used up its
+    /// allowance for the window (then it is only counted, see [`Ctl::anonymous_summaries`]).
+    pub async fn audit_anonymous(&self, peer: &str, draft: audit::Draft) -> Result<(), Status> {
+        let ip = peer
+            .parse::<SocketAddr>()
+            .map_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), |a| a.ip());
+        let admit = self
+            .anonymous
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(ip, std::time::Instant::now());
+        if admit {
+            self.audit(vec![draft]).await?;
+        }
+        Ok(())
+    }
+
+    /// One `anonymous.suppressed` record per source address whose window ended with refused
+    /// anonymous calls that were counted but not recorded.
+    pub fn anonymous_summaries(&self) -> Vec<audit::Draft> {
+        let mut l = self.anonymous.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let window_s = l.policy().window.as_secs();
+        l.flush(std::time::Instant::now())
+            .into_iter()
+            .map(|s| {
+                audit::Draft::new(
+                    "anonymous",
+                    "anonymous.suppressed",
+                    "denied",
+                    serde_json::json!({ "peer": s.peer.to_string(), "count": s.count, "window_s": window_s }),
+                )
+            })
+            .collect()
     }
 
     /// Append audit records; an audit failure is logged, never silently dropped.
@@ -112,13 +153,19 @@ impl Ctl {
         let path = format!("/ztseg.controller.v1.{rpc}");
         let addr = peer_addr(req);
         let deny = |actor: String, why: String, status: Status| async move {
+            let anonymous = actor == "anonymous";
             let d = audit::Draft::new(
                 actor,
                 "api.denied",
                 "denied",
                 serde_json::json!({ "rpc": path, "peer": addr, "reason": why }),
             );
-            if let Err(e) = self.audit(vec![d]).await {
+            let recorded = if anonymous {
+                self.audit_anonymous(&addr, d).await
+            } else {
+                self.audit(vec![d]).await.map(drop)
+            };
+            if let Err(e) = recorded {
                 eprintln!(
                     "{}",
                     crate::server::log_line(
@@ -363,7 +410,7 @@ impl Enrollment for Services {
         };
         let tok = self.0.store.take_token(token_hash(&r.token)).await.map_err(|e| store_status(&e))?;
         let Some(tok) = tok.filter(|t| t.expires_ms > crate::now_ms()) else {
-            self.0.audit(vec![fail("unknown, used or expired join token")]).await?;
+            self.0.audit_anonymous(&addr, fail("unknown, used or expired join token")).await?;
             return Err(Status::unauthenticated("join token unknown, already used or expired"));
         };
         let role: Role = tok.role.parse().map_err(|e| Status::internal(format!("{e}")))?;

@@ -554,6 +554,55 @@ fn rejected_handshakes_are_audited_up_to_a_bound_per_peer() {
     call(&c.addr, &c.admin_files(), policy_get).expect("admin Policy/Get after the refusals");
 }
 
+/// Refused anonymous calls — no client certificate, an unknown join token — are audited in
+/// full up to the per-address allowance of a window; the rest are counted into one
+/// `anonymous.suppressed` record when the window ends.
+#[test]
+fn refused_anonymous_calls_are_audited_up_to_a_bound_per_peer() {
+    let mut c = Controller::init("anonlimit");
+    c.extra = ["--audit-rejected-per-peer", "3", "--audit-rejected-window", "2"].map(String::from).to_vec();
+    c.start();
+    for _ in 0..4 {
+        let e = call(&c.addr, &c.anonymous(), policy_get).expect_err("anonymous Policy/Get");
+        assert_eq!(e.code, Some(Code::Unauthenticated), "{e:?}");
+    }
+    let ca = c.data.join("ca.pem");
+    let dir = c.root.join("nobody");
+    for _ in 0..2 {
+        let out = c.cli(&[
+            "enroll",
+            "--ca",
+            path_str(&ca),
+            "--token",
+            "ztseg-join-guess",
+            "--out",
+            path_str(&dir),
+            "--identity",
+            "x",
+        ]);
+        assert!(!out.ok(), "a guessed token enrolled: {out}");
+    }
+    let t0 = Instant::now();
+    let summary = loop {
+        let recs = c.audit();
+        if let Some(r) = recs.iter().find(|r| r["action"] == "anonymous.suppressed") {
+            let full = count(&recs, "api.denied") + count(&recs, "enroll");
+            assert_eq!(full, 3, "three refusals recorded in full: {recs:#?}");
+            break r.clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no summary record after 10 s: {recs:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(summary["detail"]["peer"], "127.0.0.1", "{summary}");
+    assert_eq!(summary["detail"]["count"], 3, "{summary}");
+    assert_eq!(summary["outcome"], "denied", "{summary}");
+    // A new window records again.
+    call(&c.addr, &c.anonymous(), policy_get).expect_err("anonymous Policy/Get");
+    c.wait_audit("api.denied in a new window", |r| {
+        r["action"] == "api.denied" && r["seq"].as_u64().unwrap_or(0) > summary["seq"].as_u64().unwrap_or(0)
+    });
+}
+
 /// (c) A certificate from the right CA outside its validity period (expired, and not yet
 /// valid) is refused in the handshake and recorded as `tls.rejected`.
 #[test]
