@@ -105,9 +105,9 @@ fn emit(flow: &Flow, ep: &Endpoint, peer: &IdentityInfo, meta: u64, cookie: u32)
         (*e).ifindex = (meta >> 32) as u32;
         (*e).saddr = flow.saddr;
         (*e).daddr = flow.daddr;
-        (*e).sport = flow.sport;
+        (*e).sport = flow.sport();
         (*e).dport = flow.policy_port;
-        (*e).proto = flow.proto;
+        (*e).proto = flow.proto();
         (*e).family = flow.family;
         (*e).dir = (meta >> 16) as u8;
         (*e).verdict = meta as u8;
@@ -171,22 +171,11 @@ fn ct_live(ct: &CtValue, ep: &Endpoint) -> bool {
 
 // Conntrack keys are built and turned around as whole 32-bit words: a key assembled from 8-
 // and 16-bit stores and then hashed with 32-bit loads stalls the CPU on every mixed word (no
-// store-to-load forwarding), which costs more than the hash itself. The word layout assumes a
-// little-endian target, like the port and flag packing below.
+// store-to-load forwarding), which costs more than the hash itself. The parser keeps ports
+// and protocol as such words (`Flow::ports`, `Flow::proto_dir`), so an IPv6 key is the flow
+// itself and an IPv4 key four word copies. The word layout assumes a little-endian target.
 #[cfg(not(target_endian = "little"))]
 compile_error!("conntrack key packing assumes a little-endian BPF target");
-
-/// Word 0 of a key's tail: source port, destination port.
-#[inline(always)]
-fn ports_word(flow: &Flow) -> u32 {
-    u32::from(flow.sport) | (u32::from(flow.dport) << 16)
-}
-
-/// Word 1 of a key's tail: protocol, direction, zero padding.
-#[inline(always)]
-fn proto_dir_word(flow: &Flow, dir: u8) -> u32 {
-    u32::from(flow.proto) | (u32::from(dir) << 8)
-}
 
 /// A conntrack key type and the map that holds it.
 trait Tuple: Sized + 'static {
@@ -236,19 +225,12 @@ impl Tuple for CtKey {
     }
 }
 
+/// The IPv4 conntrack key of a flow whose direction is set.
 #[inline(always)]
-fn key4(flow: &Flow, dir: u8) -> CtKey4 {
-    let w = [flow.saddr[3], flow.daddr[3], ports_word(flow), proto_dir_word(flow, dir)];
+fn key4(flow: &Flow) -> CtKey4 {
+    let w = [flow.saddr[3], flow.daddr[3], flow.ports, flow.proto_dir];
     // SAFETY: CtKey4 is repr(C), four u32 words in this order (saddr, daddr, ports, proto/dir).
     unsafe { core::mem::transmute::<[u32; 4], CtKey4>(w) }
-}
-
-#[inline(always)]
-fn key6(flow: &Flow, dir: u8) -> CtKey {
-    let (s, d) = (&flow.saddr, &flow.daddr);
-    let w = [s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], ports_word(flow), proto_dir_word(flow, dir)];
-    // SAFETY: CtKey is repr(C), ten u32 words in this order (saddr, daddr, ports, proto/dir).
-    unsafe { core::mem::transmute::<[u32; 10], CtKey>(w) }
 }
 
 /// How a packet ends its flow, for the conntrack entry it passes on.
@@ -321,11 +303,11 @@ enum Track {
 /// packet is known to answer (a TCP SYN-ACK), so the reply orientation is looked up first and
 /// usually alone; the outcome is the same either way, only the number of lookups differs.
 #[inline(always)]
-fn track<K: Tuple>(key: K, ep: &Endpoint, now: u64, end: Ending, reply_first: bool) -> Track {
+fn track<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending, reply_first: bool) -> Track {
     if reply_first && ct_check(&key.swapped(), ep, now, end) == Some(true) {
         return Track::Pass(Reason::AllowReply);
     }
-    let reinstate = match ct_check(&key, ep, now, end) {
+    let reinstate = match ct_check(key, ep, now, end) {
         Some(true) => return Track::Pass(Reason::AllowEstablished),
         Some(false) => true,
         None => false,
@@ -356,9 +338,9 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
     let mut reinstate = false;
     if !flow.syn_only {
         let t = if flow.family == 4 {
-            track(key4(flow, dir), ep, ts, ending(flow, dir), flow.syn_ack)
+            track(&key4(flow), ep, ts, ending(flow, dir), flow.syn_ack)
         } else {
-            track(key6(flow, dir), ep, ts, ending(flow, dir), flow.syn_ack)
+            track(flow.key6(), ep, ts, ending(flow, dir), flow.syn_ack)
         };
         match t {
             Track::Pass(reason) => {
@@ -375,14 +357,14 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
     let peer = peer_identity(cfg, peer_addr);
 
     let (allow, reason, cookie, slot, flags) = if cfg.failsafe_count != 0
-        && flow.proto != IPPROTO_ICMP
-        && flow.proto != IPPROTO_ICMPV6
-        && failsafe(cfg, flow.proto, flow.policy_port)
+        && flow.proto() != IPPROTO_ICMP
+        && flow.proto() != IPPROTO_ICMPV6
+        && failsafe(cfg, flow.proto(), flow.policy_port)
     {
         (true, Reason::AllowFailsafe, 0, SLOT_NONE, CT_F_FAILSAFE)
     } else {
         let local = Local { identity: ep.identity, tenant: ep.tenant };
-        let d = decide(cfg, &local, &peer, dir, flow.proto, flow.policy_port);
+        let d = decide(cfg, &local, &peer, dir, flow.proto(), flow.policy_port);
         (d.allow, d.reason, d.cookie, d.slot, 0)
     };
 
@@ -391,7 +373,7 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
     // packet that policy allows passes without state, so the side that answered a connection
     // can never become its initiator — which would let the real initiator's packets pass as
     // "replies" after its grant was revoked.
-    let stateful = flow.proto != IPPROTO_TCP || flow.syn_only || reinstate || audit;
+    let stateful = flow.proto() != IPPROTO_TCP || flow.syn_only || reinstate || audit;
     if allow && !stateful {
         count(reason);
         return true;
@@ -407,9 +389,9 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
             flags: if audit { CT_F_AUDIT } else { flags },
         };
         let inserted = if flow.family == 4 {
-            ZT_CT4.insert(&key4(flow, dir), &value, 0)
+            ZT_CT4.insert(&key4(flow), &value, 0)
         } else {
-            ZT_CT6.insert(&key6(flow, dir), &value, 0)
+            ZT_CT6.insert(flow.key6(), &value, 0)
         };
         if inserted.is_err() {
             count(Reason::CtFull);
@@ -473,7 +455,7 @@ fn tc_main(ctx: &TcContext, dir: u8) -> i32 {
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*skb.skb).ifindex };
     let mut flow = MaybeUninit::<Flow>::uninit();
-    let flow = match parse::parse_l2(&parse::Direct::new(skb), &mut flow) {
+    let mut flow = match parse::parse_l2(&parse::Direct::new(skb), &mut flow) {
         // SAFETY: the parser initialised the flow, as it does whenever it returns Ok.
         Ok(()) => unsafe { flow.assume_init() },
         Err(e) => {
@@ -496,6 +478,7 @@ fn tc_main(ctx: &TcContext, dir: u8) -> i32 {
         emit(&flow, ep, &peer, meta(VERDICT_DROP, Reason::DropSpoofed, dir, ifindex), 0);
         return TC_ACT_SHOT;
     }
+    flow.set_dir(dir);
     if verdict(&flow, ep, dir, ifindex) { TC_ACT_OK } else { TC_ACT_SHOT }
 }
 
@@ -515,7 +498,7 @@ pub fn zt_tc_to_wl(ctx: TcContext) -> i32 {
 fn cg_main(ctx: &SkBuffContext, dir: u8) -> i32 {
     let skb: &SkBuff = &ctx.skb;
     let mut flow = MaybeUninit::<Flow>::uninit();
-    let flow = match parse::parse_l3(&parse::Loaded(skb), &mut flow) {
+    let mut flow = match parse::parse_l3(&parse::Loaded(skb), &mut flow) {
         // SAFETY: the parser initialised the flow, as it does whenever it returns Ok.
         Ok(()) => unsafe { flow.assume_init() },
         Err(e) => {
@@ -537,6 +520,7 @@ fn cg_main(ctx: &SkBuffContext, dir: u8) -> i32 {
     };
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*skb.skb).ifindex };
+    flow.set_dir(dir);
     i32::from(verdict(&flow, ep, dir, ifindex))
 }
 
@@ -591,10 +575,9 @@ fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
     let flow = Flow {
         saddr: [0; 4],
         daddr,
-        sport: 0,
-        dport,
+        ports: u32::from(dport) << 16,
+        proto_dir: u32::from(proto) | (u32::from(DIR_EGRESS) << 8),
         policy_port: dport,
-        proto,
         family: if v6 && (daddr[0] != 0 || daddr[1] != 0 || daddr[2] != enforcer_common::V4_MAPPED_WORD) {
             6
         } else {

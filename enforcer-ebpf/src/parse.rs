@@ -26,16 +26,20 @@ const TCP_ACK: u8 = 0x10;
 const MAX_EXT_HEADERS: usize = 6;
 
 /// A parsed flow. Addresses are IPv4 mapped. `policy_port` is what policy matches: the
-/// destination port, or `ICMP_PORT_BASE | type` for ICMP/ICMPv6. `sport`/`dport` are the
-/// conntrack ports (the echo identifier for ICMP echo).
+/// destination port, or `ICMP_PORT_BASE | type` for ICMP/ICMPv6. The conntrack ports (the echo
+/// identifier for ICMP echo) and the protocol are held as the 32-bit words of a conntrack key,
+/// so the first 40 bytes of a flow are its IPv6 conntrack key ([`Flow::key6`]) once the program
+/// has set the check direction ([`Flow::set_dir`]).
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Flow {
     pub saddr: Addr,
     pub daddr: Addr,
-    pub sport: u16,
-    pub dport: u16,
+    /// Source port | destination port << 16.
+    pub ports: u32,
+    /// Protocol | check direction << 8; the upper half is zero.
+    pub proto_dir: u32,
     pub policy_port: u16,
-    pub proto: u8,
     pub family: u8,
     /// Link-local housekeeping (neighbour discovery, MLD): passes without policy.
     pub link_local: bool,
@@ -47,6 +51,39 @@ pub struct Flow {
     pub closing: bool,
     /// TCP with RST: the connection is over once this packet is through.
     pub reset: bool,
+}
+
+const _: () =
+    assert!(core::mem::offset_of!(Flow, ports) == 32 && core::mem::offset_of!(Flow, proto_dir) == 36);
+const _: () = assert!(core::mem::size_of::<enforcer_common::CtKey>() == 40);
+
+impl Flow {
+    #[inline(always)]
+    pub fn sport(&self) -> u16 {
+        self.ports as u16
+    }
+    #[inline(always)]
+    pub fn dport(&self) -> u16 {
+        (self.ports >> 16) as u16
+    }
+    #[inline(always)]
+    pub fn proto(&self) -> u8 {
+        self.proto_dir as u8
+    }
+    /// Record the direction the flow is checked in (part of its conntrack key), with one
+    /// 32-bit store: the key is read by the map hash in 32-bit words.
+    #[inline(always)]
+    pub fn set_dir(&mut self, dir: u8) {
+        self.proto_dir = (self.proto_dir & 0xff) | (u32::from(dir) << 8);
+    }
+    /// The IPv6 conntrack key of this flow, in place (after [`Flow::set_dir`]).
+    #[inline(always)]
+    pub fn key6(&self) -> &enforcer_common::CtKey {
+        // SAFETY: Flow is repr(C) and starts with saddr, daddr and the two key words, exactly
+        // CtKey's layout on a little-endian target (sport, dport; proto, dir, zero padding);
+        // its alignment (4) satisfies CtKey's; every bit pattern is a valid CtKey.
+        unsafe { &*core::ptr::from_ref(self).cast::<enforcer_common::CtKey>() }
+    }
 }
 
 pub enum ParseError {
@@ -322,10 +359,9 @@ fn parse_l4<P: Packet>(
     Ok(Flow {
         saddr,
         daddr,
-        sport,
-        dport,
+        ports: u32::from(sport) | (u32::from(dport) << 16),
+        proto_dir: u32::from(proto),
         policy_port,
-        proto,
         family,
         link_local,
         syn_only,
