@@ -515,7 +515,7 @@ fn write_doc(root: &Path, r: &Report) -> Result<()> {
          the kernel's BPF run-time accounting on ({:.0} conn/s) measured {:.0} ns per run of the egress-side \
          program and {:.0} ns of the ingress-side one, {:.1} runs per connection (both ends of SYN, SYN-ACK, \
          ACK and RST), about {:.1} µs of program time per connection of the ~{:.0} µs a connection takes \
-         without a filter. Through test-run, with their data hot, the same programs take a fraction of that \
+         without a filter. Through test-run, with their data hot, the same programs take a fraction of \
          that (data-plane table above): in the connect loop their map lookups (conntrack, identity, policy) miss the CPU caches the kernel's \
          TCP work has just used, and the loop is latency-bound (one connection at a time), so every \
          nanosecond of the path is a nanosecond of each connection.\n",
