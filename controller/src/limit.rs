@@ -95,9 +95,21 @@ impl RejectLimiter {
         out
     }
 
-    #[must_use]
-    pub fn policy(&self) -> RejectPolicy {
-        self.policy
+    /// [`Self::flush`] as audit records: one `action` record per address with `peer`, `count`
+    /// and `window_s`, from the anonymous actor.
+    pub fn summaries(&mut self, action: &str, now: Instant) -> Vec<crate::audit::Draft> {
+        let window_s = self.policy.window.as_secs();
+        self.flush(now)
+            .into_iter()
+            .map(|s| {
+                crate::audit::Draft::new(
+                    "anonymous",
+                    action,
+                    "denied",
+                    serde_json::json!({ "peer": s.peer.to_string(), "count": s.count, "window_s": window_s }),
+                )
+            })
+            .collect()
     }
 }
 

@@ -231,19 +231,7 @@ fn spawn_reject_auditor(
                     }
                 }
                 _ = tick.tick() => {
-                    let window_s = limiter.policy().window.as_secs();
-                    for s in limiter.flush(std::time::Instant::now()) {
-                        drafts.push(audit::Draft::new(
-                            "anonymous",
-                            "tls.rejected.suppressed",
-                            "denied",
-                            serde_json::json!({
-                                "peer": s.peer.to_string(),
-                                "count": s.count,
-                                "window_s": window_s,
-                            }),
-                        ));
-                    }
+                    drafts = limiter.summaries("tls.rejected.suppressed", std::time::Instant::now());
                 }
             }
             if drafts.is_empty() {

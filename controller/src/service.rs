@@ -111,19 +111,10 @@ impl Ctl {
     /// One `anonymous.suppressed` record per source address whose window ended with refused
     /// anonymous calls that were counted but not recorded.
     pub fn anonymous_summaries(&self) -> Vec<audit::Draft> {
-        let mut l = self.anonymous.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let window_s = l.policy().window.as_secs();
-        l.flush(std::time::Instant::now())
-            .into_iter()
-            .map(|s| {
-                audit::Draft::new(
-                    "anonymous",
-                    "anonymous.suppressed",
-                    "denied",
-                    serde_json::json!({ "peer": s.peer.to_string(), "count": s.count, "window_s": window_s }),
-                )
-            })
-            .collect()
+        self.anonymous
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .summaries("anonymous.suppressed", std::time::Instant::now())
     }
 
     /// Append audit records; an audit failure is logged, never silently dropped.

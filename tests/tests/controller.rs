@@ -533,16 +533,9 @@ fn rejected_handshakes_are_audited_up_to_a_bound_per_peer() {
         s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
         let _ = s.read(&mut [0u8; 64]);
     }
-    let t0 = Instant::now();
-    let summary = loop {
-        let recs = c.audit();
-        if let Some(r) = recs.iter().find(|r| r["action"] == "tls.rejected.suppressed") {
-            assert_eq!(count(&recs, "tls.rejected"), 3, "{recs:#?}");
-            break r.clone();
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "no summary record after 10 s: {recs:#?}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let summary = c.wait_audit("tls.rejected.suppressed", |r| r["action"] == "tls.rejected.suppressed");
+    let recs = c.audit();
+    assert_eq!(count(&recs, "tls.rejected"), 3, "{recs:#?}");
     assert_eq!(summary["detail"]["peer"], "127.0.0.1", "{summary}");
     assert_eq!(summary["detail"]["count"], 7, "{summary}");
     assert_eq!(summary["detail"]["window_s"], 2, "{summary}");
@@ -582,17 +575,10 @@ fn refused_anonymous_calls_are_audited_up_to_a_bound_per_peer() {
         ]);
         assert!(!out.ok(), "a guessed token enrolled: {out}");
     }
-    let t0 = Instant::now();
-    let summary = loop {
-        let recs = c.audit();
-        if let Some(r) = recs.iter().find(|r| r["action"] == "anonymous.suppressed") {
-            let full = count(&recs, "api.denied") + count(&recs, "enroll");
-            assert_eq!(full, 3, "three refusals recorded in full: {recs:#?}");
-            break r.clone();
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "no summary record after 10 s: {recs:#?}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let summary = c.wait_audit("anonymous.suppressed", |r| r["action"] == "anonymous.suppressed");
+    let recs = c.audit();
+    let full = count(&recs, "api.denied") + count(&recs, "enroll");
+    assert_eq!(full, 3, "three refusals recorded in full: {recs:#?}");
     assert_eq!(summary["detail"]["peer"], "127.0.0.1", "{summary}");
     assert_eq!(summary["detail"]["count"], 3, "{summary}");
     assert_eq!(summary["outcome"], "denied", "{summary}");
