@@ -136,7 +136,13 @@ impl Controller {
     }
 
     fn started(name: &str) -> Self {
+        Self::started_with(name, &[])
+    }
+
+    /// Started with extra `controller run` arguments.
+    fn started_with(name: &str, extra: &[&str]) -> Self {
         let mut c = Self::init(name);
+        c.extra = extra.iter().map(|a| (*a).to_owned()).collect();
         c.start();
         c
     }
@@ -518,14 +524,15 @@ fn mtls_certificate_from_unknown_ca_is_rejected_in_handshake() {
     call(&c.addr, &c.admin_files(), policy_get).expect("admin Policy/Get after the refusals");
 }
 
+/// A small allowance and a short window for the audit-bound tests.
+const LIMIT_ARGS: [&str; 4] = ["--audit-rejected-per-peer", "3", "--audit-rejected-window", "2"];
+
 /// Failed handshakes are audited in full up to a per-address allowance per window; the rest
 /// are counted into one `tls.rejected.suppressed` record when the window ends, so whoever can
 /// reach the port cannot grow the append-only audit log without bound.
 #[test]
 fn rejected_handshakes_are_audited_up_to_a_bound_per_peer() {
-    let mut c = Controller::init("rejlimit");
-    c.extra = ["--audit-rejected-per-peer", "3", "--audit-rejected-window", "2"].map(String::from).to_vec();
-    c.start();
+    let c = Controller::started_with("rejlimit", &LIMIT_ARGS);
     assert_eq!(count(&c.audit(), "tls.rejected"), 0);
     for _ in 0..10 {
         // Not TLS at all: one failed handshake per connection.
@@ -552,9 +559,7 @@ fn rejected_handshakes_are_audited_up_to_a_bound_per_peer() {
 /// `anonymous.suppressed` record when the window ends.
 #[test]
 fn refused_anonymous_calls_are_audited_up_to_a_bound_per_peer() {
-    let mut c = Controller::init("anonlimit");
-    c.extra = ["--audit-rejected-per-peer", "3", "--audit-rejected-window", "2"].map(String::from).to_vec();
-    c.start();
+    let c = Controller::started_with("anonlimit", &LIMIT_ARGS);
     for _ in 0..4 {
         let e = call(&c.addr, &c.anonymous(), policy_get).expect_err("anonymous Policy/Get");
         assert_eq!(e.code, Some(Code::Unauthenticated), "{e:?}");
