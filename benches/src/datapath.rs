@@ -112,6 +112,7 @@ fn prepare(dir: &Path, entries: u32) -> Result<Datapath> {
         conntrack_entries: CT_ENTRIES,
         identity_entries: 1024,
         flow_events: true,
+        ..DatapathOptions::default()
     };
     let dp = Datapath::open(dir, &opts)?;
     {

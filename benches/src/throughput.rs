@@ -1,5 +1,6 @@
 //! `cargo xtask bench throughput`: two pods routed through a simulated host, measured in one
-//! run under five configurations — no filter; ztseg with 10 and with 10,000 policy entries;
+//! run under these configurations — no filter; ztseg with 10 and with 10,000 policy entries
+//! (and at 10,000: without new-flow events, and without local delivery);
 //! iptables with a 10,000-rule linear FORWARD chain whose matching rule is last; nftables with
 //! a 10,000-element set — for TCP new-connection rate (connect/accept/close loop) and bulk TCP
 //! throughput (iperf3). Then grant latency: library call → first packet of the granted flow
@@ -157,16 +158,23 @@ fn bulk(t: &Topo) -> Result<f64> {
 #[derive(Clone, Copy)]
 enum Config {
     NoFilter,
-    Ztseg { entries: u32, events: bool },
+    /// `local`: local delivery on (the default); off, every packet takes the host's IP
+    /// forwarding path between the two programs.
+    Ztseg {
+        entries: u32,
+        events: bool,
+        local: bool,
+    },
     Iptables,
     Nftables,
 }
 
-const CONFIGS: [Config; 6] = [
+const CONFIGS: [Config; 7] = [
     Config::NoFilter,
-    Config::Ztseg { entries: 10, events: true },
-    Config::Ztseg { entries: 10_000, events: true },
-    Config::Ztseg { entries: 10_000, events: false },
+    Config::Ztseg { entries: 10, events: true, local: true },
+    Config::Ztseg { entries: 10_000, events: true, local: true },
+    Config::Ztseg { entries: 10_000, events: false, local: true },
+    Config::Ztseg { entries: 10_000, events: true, local: false },
     Config::Iptables,
     Config::Nftables,
 ];
@@ -181,8 +189,11 @@ impl Config {
     fn name(self) -> String {
         match self {
             Self::NoFilter => "no filter".into(),
-            Self::Ztseg { entries, events: true } => format!("ztseg {entries}"),
-            Self::Ztseg { entries, events: false } => format!("ztseg {entries} quiet"),
+            Self::Ztseg { entries, events, local } => format!(
+                "ztseg {entries}{}{}",
+                if events { "" } else { " quiet" },
+                if local { "" } else { " kernel path" }
+            ),
             Self::Iptables => "iptables 10000".into(),
             Self::Nftables => "nftables set 10000".into(),
         }
@@ -201,9 +212,10 @@ fn setup(t: &Topo, dir: &Path, cfg: Config) -> Result<Installed> {
     let mut inst = Installed { dp: None, reader: None, cfg };
     match cfg {
         Config::NoFilter => {}
-        Config::Ztseg { entries, events } => {
+        Config::Ztseg { entries, events, local } => {
             let mut dp = ztseg(t, dir, entries)?;
             dp.writer().set_flow_events(events)?;
+            dp.writer().set_local_delivery(local)?;
             let mut ev = dp.events()?;
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let s = stop.clone();
@@ -441,7 +453,9 @@ fn main() -> Result<()> {
             samples[i].push(measure(&t, &format!("{} (round {round})", cfg.name()))?);
             // Grant latency on the 10,000-entry data plane (events on and drained, as under
             // the daemon), once, right after its last traffic measurement.
-            if round == ROUNDS - 1 && matches!(cfg, Config::Ztseg { entries: 10_000, events: true }) {
+            if round == ROUNDS - 1
+                && matches!(cfg, Config::Ztseg { entries: 10_000, events: true, local: true })
+            {
                 grants = Some(grant_latency(&t, guard.dp.as_ref().context("data plane")?)?);
                 situ = in_situ(&t, guard.dp.as_mut().context("data plane")?)?;
             }

@@ -18,7 +18,7 @@ pub type Addr = [u32; 4];
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Layout version of every pinned map. Bump on any change to a type in this crate.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 // ---- reserved identities and tenants -------------------------------------------------------
 
@@ -271,12 +271,15 @@ pub struct Config {
     /// Non-zero: emit an event for every new allowed flow.
     pub flow_events: u32,
     pub failsafe_count: u32,
+    /// Non-zero: hand packets between two local workloads straight to the destination's
+    /// namespace (see [`LINK_F_PEER`]).
+    pub local_delivery: u32,
     /// Written by userspace on creation: [`ABI_VERSION`] of the maps in this pin directory.
     pub abi_version: u32,
     pub failsafe: [Failsafe; MAX_FAILSAFE],
 }
 const _: () =
-    assert!(core::mem::size_of::<Config>() == 4 * (POLICY_SHAPES + ADMIN_SHAPES + 5) + 4 * MAX_FAILSAFE);
+    assert!(core::mem::size_of::<Config>() == 4 * (POLICY_SHAPES + ADMIN_SHAPES + 6) + 4 * MAX_FAILSAFE);
 
 // ---- conntrack ---------------------------------------------------------------------------------
 
@@ -358,6 +361,16 @@ pub const CT_F_AUDIT: u32 = 1;
 pub const CT_F_FAILSAFE: u32 = 2;
 /// A FIN or RST of the flow was seen: userspace GC frees the entry after a short idle time.
 pub const CT_F_CLOSING: u32 = 4;
+/// The flow's first packet went from one local workload straight to another (local
+/// delivery): its later packets may take the same path. A flow that crossed the host's own
+/// stack (and with it any NAT there) never carries this flag, so its replies return the same
+/// way.
+pub const CT_F_LOCAL: u32 = 8;
+
+/// Link flag (`ZT_LINKS`, by interface index): the interface is a veth or netkit device whose
+/// peer lives in another network namespace and the ingress-check program is attached to it, so
+/// a packet for its workload can be handed to the peer directly (`bpf_redirect_peer`).
+pub const LINK_F_PEER: u32 = 1;
 
 /// Idle time after which GC frees the entry of a closing TCP flow.
 pub const CT_CLOSING_IDLE_NS: u64 = 10_000_000_000;
@@ -452,9 +465,12 @@ pub enum Reason {
     CtFull = 17,
     /// Ring-buffer reservation failed: an event was lost.
     EventLost = 18,
+    /// Not a verdict: a packet between two local workloads passed both checks in one program
+    /// run and went straight to the destination's namespace.
+    LocalDelivery = 19,
 }
 
-pub const REASON_COUNT: u32 = 19;
+pub const REASON_COUNT: u32 = 20;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -477,6 +493,7 @@ impl Reason {
         Reason::CtInvalidated,
         Reason::CtFull,
         Reason::EventLost,
+        Reason::LocalDelivery,
     ];
 
     #[must_use]
@@ -507,6 +524,7 @@ impl Reason {
             Reason::CtInvalidated => "ct_invalidated",
             Reason::CtFull => "ct_full",
             Reason::EventLost => "event_lost",
+            Reason::LocalDelivery => "local_delivery",
         }
     }
 }
@@ -529,6 +547,10 @@ pub mod map_names {
     pub const CONNTRACK6: &str = "ZT_CT6";
     pub const EVENTS: &str = "ZT_EVENTS";
     pub const COUNTERS: &str = "ZT_COUNTERS";
+    /// Interface index → link flags ([`super::LINK_F_PEER`]).
+    pub const LINKS: &str = "ZT_LINKS";
+    /// Program array: slot 0 holds the local delivery program.
+    pub const DELIVER: &str = "ZT_DELIVER";
 }
 
 pub mod program_names {
@@ -536,6 +558,8 @@ pub mod program_names {
     pub const TC_FROM_WORKLOAD: &str = "zt_tc_from_wl";
     /// TC program for packets entering a workload (host-side veth egress): ingress check.
     pub const TC_TO_WORKLOAD: &str = "zt_tc_to_wl";
+    /// Local delivery: tail-called from `zt_tc_from_wl`, never attached.
+    pub const TC_DELIVER: &str = "zt_tc_deliver";
     pub const CGROUP_SKB_INGRESS: &str = "zt_cg_ingress";
     pub const CGROUP_SKB_EGRESS: &str = "zt_cg_egress";
     pub const CONNECT4: &str = "zt_connect4";

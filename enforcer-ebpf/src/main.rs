@@ -15,6 +15,7 @@
 
 use core::mem::MaybeUninit;
 
+mod local;
 mod maps;
 mod parse;
 mod policy;
@@ -27,10 +28,10 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, TcContext, sk_buff::SkBuff},
 };
 use enforcer_common::{
-    CT_F_AUDIT, CT_F_CLOSING, CT_F_FAILSAFE, Config, CtKey, CtKey4, CtValue, DIR_EGRESS, DIR_INGRESS,
-    ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_WORLD, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_TCP, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, TENANT_NONE, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DROP,
+    CT_F_AUDIT, CT_F_CLOSING, CT_F_FAILSAFE, CT_F_LOCAL, Config, CtKey, CtKey4, CtValue, DIR_EGRESS,
+    DIR_INGRESS, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_WORLD,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, TENANT_NONE,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 use maps::{
     ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_COUNTERS, ZT_CT4, ZT_CT6, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH, ZT_EVENTS,
@@ -64,6 +65,7 @@ static EMPTY_CONFIG: Config = Config {
     cidr_count: 0,
     flow_events: 0,
     failsafe_count: 0,
+    local_delivery: 0,
     abi_version: 0,
     failsafe: [enforcer_common::Failsafe { port: 0, proto: 0, pad: 0 }; MAX_FAILSAFE],
 };
@@ -257,15 +259,26 @@ fn ending(flow: &Flow, dir: u8) -> Ending {
     }
 }
 
-/// Conntrack hit on `key`: `Some(true)` pass, `Some(false)` entry invalid and removed, `None`
-/// no entry.
+// Conntrack results travel as plain integers: an enum with a payload on only some variants
+// lets the compiler fill the unused payload bits from whatever register is at hand — a map
+// value pointer, which the verifier then refuses to see shifted.
+
+/// [`ct_check`]: no entry.
+const CT_MISS: u32 = 0;
+/// [`ct_check`]: the entry's rule no longer admits it; the entry was removed.
+const CT_DEAD: u32 = 1;
+/// [`ct_check`]: still backed by its rule, pass; the entry's flags are in bits 8 and up.
+const CT_LIVE: u32 = 2;
+
+/// Conntrack lookup of `key`, updating or removing the entry it finds.
 #[inline(always)]
-fn ct_check<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending) -> Option<bool> {
-    let p = K::map().get_ptr_mut(key)?;
+fn ct_check<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending) -> u32 {
+    let Some(p) = K::map().get_ptr_mut(key) else { return CT_MISS };
     // SAFETY: the value stays valid for this program run; races on the statistics fields with
     // other CPUs are benign.
     let ct = unsafe { &mut *p };
     if ct_live(ct, ep) {
+        let flags = ct.flags;
         match end {
             Ending::No => {
                 ct.last_seen_ns = now;
@@ -280,54 +293,64 @@ fn ct_check<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending) -> Option<b
                 let _ = K::map().remove(key);
             }
         }
-        Some(true)
+        CT_LIVE | (flags << 8)
     } else {
         let _ = K::map().remove(key);
         count(Reason::CtInvalidated);
-        Some(false)
+        CT_DEAD
     }
 }
 
-/// What conntrack says about a packet that is not a pure TCP SYN.
-enum Track {
-    /// Part of a tracked flow in this orientation, or a reply to one: pass.
-    Pass(Reason),
-    /// This check point admitted the flow in this orientation before, but its rule no longer
-    /// does (the entry was removed).
-    Reinstate,
-    /// Not tracked.
-    Miss,
-}
+/// [`track`]: not tracked.
+const TRACK_MISS: u32 = 0;
+/// [`track`]: this check point admitted the flow in this orientation before, but its rule no
+/// longer does (the entry was removed).
+const TRACK_REINSTATE: u32 = 1;
+/// [`track`]: a reply to a tracked flow, pass; entry flags in bits 8 and up.
+const TRACK_REPLY: u32 = 2;
+/// [`track`]: a packet of a tracked flow in its own orientation, pass; flags as above.
+const TRACK_ESTABLISHED: u32 = 3;
 
 /// Conntrack lookups of a packet in its own orientation and as a reply. `reply_first`: the
 /// packet is known to answer (a TCP SYN-ACK), so the reply orientation is looked up first and
 /// usually alone; the outcome is the same either way, only the number of lookups differs.
 #[inline(always)]
-fn track<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending, reply_first: bool) -> Track {
-    if reply_first && ct_check(&key.swapped(), ep, now, end) == Some(true) {
-        return Track::Pass(Reason::AllowReply);
+fn track<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending, reply_first: bool) -> u32 {
+    if reply_first {
+        let r = ct_check(&key.swapped(), ep, now, end);
+        if r & 0xff == CT_LIVE {
+            return (r & !0xff) | TRACK_REPLY;
+        }
     }
-    let reinstate = match ct_check(key, ep, now, end) {
-        Some(true) => return Track::Pass(Reason::AllowEstablished),
-        Some(false) => true,
-        None => false,
-    };
-    if !reply_first && ct_check(&key.swapped(), ep, now, end) == Some(true) {
-        Track::Pass(Reason::AllowReply)
-    } else if reinstate {
-        Track::Reinstate
-    } else {
-        Track::Miss
+    let own = ct_check(key, ep, now, end);
+    if own & 0xff == CT_LIVE {
+        return (own & !0xff) | TRACK_ESTABLISHED;
     }
+    if !reply_first {
+        let r = ct_check(&key.swapped(), ep, now, end);
+        if r & 0xff == CT_LIVE {
+            return (r & !0xff) | TRACK_REPLY;
+        }
+    }
+    if own == CT_DEAD { TRACK_REINSTATE } else { TRACK_MISS }
 }
 
-/// The verdict for one parsed packet of the workload `ep`, checked in direction `dir`.
-/// Returns true to pass.
+/// [`verdict`] outcomes.
+const DROP: u32 = 0;
+const PASS: u32 = 1;
+/// Pass, and the flow may take local delivery (its conntrack entry carries [`CT_F_LOCAL`]).
+const PASS_LOCAL: u32 = 2;
+/// Pass; a conntrack entry for the flow was created just now (see [`mark_local`]).
+const PASS_NEW: u32 = 3;
+
+/// The verdict for one parsed packet of the workload `ep`, checked in direction `dir`:
+/// [`DROP`], [`PASS`], [`PASS_LOCAL`] or [`PASS_NEW`]. (Whether the packet goes on by local
+/// delivery is not an argument: the verifier would walk this function once per value.)
 #[inline(never)]
-fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
+fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> u32 {
     if flow.link_local {
         count(Reason::PassLinkLocal);
-        return true;
+        return PASS;
     }
     let ts = coarse_now();
     // A pure TCP SYN opens a new connection: it is never a packet or a reply of a tracked
@@ -342,13 +365,13 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
         } else {
             track(flow.key6(), ep, ts, ending(flow, dir), flow.syn_ack)
         };
-        match t {
-            Track::Pass(reason) => {
-                count(reason);
-                return true;
+        match t & 0xff {
+            TRACK_MISS => {}
+            TRACK_REINSTATE => reinstate = true,
+            kind => {
+                count(if kind == TRACK_REPLY { Reason::AllowReply } else { Reason::AllowEstablished });
+                return if (t >> 8) & CT_F_LOCAL != 0 { PASS_LOCAL } else { PASS };
             }
-            Track::Reinstate => reinstate = true,
-            Track::Miss => {}
         }
     }
 
@@ -376,7 +399,7 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
     let stateful = flow.proto() != IPPROTO_TCP || flow.syn_only || reinstate || audit;
     if allow && !stateful {
         count(reason);
-        return true;
+        return PASS;
     }
     if allow || audit {
         let value = CtValue {
@@ -393,7 +416,8 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
         } else {
             ZT_CT6.insert(flow.key6(), &value, 0)
         };
-        if inserted.is_err() {
+        let tracked = inserted.is_ok();
+        if !tracked {
             count(Reason::CtFull);
         }
         if audit {
@@ -405,11 +429,11 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> bool {
                 emit(flow, ep, &peer, meta(VERDICT_ALLOW, reason, dir, ifindex), cookie);
             }
         }
-        return true;
+        return if tracked { PASS_NEW } else { PASS };
     }
     count(reason);
     emit(flow, ep, &peer, meta(VERDICT_DROP, reason, dir, ifindex), cookie);
-    false
+    DROP
 }
 
 /// Drop reasons that come before any policy (parse errors): counted and reported.
@@ -450,7 +474,7 @@ fn endpoint(ifindex: u32) -> Option<&'static Endpoint> {
 }
 
 #[inline(always)]
-fn tc_main(ctx: &TcContext, dir: u8) -> i32 {
+fn tc_main(ctx: &mut TcContext, dir: u8) -> i32 {
     let skb: &SkBuff = &ctx.skb;
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*skb.skb).ifindex };
@@ -479,19 +503,62 @@ fn tc_main(ctx: &TcContext, dir: u8) -> i32 {
         return TC_ACT_SHOT;
     }
     flow.set_dir(dir);
-    if verdict(&flow, ep, dir, ifindex) { TC_ACT_OK } else { TC_ACT_SHOT }
+    // Local delivery is decided where a workload's packet enters the host: the way is looked
+    // up first, so that conntrack entries the packet creates record whether it took it.
+    let v = verdict(&flow, ep, dir, ifindex);
+    if v == DROP {
+        return TC_ACT_SHOT;
+    }
+    // Local delivery is decided where a workload's packet enters the host, for the first
+    // packet of a flow or a later one of a flow whose first packet took it.
+    if dir == DIR_EGRESS && (v == PASS_NEW || v == PASS_LOCAL) && config().local_delivery != 0 {
+        return local::hand_over(ctx, v);
+    }
+    TC_ACT_OK
+}
+
+/// Remove the conntrack entries of `flow`'s check point in both orientations.
+#[inline(always)]
+fn forget(flow: &Flow) {
+    if flow.family == 4 {
+        let k = key4(flow);
+        let _ = ZT_CT4.remove(&k);
+        let _ = ZT_CT4.remove(&k.swapped());
+    } else {
+        let k = flow.key6();
+        let _ = ZT_CT6.remove(k);
+        let _ = ZT_CT6.remove(&k.swapped());
+    }
+}
+
+/// Mark the conntrack entry `flow` just created (its own orientation) as admitted on the
+/// local delivery path.
+#[inline(always)]
+fn mark_local(flow: &Flow) {
+    let p = if flow.family == 4 { ZT_CT4.get_ptr_mut(&key4(flow)) } else { ZT_CT6.get_ptr_mut(flow.key6()) };
+    if let Some(ct) = p {
+        // SAFETY: map value valid for this program run; a flag bit, no other writer sets it.
+        unsafe { (*ct).flags |= CT_F_LOCAL };
+    }
 }
 
 /// Packets leaving a workload: attached at the host-side interface's ingress.
 #[classifier]
-pub fn zt_tc_from_wl(ctx: TcContext) -> i32 {
-    tc_main(&ctx, DIR_EGRESS)
+pub fn zt_tc_from_wl(mut ctx: TcContext) -> i32 {
+    tc_main(&mut ctx, DIR_EGRESS)
 }
 
 /// Packets entering a workload: attached at the host-side interface's egress.
 #[classifier]
-pub fn zt_tc_to_wl(ctx: TcContext) -> i32 {
-    tc_main(&ctx, DIR_INGRESS)
+pub fn zt_tc_to_wl(mut ctx: TcContext) -> i32 {
+    tc_main(&mut ctx, DIR_INGRESS)
+}
+
+/// Local delivery (tail call from `zt_tc_from_wl`, never attached): the receiving workload's
+/// ingress check, then the packet goes straight to its namespace. See `local.rs`.
+#[classifier]
+pub fn zt_tc_deliver(ctx: TcContext) -> i32 {
+    local::deliver(&ctx)
 }
 
 #[inline(always)]
@@ -521,7 +588,7 @@ fn cg_main(ctx: &SkBuffContext, dir: u8) -> i32 {
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*skb.skb).ifindex };
     flow.set_dir(dir);
-    i32::from(verdict(&flow, ep, dir, ifindex))
+    i32::from(verdict(&flow, ep, dir, ifindex) != DROP)
 }
 
 #[cgroup_skb(ingress)]

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf},
 };
 use enforcer_common::{
     Addr, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtKey4, CtValue, ENDPOINT_ARRAY_SIZE, Endpoint,
@@ -64,3 +64,13 @@ pub static ZT_EVENTS: RingBuf = RingBuf::pinned(1 << 22, 0);
 /// Per-CPU packet counters indexed by `Reason`.
 #[map]
 pub static ZT_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
+
+/// Interface index → link flags (`LINK_F_PEER`), written by userspace when it attaches the
+/// ingress-check program; interfaces at or above `ENDPOINT_ARRAY_SIZE` never qualify.
+#[map]
+pub static ZT_LINKS: Array<u32> = Array::pinned(ENDPOINT_ARRAY_SIZE, 0);
+
+/// Slot 0: the local delivery program (`zt_tc_deliver`), set by userspace when it loads the
+/// programs. Empty, the tail call fails and packets take the kernel path.
+#[map]
+pub static ZT_DELIVER: ProgramArray = ProgramArray::pinned(1, 0);

@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData},
+    maps::{Array, MapData, ProgramArray},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -39,6 +39,8 @@ pub struct DatapathOptions {
     pub identity_entries: u32,
     /// Emit an event for every new allowed flow (drops and audits are always reported).
     pub flow_events: bool,
+    /// Local delivery between workloads on this host (see `docs/datapath.md`).
+    pub local_delivery: bool,
 }
 
 impl Default for DatapathOptions {
@@ -49,6 +51,7 @@ impl Default for DatapathOptions {
             conntrack_entries: 131_072,
             identity_entries: 65_536,
             flow_events: true,
+            local_delivery: true,
         }
     }
 }
@@ -160,6 +163,7 @@ impl Datapath {
             if fresh || c.abi_version == 0 {
                 c.abi_version = ABI_VERSION;
                 c.flow_events = u32::from(opts.flow_events);
+                c.local_delivery = u32::from(opts.local_delivery);
                 cfg.set(0, c, 0).map_err(Error::map(map_names::CONFIG))?;
             } else if c.abi_version != ABI_VERSION {
                 return Err(Error::AbiMismatch {
@@ -170,9 +174,26 @@ impl Datapath {
             }
         }
 
-        for name in [program_names::TC_FROM_WORKLOAD, program_names::TC_TO_WORKLOAD] {
+        for name in
+            [program_names::TC_FROM_WORKLOAD, program_names::TC_TO_WORKLOAD, program_names::TC_DELIVER]
+        {
             let prog: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             prog.load().map_err(Error::program(name))?;
+        }
+        // The delivery program of this load replaces the one in the pinned program array; the
+        // replacement is atomic, and a program attached by an earlier load uses it too.
+        {
+            let fd = {
+                let prog: &mut SchedClassifier = program_mut(&mut ebpf, program_names::TC_DELIVER)?;
+                prog.fd().map_err(Error::program(program_names::TC_DELIVER))?.try_clone().map_err(|e| {
+                    Error::Pin { what: "program fd", path: pin_dir.into(), source: Box::new(e) }
+                })?
+            };
+            let map =
+                ebpf.map_mut(map_names::DELIVER).ok_or(Error::MissingMap { name: map_names::DELIVER })?;
+            let mut jump: ProgramArray<&mut MapData> =
+                ProgramArray::try_from(map).map_err(Error::map(map_names::DELIVER))?;
+            jump.set(0, &fd, 0).map_err(Error::map(map_names::DELIVER))?;
         }
         for name in [program_names::CGROUP_SKB_INGRESS, program_names::CGROUP_SKB_EGRESS] {
             let prog: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
@@ -244,11 +265,15 @@ impl Datapath {
 
     /// Attach a TC program to interface `ifname` (TCX) and pin the link. An existing pinned
     /// link for the same interface and hook is kept as it is (no detach, no gap).
+    ///
+    /// Attaching the ingress check ([`TcHook::ToWorkload`]) also records whether the interface
+    /// is a veth or netkit device with its peer in another namespace: only such an interface
+    /// can receive local deliveries. The fact is read in the calling thread's namespace.
     pub fn attach_tc(&mut self, ifname: &str, hook: TcHook) -> Result<(), Error> {
         let ifindex = ifindex(ifname)?;
         let path = self.tc_link_path(ifindex, hook);
         if path.exists() && PinnedLink::from_pin(&path).is_ok() {
-            return Ok(());
+            return self.record_link(ifname, ifindex, hook);
         }
         let _ = fs::remove_file(&path);
         let name = hook.program();
@@ -261,7 +286,17 @@ impl Datapath {
             source: Box::new(e),
         })?;
         link.pin(&path).map_err(|e| Error::Pin { what: "tc link", path, source: Box::new(e) })?;
-        Ok(())
+        self.record_link(ifname, ifindex, hook)
+    }
+
+    fn record_link(&self, ifname: &str, ifindex: u32, hook: TcHook) -> Result<(), Error> {
+        if hook != TcHook::ToWorkload {
+            return Ok(());
+        }
+        let facts =
+            crate::link::facts(ifindex).map_err(|source| Error::Interface { name: ifname.into(), source })?;
+        let flags = if facts.has_foreign_peer() { enforcer_common::LINK_F_PEER } else { 0 };
+        self.writer().set_link_flags(ifindex, flags)
     }
 
     /// Whether a pinned TC link exists for `ifname` and `hook`.
@@ -271,8 +306,12 @@ impl Datapath {
 
     /// Detach the TC program from `ifname` by removing its pinned link.
     pub fn detach_tc(&self, ifname: &str, hook: TcHook) -> Result<(), Error> {
-        let path = self.tc_link_path(ifindex(ifname)?, hook);
-        remove_link(&path)
+        let ifindex = ifindex(ifname)?;
+        if hook == TcHook::ToWorkload {
+            // No more local deliveries to an interface whose ingress check is going away.
+            self.writer().set_link_flags(ifindex, 0)?;
+        }
+        remove_link(&self.tc_link_path(ifindex, hook))
     }
 
     /// Attach the `cgroup_skb` and `sock_addr` programs to the cgroup v2 directory `cgroup` and

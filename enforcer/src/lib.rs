@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod error;
 pub mod events;
 pub mod holder;
+pub mod link;
 pub mod netns;
 mod ring;
 pub mod time;

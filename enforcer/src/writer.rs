@@ -177,6 +177,7 @@ pub struct Writer {
     conntrack4: HashMap<MapData, CtKey4, CtValue>,
     conntrack6: HashMap<MapData, CtKey, CtValue>,
     counters: PerCpuArray<MapData, u64>,
+    links: Array<MapData, u32>,
     records: BTreeMap<u32, Record>,
     owners: StdHashMap<PolicyKey, u32>,
     admin_owners: StdHashMap<AdminKey, u32>,
@@ -230,6 +231,7 @@ impl Writer {
             conntrack4: take(ebpf, map_names::CONNTRACK4)?,
             conntrack6: take(ebpf, map_names::CONNTRACK6)?,
             counters: take(ebpf, map_names::COUNTERS)?,
+            links: take(ebpf, map_names::LINKS)?,
             records: BTreeMap::new(),
             owners: StdHashMap::new(),
             admin_owners: StdHashMap::new(),
@@ -843,6 +845,36 @@ impl Writer {
         let mut cfg = self.config()?;
         cfg.flow_events = u32::from(on);
         self.set_config(cfg)
+    }
+
+    /// Hand packets between two local workloads straight to the destination's namespace when
+    /// the host would forward them there (see `docs/datapath.md`, local delivery).
+    pub fn set_local_delivery(&mut self, on: bool) -> Result<(), Error> {
+        let mut cfg = self.config()?;
+        cfg.local_delivery = u32::from(on);
+        self.set_config(cfg)
+    }
+
+    /// Whether local delivery is switched on.
+    pub fn local_delivery(&self) -> Result<bool, Error> {
+        Ok(self.config()?.local_delivery != 0)
+    }
+
+    /// Record what the data plane may do with interface `ifindex` (`LINK_F_*`). Interfaces at
+    /// or above `ENDPOINT_ARRAY_SIZE` cannot be recorded and never qualify.
+    pub(crate) fn set_link_flags(&mut self, ifindex: u32, flags: u32) -> Result<(), Error> {
+        if ifindex >= ENDPOINT_ARRAY_SIZE {
+            return Ok(());
+        }
+        self.links.set(ifindex, flags, 0).map_err(Error::map(map_names::LINKS))
+    }
+
+    /// The `LINK_F_*` flags recorded for interface `ifindex`.
+    pub fn link_flags(&self, ifindex: u32) -> Result<u32, Error> {
+        if ifindex >= ENDPOINT_ARRAY_SIZE {
+            return Ok(0);
+        }
+        self.links.get(&ifindex, 0).map_err(Error::map(map_names::LINKS))
     }
 
     /// Packet counters summed over CPUs, by reason.

@@ -12,6 +12,7 @@
 
 pub mod frame;
 pub mod netns;
+pub mod pair;
 pub mod traffic;
 
 use std::{
@@ -83,6 +84,7 @@ pub fn small_options() -> DatapathOptions {
         conntrack_entries: 4096,
         identity_entries: 4096,
         flow_events: true,
+        ..DatapathOptions::default()
     }
 }
 

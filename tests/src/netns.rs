@@ -107,6 +107,35 @@ impl Lab {
         Self { host, pods: v }
     }
 
+    /// Routed pods, the way Calico- or Cilium-style CNIs wire them: no bridge; pod `i` has
+    /// `10.77.0.(i+1)/32` and `fd77::(i+1)/128` with a default route via a link-local gateway
+    /// on its host-side interface `hv<i>`, and the host routes each pod address to `hv<i>` and
+    /// forwards between them.
+    #[must_use]
+    pub fn routed(pods: usize) -> Self {
+        let host = Netns::new("zth");
+        host.sh("sysctl -qw net.ipv4.ip_forward=1 && sysctl -qw net.ipv6.conf.all.forwarding=1");
+        let mut v = Vec::new();
+        for i in 0..pods {
+            let pod = Netns::new("ztp");
+            let n = i + 1;
+            host.sh(&format!(
+                "ip link add hv{i} type veth peer name eth0 netns {pod} && \
+                 ip addr add 169.254.1.1/32 dev hv{i} && ip -6 addr add fe80::1/64 dev hv{i} nodad && \
+                 ip link set hv{i} up && ip route add 10.77.0.{n}/32 dev hv{i} && \
+                 ip -6 route add fd77::{n}/128 dev hv{i}",
+                pod = pod.name
+            ));
+            pod.sh(&format!(
+                "ip addr add 10.77.0.{n}/32 dev eth0 && ip -6 addr add fd77::{n}/128 dev eth0 nodad && \
+                 ip link set eth0 up && ip route add 169.254.1.1 dev eth0 scope link && \
+                 ip route add default via 169.254.1.1 dev eth0 && ip -6 route add default via fe80::1 dev eth0"
+            ));
+            v.push(pod);
+        }
+        Self { host, pods: v }
+    }
+
     #[must_use]
     pub fn v4(i: usize) -> String {
         format!("10.77.0.{}", i + 1)

@@ -4,12 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use enforcer::{AdminRule, Rule, TcHook, Workload, events::Verdict, writer::Action};
-use enforcer_common::{AdminKey, DIR_EGRESS, DIR_INGRESS, PORT_ANY, PROTO_ANY, Reason};
+use enforcer::{AdminRule, Rule, Workload, events::Verdict, writer::Action};
+use enforcer_common::{AdminKey, DIR_EGRESS, PORT_ANY, PROTO_ANY, Reason};
 use ztseg_integration::{
     TestDatapath,
     frame::{TCP, UDP},
     netns::Lab,
+    pair::Pair,
     traffic::{echo_once, tcp_connect, tcp_echo, udp_echo, udp_roundtrip},
 };
 
@@ -18,52 +19,13 @@ const B: u32 = 501;
 const OPEN: Duration = Duration::from_secs(2);
 const DENIED: Duration = Duration::from_millis(400);
 
-struct Setup {
-    lab: Lab,
-    dp: TestDatapath,
-}
-
-/// Two pods A (10.77.0.1) and B (10.77.0.2) with the given tenants, programs attached on both
-/// host-side interfaces, echo servers on B for tcp 8080/8081 and udp 5353/5354 (v4 and v6).
-fn setup(name: &str, tenant_a: u32, tenant_b: u32) -> Setup {
-    let lab = Lab::new(2);
-    let mut dp = TestDatapath::new(name);
-    let wl = |i: usize, identity, tenant| Workload {
-        identity,
-        tenant,
-        ipv4: Some(Lab::v4(i).parse().unwrap()),
-        ipv6: Some(Lab::v6(i).parse().unwrap()),
-        audit: false,
-    };
-    let (ia, ib) = lab.host.enter(|| {
-        for i in 0..2 {
-            dp.attach_tc(&Lab::iface(i), TcHook::FromWorkload).unwrap();
-            dp.attach_tc(&Lab::iface(i), TcHook::ToWorkload).unwrap();
-        }
-        (enforcer::datapath::ifindex("hv0").unwrap(), enforcer::datapath::ifindex("hv1").unwrap())
-    });
-    dp.writer().set_interface_workload(ia, &wl(0, A, tenant_a)).unwrap();
-    dp.writer().set_interface_workload(ib, &wl(1, B, tenant_b)).unwrap();
-    let b = &lab.pods[1];
-    for port in [8080, 8081] {
-        tcp_echo(b, &format!("10.77.0.2:{port}"));
-        tcp_echo(b, &format!("[fd77::2]:{port}"));
-    }
-    udp_echo(b, "10.77.0.2:5353");
-    udp_echo(b, "10.77.0.2:5354");
-    Setup { lab, dp }
-}
-
-/// One rule opening A → B on `proto`/`port`: A's egress key and B's ingress key together.
-fn a_to_b(proto: u8, port: u16, ttl: Option<Duration>) -> Rule {
-    Rule {
-        keys: vec![
-            Rule::key(DIR_EGRESS, A, Some(B), proto, port),
-            Rule::key(DIR_INGRESS, B, Some(A), proto, port),
-        ],
-        action: Action::Allow,
-        ttl,
-    }
+/// Two pods on a bridged host with the given tenants, and UDP echo on B's 5353/5354 besides
+/// the pair's TCP servers.
+fn setup(name: &str, tenant_a: u32, tenant_b: u32) -> Pair {
+    let p = Pair::new(name, Lab::new(2), [(A, tenant_a), (B, tenant_b)]);
+    udp_echo(&p.lab.pods[1], "10.77.0.2:5353");
+    udp_echo(&p.lab.pods[1], "10.77.0.2:5354");
+    p
 }
 
 #[test]
@@ -73,8 +35,8 @@ fn default_deny_then_one_port_allowed_with_replies() {
     assert!(tcp_connect(a, "10.77.0.2:8080", DENIED).is_none(), "default deny");
     assert!(!udp_roundtrip(a, "10.77.0.2:5353", DENIED), "default deny udp");
 
-    s.dp.writer().install(&a_to_b(TCP, 8080, None)).unwrap();
-    s.dp.writer().install(&a_to_b(UDP, 5353, None)).unwrap();
+    s.dp.writer().install(&s.a_to_b(TCP, 8080, None)).unwrap();
+    s.dp.writer().install(&s.a_to_b(UDP, 5353, None)).unwrap();
     let mut conn = tcp_connect(a, "10.77.0.2:8080", OPEN).expect("allowed port connects");
     assert!(echo_once(&mut conn, OPEN), "replies pass");
     assert!(tcp_connect(a, "10.77.0.2:8081", DENIED).is_none(), "other port stays closed");
@@ -92,7 +54,7 @@ fn default_deny_then_one_port_allowed_with_replies() {
 fn ipv6_traffic() {
     let s = setup("nsv6", 1, 1);
     let a = &s.lab.pods[0];
-    s.dp.writer().install(&a_to_b(TCP, 8080, None)).unwrap();
+    s.dp.writer().install(&s.a_to_b(TCP, 8080, None)).unwrap();
     let mut conn = tcp_connect(a, "[fd77::2]:8080", OPEN).expect("v6 allowed (neighbour discovery works)");
     assert!(echo_once(&mut conn, OPEN));
     assert!(tcp_connect(a, "[fd77::2]:8081", DENIED).is_none());
@@ -115,7 +77,7 @@ fn lifetime(conn: &mut std::net::TcpStream, limit: Duration) -> Duration {
 fn grant_expiry_cuts_established_connection() {
     let s = setup("nsexp", 1, 1);
     let a = &s.lab.pods[0];
-    let g = s.dp.writer().install(&a_to_b(TCP, 8080, Some(Duration::from_secs(2)))).unwrap();
+    let g = s.dp.writer().install(&s.a_to_b(TCP, 8080, Some(Duration::from_secs(2)))).unwrap();
     let mut conn = tcp_connect(a, "10.77.0.2:8080", OPEN).expect("granted");
     let lived = lifetime(&mut conn, Duration::from_secs(8));
     // Userspace did nothing: the grant is still in the maps; the kernel cut the flow.
@@ -128,7 +90,7 @@ fn grant_expiry_cuts_established_connection() {
 fn revocation_cuts_established_connection() {
     let s = setup("nsrev", 1, 1);
     let a = &s.lab.pods[0];
-    let g = s.dp.writer().install(&a_to_b(TCP, 8080, None)).unwrap();
+    let g = s.dp.writer().install(&s.a_to_b(TCP, 8080, None)).unwrap();
     let mut conn = tcp_connect(a, "10.77.0.2:8080", OPEN).expect("allowed");
     assert!(echo_once(&mut conn, OPEN));
     s.dp.writer().revoke(g.cookie).unwrap();
@@ -139,7 +101,7 @@ fn revocation_cuts_established_connection() {
 fn cross_tenant_denied_even_with_tenant_allow() {
     let s = setup("nsxt", 1, 2);
     let a = &s.lab.pods[0];
-    s.dp.writer().install(&a_to_b(TCP, 8080, None)).unwrap();
+    s.dp.writer().install(&s.a_to_b(TCP, 8080, None)).unwrap();
     assert!(tcp_connect(a, "10.77.0.2:8080", DENIED).is_none(), "tenant allow cannot reopen cross-tenant");
     assert!(s.dp.writer().counters().unwrap()[&Reason::DropCrossTenant] > 0);
     // An admin-tier allow for the tenant pair (both directions of the check) opens it.

@@ -62,6 +62,11 @@ pub struct Config {
     /// Map sizes, used when the pin directory's maps are created.
     #[serde(default)]
     pub maps: MapsConfig,
+    /// Hand packets between two local workloads straight to the receiver's namespace when
+    /// the host would route them there (both checks still apply; the host's netfilter
+    /// forwarding hooks are skipped for such flows). Applied at every start.
+    #[serde(default = "default_true")]
+    pub local_delivery: bool,
 }
 
 /// `[maps]`: capacities of the data plane's maps. They take effect when the maps are created
@@ -275,6 +280,17 @@ impl Config {
                     }
                     continue;
                 }
+                "local_delivery" => toml::Value::Boolean(match v.as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        return Err(ConfigError {
+                            source_name: format!("environment {k}"),
+                            field: key.clone(),
+                            message: format!("{v:?} is not true or false"),
+                        });
+                    }
+                }),
                 "policy_poll_ms" => toml::Value::Integer(v.parse().map_err(|_| ConfigError {
                     source_name: format!("environment {k}"),
                     field: key.clone(),
@@ -480,6 +496,17 @@ mod tests {
         assert_eq!(e.field, "policy_poll_ms", "{e}");
         let e = load("", &[("ZTSEG_BOGUS", "1")]).unwrap_err();
         assert_eq!(e.field, "bogus", "{e}");
+        let e = load("", &[("ZTSEG_LOCAL_DELIVERY", "maybe")]).unwrap_err();
+        assert_eq!(e.field, "local_delivery", "{e}");
+        let e = load("local_delivery = \"yes\"\n", &[]).unwrap_err();
+        assert_eq!(e.field, "local_delivery", "{e}");
+    }
+
+    #[test]
+    fn local_delivery_is_on_unless_switched_off() {
+        assert!(load("", &[]).unwrap().local_delivery);
+        assert!(!load("local_delivery = false\n", &[]).unwrap().local_delivery);
+        assert!(!load("", &[("ZTSEG_LOCAL_DELIVERY", "false")]).unwrap().local_delivery);
     }
 
     #[test]

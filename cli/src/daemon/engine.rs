@@ -126,6 +126,7 @@ impl Engine {
     pub fn open(cfg: Config) -> Result<Self> {
         enforcer::datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
         let dp = Datapath::open(&cfg.pin_dir, &cfg.maps.options())?;
+        dp.writer().set_local_delivery(cfg.local_delivery)?;
         for (map, want, have) in dp.capacity_mismatches(&cfg.maps.options())? {
             super::log::info(
                 "pinned map keeps its size; `ztseg enforcer uninstall` then start again to resize",

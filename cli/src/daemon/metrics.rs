@@ -67,7 +67,7 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE ztseg_packets_total counter");
         if let Ok(c) = w.counters() {
             for r in Reason::ALL {
-                if r == Reason::EventLost {
+                if r == Reason::EventLost || r == Reason::LocalDelivery {
                     continue;
                 }
                 let _ = writeln!(out, "ztseg_packets_total{{reason=\"{}\"}} {}", r.name(), c[&r]);
@@ -75,6 +75,12 @@ impl Metrics {
             let _ = writeln!(out, "# HELP ztseg_events_lost_total Events the ring buffer could not take.");
             let _ = writeln!(out, "# TYPE ztseg_events_lost_total counter");
             let _ = writeln!(out, "ztseg_events_lost_total {}", c[&Reason::EventLost]);
+            let _ = writeln!(
+                out,
+                "# HELP ztseg_local_deliveries_total Packets between local workloads handed straight to the receiver's namespace."
+            );
+            let _ = writeln!(out, "# TYPE ztseg_local_deliveries_total counter");
+            let _ = writeln!(out, "ztseg_local_deliveries_total {}", c[&Reason::LocalDelivery]);
         }
         let _ = writeln!(
             out,
