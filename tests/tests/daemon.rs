@@ -213,7 +213,8 @@ fn readyz_waits_for_attachment_and_socket_is_root_only() {
 #[test]
 fn policy_reload_metrics_and_malformed_policy() {
     ztseg_integration::require_root();
-    let lab = Lab::new(2);
+    // Routed pods: traffic between them takes local delivery (counted in its own metric).
+    let lab = Lab::routed(2);
     let mut d = write_config(&lab, "zpol");
     std::fs::write(d.dir.join("policies/b.yaml"), POLICY).unwrap();
     d.start();
@@ -228,6 +229,12 @@ fn policy_reload_metrics_and_malformed_policy() {
         d.log()
     );
     assert!(tcp_connect(a, "10.77.0.2:8081", Duration::from_millis(400)).is_none());
+    // The first connection resolved b's neighbour entry on the host; this one is delivered
+    // locally (SYN, SYN-ACK, ACK at least).
+    let deliveries = metric(&http(&lab.host, "/metrics").unwrap().1, "ztseg_local_deliveries_total");
+    assert!(tcp_connect(a, "10.77.0.2:8080", Duration::from_secs(2)).is_some());
+    let body = http(&lab.host, "/metrics").unwrap().1;
+    assert!(metric(&body, "ztseg_local_deliveries_total") >= deliveries + 3, "{body}");
 
     // Exactly five datagrams to a port b's policy does not allow: five drop events for b.
     let key = "ztseg_flow_events_total{workload=\"default/b\",tenant=\"\",verdict=\"DROP\",reason=\"drop_default\"}";

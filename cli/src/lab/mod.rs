@@ -2,8 +2,10 @@
 //! enforcer daemon (`ztseg enforcer run`, its own pin directory, socket and metrics), real
 //! servers in every pod, and a reachability matrix.
 //!
-//! Topology: every host is a namespace with a bridge `br0` (10.77.H.254/24) and one veth per
-//! pod (`p<N>`, the interface the enforcer attaches to); pod N on host H gets 10.77.H.(n+1).
+//! Topology: every host is a namespace that routes to its pods, the way Calico- or
+//! Cilium-style CNIs wire them: one veth per pod (`p<N>`, the interface the enforcer attaches
+//! to, with the link-local gateway 169.254.1.1), a /32 route per pod; pod N on host H gets
+//! 10.77.H.(n+1)/32 and a default route via that gateway.
 //! With several hosts, a fabric namespace bridges their uplinks (10.76.0.(H+1)/24) and each
 //! host routes the other hosts' pod subnets over it. The daemons share one policy directory
 //! the lab writes; label changes rewrite their configuration and restart them (a restart has
@@ -25,6 +27,10 @@ use enforcer::Datapath;
 use enforcer_common::IDENTITY_FIRST_USER;
 use serde::{Deserialize, Serialize};
 use spec::{LabFile, NamespaceSpec, PodSpec};
+
+/// Every pod's default gateway: an address on its host-side interface (link-local, the same
+/// on every interface, as routed CNIs do).
+const GATEWAY: &str = "169.254.1.1";
 
 /// Lab state files live here (one JSON file per lab).
 pub const STATE_DIR: &str = "/run/ztseg/lab";
@@ -277,13 +283,7 @@ fn build(lab: &LabFile, state: &mut LabState) -> Result<()> {
             socket: lab_dir(name).join(format!("{host}.sock")),
             daemon_pid: None,
         });
-        ns_sh(
-            &netns,
-            &format!(
-                "ip link set lo up && ip link add br0 type bridge && ip addr add 10.77.{h}.254/24 dev br0 && \
-                 ip link set br0 up && sysctl -qw net.ipv4.ip_forward=1"
-            ),
-        )?;
+        ns_sh(&netns, &format!("ip link set lo up && sysctl -qw net.ipv4.ip_forward=1"))?;
         if let Some(fabric) = &state.fabric {
             ns_sh(
                 &netns,
@@ -341,13 +341,15 @@ fn build(lab: &LabFile, state: &mut LabState) -> Result<()> {
         ns_sh(
             &state.hosts[h].netns,
             &format!(
-                "ip link add {iface} type veth peer name eth0 netns {netns} && ip link set {iface} master br0 && ip link set {iface} up"
+                "ip link add {iface} type veth peer name eth0 netns {netns} && ip addr add {GATEWAY}/32 dev {iface} && \
+                 ip link set {iface} up && ip route add {ipv4}/32 dev {iface}"
             ),
         )?;
         ns_sh(
             &netns,
             &format!(
-                "ip link set lo up && ip addr add {ipv4}/24 dev eth0 && ip link set eth0 up && ip route add default via 10.77.{h}.254"
+                "ip link set lo up && ip addr add {ipv4}/32 dev eth0 && ip link set eth0 up && \
+                 ip route add {GATEWAY} dev eth0 scope link && ip route add default via {GATEWAY} dev eth0"
             ),
         )?;
     }
