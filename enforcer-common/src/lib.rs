@@ -77,6 +77,10 @@ pub struct IdentityInfo {
 }
 const _: () = assert!(core::mem::size_of::<IdentityInfo>() == 12);
 
+/// [`IdentityInfo::flags`]: the address belongs to a workload behind an interface of this
+/// enforcer, so a new flow to it may qualify for local delivery (others never try).
+pub const IDENTITY_F_LOCAL: u32 = 1;
+
 /// LPM key data for CIDR peers: 16 bytes, IPv4 in mapped form (prefix length + 96).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

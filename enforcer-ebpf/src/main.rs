@@ -29,9 +29,9 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     CT_F_AUDIT, CT_F_CLOSING, CT_F_FAILSAFE, CT_F_LOCAL, Config, CtKey, CtKey4, CtValue, DIR_EGRESS,
-    DIR_INGRESS, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_WORLD,
-    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, TENANT_NONE,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    DIR_INGRESS, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_F_LOCAL,
+    IDENTITY_WORLD, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE,
+    TENANT_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 use maps::{
     ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_COUNTERS, ZT_CT4, ZT_CT6, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH, ZT_EVENTS,
@@ -340,7 +340,8 @@ const DROP: u32 = 0;
 const PASS: u32 = 1;
 /// Pass, and the flow may take local delivery (its conntrack entry carries [`CT_F_LOCAL`]).
 const PASS_LOCAL: u32 = 2;
-/// Pass; a conntrack entry for the flow was created just now (see [`mark_local`]).
+/// Pass; a conntrack entry for the flow was created just now and the peer is a workload of
+/// this host (see [`mark_local`]).
 const PASS_NEW: u32 = 3;
 
 /// The verdict for one parsed packet of the workload `ep`, checked in direction `dir`:
@@ -429,7 +430,9 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> u32 {
                 emit(flow, ep, &peer, meta(VERDICT_ALLOW, reason, dir, ifindex), cookie);
             }
         }
-        return if tracked { PASS_NEW } else { PASS };
+        // Only a flow between two workloads of this host can take local delivery: others do
+        // not pay for trying.
+        return if tracked && peer.flags & IDENTITY_F_LOCAL != 0 { PASS_NEW } else { PASS };
     }
     count(reason);
     emit(flow, ep, &peer, meta(VERDICT_DROP, reason, dir, ifindex), cookie);

@@ -28,9 +28,9 @@ use aya::{
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_PASS, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtKey4, CtValue,
     DIR_EGRESS, ENDPOINT_ARRAY_SIZE, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6,
-    ENDPOINT_F_VALID, Endpoint, Failsafe, IDENTITY_ANY, IdentityInfo, MAX_FAILSAFE, PORT_ANY, PROTO_ANY,
-    PolicyKey, PolicyValue, RULE_F_ACTIVE, Reason, RuleState, SLOT_NONE, admin_shape, map_names,
-    policy_shape,
+    ENDPOINT_F_VALID, Endpoint, Failsafe, IDENTITY_ANY, IDENTITY_F_LOCAL, IdentityInfo, MAX_FAILSAFE,
+    PORT_ANY, PROTO_ANY, PolicyKey, PolicyValue, RULE_F_ACTIVE, Reason, RuleState, SLOT_NONE, admin_shape,
+    map_names, policy_shape,
 };
 
 use crate::{Error, addr, time};
@@ -743,10 +743,22 @@ impl Writer {
         self.owners.get(key).copied()
     }
 
-    /// Map an exact address (/32 or /128) to an identity and tenant.
+    /// Map an exact address (/32 or /128) to an identity and tenant. An address registered
+    /// for a workload behind an interface of this enforcer stays marked as such.
     pub fn set_identity(&mut self, ip: IpAddr, identity: u32, tenant: u32) -> Result<(), Error> {
-        let info = IdentityInfo { identity, tenant, flags: 0 };
-        self.identity.insert(addr::key(ip), info, 0).map_err(|e| full_or(e, map_names::IDENTITY))
+        let key = addr::key(ip);
+        let flags = self.identity.get(&key, 0).map_or(0, |i| i.flags & IDENTITY_F_LOCAL);
+        self.put_identity(key, IdentityInfo { identity, tenant, flags })
+    }
+
+    fn put_identity(&mut self, key: enforcer_common::Addr, info: IdentityInfo) -> Result<(), Error> {
+        self.identity.insert(key, info, 0).map_err(|e| full_or(e, map_names::IDENTITY))
+    }
+
+    /// The identity entry of an exact address.
+    #[must_use]
+    pub fn identity(&self, ip: IpAddr) -> Option<IdentityInfo> {
+        self.identity.get(&addr::key(ip), 0).ok()
     }
 
     pub fn remove_identity(&mut self, ip: IpAddr) -> Result<(), Error> {
@@ -779,7 +791,7 @@ impl Writer {
     /// Register a workload behind the interface `ifindex` (TC attachment) and map its
     /// addresses to its identity.
     pub fn set_interface_workload(&mut self, ifindex: u32, w: &Workload) -> Result<(), Error> {
-        self.set_workload_addrs(w)?;
+        self.set_workload_addrs(w, IDENTITY_F_LOCAL)?;
         if ifindex < ENDPOINT_ARRAY_SIZE {
             self.endpoints.set(ifindex, w.endpoint(), 0).map_err(|e| full_or(e, map_names::ENDPOINTS))
         } else {
@@ -791,22 +803,36 @@ impl Writer {
 
     /// Register a workload by cgroup id (cgroup attachment).
     pub fn set_cgroup_workload(&mut self, cgroup_id: u64, w: &Workload) -> Result<(), Error> {
-        self.set_workload_addrs(w)?;
+        self.set_workload_addrs(w, 0)?;
         self.cgroups.insert(cgroup_id, w.endpoint(), 0).map_err(|e| full_or(e, map_names::CGROUPS))
     }
 
-    fn set_workload_addrs(&mut self, w: &Workload) -> Result<(), Error> {
-        if let Some(v4) = w.ipv4 {
-            self.set_identity(IpAddr::V4(v4), w.identity, w.tenant)?;
-        }
-        if let Some(v6) = w.ipv6 {
-            self.set_identity(IpAddr::V6(v6), w.identity, w.tenant)?;
+    fn set_workload_addrs(&mut self, w: &Workload, flags: u32) -> Result<(), Error> {
+        for ip in w.ipv4.map(IpAddr::V4).into_iter().chain(w.ipv6.map(IpAddr::V6)) {
+            self.put_identity(addr::key(ip), IdentityInfo { identity: w.identity, tenant: w.tenant, flags })?;
         }
         Ok(())
     }
 
     /// Forget the workload behind `ifindex`: programs still attached there drop everything.
+    /// Its addresses keep their identity but are no longer local delivery targets.
     pub fn remove_interface_workload(&mut self, ifindex: u32) -> Result<(), Error> {
+        let old = if ifindex < ENDPOINT_ARRAY_SIZE {
+            self.endpoints.get(&ifindex, 0).ok()
+        } else {
+            self.endpoints_hash.get(&ifindex, 0).ok()
+        };
+        if let Some(ep) = old {
+            for (flag, a) in [(ENDPOINT_F_HAS_V4, ep.addr_v4), (ENDPOINT_F_HAS_V6, ep.addr_v6)] {
+                if ep.flags & flag != 0
+                    && let Ok(mut info) = self.identity.get(&a, 0)
+                    && info.flags & IDENTITY_F_LOCAL != 0
+                {
+                    info.flags &= !IDENTITY_F_LOCAL;
+                    self.put_identity(a, info)?;
+                }
+            }
+        }
         if ifindex < ENDPOINT_ARRAY_SIZE {
             self.endpoints.set(ifindex, Endpoint::default(), 0).map_err(Error::map(map_names::ENDPOINTS))
         } else {

@@ -11,7 +11,7 @@ use std::{
 };
 
 use enforcer::{Rule, writer::Action};
-use enforcer_common::{DIR_EGRESS, IDENTITY_WORLD, LINK_F_PEER, Reason};
+use enforcer_common::{DIR_EGRESS, IDENTITY_F_LOCAL, IDENTITY_WORLD, LINK_F_PEER, Reason};
 use ztseg_integration::{
     frame::{TCP, UDP},
     netns::{Lab, Netns},
@@ -43,6 +43,11 @@ fn routed_pods_are_delivered_locally_with_the_same_verdicts() {
     let s = setup("ldroute", Lab::routed(2));
     let a = &s.lab.pods[0];
     assert_eq!(s.dp.writer().link_flags(s.ifindex[1]).unwrap(), LINK_F_PEER, "veth with its peer in a pod");
+    let b_addr = "10.77.0.2".parse().unwrap();
+    assert_eq!(s.dp.writer().identity(b_addr).unwrap().flags, IDENTITY_F_LOCAL, "B is a local target");
+    // Re-mapping the address (as a policy sync does) keeps it one.
+    s.dp.writer().set_identity(b_addr, B, 1).unwrap();
+    assert_eq!(s.dp.writer().identity(b_addr).unwrap().flags, IDENTITY_F_LOCAL);
 
     assert!(tcp_connect(a, "10.77.0.2:8080", DENIED).is_none(), "default deny");
     assert_eq!(delivered(&s), 0, "a denied packet is never delivered");
@@ -68,6 +73,10 @@ fn routed_pods_are_delivered_locally_with_the_same_verdicts() {
     assert!(tcp_connect(&s.lab.pods[1], "10.77.0.1:9000", DENIED).is_none());
     let c = s.dp.writer().counters().unwrap();
     assert!(c[&Reason::AllowReply] > 0 && c[&Reason::DropDefault] > 0, "{c:?}");
+    // B leaves this host: its address keeps its identity but is no local target any more.
+    s.dp.writer().remove_interface_workload(s.ifindex[1]).unwrap();
+    let info = s.dp.writer().identity(b_addr).unwrap();
+    assert_eq!((info.identity, info.flags), (B, 0));
 }
 
 /// `setsockopt` with a plain-data option value; panics on failure.
@@ -189,6 +198,7 @@ fn flows_the_host_translated_keep_the_host_path() {
         .unwrap();
     exchange(a, "10.77.0.2:8080");
     exchange(a, "10.77.0.2:8080");
+    std::thread::sleep(Duration::from_millis(200)); // their closing handshakes
     let before = delivered(&s);
     // B's replies would reach A from B's own address if they skipped the host: A's socket,
     // connected to the service address, would never see them.

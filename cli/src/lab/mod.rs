@@ -283,7 +283,7 @@ fn build(lab: &LabFile, state: &mut LabState) -> Result<()> {
             socket: lab_dir(name).join(format!("{host}.sock")),
             daemon_pid: None,
         });
-        ns_sh(&netns, &format!("ip link set lo up && sysctl -qw net.ipv4.ip_forward=1"))?;
+        ns_sh(&netns, "ip link set lo up && sysctl -qw net.ipv4.ip_forward=1")?;
         if let Some(fabric) = &state.fabric {
             ns_sh(
                 &netns,
