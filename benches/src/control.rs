@@ -124,7 +124,7 @@ type Seen = tokio::sync::mpsc::UnboundedReceiver<(usize, u64, Instant)>;
 /// Start the simulated subscribers; returns their number and the channel of (subscriber,
 /// version, when) they report on.
 fn spawn_simulated(data_dir: &Path, work: &Path, endpoint: &str) -> Result<(usize, Seen)> {
-    let ca = pki::Ca::load(data_dir)?;
+    let ca = pki::Ca::load(data_dir, None)?;
     let sim = SUBSCRIBERS - HOSTS.len();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     // Every identity is written before any subscriber starts (they share ca.pem).

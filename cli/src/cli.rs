@@ -6,6 +6,7 @@ use anyhow::{Context as _, Result};
 
 use crate::lab;
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
+use ztseg_controller::pki::Passphrase;
 
 #[derive(Parser)]
 #[command(name = "ztseg", version, about = "Zero-trust micro-segmentation for Linux")]
@@ -278,9 +279,25 @@ enum ControllerCommands {
         /// Extra DNS name or IP address for the server certificate (repeatable).
         #[arg(long)]
         san: Vec<String>,
+        /// Store the CA key encrypted under the passphrase in this file (its first line);
+        /// `controller run` then needs the same file.
+        #[arg(long, env = "ZTSEG_CA_PASSPHRASE_FILE")]
+        ca_passphrase_file: Option<PathBuf>,
     },
     /// Run the controller.
     Run(crate::ctl::RunArgs),
+    /// Encrypt the CA key at rest, or change its passphrase (the controller must be restarted
+    /// with the new passphrase file).
+    ProtectCaKey {
+        #[arg(long, env = "ZTSEG_CONTROLLER_DATA_DIR", default_value = "/var/lib/ztseg/controller")]
+        data_dir: PathBuf,
+        /// The new passphrase (first line of the file).
+        #[arg(long)]
+        new_passphrase_file: PathBuf,
+        /// The current passphrase, when the key is already encrypted.
+        #[arg(long, env = "ZTSEG_CA_PASSPHRASE_FILE")]
+        ca_passphrase_file: Option<PathBuf>,
+    },
     /// Create a one-time join token for `ztseg enroll` (admin).
     Token {
         #[command(flatten)]
@@ -434,8 +451,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(crate::policy_test::command(&files, &policies, format))
         }
         Commands::Lab { command } => lab_cmd(command, cli.output),
-        Commands::Controller { command: ControllerCommands::Init { data_dir, trust_domain, san } } => {
-            let files = ztseg_controller::server::init(&data_dir, &trust_domain, &san)?;
+        Commands::Controller {
+            command: ControllerCommands::Init { data_dir, trust_domain, san, ca_passphrase_file },
+        } => {
+            let pass = ca_passphrase_file.as_deref().map(Passphrase::from_file).transpose()?;
+            let files = ztseg_controller::server::init(&data_dir, &trust_domain, &san, pass.as_ref())?;
             println!(
                 "controller CA and server certificate in {}; admin identity in {} (use --identity-dir {})",
                 data_dir.display(),
@@ -445,6 +465,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Commands::Controller { command: ControllerCommands::Run(a) } => crate::ctl::run_controller(a),
+        Commands::Controller {
+            command: ControllerCommands::ProtectCaKey { data_dir, new_passphrase_file, ca_passphrase_file },
+        } => {
+            let old = ca_passphrase_file.as_deref().map(Passphrase::from_file).transpose()?;
+            let new = Passphrase::from_file(&new_passphrase_file)?;
+            let ca = ztseg_controller::pki::Ca::load(&data_dir, old.as_ref())?;
+            ca.save_key(&data_dir, Some(&new))?;
+            println!(
+                "CA key in {} encrypted under the passphrase in {}",
+                data_dir.display(),
+                new_passphrase_file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         command @ (Commands::Controller { .. }
         | Commands::Enroll { .. }
         | Commands::Renew(_)

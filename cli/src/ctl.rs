@@ -273,6 +273,9 @@ pub struct RunArgs {
     /// Length of that window in seconds.
     #[arg(long, env = "ZTSEG_AUDIT_REJECTED_WINDOW", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub audit_rejected_window: u64,
+    /// Passphrase of an encrypted CA key (first line of the file).
+    #[arg(long, env = "ZTSEG_CA_PASSPHRASE_FILE")]
+    pub ca_passphrase_file: Option<PathBuf>,
 }
 
 pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
@@ -286,6 +289,27 @@ pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
             );
             return Ok(ExitCode::from(crate::daemon::EXIT_CONFIG));
         }
+    }
+    // The CA must load before anything starts: a missing or wrong passphrase is a
+    // configuration error, reported as one.
+    let ca_passphrase =
+        match a.ca_passphrase_file.as_deref().map(ztseg_controller::pki::Passphrase::from_file) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                eprintln!("error: --ca-passphrase-file: {e:#}");
+                return Ok(ExitCode::from(crate::daemon::EXIT_CONFIG));
+            }
+        };
+    if let Err(e) = ztseg_controller::pki::Ca::load(&a.data_dir, ca_passphrase.as_ref()) {
+        eprintln!("error: {e:#}");
+        return Ok(ExitCode::from(crate::daemon::EXIT_CONFIG));
+    }
+    if !ztseg_controller::pki::Ca::key_encrypted(&a.data_dir).unwrap_or(true) {
+        eprintln!(
+            "warning: the CA key in {} is stored unencrypted (protect it with `ztseg controller protect-ca-key`)",
+            a.data_dir.display()
+        );
     }
     let store = if a.store == "etcd" {
         if a.etcd_endpoints.is_empty() {
@@ -327,6 +351,7 @@ pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
             per_peer: a.audit_rejected_per_peer,
             window: std::time::Duration::from_secs(a.audit_rejected_window),
         },
+        ca_passphrase,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {

@@ -36,6 +36,87 @@ pub const BACKDATE: time::Duration = time::Duration::minutes(5);
 /// Default lifetime of an enrolled certificate.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_hours(30 * 24);
 
+/// Passphrase protecting the CA key at rest. Never printed.
+#[derive(Clone)]
+pub struct Passphrase(Vec<u8>);
+
+impl std::fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passphrase(..)")
+    }
+}
+
+impl Passphrase {
+    /// The first line of `path` (without its line end). The file should be readable by the
+    /// controller's user only; an empty passphrase is refused.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let raw =
+            fs::read(path).with_context(|| format!("reading the passphrase file {}", path.display()))?;
+        let line = raw.split(|b| *b == b'\n').next().unwrap_or_default();
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            bail!("the passphrase file {} is empty", path.display());
+        }
+        Ok(Self(line.to_vec()))
+    }
+
+    #[must_use]
+    pub fn new(bytes: &[u8]) -> Self {
+        Self(bytes.to_vec())
+    }
+}
+
+/// PEM label of a PKCS#8 `EncryptedPrivateKeyInfo` (what `openssl pkey` reads with `-passin`).
+const ENCRYPTED_KEY_LABEL: &str = "ENCRYPTED PRIVATE KEY";
+/// PBKDF2-HMAC-SHA256 rounds for the CA key's encryption key.
+const PBKDF2_ROUNDS: u32 = 600_000;
+
+fn random<const N: usize>() -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut b)
+        .map_err(|_| anyhow::anyhow!("no system randomness"))?;
+    Ok(b)
+}
+
+/// The CA key as PKCS#8 PEM: plain, or encrypted with PBES2 (PBKDF2-HMAC-SHA256,
+/// AES-256-CBC) under `passphrase`.
+fn key_pem(key: &KeyPair, passphrase: Option<&Passphrase>) -> Result<String> {
+    let Some(pass) = passphrase else { return Ok(key.serialize_pem()) };
+    let der = key.serialize_der();
+    let info = pkcs8::PrivateKeyInfo::try_from(der.as_slice()).context("encoding the CA key")?;
+    let salt: [u8; 16] = random()?;
+    let iv: [u8; 16] = random()?;
+    let params = pkcs8::pkcs5::pbes2::Parameters::pbkdf2_sha256_aes256cbc(PBKDF2_ROUNDS, &salt, &iv)
+        .map_err(|e| anyhow::anyhow!("PBES2 parameters: {e}"))?;
+    let sealed = info.encrypt_with_params(params, &pass.0).context("encrypting the CA key")?;
+    Ok(sealed.to_pem(ENCRYPTED_KEY_LABEL, pkcs8::LineEnding::LF).context("encoding the CA key")?.to_string())
+}
+
+/// Read the CA key from its PEM, decrypting it when it is encrypted.
+fn parse_key(pem: &str, passphrase: Option<&Passphrase>) -> Result<KeyPair> {
+    if !pem.contains(&format!("-----BEGIN {ENCRYPTED_KEY_LABEL}-----")) {
+        return KeyPair::from_pem(pem).context("parsing the CA key");
+    }
+    let Some(pass) = passphrase else {
+        bail!(
+            "{CA_KEY} is encrypted: give its passphrase (--ca-passphrase-file or ZTSEG_CA_PASSPHRASE_FILE)"
+        );
+    };
+    let (label, doc) = pkcs8::SecretDocument::from_pem(pem).context("parsing the encrypted CA key")?;
+    if label != ENCRYPTED_KEY_LABEL {
+        bail!("{CA_KEY}: unexpected PEM label {label:?}");
+    }
+    let sealed =
+        pkcs8::EncryptedPrivateKeyInfo::try_from(doc.as_bytes()).context("parsing the encrypted CA key")?;
+    let plain = sealed
+        .decrypt(&pass.0)
+        .map_err(|_| anyhow::anyhow!("cannot decrypt {CA_KEY}: wrong passphrase, or the file is damaged"))?;
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(plain.as_bytes());
+    KeyPair::try_from(&der).context("parsing the decrypted CA key")
+}
+
 /// A loaded CA: certificate PEM and signing key.
 pub struct Ca {
     pub cert_pem: String,
@@ -101,13 +182,13 @@ impl Ca {
         Ok(Self { cert_pem: cert.pem(), key, trust_domain: trust_domain.to_owned() })
     }
 
-    /// Load the CA from a controller data directory.
-    pub fn load(dir: &Path) -> Result<Self> {
+    /// Load the CA from a controller data directory; `passphrase` decrypts an encrypted key.
+    pub fn load(dir: &Path, passphrase: Option<&Passphrase>) -> Result<Self> {
         let cert_pem = fs::read_to_string(dir.join(CA_CERT))
             .with_context(|| format!("reading {}", dir.join(CA_CERT).display()))?;
         let key_pem = fs::read_to_string(dir.join(CA_KEY))
             .with_context(|| format!("reading {}", dir.join(CA_KEY).display()))?;
-        let key = KeyPair::from_pem(&key_pem).context("parsing the CA key")?;
+        let key = parse_key(&key_pem, passphrase)?;
         let der = <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
             cert_pem.as_bytes(),
         )
@@ -116,11 +197,24 @@ impl Ca {
         Ok(Self { cert_pem, key, trust_domain })
     }
 
-    /// Write the CA into `dir` (key 0600).
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    /// Write the CA into `dir` (key 0600, encrypted when a passphrase is given).
+    pub fn save(&self, dir: &Path, passphrase: Option<&Passphrase>) -> Result<()> {
         fs::create_dir_all(dir)?;
         fs::write(dir.join(CA_CERT), &self.cert_pem)?;
-        write_private(&dir.join(CA_KEY), self.key.serialize_pem().as_bytes())
+        self.save_key(dir, passphrase)
+    }
+
+    /// Rewrite only the key file: encrypt it, change its passphrase, or (`None`) store it
+    /// plain.
+    pub fn save_key(&self, dir: &Path, passphrase: Option<&Passphrase>) -> Result<()> {
+        write_private(&dir.join(CA_KEY), key_pem(&self.key, passphrase)?.as_bytes())
+    }
+
+    /// Whether the CA key file in `dir` is encrypted.
+    pub fn key_encrypted(dir: &Path) -> Result<bool> {
+        let pem = fs::read_to_string(dir.join(CA_KEY))
+            .with_context(|| format!("reading {}", dir.join(CA_KEY).display()))?;
+        Ok(pem.contains(&format!("-----BEGIN {ENCRYPTED_KEY_LABEL}-----")))
     }
 
     fn issuer(&self) -> Result<Issuer<'_, &KeyPair>> {
@@ -338,6 +432,78 @@ pub fn new_csr() -> Result<(Vec<u8>, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ztseg-pki-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn an_encrypted_ca_key_loads_only_with_its_passphrase() {
+        let dir = temp_dir("enc");
+        let ca = Ca::generate("ztseg.local").unwrap();
+        let pass = Passphrase::new(b"correct horse battery staple");
+        ca.save(&dir, Some(&pass)).unwrap();
+        let pem = fs::read_to_string(dir.join(CA_KEY)).unwrap();
+        assert!(pem.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"), "{pem}");
+        assert!(!pem.contains("BEGIN PRIVATE KEY"));
+        assert!(Ca::key_encrypted(&dir).unwrap());
+
+        let e = Ca::load(&dir, None).unwrap_err().to_string();
+        assert!(e.contains("encrypted") && e.contains("--ca-passphrase-file"), "{e}");
+        let e = Ca::load(&dir, Some(&Passphrase::new(b"wrong"))).unwrap_err().to_string();
+        assert!(e.contains("wrong passphrase"), "{e}");
+
+        let loaded = Ca::load(&dir, Some(&pass)).unwrap();
+        assert_eq!(loaded.key.public_key_pem(), ca.key.public_key_pem(), "the same key comes back");
+        // A certificate the loaded CA signs chains to the CA certificate.
+        let issued = loaded.issue_client(Role::Operator, "op", Duration::from_hours(1)).unwrap();
+        let ca_der =
+            <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+                ca.cert_pem.as_bytes(),
+            )
+            .unwrap();
+        let leaf = <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+            issued.cert_pem.as_bytes(),
+        )
+        .unwrap();
+        let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+        let (_, leaf_cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        leaf_cert.verify_signature(Some(ca_cert.public_key())).unwrap();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_plain_ca_key_can_be_protected_and_its_passphrase_changed() {
+        let dir = temp_dir("protect");
+        let ca = Ca::generate("ztseg.local").unwrap();
+        ca.save(&dir, None).unwrap();
+        assert!(!Ca::key_encrypted(&dir).unwrap());
+        let first = Passphrase::new(b"first");
+        Ca::load(&dir, None).unwrap().save_key(&dir, Some(&first)).unwrap();
+        assert!(Ca::key_encrypted(&dir).unwrap());
+        let second = Passphrase::new(b"second");
+        Ca::load(&dir, Some(&first)).unwrap().save_key(&dir, Some(&second)).unwrap();
+        assert!(Ca::load(&dir, Some(&first)).is_err(), "the old passphrase no longer opens it");
+        assert_eq!(Ca::load(&dir, Some(&second)).unwrap().key.public_key_pem(), ca.key.public_key_pem());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn passphrase_files_give_their_first_line_and_never_print_it() {
+        let dir = temp_dir("passfile");
+        fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("pass");
+        fs::write(&f, "s3cret\r\nignored\n").unwrap();
+        let p = Passphrase::from_file(&f).unwrap();
+        assert_eq!(p.0, b"s3cret");
+        assert!(!format!("{p:?}").contains("s3cret"));
+        fs::write(&f, "\n").unwrap();
+        assert!(Passphrase::from_file(&f).unwrap_err().to_string().contains("empty"));
+        assert!(Passphrase::from_file(&dir.join("missing")).is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn renewal_is_due_in_the_last_third_of_the_lifetime() {

@@ -49,17 +49,25 @@ pub struct Config {
     pub siem: Vec<String>,
     /// How many rejected handshakes per source address and window are audited in full.
     pub rejected_audit: crate::limit::RejectPolicy,
+    /// Decrypts the CA key when it is stored encrypted.
+    pub ca_passphrase: Option<pki::Passphrase>,
 }
 
 /// `ztseg controller init`: create the CA, the server certificate and a first admin identity
-/// (written to `<data-dir>/admin/`). Refuses to overwrite an existing CA.
-pub fn init(data_dir: &Path, trust_domain: &str, sans: &[String]) -> Result<ClientFiles> {
+/// (written to `<data-dir>/admin/`). Refuses to overwrite an existing CA. With a passphrase
+/// the CA key is stored encrypted (PKCS#8, PBES2).
+pub fn init(
+    data_dir: &Path,
+    trust_domain: &str,
+    sans: &[String],
+    passphrase: Option<&pki::Passphrase>,
+) -> Result<ClientFiles> {
     if data_dir.join(pki::CA_KEY).exists() {
         bail!("{} already holds a CA; refusing to replace it", data_dir.display());
     }
     std::fs::create_dir_all(data_dir)?;
     let ca = Ca::generate(trust_domain)?;
-    ca.save(data_dir)?;
+    ca.save(data_dir, passphrase)?;
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     names.extend(sans.iter().cloned());
     names.dedup();
@@ -113,7 +121,7 @@ pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let ca = Ca::load(&cfg.data_dir)?;
+    let ca = Ca::load(&cfg.data_dir, cfg.ca_passphrase.as_ref())?;
     let store = open_store(&cfg).await?;
     let ctl = Ctl::new(store, ca, cfg.rejected_audit);
     // Summaries of refused anonymous calls counted but not recorded, as their windows end.

@@ -226,7 +226,7 @@ impl Controller {
 
     /// A client identity signed by this controller's CA (as enrollment would make it).
     fn identity(&self, role: Role, name: &str) -> ClientFiles {
-        let ca = Ca::load(&self.data).expect("load the CA");
+        let ca = Ca::load(&self.data, None).expect("load the CA");
         let issued = ca.issue_client(role, name, Duration::from_hours(1)).unwrap();
         self.save_identity(name, &issued)
     }
@@ -600,7 +600,7 @@ fn refused_anonymous_calls_are_audited_up_to_a_bound_per_peer() {
 fn mtls_expired_certificate_is_rejected_in_handshake() {
     let c = Controller::started("expired");
     call(&c.addr, &c.admin_files(), policy_get).expect("positive control: admin Policy/Get");
-    let ca = Ca::load(&c.data).unwrap();
+    let ca = Ca::load(&c.data, None).unwrap();
     let now = time::OffsetDateTime::now_utc();
     let day = Duration::from_hours(24);
     let cases = [
@@ -1272,4 +1272,97 @@ fn subscriptions_resume_only_within_the_same_history() {
     let delta = first(1, snap.history.clone()).expect("an older version gets a delta");
     assert!(!delta.snapshot && delta.base_version == 1 && delta.upserts.len() == 1, "{delta:?}");
     assert_eq!(delta.upserts[0].name, "extra.yaml");
+}
+
+/// The CA key at rest: `init --ca-passphrase-file` stores it as a standard encrypted PKCS#8
+/// file (openssl opens it with the passphrase); `run` refuses to start without the right
+/// passphrase, with exit code 64 and a message saying what is missing; an existing plain key
+/// can be protected, after which the controller starts with the passphrase and its CA signs.
+#[test]
+fn an_encrypted_ca_key_needs_its_passphrase() {
+    let dir = std::env::temp_dir().join(unique("ztseg-ctl-enc-"));
+    fs::create_dir_all(&dir).unwrap();
+    let pass = dir.join("pass");
+    fs::write(&pass, "correct horse battery staple\n").unwrap();
+    let wrong = dir.join("wrong");
+    fs::write(&wrong, "battery horse\n").unwrap();
+    let data = dir.join("data");
+    let out = ztseg_command()
+        .args(["controller", "init", "--data-dir", path_str(&data), "--ca-passphrase-file", path_str(&pass)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = fs::read_to_string(data.join("ca-key.pem")).unwrap();
+    assert!(key.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----") && !key.contains("BEGIN PRIVATE KEY"));
+    // Interoperable: openssl decrypts it with the passphrase, to the CA certificate's key.
+    let openssl = |args: &[&str]| {
+        let o = Command::new("openssl").args(args).output().expect("openssl");
+        assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let from_key = openssl(&[
+        "pkey",
+        "-in",
+        path_str(&data.join("ca-key.pem")),
+        "-passin",
+        &format!("file:{}", path_str(&pass)),
+        "-pubout",
+    ]);
+    let from_cert = openssl(&["x509", "-in", path_str(&data.join("ca.pem")), "-pubkey", "-noout"]);
+    assert_eq!(from_key, from_cert);
+
+    let run = |extra: &[&str]| {
+        ztseg_command()
+            .args(["controller", "run", "--listen", "127.0.0.1:0", "--data-dir", path_str(&data)])
+            .args(extra)
+            .output()
+            .expect("run the controller")
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("ca-key.pem is encrypted") && err.contains("--ca-passphrase-file"), "{err}");
+    let out = run(&["--ca-passphrase-file", path_str(&wrong)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("wrong passphrase"), "{err}");
+    assert!(!err.contains("battery"), "no passphrase in messages: {err}");
+    let _ = fs::remove_dir_all(&dir);
+
+    // A plain key protected afterwards: the controller starts with the passphrase and signs.
+    let mut c = Controller::init("protect");
+    assert!(
+        c.cli(&["controller", "protect-ca-key", "--data-dir", path_str(&c.data)])
+            .stderr
+            .contains("--new-passphrase-file")
+    );
+    let pass = c.root.join("pass");
+    fs::write(&pass, "s3cret\n").unwrap();
+    let out = c.cli(&[
+        "controller",
+        "protect-ca-key",
+        "--data-dir",
+        path_str(&c.data),
+        "--new-passphrase-file",
+        path_str(&pass),
+    ]);
+    assert!(out.ok(), "{out}");
+    assert!(fs::read_to_string(c.data.join("ca-key.pem")).unwrap().contains("ENCRYPTED PRIVATE KEY"));
+    c.extra = vec!["--ca-passphrase-file".into(), path_str(&pass).into()];
+    c.start();
+    let out = c.cli(&["controller", "token", "--role", "enforcer", "--name", "host-e", "--ttl", "1h"]);
+    assert!(out.ok(), "token: {out}");
+    let out = c.cli(&[
+        "enroll",
+        "--ca",
+        path_str(&c.data.join("ca.pem")),
+        "--token",
+        out.stdout.trim(),
+        "--out",
+        path_str(&c.root.join("host-e")),
+        "--identity",
+        "host-e",
+    ]);
+    assert!(out.ok() && out.stdout.contains("enrolled as spiffe://ztseg.local/enforcer/host-e"), "{out}");
+    assert!(!c.log().contains("unencrypted"), "{}", c.log());
 }

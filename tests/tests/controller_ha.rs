@@ -338,7 +338,7 @@ fn two_controllers_survive_losing_an_etcd_member_and_a_controller() {
         }
     }
     // Every client identity is written before anything connects (they share ca.pem).
-    let ca = Ca::load(&data).unwrap();
+    let ca = Ca::load(&data, None).unwrap();
     let admin = (data.join("admin"), "admin");
     let ops = (tmp.0.join("ops"), "ops");
     let op = ca.issue_client(Role::Operator, "ops", Duration::from_hours(1)).unwrap();

@@ -34,6 +34,8 @@ const APT_PACKAGES: &[&str] = &[
     // etcd (server and etcdctl) for the controller's HA store tests.
     "etcd-server",
     "etcd-client",
+    // openssl, to show an encrypted CA key opens with standard tooling.
+    "openssl",
 ];
 /// Toolchain that compiles the eBPF crate (aya-build runs `rustup run nightly cargo ...`).
 const EBPF_TOOLCHAIN: &str = "nightly";

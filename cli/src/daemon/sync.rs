@@ -264,8 +264,8 @@ mod tests {
         let root = std::env::temp_dir().join(format!("ztseg-renew-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let data = root.join("controller");
-        server::init(&data, "ztseg.local", &[]).unwrap();
-        let ca = Ca::load(&data).unwrap();
+        server::init(&data, "ztseg.local", &[], None).unwrap();
+        let ca = Ca::load(&data, None).unwrap();
         let ca_pem = std::fs::read_to_string(data.join(pki::CA_CERT)).unwrap();
         // 2 h 30 min of lifetime, 2 h of it gone: due. And one issued just now: not due.
         let now = time::OffsetDateTime::now_utc();
@@ -289,6 +289,7 @@ mod tests {
             name: "test".into(),
             siem: Vec::new(),
             rejected_audit: ztseg_controller::limit::RejectPolicy::default(),
+            ca_passphrase: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let ctl = tokio::spawn(server::run(cfg, async move {

@@ -481,7 +481,7 @@ fn start_controller(state: &mut LabState, exe: &Path) -> Result<()> {
     let dir = lab_dir(&state.name);
     let Some(ctl) = state.controller.as_mut() else { return Ok(()) };
     if !ctl.data_dir.join(ztseg_controller::pki::CA_KEY).exists() {
-        ztseg_controller::server::init(&ctl.data_dir, "ztseg.local", &["10.75.0.1".into()])?;
+        ztseg_controller::server::init(&ctl.data_dir, "ztseg.local", &["10.75.0.1".into()], None)?;
     }
     let log_path = dir.join("controller.log");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;

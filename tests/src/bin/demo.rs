@@ -294,7 +294,10 @@ fn run(d: &Demo) -> Result<()> {
     // cache and db share node2: the granted connections between them went straight from one
     // pod's namespace to the other's, both checks in one pass (docs/datapath.md).
     println!("    local_delivery={}", count("local_delivery"));
-    check(count("local_delivery") > 0, "same-host traffic (cache -> db) took local delivery, checks included")?;
+    check(
+        count("local_delivery") > 0,
+        "same-host traffic (cache -> db) took local delivery, checks included",
+    )?;
 
     println!("\nWhere to look next (while a lab is up):");
     println!("  metrics:  ip netns exec zl-demo-h1 curl -s 127.0.0.1:9464/metrics   (readiness: /readyz)");
