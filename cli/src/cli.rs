@@ -675,6 +675,7 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                 ("controller_version", st.controller_version.to_string()),
                 ("controller_connected", st.controller_connected.to_string()),
                 ("policy_stale", st.policy_stale.to_string()),
+                ("local_delivery", st.local_delivery.to_string()),
                 ("policy_error", st.policy_error),
             ]];
             print_rows(&rows, output)?;

@@ -190,6 +190,7 @@ fn readyz_waits_for_attachment_and_socket_is_root_only() {
     let (ok, out) = d.cli(&["enforcer", "status", "-o", "json"]);
     assert!(ok, "{out}");
     assert!(out.contains("\"attached\": \"false\""), "{out}");
+    assert!(out.contains("\"local_delivery\": \"true\""), "on by default: {out}");
     // The interface appears: the daemon attaches and becomes ready.
     let pod = Netns::new("ztp");
     lab.host.sh(&format!("ip link add hv1 type veth peer name eth0 netns {} && ip link set hv1 master br0 && ip link set hv1 up", pod.name));

@@ -163,6 +163,9 @@ impl enforcer_server::Enforcer for Api {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let t = Instant::now();
         let e = lock(&self.engine);
+        // Its own statement: a writer guard taken inside the literal below lives until the
+        // literal's end, and the writer lock is not re-entrant.
+        let local_delivery = e.dp.writer().local_delivery().unwrap_or(false);
         let r = StatusResponse {
             ready: e.ready(),
             attached: e.attached,
@@ -181,6 +184,7 @@ impl enforcer_server::Enforcer for Api {
             controller_last_contact_ms_ago: e
                 .controller_last_contact
                 .map_or(-1, |t| i64::try_from(t.elapsed().as_millis()).unwrap_or(i64::MAX)),
+            local_delivery,
         };
         drop(e);
         self.timed("Status", t, Ok(r))
