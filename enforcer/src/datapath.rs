@@ -273,7 +273,7 @@ impl Datapath {
         let ifindex = ifindex(ifname)?;
         let path = self.tc_link_path(ifindex, hook);
         if path.exists() && PinnedLink::from_pin(&path).is_ok() {
-            return self.record_link(ifname, ifindex, hook);
+            return self.record_link(ifindex, hook);
         }
         let _ = fs::remove_file(&path);
         let name = hook.program();
@@ -286,17 +286,17 @@ impl Datapath {
             source: Box::new(e),
         })?;
         link.pin(&path).map_err(|e| Error::Pin { what: "tc link", path, source: Box::new(e) })?;
-        self.record_link(ifname, ifindex, hook)
+        self.record_link(ifindex, hook)
     }
 
-    fn record_link(&self, ifname: &str, ifindex: u32, hook: TcHook) -> Result<(), Error> {
+    fn record_link(&self, ifindex: u32, hook: TcHook) -> Result<(), Error> {
         if hook != TcHook::ToWorkload {
             return Ok(());
         }
-        let facts =
-            crate::link::facts(ifindex).map_err(|source| Error::Interface { name: ifname.into(), source })?;
-        let flags = if facts.has_foreign_peer() { enforcer_common::LINK_F_PEER } else { 0 };
-        self.writer().set_link_flags(ifindex, flags)
+        // Local delivery is an optimisation: an interface whose facts cannot be read is simply
+        // never a target (the kernel path serves it), rather than failing the attachment.
+        let peer = crate::link::facts(ifindex).is_ok_and(|f| f.has_foreign_peer());
+        self.writer().set_link_flags(ifindex, if peer { enforcer_common::LINK_F_PEER } else { 0 })
     }
 
     /// Whether a pinned TC link exists for `ifname` and `hook`.
