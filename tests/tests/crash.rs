@@ -41,8 +41,19 @@ fn start_holder(lab: &Lab, dir: &std::path::Path, ready: &std::path::Path) -> Ch
 
 #[test]
 fn kill_dash_nine_keeps_enforcement_and_state() {
-    let lab = Lab::new(2);
-    let dp = TestDatapath::new("crash");
+    crash(&Lab::new(2), "crash", false);
+}
+
+/// The same on routed pods, where the established flow takes local delivery: the restarted
+/// holder loads a new delivery program into the pinned program array while the first
+/// holder's programs stay attached.
+#[test]
+fn kill_dash_nine_keeps_local_delivery_enforcing() {
+    crash(&Lab::routed(2), "crashld", true);
+}
+
+fn crash(lab: &Lab, name: &str, local: bool) {
+    let dp = TestDatapath::new(name);
     let ia = lab.host.enter(|| enforcer::datapath::ifindex("hv0").unwrap());
     let ib = lab.host.enter(|| enforcer::datapath::ifindex("hv1").unwrap());
     let wl = |i: usize, id| Workload {
@@ -69,8 +80,14 @@ fn kill_dash_nine_keeps_enforcement_and_state() {
     tcp_echo(&lab.pods[1], "10.77.0.2:8081");
 
     let ready = std::env::temp_dir().join(ztseg_integration::unique("zt-ready-"));
-    let mut holder = start_holder(&lab, &dp.dir, &ready);
+    let mut holder = start_holder(lab, &dp.dir, &ready);
 
+    if local {
+        // A first connection resolves B's neighbour entry on the host; the next one is
+        // delivered locally from its first packet on.
+        drop(tcp_connect(&lab.pods[0], "10.77.0.2:8080", Duration::from_secs(2)).expect("allowed flow"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let mut conn = tcp_connect(&lab.pods[0], "10.77.0.2:8080", Duration::from_secs(2)).expect("allowed flow");
     assert!(echo_once(&mut conn, Duration::from_secs(1)));
 
@@ -106,7 +123,7 @@ fn kill_dash_nine_keeps_enforcement_and_state() {
     holder.kill().expect("SIGKILL holder");
     holder.wait().unwrap();
     echo_for(Duration::from_millis(1500), &mut conn);
-    let mut holder = start_holder(&lab, &dp.dir, &ready);
+    let mut holder = start_holder(lab, &dp.dir, &ready);
     echo_for(Duration::from_secs(1), &mut conn);
     stop.store(true, Ordering::Relaxed);
     probe_thread.join().unwrap();
@@ -124,5 +141,9 @@ fn kill_dash_nine_keeps_enforcement_and_state() {
     assert!(!again.writer().conntrack().unwrap().is_empty());
     let c = again.writer().counters().unwrap();
     assert!(c[&Reason::DropDefault] >= probes.load(Ordering::Relaxed), "{c:?}");
+    if local {
+        // Every echo of the established flow (two packets each) was delivered locally.
+        assert!(c[&Reason::LocalDelivery] >= 2 * echoes, "{c:?}");
+    }
     let _ = std::fs::remove_file(&ready);
 }
