@@ -13,19 +13,12 @@ use tokio::sync::watch;
 use ztseg_controller::{
     audit,
     service::verify_chain,
-    store::{EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta, etcd::EtcdStore},
+    store::{
+        PolicyVersion, Store, StoreError,
+        contract::{self, draft, version as pv},
+        etcd::EtcdStore,
+    },
 };
-
-fn pv(docs: &[(&str, &str)]) -> PolicyVersion {
-    PolicyVersion {
-        meta: VersionMeta { actor: "admin/t".into(), ..VersionMeta::default() },
-        documents: docs.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect(),
-    }
-}
-
-fn draft() -> audit::Draft {
-    audit::Draft::new("admin/t", "policy.apply", "success", serde_json::json!({}))
-}
 
 async fn connect(etcd: &EtcdCluster, prefix: &str, name: &str) -> EtcdStore {
     EtcdStore::connect(&etcd.endpoints(), prefix, name).await.expect("connecting the etcd store")
@@ -43,56 +36,13 @@ async fn chain_ok(s: &EtcdStore) -> u64 {
     }
 }
 
-/// The embedded store's unit test, against etcd, plus a second instance on the same prefix.
+/// The store contract (as the embedded store keeps it), against etcd, plus a second instance
+/// on the same prefix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behaves_like_the_embedded_store() {
     let etcd = EtcdCluster::start(1);
     let s = connect(&etcd, "/ztseg-basic", "a").await;
-    assert_eq!(s.head().await.unwrap(), 0);
-    assert_eq!(s.audit_head().await.unwrap(), audit::Head { seq: 0, hash: audit::GENESIS.into() });
-    assert_eq!(s.commit(0, pv(&[("a", "x")]), draft()).await.unwrap(), (1, 1));
-    assert_eq!(s.commit(1, pv(&[("a", "y")]), draft()).await.unwrap(), (2, 2));
-    let e = s.commit(1, pv(&[("a", "z")]), draft()).await.unwrap_err();
-    assert!(matches!(e, StoreError::Conflict { expected: 1, current: 2 }), "{e}");
-    let v1 = s.version(1).await.unwrap().unwrap();
-    assert_eq!(v1.documents["a"], "x");
-    assert_eq!(v1.meta.version, 1);
-    assert_eq!(v1.meta.actor, "admin/t");
-    assert!(s.version(3).await.unwrap().is_none());
-    assert_eq!(s.history(10).await.unwrap().iter().map(|m| m.version).collect::<Vec<_>>(), vec![2, 1]);
-    assert_eq!(s.history(1).await.unwrap().len(), 1);
-    // The audit record of a commit names the version it made.
-    let recs = s.audit_records(1, 10).await.unwrap();
-    assert_eq!(recs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2]);
-    let r: audit::Record = serde_json::from_slice(&recs[1].1).unwrap();
-    assert_eq!(r.detail["version"], 2);
-    assert_eq!(s.audit_records(2, 10).await.unwrap().len(), 1);
-    assert!(s.audit_records(1, 0).await.unwrap().is_empty());
-    // Tokens are redeemable once.
-    let tok = JoinToken {
-        role: "enforcer".into(),
-        name: "h".into(),
-        expires_ms: 0,
-        cert_ttl_s: 1,
-        created_by: "x".into(),
-    };
-    s.put_token("h1".into(), tok.clone()).await.unwrap();
-    assert_eq!(s.take_token("h1".into()).await.unwrap(), Some(tok));
-    assert_eq!(s.take_token("h1".into()).await.unwrap(), None);
-    // Named values and enforcers.
-    assert_eq!(s.get_meta("cursor".into()).await.unwrap(), None);
-    s.put_meta("cursor".into(), "17".into()).await.unwrap();
-    assert_eq!(s.get_meta("cursor".into()).await.unwrap().as_deref(), Some("17"));
-    let rec = EnforcerRecord {
-        name: "h".into(),
-        enforced_version: 2,
-        last_seen_ms: 5,
-        policy_error: String::new(),
-    };
-    s.put_enforcer(rec.clone()).await.unwrap();
-    assert_eq!(s.enforcers().await.unwrap(), vec![rec]);
-    assert_eq!(s.append_audit(vec![]).await.unwrap(), 2);
-    assert_eq!(chain_ok(&s).await, 2);
+    contract::run(&s).await;
 
     // A second controller on the same prefix sees the first one's commits.
     let s2 = connect(&etcd, "/ztseg-basic", "b").await;
@@ -110,12 +60,13 @@ async fn behaves_like_the_embedded_store() {
     let other = connect(&etcd, "/ztseg-other", "c").await;
     assert_eq!(other.head().await.unwrap(), 0);
     drop((s, s2, other));
-    // Reconnected: everything is there.
+    // Reconnected (the prefix's trailing slash does not matter): everything is there.
     let s = connect(&etcd, "/ztseg-basic/", "a").await;
     assert_eq!(s.head().await.unwrap(), 4);
     assert_eq!(*s.watch_head().borrow(), 4);
     assert_eq!(s.audit_head().await.unwrap().seq, 4);
     assert_eq!(s.get_meta("cursor".into()).await.unwrap().as_deref(), Some("17"));
+    assert_eq!(s.enforcers().await.unwrap().len(), 1);
 }
 
 /// Large documents are stored content-addressed in chunks and come back byte for byte;
@@ -135,10 +86,7 @@ async fn large_policies_round_trip() {
     docs.insert("big.yaml".into(), big.clone());
     docs.insert("empty.yaml".into(), String::new());
     docs.insert("same.yaml".into(), "rule: 7\n".into());
-    let v1 = PolicyVersion {
-        meta: VersionMeta { actor: "admin/t".into(), ..VersionMeta::default() },
-        documents: docs,
-    };
+    let v1 = PolicyVersion { documents: docs, ..pv(&[]) };
     let t = Instant::now();
     assert_eq!(s.commit(0, v1.clone(), draft()).await.unwrap(), (1, 1));
     eprintln!("commit of {} documents took {:?}", v1.documents.len(), t.elapsed());

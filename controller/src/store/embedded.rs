@@ -313,48 +313,17 @@ fn read_audit_head_ro(
 mod tests {
     use super::*;
 
-    fn pv(docs: &[(&str, &str)]) -> PolicyVersion {
-        PolicyVersion {
-            meta: VersionMeta { actor: "admin/t".into(), ..VersionMeta::default() },
-            documents: docs.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect(),
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn commit_is_versioned_audited_and_checked() {
+    async fn keeps_the_store_contract_across_a_reopen() {
         let dir = std::env::temp_dir().join(format!("ztseg-store-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.redb");
         let _ = std::fs::remove_file(&path);
         let s = EmbeddedStore::open(&path).unwrap();
-        let d = || audit::Draft::new("admin/t", "policy.apply", "success", serde_json::json!({}));
-        assert_eq!(s.commit(0, pv(&[("a", "x")]), d()).await.unwrap(), (1, 1));
-        assert_eq!(s.commit(1, pv(&[("a", "y")]), d()).await.unwrap(), (2, 2));
-        let e = s.commit(1, pv(&[("a", "z")]), d()).await.unwrap_err();
-        assert!(matches!(e, StoreError::Conflict { expected: 1, current: 2 }), "{e}");
-        assert_eq!(s.version(1).await.unwrap().unwrap().documents["a"], "x");
-        assert_eq!(s.history(10).await.unwrap().iter().map(|m| m.version).collect::<Vec<_>>(), vec![2, 1]);
-        // The audit record of a commit names the version it made.
-        let recs = s.audit_records(1, 10).await.unwrap();
-        let r: audit::Record = serde_json::from_slice(&recs[1].1).unwrap();
-        assert_eq!(r.detail["version"], 2);
-        // Tokens are redeemable once.
-        let tok = JoinToken {
-            role: "enforcer".into(),
-            name: "h".into(),
-            expires_ms: 0,
-            cert_ttl_s: 1,
-            created_by: "x".into(),
-        };
-        s.put_token("h1".into(), tok.clone()).await.unwrap();
-        assert_eq!(s.take_token("h1".into()).await.unwrap(), Some(tok));
-        assert_eq!(s.take_token("h1".into()).await.unwrap(), None);
+        crate::store::contract::run(&s).await;
         drop(s);
-        // Reopened: everything is there.
         let s = EmbeddedStore::open(&path).unwrap();
-        assert_eq!(s.head().await.unwrap(), 2);
-        assert_eq!(*s.watch_head().borrow(), 2);
-        assert_eq!(s.audit_head().await.unwrap().seq, 2);
+        crate::store::contract::persisted(&s).await;
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

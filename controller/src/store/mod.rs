@@ -5,6 +5,8 @@
 //! be atomic is one method here — a policy commit writes the version, moves the head and
 //! appends its audit record in one transaction, so a crash leaves either all or none of it.
 
+#[doc(hidden)]
+pub mod contract;
 pub mod embedded;
 pub mod etcd;
 
