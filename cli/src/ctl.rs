@@ -301,10 +301,13 @@ pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
                 return Ok(ExitCode::from(crate::daemon::EXIT_CONFIG));
             }
         };
-    if let Err(e) = ztseg_controller::pki::Ca::load(&a.data_dir, ca_passphrase.as_ref()) {
-        eprintln!("error: {e:#}");
-        return Ok(ExitCode::from(crate::daemon::EXIT_CONFIG));
-    }
+    let ca = match ztseg_controller::pki::Ca::load(&a.data_dir, ca_passphrase.as_ref()) {
+        Ok(ca) => ca,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(crate::daemon::EXIT_CONFIG));
+        }
+    };
     if !ztseg_controller::pki::Ca::key_encrypted(&a.data_dir).unwrap_or(true) {
         eprintln!(
             "warning: the CA key in {} is stored unencrypted (protect it with `ztseg controller protect-ca-key`)",
@@ -362,7 +365,7 @@ pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
                 () = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
             }
         };
-        ztseg_controller::server::run(cfg, shutdown).await
+        ztseg_controller::server::run_with_ca(cfg, ca, shutdown).await
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -122,6 +122,16 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let ca = Ca::load(&cfg.data_dir, cfg.ca_passphrase.as_ref())?;
+    run_with_ca(cfg, ca, shutdown).await
+}
+
+/// [`run`] with the CA already loaded (by a caller that checked it before starting; an
+/// encrypted key then costs one key derivation, not two).
+pub async fn run_with_ca(
+    cfg: Config,
+    ca: Ca,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let store = open_store(&cfg).await?;
     let ctl = Ctl::new(store, ca, cfg.rejected_audit);
     // Summaries of refused anonymous calls counted but not recorded, as their windows end.
