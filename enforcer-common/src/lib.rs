@@ -18,7 +18,7 @@ pub type Addr = [u32; 4];
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Layout version of every pinned map. Bump on any change to a type in this crate.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 // ---- reserved identities and tenants -------------------------------------------------------
 
@@ -278,12 +278,17 @@ pub struct Config {
     /// Non-zero: hand packets between two local workloads straight to the destination's
     /// namespace (see [`LINK_F_PEER`]).
     pub local_delivery: u32,
+    /// Event rate limit: nanoseconds of budget one event costs on a CPU (the inverse of the
+    /// per-CPU rate); 0: no limit. See [`Reason::EventSuppressed`].
+    pub event_interval_ns: u32,
+    /// Events a CPU may emit back to back after being idle (at least 1 when limited).
+    pub event_burst: u32,
     /// Written by userspace on creation: [`ABI_VERSION`] of the maps in this pin directory.
     pub abi_version: u32,
     pub failsafe: [Failsafe; MAX_FAILSAFE],
 }
 const _: () =
-    assert!(core::mem::size_of::<Config>() == 4 * (POLICY_SHAPES + ADMIN_SHAPES + 6) + 4 * MAX_FAILSAFE);
+    assert!(core::mem::size_of::<Config>() == 4 * (POLICY_SHAPES + ADMIN_SHAPES + 8) + 4 * MAX_FAILSAFE);
 
 // ---- conntrack ---------------------------------------------------------------------------------
 
@@ -472,9 +477,12 @@ pub enum Reason {
     /// Not a verdict: a packet between two local workloads passed both checks in one program
     /// run and went straight to the destination's namespace.
     LocalDelivery = 19,
+    /// Not a verdict: an event was not emitted because its CPU was over the event rate limit
+    /// (the packet itself was judged and counted as usual).
+    EventSuppressed = 20,
 }
 
-pub const REASON_COUNT: u32 = 20;
+pub const REASON_COUNT: u32 = 21;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -498,6 +506,7 @@ impl Reason {
         Reason::CtFull,
         Reason::EventLost,
         Reason::LocalDelivery,
+        Reason::EventSuppressed,
     ];
 
     #[must_use]
@@ -529,6 +538,7 @@ impl Reason {
             Reason::CtFull => "ct_full",
             Reason::EventLost => "event_lost",
             Reason::LocalDelivery => "local_delivery",
+            Reason::EventSuppressed => "event_suppressed",
         }
     }
 }
@@ -551,6 +561,8 @@ pub mod map_names {
     pub const CONNTRACK6: &str = "ZT_CT6";
     pub const EVENTS: &str = "ZT_EVENTS";
     pub const COUNTERS: &str = "ZT_COUNTERS";
+    /// Per-CPU event rate limiter state (kernel only).
+    pub const EVENT_BUDGET: &str = "ZT_EVENT_BUDGET";
     /// Interface index → link flags ([`super::LINK_F_PEER`]).
     pub const LINKS: &str = "ZT_LINKS";
     /// Program array: slot 0 holds the local delivery program.

@@ -34,8 +34,8 @@ use enforcer_common::{
     TENANT_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 use maps::{
-    ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_COUNTERS, ZT_CT4, ZT_CT6, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH, ZT_EVENTS,
-    ZT_IDENTITY,
+    ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_COUNTERS, ZT_CT4, ZT_CT6, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH,
+    ZT_EVENT_BUDGET, ZT_EVENTS, ZT_IDENTITY,
 };
 use parse::{Flow, ParseError};
 use policy::{Local, decide, still_admitted};
@@ -66,6 +66,8 @@ static EMPTY_CONFIG: Config = Config {
     flow_events: 0,
     failsafe_count: 0,
     local_delivery: 0,
+    event_interval_ns: 0,
+    event_burst: 0,
     abi_version: 0,
     failsafe: [enforcer_common::Failsafe { port: 0, proto: 0, pad: 0 }; MAX_FAILSAFE],
 };
@@ -91,6 +93,11 @@ fn meta(verdict: u8, reason: Reason, dir: u8, ifindex: u32) -> u64 {
 /// counts as `EventLost`.
 #[inline(never)]
 fn emit(flow: &Flow, ep: &Endpoint, peer: &IdentityInfo, meta: u64, cookie: u32) {
+    let now = coarse_now();
+    if !event_budget(now) {
+        count(Reason::EventSuppressed);
+        return;
+    }
     let Some(mut entry) = ZT_EVENTS.reserve::<Event>(0) else {
         count(Reason::EventLost);
         return;
@@ -98,7 +105,7 @@ fn emit(flow: &Flow, ep: &Endpoint, peer: &IdentityInfo, meta: u64, cookie: u32)
     let e = entry.as_mut_ptr();
     // SAFETY: `e` points at a reserved, exclusively owned ring-buffer record of Event size.
     unsafe {
-        (*e).ts_ns = coarse_now();
+        (*e).ts_ns = now;
         (*e).cookie = cookie;
         (*e).local_identity = ep.identity;
         (*e).peer_identity = peer.identity;
@@ -128,6 +135,30 @@ fn emit(flow: &Flow, ep: &Endpoint, peer: &IdentityInfo, meta: u64, cookie: u32)
         BPF_RB_NO_WAKEUP
     };
     entry.submit(u64::from(flags));
+}
+
+/// Whether this CPU may emit one more event now, under the configured rate limit (generic
+/// cell rate algorithm: each event moves the CPU's budget time `event_interval_ns` ahead; an
+/// event that would move it more than `event_burst` intervals past now is suppressed). Drop
+/// floods thus cost the event reader, the daemon and the controller a bounded amount of work;
+/// the per-reason counters still count every packet.
+#[inline(always)]
+fn event_budget(now: u64) -> bool {
+    let cfg = config();
+    if cfg.event_interval_ns == 0 {
+        return true;
+    }
+    let Some(p) = ZT_EVENT_BUDGET.get_ptr_mut(0) else { return true };
+    let interval = u64::from(cfg.event_interval_ns);
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+    let spent = unsafe { *p };
+    let next = if spent > now { spent } else { now } + interval;
+    if next - now > interval * u64::from(cfg.event_burst) {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { *p = next };
+    true
 }
 
 /// Identity of a peer address: exact map, then CIDR trie (only if any CIDR exists), else world.

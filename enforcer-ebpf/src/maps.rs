@@ -65,6 +65,11 @@ pub static ZT_EVENTS: RingBuf = RingBuf::pinned(1 << 22, 0);
 #[map]
 pub static ZT_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
 
+/// Event rate limiter, per CPU: the time at which the CPU's event budget is spent down to
+/// empty (a GCRA "theoretical arrival time", coarse monotonic ns). See `Config::event_interval_ns`.
+#[map]
+pub static ZT_EVENT_BUDGET: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
 /// Interface index → link flags (`LINK_F_PEER`), written by userspace when it attaches the
 /// ingress-check program; interfaces at or above `ENDPOINT_ARRAY_SIZE` never qualify.
 #[map]

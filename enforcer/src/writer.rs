@@ -873,6 +873,32 @@ impl Writer {
         self.set_config(cfg)
     }
 
+    /// Limit the events each CPU emits (drops, audits, new allowed flows) to `limit`, or lift
+    /// the limit (`None`). Events over the limit are counted as `EventSuppressed`; the packets
+    /// themselves are judged and counted as always.
+    pub fn set_event_rate_limit(&mut self, limit: Option<EventRateLimit>) -> Result<(), Error> {
+        let (interval, burst) = match limit {
+            None => (0, 0),
+            Some(l) if l.burst == 0 => {
+                return Err(Error::InvalidRule { field: "event_burst", reason: "must be at least 1".into() });
+            }
+            Some(l) => (l.interval_ns()?, l.burst),
+        };
+        let mut cfg = self.config()?;
+        (cfg.event_interval_ns, cfg.event_burst) = (interval, burst);
+        self.set_config(cfg)
+    }
+
+    /// The event rate limit in force, if any (the rate as stored: whole nanoseconds per event).
+    pub fn event_rate_limit(&self) -> Result<Option<EventRateLimit>, Error> {
+        let cfg = self.config()?;
+        Ok((cfg.event_interval_ns != 0).then(|| EventRateLimit {
+            per_cpu_per_sec: u32::try_from(1_000_000_000 / u64::from(cfg.event_interval_ns))
+                .unwrap_or(u32::MAX),
+            burst: cfg.event_burst,
+        }))
+    }
+
     /// Hand packets between two local workloads straight to the destination's namespace when
     /// the host would forward them there (see `docs/datapath.md`, local delivery).
     pub fn set_local_delivery(&mut self, on: bool) -> Result<(), Error> {
@@ -997,4 +1023,26 @@ fn key_shape(k: &PolicyKey) -> Option<usize> {
 
 fn full_or(e: aya::maps::MapError, name: &'static str) -> Error {
     Error::Map { name, source: Box::new(e) }
+}
+
+/// A per-CPU event rate limit (see [`Writer::set_event_rate_limit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventRateLimit {
+    /// Sustained events per second on each CPU, 1 to 1,000,000,000.
+    pub per_cpu_per_sec: u32,
+    /// Events a CPU may emit back to back after being quiet, at least 1.
+    pub burst: u32,
+}
+
+impl EventRateLimit {
+    /// The budget one event costs, in nanoseconds.
+    fn interval_ns(self) -> Result<u32, Error> {
+        if self.per_cpu_per_sec == 0 || self.per_cpu_per_sec > 1_000_000_000 {
+            return Err(Error::InvalidRule {
+                field: "event_rate",
+                reason: format!("{} events per second: must be 1 to 1000000000", self.per_cpu_per_sec),
+            });
+        }
+        Ok(1_000_000_000 / self.per_cpu_per_sec)
+    }
 }

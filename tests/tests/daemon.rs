@@ -28,6 +28,8 @@ struct Daemon {
     pin_dir: PathBuf,
     socket: PathBuf,
     child: Option<Child>,
+    /// Extra environment of the daemon (`ZTSEG_*` overrides).
+    env: Vec<(&'static str, &'static str)>,
 }
 
 /// Config for pods a (hv0, 10.77.0.1) and b (hv1, 10.77.0.2) of a [`Lab`].
@@ -71,7 +73,7 @@ conntrack_entries = 4096
         ),
     )
     .unwrap();
-    Daemon { dir, config, pin_dir, socket, child: None }
+    Daemon { dir, config, pin_dir, socket, child: None, env: Vec::new() }
 }
 
 impl Daemon {
@@ -81,6 +83,7 @@ impl Daemon {
             Command::new(ZTSEG)
                 .args(["enforcer", "run", "--config"])
                 .arg(&self.config)
+                .envs(self.env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -209,6 +212,54 @@ fn readyz_waits_for_attachment_and_socket_is_root_only() {
     );
     let (ok, out) = d.cli(&["enforcer", "status"]);
     assert!(ok && out.contains("true"), "{out}");
+}
+
+/// A flood of denied datagrams under an event rate limit (set through the environment):
+/// every datagram is dropped and counted in `ztseg_packets_total`; the daemon reads no more
+/// events than the limit lets through, and each one it did not get is counted as suppressed.
+#[test]
+fn a_drop_flood_is_counted_exactly_and_its_events_bounded() {
+    const FLOOD: u64 = 20_000;
+    ztseg_integration::require_root();
+    let lab = Lab::routed(2);
+    let mut d = write_config(&lab, "zflood");
+    d.env = vec![("ZTSEG_EVENT_RATE_LIMIT", "100"), ("ZTSEG_EVENT_BURST", "100")];
+    std::fs::write(d.dir.join("policies/b.yaml"), POLICY).unwrap();
+    d.start();
+    wait_ready(&lab.host, &d);
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    udp_echo(b, "10.77.0.2:9999");
+    let drops = "ztseg_packets_total{reason=\"drop_default\"}";
+    let events = "ztseg_flow_events_total{workload=\"default/b\",tenant=\"\",verdict=\"DROP\",reason=\"drop_default\"}";
+    let suppressed = "ztseg_events_suppressed_total";
+    let m0 = http(&lab.host, "/metrics").unwrap().1;
+    let start = Instant::now();
+    a.enter(|| {
+        let s = UdpSocket::bind("10.77.0.1:0").unwrap();
+        for _ in 0..FLOOD {
+            s.send_to(b"x", "10.77.0.2:9999").unwrap();
+        }
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let delta = |body: &str, m: &str| metric(body, m) - metric(&m0, m);
+    // The daemon reads events in batches: wait until every drop is accounted for.
+    let t0 = Instant::now();
+    let body = loop {
+        let body = http(&lab.host, "/metrics").unwrap().1;
+        if delta(&body, events) + delta(&body, suppressed) >= FLOOD || t0.elapsed() > Duration::from_secs(10)
+        {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(delta(&body, drops), FLOOD, "every datagram dropped and counted:\n{body}");
+    assert_eq!(metric(&body, "ztseg_events_lost_total"), 0, "{body}");
+    let (read, held) = (delta(&body, events), delta(&body, suppressed));
+    assert_eq!(read + held, FLOOD, "each drop event read or counted as suppressed:\n{body}");
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "small positive bound")]
+    let bound = (f64::from(u32::try_from(cpus).unwrap()) * (100.0 + 1.0 + 100.0 * (secs + 0.05))) as u64;
+    assert!(read >= 100 && read <= bound, "{read} drop events read in {secs:.2} s, at most {bound}:\n{body}");
 }
 
 #[test]

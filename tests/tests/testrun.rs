@@ -751,3 +751,57 @@ fn events_keep_order_across_ring_wraparound() {
     }
     assert_eq!(dp.writer().counters().unwrap()[&Reason::EventLost], before);
 }
+
+/// A drop flood under an event rate limit: every packet is still dropped and counted, events
+/// stop at the limit (burst plus the sustained rate over the flood's duration, per CPU), and
+/// each event not emitted is counted as suppressed — none is lost unaccounted. Lifting the
+/// limit reports every drop again.
+#[test]
+fn event_rate_limit_bounds_events_not_verdicts() {
+    use enforcer::EventRateLimit;
+    let mut dp = setup("evlimit");
+    let mut events = dp.events().unwrap();
+    const FLOOD: u32 = 200_000;
+    const BURST: u32 = 50;
+    const RATE: u32 = 1000;
+    let invalid = [
+        EventRateLimit { per_cpu_per_sec: 0, burst: 1 },
+        EventRateLimit { per_cpu_per_sec: 10, burst: 0 },
+        EventRateLimit { per_cpu_per_sec: 1_000_000_001, burst: 1 },
+    ];
+    for l in invalid {
+        let e = dp.writer().set_event_rate_limit(Some(l)).expect_err("invalid limit refused");
+        assert!(e.to_string().contains("event_"), "{e}");
+    }
+    let limit = EventRateLimit { per_cpu_per_sec: RATE, burst: BURST };
+    dp.writer().set_event_rate_limit(Some(limit)).unwrap();
+    assert_eq!(dp.writer().event_rate_limit().unwrap(), Some(limit));
+
+    let c0 = dp.writer().counters().unwrap();
+    let fr = frame::tcp4("10.0.0.1", 2500, "10.0.0.2", 81);
+    let start = std::time::Instant::now();
+    assert_eq!(dp.run_repeat(TC_FROM_WORKLOAD, &fr, FLOOD).unwrap(), TC_ACT_SHOT);
+    let secs = start.elapsed().as_secs_f64();
+    let c1 = dp.writer().counters().unwrap();
+    let delta = |r: Reason| c1[&r] - c0[&r];
+    let got = events.drain();
+    let emitted = u64::try_from(got.len()).unwrap();
+    assert_eq!(delta(Reason::DropDefault), u64::from(FLOOD), "every packet dropped and counted");
+    assert_eq!(delta(Reason::EventLost), 0);
+    assert_eq!(emitted + delta(Reason::EventSuppressed), u64::from(FLOOD), "each event emitted or counted");
+    assert!(emitted >= u64::from(BURST), "the burst is emitted: {emitted}");
+    // Test runs may move between CPUs; each CPU has its own budget.
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "small positive bound")]
+    let bound = (f64::from(u32::try_from(cpus).unwrap())
+        * (f64::from(BURST) + 1.0 + f64::from(RATE) * (secs + 0.02))) as u64;
+    assert!(emitted <= bound, "{emitted} events in {secs:.3} s, at most {bound}");
+    assert!(got.iter().all(|e| e.verdict == Verdict::Drop && e.dport == 81));
+
+    dp.writer().set_event_rate_limit(None).unwrap();
+    assert_eq!(dp.writer().event_rate_limit().unwrap(), None);
+    let c2 = dp.writer().counters().unwrap();
+    assert_eq!(dp.run_repeat(TC_FROM_WORKLOAD, &fr, 5000).unwrap(), TC_ACT_SHOT);
+    assert_eq!(events.drain().len(), 5000, "without a limit every drop is reported");
+    assert_eq!(dp.writer().counters().unwrap()[&Reason::EventSuppressed], c2[&Reason::EventSuppressed]);
+}

@@ -67,6 +67,33 @@ pub struct Config {
     /// forwarding hooks are skipped for such flows). Applied at every start.
     #[serde(default = "default_true")]
     pub local_delivery: bool,
+    /// Events (drops, audits, new allowed flows) each CPU may emit per second; 0: no limit.
+    /// Beyond it events are counted as suppressed instead of read, so a drop flood costs this
+    /// daemon and the controller a bounded amount of work. Packets are judged and counted as
+    /// always. Applied at every start.
+    #[serde(default = "default_event_rate_limit")]
+    pub event_rate_limit: u32,
+    /// Events a CPU may emit back to back after a quiet spell (with `event_rate_limit`).
+    #[serde(default = "default_event_burst")]
+    pub event_burst: u32,
+}
+
+fn default_event_rate_limit() -> u32 {
+    10_000
+}
+fn default_event_burst() -> u32 {
+    20_000
+}
+
+impl Config {
+    /// The data plane's event rate limit from `event_rate_limit` and `event_burst`.
+    #[must_use]
+    pub fn event_limit(&self) -> Option<enforcer::EventRateLimit> {
+        (self.event_rate_limit != 0).then_some(enforcer::EventRateLimit {
+            per_cpu_per_sec: self.event_rate_limit,
+            burst: self.event_burst,
+        })
+    }
 }
 
 /// `[maps]`: capacities of the data plane's maps. They take effect when the maps are created
@@ -291,11 +318,13 @@ impl Config {
                         });
                     }
                 }),
-                "policy_poll_ms" => toml::Value::Integer(v.parse().map_err(|_| ConfigError {
-                    source_name: format!("environment {k}"),
-                    field: key.clone(),
-                    message: format!("{v:?} is not a number"),
-                })?),
+                "policy_poll_ms" | "event_rate_limit" | "event_burst" => {
+                    toml::Value::Integer(v.parse().map_err(|_| ConfigError {
+                        source_name: format!("environment {k}"),
+                        field: key.clone(),
+                        message: format!("{v:?} is not a number"),
+                    })?)
+                }
                 _ => {
                     return Err(ConfigError {
                         source_name: format!("environment {k}"),
@@ -323,6 +352,15 @@ impl Config {
 
     fn validate(&self, name: &str) -> Result<(), ConfigError> {
         let err = |field: String, message: String| ConfigError { source_name: name.into(), field, message };
+        if self.event_rate_limit > 1_000_000_000 {
+            return Err(err(
+                "event_rate_limit".into(),
+                "at most 1000000000 events per second per CPU".into(),
+            ));
+        }
+        if self.event_rate_limit != 0 && self.event_burst == 0 {
+            return Err(err("event_burst".into(), "must be at least 1 while event_rate_limit is set".into()));
+        }
         if let Some(c) = &self.controller {
             if c.endpoint.is_empty() {
                 return Err(err("controller.endpoint".into(), "must be host:port".into()));
@@ -500,6 +538,27 @@ mod tests {
         assert_eq!(e.field, "local_delivery", "{e}");
         let e = load("local_delivery = \"yes\"\n", &[]).unwrap_err();
         assert_eq!(e.field, "local_delivery", "{e}");
+    }
+
+    #[test]
+    fn event_rate_limit_defaults_and_overrides() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(
+            c.event_limit(),
+            Some(enforcer::EventRateLimit { per_cpu_per_sec: 10_000, burst: 20_000 })
+        );
+        let c = load("event_rate_limit = 0\n", &[]).unwrap();
+        assert_eq!(c.event_limit(), None);
+        let c = load("", &[("ZTSEG_EVENT_RATE_LIMIT", "500"), ("ZTSEG_EVENT_BURST", "7")]).unwrap();
+        assert_eq!(c.event_limit(), Some(enforcer::EventRateLimit { per_cpu_per_sec: 500, burst: 7 }));
+        let e = load("event_burst = 0\n", &[]).unwrap_err();
+        assert_eq!(e.field, "event_burst", "{e}");
+        let e = load("event_rate_limit = 2000000000\n", &[]).unwrap_err();
+        assert_eq!(e.field, "event_rate_limit", "{e}");
+        let e = load("", &[("ZTSEG_EVENT_BURST", "many")]).unwrap_err();
+        assert_eq!(e.field, "event_burst", "{e}");
+        let e = load("event_rate_limit = -1\n", &[]).unwrap_err();
+        assert_eq!(e.field, "event_rate_limit", "{e}");
     }
 
     #[test]

@@ -127,6 +127,7 @@ impl Engine {
         enforcer::datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
         let dp = Datapath::open(&cfg.pin_dir, &cfg.maps.options())?;
         dp.writer().set_local_delivery(cfg.local_delivery)?;
+        dp.writer().set_event_rate_limit(cfg.event_limit())?;
         for (map, want, have) in dp.capacity_mismatches(&cfg.maps.options())? {
             super::log::info(
                 "pinned map keeps its size; `ztseg enforcer uninstall` then start again to resize",

@@ -58,16 +58,15 @@ impl Metrics {
         e.count += 1;
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self, engine: &Engine) -> String {
-        let mut out = String::new();
+    /// Kernel counters, flow events and map pressure.
+    fn render_data_plane(&self, out: &mut String, engine: &Engine) {
         let w = engine.dp.writer();
         let _ =
             writeln!(out, "# HELP ztseg_packets_total Packets by data-plane verdict reason (all workloads).");
         let _ = writeln!(out, "# TYPE ztseg_packets_total counter");
         if let Ok(c) = w.counters() {
             for r in Reason::ALL {
-                if r == Reason::EventLost || r == Reason::LocalDelivery {
+                if matches!(r, Reason::EventLost | Reason::LocalDelivery | Reason::EventSuppressed) {
                     continue;
                 }
                 let _ = writeln!(out, "ztseg_packets_total{{reason=\"{}\"}} {}", r.name(), c[&r]);
@@ -75,6 +74,12 @@ impl Metrics {
             let _ = writeln!(out, "# HELP ztseg_events_lost_total Events the ring buffer could not take.");
             let _ = writeln!(out, "# TYPE ztseg_events_lost_total counter");
             let _ = writeln!(out, "ztseg_events_lost_total {}", c[&Reason::EventLost]);
+            let _ = writeln!(
+                out,
+                "# HELP ztseg_events_suppressed_total Events not emitted: their CPU was over event_rate_limit."
+            );
+            let _ = writeln!(out, "# TYPE ztseg_events_suppressed_total counter");
+            let _ = writeln!(out, "ztseg_events_suppressed_total {}", c[&Reason::EventSuppressed]);
             let _ = writeln!(
                 out,
                 "# HELP ztseg_local_deliveries_total Packets between local workloads handed straight to the receiver's namespace."
@@ -113,7 +118,12 @@ impl Metrics {
                 let _ = writeln!(out, "ztseg_map_capacity{{map=\"{map}\"}} {cap}");
             }
         }
-        drop(w);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self, engine: &Engine) -> String {
+        let mut out = String::new();
+        self.render_data_plane(&mut out, engine);
         let _ = writeln!(out, "# HELP ztseg_active_grants Grants currently installed.");
         let _ = writeln!(out, "# TYPE ztseg_active_grants gauge");
         let _ = writeln!(out, "ztseg_active_grants {}", engine.grants().len());

@@ -35,10 +35,11 @@ pub async fn run(
         cfg.identity.as_deref().unwrap_or(&node),
     );
     let mut backoff = Duration::from_millis(200);
+    let mut denied = DeniedFlows::default();
     loop {
         let started = Instant::now();
         let flows_rx = cfg.report_denied.then(|| flows.subscribe());
-        match session(&cfg, &files, &engine, flows_rx).await {
+        match session(&cfg, &files, &engine, flows_rx, &mut denied).await {
             Ok(()) => {}
             Err(e) => log::error(
                 "controller session ended; the last-known policy stays in force",
@@ -78,17 +79,97 @@ async fn renew_if_due(cfg: &ControllerConfig, files: &ztseg_controller::pki::Cli
     Ok(())
 }
 
-/// Distinct denied flows held between reports; beyond this they are counted and logged.
-const MAX_PENDING_DENIED: usize = 50_000;
-
-/// Fold key of a denied flow.
+/// Fold key of a denied flow: workload, peer, tenant, direction, source, destination,
+/// destination port, protocol, reason.
 type FlowKey = (String, String, String, String, String, String, u32, String, String);
+
+/// Denied flows seen in the kernel, folded (one entry per distinct flow, with a count and the
+/// time it was first seen) until a report to the controller takes them. Kept across sessions,
+/// so flows denied while the controller is unreachable are reported once it is back.
+///
+/// Bounded: past [`Self::MAX_PENDING`] distinct flows, a new flow is folded into its
+/// workload's summary entry (peer, addresses and protocol `*`, port 0) — every denied packet
+/// is still counted, in a flow or a summary. Reports take the oldest entries first, at most
+/// `MAX_DENIED_PER_REPORT` per report, so what a flood costs the controller's audit log is
+/// bounded too.
+#[derive(Default)]
+struct DeniedFlows {
+    pending: BTreeMap<FlowKey, (i64, u32)>,
+}
+
+impl DeniedFlows {
+    const MAX_PENDING: usize = 10_000;
+
+    fn add(&mut self, key: FlowKey, now_ms: i64) {
+        self.add_count(key, now_ms, 1);
+    }
+
+    fn add_count(&mut self, key: FlowKey, first_ms: i64, count: u32) {
+        if let Some(e) = self.pending.get_mut(&key) {
+            e.0 = e.0.min(first_ms);
+            e.1 = e.1.saturating_add(count);
+            return;
+        }
+        let key = if self.pending.len() >= Self::MAX_PENDING { summary(key) } else { key };
+        let e = self.pending.entry(key).or_insert((first_ms, 0));
+        e.0 = e.0.min(first_ms);
+        e.1 = e.1.saturating_add(count);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The `max` oldest entries, removed.
+    fn take(&mut self, max: usize) -> Vec<pb::DeniedFlow> {
+        let mut by_age: Vec<(i64, &FlowKey)> = self.pending.iter().map(|(k, (t, _))| (*t, k)).collect();
+        if by_age.len() > max {
+            by_age.select_nth_unstable(max);
+            by_age.truncate(max);
+        }
+        let keys: Vec<FlowKey> = by_age.into_iter().map(|(_, k)| k.clone()).collect();
+        keys.into_iter()
+            .filter_map(|k| self.pending.remove(&k).map(|v| (k, v)))
+            .map(|((workload, peer, tenant, direction, src, dst, dport, protocol, reason), (t, count))| {
+                pb::DeniedFlow {
+                    time_unix_ms: t,
+                    workload,
+                    peer,
+                    tenant,
+                    direction,
+                    src,
+                    dst,
+                    dport,
+                    protocol,
+                    reason,
+                    count,
+                }
+            })
+            .collect()
+    }
+
+    /// Put back what a failed report took.
+    fn restore(&mut self, batch: Vec<pb::DeniedFlow>) {
+        for d in batch {
+            let key =
+                (d.workload, d.peer, d.tenant, d.direction, d.src, d.dst, d.dport, d.protocol, d.reason);
+            self.add_count(key, d.time_unix_ms, d.count);
+        }
+    }
+}
+
+/// The summary entry a flow folds into when too many distinct flows are pending.
+fn summary(k: FlowKey) -> FlowKey {
+    let any = || "*".to_owned();
+    (k.0, any(), k.2, k.3, any(), any(), 0, any(), k.8)
+}
 
 async fn session(
     cfg: &ControllerConfig,
     files: &ztseg_controller::pki::ClientFiles,
     engine: &Arc<Mutex<Engine>>,
     mut flows: Option<broadcast::Receiver<FlowEvent>>,
+    denied: &mut DeniedFlows,
 ) -> Result<()> {
     renew_if_due(cfg, files).await?;
     let ch = ztseg_controller::server::connect(&cfg.endpoint, files).await?;
@@ -111,9 +192,6 @@ async fn session(
     }
     log::info("controller connected", &[("endpoint", &cfg.endpoint), ("from_version", &from.to_string())]);
     report(&mut client, engine, Vec::new()).await?;
-    let mut denied: BTreeMap<FlowKey, (i64, u32)> = BTreeMap::new();
-    // Distinct denied flows not yet reported that were dropped because too many were pending.
-    let mut overflow: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_report = Instant::now();
     let mut renewal_check = Instant::now();
@@ -130,13 +208,7 @@ async fn session(
                 match ev {
                     Ok(ev) if ev.verdict == "DROP" => {
                         let k = (ev.workload, ev.peer, ev.tenant, ev.direction, ev.src, ev.dst, ev.dport, ev.protocol, ev.reason);
-                        if let Some(e) = denied.get_mut(&k) {
-                            e.1 = e.1.saturating_add(1);
-                        } else if denied.len() < MAX_PENDING_DENIED {
-                            denied.insert(k, (ztseg_controller::now_ms(), 1));
-                        } else {
-                            overflow += 1;
-                        }
+                        denied.add(k, ztseg_controller::now_ms());
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -154,25 +226,12 @@ async fn session(
                         return Ok(());
                     }
                 }
-                if overflow > 0 {
-                    log::error("denied flows not forwarded: too many distinct flows pending", &[("flows", &overflow.to_string())]);
-                    overflow = 0;
-                }
                 if !denied.is_empty() || last_report.elapsed() >= Duration::from_secs(5) {
-                    // In reports of at most MAX_DENIED_PER_REPORT; what is not sent stays pending.
-                    loop {
-                        let keys: Vec<FlowKey> = denied.keys().take(ztseg_controller::service::MAX_DENIED_PER_REPORT).cloned().collect();
-                        let batch = keys
-                            .into_iter()
-                            .filter_map(|k| denied.remove(&k).map(|v| (k, v)))
-                            .map(|((workload, peer, tenant, direction, src, dst, dport, protocol, reason), (t, count))| pb::DeniedFlow {
-                                time_unix_ms: t, workload, peer, tenant, direction, src, dst, dport, protocol, reason, count,
-                            })
-                            .collect();
-                        report(&mut client, engine, batch).await?;
-                        if denied.is_empty() {
-                            break;
-                        }
+                    // One report per second at most, of the oldest pending flows.
+                    let batch = denied.take(ztseg_controller::service::MAX_DENIED_PER_REPORT);
+                    if let Err(e) = report(&mut client, engine, batch.clone()).await {
+                        denied.restore(batch);
+                        return Err(e);
                     }
                     last_report = Instant::now();
                 }
@@ -250,6 +309,61 @@ mod tests {
     };
 
     use super::*;
+
+    fn key(workload: &str, src: &str, dport: u32) -> FlowKey {
+        let s = str::to_owned;
+        (
+            s(workload),
+            s("peer"),
+            s("t1"),
+            s("ingress"),
+            s(src),
+            s("10.0.0.1"),
+            dport,
+            s("TCP"),
+            s("drop_default"),
+        )
+    }
+
+    /// Repeats fold into one entry; past the cap new flows fold into their workload's summary
+    /// and no packet goes uncounted; reports take the oldest first, at most the maximum; a
+    /// failed report's batch is put back.
+    #[test]
+    fn denied_flows_fold_bounded_and_oldest_first() {
+        let mut d = DeniedFlows::default();
+        d.add(key("a", "10.9.0.1", 80), 100);
+        d.add(key("a", "10.9.0.1", 80), 150);
+        assert_eq!(d.pending.len(), 1);
+        assert_eq!(d.pending[&key("a", "10.9.0.1", 80)], (100, 2));
+
+        // A scan from many sources on many ports: more distinct flows than the cap.
+        let total = u32::try_from(DeniedFlows::MAX_PENDING).unwrap() + 5_000;
+        for i in 0..total {
+            d.add(key("b", &format!("10.8.{}.{}", i / 250, i % 250), 1000 + i % 3000), 200 + i64::from(i));
+        }
+        let counted: u64 = d.pending.values().map(|(_, n)| u64::from(*n)).sum();
+        assert_eq!(counted, u64::from(total) + 2, "every denied packet counted");
+        assert!(d.pending.len() <= DeniedFlows::MAX_PENDING + 1, "{}", d.pending.len());
+        let sum = d.pending.get(&summary(key("b", "x", 0))).expect("summary entry");
+        assert!(sum.1 > 0);
+
+        let first = d.take(3);
+        assert_eq!(first.len(), 3);
+        assert_eq!(first.iter().map(|f| f.time_unix_ms).min(), Some(100));
+        assert!(first.iter().all(|f| f.time_unix_ms <= 201), "oldest first: {first:?}");
+        let before = d.pending.len();
+        let batch = d.take(ztseg_controller::service::MAX_DENIED_PER_REPORT);
+        assert_eq!(batch.len(), ztseg_controller::service::MAX_DENIED_PER_REPORT);
+        assert_eq!(d.pending.len(), before - batch.len());
+        d.restore(batch);
+        assert_eq!(d.pending.len(), before, "a failed report loses nothing");
+        let mut left = 0;
+        while !d.is_empty() {
+            left += d.take(1000).iter().map(|f| u64::from(f.count)).sum::<u64>();
+        }
+        let taken: u64 = first.iter().map(|f| u64::from(f.count)).sum();
+        assert_eq!(left + taken, u64::from(total) + 2);
+    }
 
     fn validity(files: &ClientFiles) -> (i64, i64) {
         let pem = std::fs::read_to_string(&files.cert).unwrap();
