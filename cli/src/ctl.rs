@@ -273,6 +273,13 @@ pub struct RunArgs {
     /// Length of that window in seconds.
     #[arg(long, env = "ZTSEG_AUDIT_REJECTED_WINDOW", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub audit_rejected_window: u64,
+    /// Denied flows reported by one enforcer recorded in full (`flow.denied`) per window;
+    /// further ones are counted into one `flow.denied.suppressed` record when it ends.
+    #[arg(long, env = "ZTSEG_AUDIT_DENIED_FLOWS_PER_ENFORCER", default_value_t = 6000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub audit_denied_flows_per_enforcer: u32,
+    /// Length of that window in seconds.
+    #[arg(long, env = "ZTSEG_AUDIT_DENIED_FLOWS_WINDOW", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub audit_denied_flows_window: u64,
     /// Passphrase of an encrypted CA key (first line of the file).
     #[arg(long, env = "ZTSEG_CA_PASSPHRASE_FILE")]
     pub ca_passphrase_file: Option<PathBuf>,
@@ -353,6 +360,10 @@ pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
         rejected_audit: ztseg_controller::limit::RejectPolicy {
             per_peer: a.audit_rejected_per_peer,
             window: std::time::Duration::from_secs(a.audit_rejected_window),
+        },
+        denied_flow_audit: ztseg_controller::limit::RejectPolicy {
+            per_peer: a.audit_denied_flows_per_enforcer,
+            window: std::time::Duration::from_secs(a.audit_denied_flows_window),
         },
         ca_passphrase,
     };

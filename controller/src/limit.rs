@@ -1,4 +1,5 @@
-//! Bounds on what unauthenticated peers can make the controller do.
+//! Bounds on what unauthenticated peers, and enforcers reporting denied flows, can make the
+//! controller do.
 //!
 //! Every failed TLS handshake is audited, and the audit log is append-only: without a bound,
 //! anyone who can reach the port could grow it without limit. [`RejectLimiter`] records the
@@ -113,6 +114,79 @@ impl RejectLimiter {
     }
 }
 
+/// Bounds the `flow.denied` records each enforcer adds to the audit log: the first
+/// `per_peer` records of an enforcer in a window are recorded in full, the rest are counted
+/// (records and the packets they carry) into one `flow.denied.suppressed` record when the
+/// window ends. Enforcers already fold and pace what they send; this holds even for one that
+/// does not (a compromised host). Keyed by the authenticated enforcer identity, so the table
+/// is as large as the set of enforcers.
+#[derive(Debug)]
+pub struct FlowLimiter {
+    policy: RejectPolicy,
+    enforcers: HashMap<String, FlowWindow>,
+}
+
+#[derive(Debug)]
+struct FlowWindow {
+    start: Instant,
+    recorded: u32,
+    records: u64,
+    packets: u64,
+}
+
+impl FlowLimiter {
+    /// Default bound: 6,000 records per enforcer and minute.
+    pub const DEFAULT: RejectPolicy = RejectPolicy { per_peer: 6_000, window: Duration::from_mins(1) };
+
+    #[must_use]
+    pub fn new(policy: RejectPolicy) -> Self {
+        Self { policy, enforcers: HashMap::new() }
+    }
+
+    /// Whether one denied-flow record of `enforcer`, standing for `packets` packets, is
+    /// recorded in full at `now` (else it is counted).
+    pub fn admit(&mut self, enforcer: &str, packets: u64, now: Instant) -> bool {
+        if !self.enforcers.contains_key(enforcer) {
+            self.enforcers
+                .insert(enforcer.to_owned(), FlowWindow { start: now, recorded: 0, records: 0, packets: 0 });
+        }
+        let Some(w) = self.enforcers.get_mut(enforcer) else { return false };
+        if w.recorded < self.policy.per_peer {
+            w.recorded += 1;
+            true
+        } else {
+            w.records += 1;
+            w.packets = w.packets.saturating_add(packets);
+            false
+        }
+    }
+
+    /// End the windows that are over at `now`: one `flow.denied.suppressed` record, from the
+    /// enforcer, for each that counted records it did not record in full.
+    pub fn summaries(&mut self, now: Instant) -> Vec<crate::audit::Draft> {
+        let window = self.policy.window;
+        let mut out = Vec::new();
+        self.enforcers.retain(|who, w| {
+            if now.duration_since(w.start) < window {
+                return true;
+            }
+            if w.records > 0 {
+                out.push(crate::audit::Draft::new(
+                    who.clone(),
+                    "flow.denied.suppressed",
+                    "denied",
+                    serde_json::json!({
+                        "records": w.records, "packets": w.packets, "window_s": window.as_secs(),
+                    }),
+                ));
+            }
+            false
+        });
+        out.sort_by(|a, b| a.actor.cmp(&b.actor));
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +209,22 @@ mod tests {
         assert!(l.flush(t0 + Duration::from_secs(11)).is_empty(), "summarised once");
         // A new window starts afresh.
         assert!(l.admit(ip("192.0.2.1"), t0 + Duration::from_secs(12)));
+    }
+
+    #[test]
+    fn denied_flow_records_per_enforcer_then_one_summary() {
+        let mut l = FlowLimiter::new(RejectPolicy { per_peer: 2, window: Duration::from_secs(10) });
+        let t0 = Instant::now();
+        let a: Vec<bool> = (1..=5).map(|n| l.admit("enforcer:n1", n, t0)).collect();
+        assert_eq!(a, [true, true, false, false, false]);
+        assert!(l.admit("enforcer:n2", 1, t0), "each enforcer has its own allowance");
+        assert!(l.summaries(t0 + Duration::from_secs(9)).is_empty(), "window not over yet");
+        let s = l.summaries(t0 + Duration::from_secs(10));
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!((s[0].actor.as_str(), s[0].action.as_str()), ("enforcer:n1", "flow.denied.suppressed"));
+        assert_eq!(s[0].detail, serde_json::json!({"records": 3, "packets": 12, "window_s": 10}));
+        assert!(l.summaries(t0 + Duration::from_secs(11)).is_empty(), "summarised once");
+        assert!(l.admit("enforcer:n1", 1, t0 + Duration::from_secs(12)), "a new window records again");
     }
 
     #[test]

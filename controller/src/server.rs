@@ -49,6 +49,8 @@ pub struct Config {
     pub siem: Vec<String>,
     /// How many rejected handshakes per source address and window are audited in full.
     pub rejected_audit: crate::limit::RejectPolicy,
+    /// How many `flow.denied` records per enforcer and window are audited in full.
+    pub denied_flow_audit: crate::limit::RejectPolicy,
     /// Decrypts the CA key when it is stored encrypted.
     pub ca_passphrase: Option<pki::Passphrase>,
 }
@@ -134,7 +136,9 @@ pub async fn run_with_ca(
 ) -> Result<()> {
     let store = open_store(&cfg).await?;
     let ctl = Ctl::new(store, ca, cfg.rejected_audit);
-    // Summaries of refused anonymous calls counted but not recorded, as their windows end.
+    ctl.set_denied_flow_audit(cfg.denied_flow_audit);
+    // Summaries of refused anonymous calls and of denied flows counted but not recorded, as
+    // their windows end.
     {
         let ctl = ctl.clone();
         tokio::spawn(async move {

@@ -52,6 +52,8 @@ pub struct Ctl {
     /// Bounds audit records of refused anonymous calls (no or unusable certificate, failed
     /// enrollment) per source address; see [`crate::limit`].
     anonymous: Mutex<crate::limit::RejectLimiter>,
+    /// Bounds `flow.denied` records per enforcer; see [`crate::limit::FlowLimiter`].
+    denied_flows: Mutex<crate::limit::FlowLimiter>,
 }
 
 impl std::fmt::Debug for Ctl {
@@ -81,6 +83,7 @@ impl Ctl {
     pub fn new(store: Arc<dyn Store>, ca: Ca, anonymous: crate::limit::RejectPolicy) -> Arc<Self> {
         Arc::new(Self {
             anonymous: Mutex::new(crate::limit::RejectLimiter::new(anonymous)),
+            denied_flows: Mutex::new(crate::limit::FlowLimiter::new(crate::limit::FlowLimiter::DEFAULT)),
             store,
             ca,
             appended: Arc::new(Notify::new()),
@@ -109,12 +112,26 @@ impl Ctl {
     }
 
     /// One `anonymous.suppressed` record per source address whose window ended with refused
-    /// anonymous calls that were counted but not recorded.
+    /// anonymous calls that were counted but not recorded, and one `flow.denied.suppressed`
+    /// record per enforcer whose window ended with denied flows counted but not recorded.
     pub fn anonymous_summaries(&self) -> Vec<audit::Draft> {
-        self.anonymous
+        let now = std::time::Instant::now();
+        let mut out = self
+            .anonymous
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .summaries("anonymous.suppressed", std::time::Instant::now())
+            .summaries("anonymous.suppressed", now);
+        out.extend(
+            self.denied_flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner).summaries(now),
+        );
+        out
+    }
+
+    /// How many `flow.denied` records per enforcer and window are audited in full (the
+    /// default is [`crate::limit::FlowLimiter::DEFAULT`]).
+    pub fn set_denied_flow_audit(&self, policy: crate::limit::RejectPolicy) {
+        *self.denied_flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            crate::limit::FlowLimiter::new(policy);
     }
 
     /// Append audit records; an audit failure is logged, never silently dropped.
@@ -729,8 +746,13 @@ impl Distribution for Services {
                 .insert(who.name.clone(), (r.enforced_version, r.policy_error, now));
         }
         if !r.denied.is_empty() {
-            let drafts = r
-                .denied
+            let actor = who.to_string();
+            let now = std::time::Instant::now();
+            let admitted: Vec<pb::DeniedFlow> = {
+                let mut l = self.0.denied_flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                r.denied.into_iter().filter(|d| l.admit(&actor, u64::from(d.count), now)).collect()
+            };
+            let drafts: Vec<audit::Draft> = admitted
                 .into_iter()
                 .map(|d| {
                     let mut dr = audit::Draft::new(
@@ -749,7 +771,9 @@ impl Distribution for Services {
                     dr
                 })
                 .collect();
-            self.0.audit(drafts).await?;
+            if !drafts.is_empty() {
+                self.0.audit(drafts).await?;
+            }
         }
         Ok(Response::new(pb::ReportResponse {}))
     }

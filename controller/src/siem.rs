@@ -86,7 +86,9 @@ fn syslog_message(host: &str, json_line: &str) -> String {
 /// OCSF `(class_uid, class_name, category_uid, category_name, activity_id, activity_name)`.
 fn class_of(action: &str) -> (u32, &'static str, u32, &'static str, u32, &'static str) {
     match action {
-        "flow.denied" => (4001, "Network Activity", 4, "Network Activity", 5, "Refuse"),
+        "flow.denied" | "flow.denied.suppressed" => {
+            (4001, "Network Activity", 4, "Network Activity", 5, "Refuse")
+        }
         "tls.rejected" | "enroll" | "renew" => {
             (3002, "Authentication", 3, "Identity & Access Management", 1, "Logon")
         }
@@ -139,6 +141,14 @@ pub fn ocsf(r: &Record) -> Value {
         v["dst_endpoint"] = json!({ "ip": d["dst"], "port": d["dport"], "name": d["peer"] });
         v["connection_info"] = json!({ "protocol_name": d["protocol"], "direction": d["direction"] });
         v["count"] = d["count"].clone();
+    }
+    if r.action == "flow.denied.suppressed" {
+        // Denied flows of one enforcer counted but not recorded one by one: their packets.
+        v["action"] = "Denied".into();
+        v["action_id"] = 2.into();
+        v["disposition"] = "Blocked".into();
+        v["disposition_id"] = 2.into();
+        v["count"] = r.detail["packets"].clone();
     }
     if r.action == "api.denied" || r.action == "tls.rejected" {
         v["src_endpoint"] = json!({ "ip": r.detail["peer"] });

@@ -594,6 +594,57 @@ fn refused_anonymous_calls_are_audited_up_to_a_bound_per_peer() {
     });
 }
 
+/// An enforcer's denied flows are audited in full up to its allowance per window; the rest
+/// are counted — records and the packets they stand for — into one `flow.denied.suppressed`
+/// record from that enforcer when the window ends. Another enforcer has its own allowance.
+#[test]
+fn denied_flows_are_audited_up_to_a_bound_per_enforcer() {
+    let c = Controller::started_with(
+        "flowlimit",
+        &["--audit-denied-flows-per-enforcer", "4", "--audit-denied-flows-window", "2"],
+    );
+    let flow = |i: u32| pb::DeniedFlow {
+        workload: "prod/b".into(),
+        peer: "world".into(),
+        direction: "ingress".into(),
+        src: format!("192.0.2.{i}"),
+        dst: "10.0.0.2".into(),
+        dport: 9000 + i,
+        protocol: "TCP".into(),
+        reason: "drop_default".into(),
+        count: i,
+        ..Default::default()
+    };
+    let report = |files: &ClientFiles, flows: Vec<pb::DeniedFlow>| {
+        call(&c.addr, files, move |ch| async move {
+            DistributionClient::new(ch)
+                .report(pb::ReportRequest { denied: flows, ..Default::default() })
+                .await
+        })
+        .expect("enforcer Distribution/Report")
+    };
+    let n1 = c.identity(Role::Enforcer, "n1");
+    let n2 = c.identity(Role::Enforcer, "n2");
+    // Ten flows in two reports (1 + 2 + ... + 10 packets), then one from another enforcer.
+    report(&n1, (1..=6).map(flow).collect());
+    report(&n1, (7..=10).map(flow).collect());
+    report(&n2, vec![flow(1)]);
+    let summary = c.wait_audit("flow.denied.suppressed", |r| r["action"] == "flow.denied.suppressed");
+    let recs = c.audit();
+    let full =
+        |actor: &str| recs.iter().filter(|r| r["action"] == "flow.denied" && r["actor"] == actor).count();
+    assert_eq!(full("enforcer/n1"), 4, "{recs:#?}");
+    assert_eq!(full("enforcer/n2"), 1, "{recs:#?}");
+    assert_eq!(summary["actor"], "enforcer/n1", "{summary}");
+    assert_eq!(summary["outcome"], "denied", "{summary}");
+    // Flows 5..=10 were counted: 6 records, 45 packets.
+    assert_eq!(summary["detail"]["records"], 6, "{summary}");
+    assert_eq!(summary["detail"]["packets"], 45, "{summary}");
+    assert_eq!(summary["detail"]["window_s"], 2, "{summary}");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(count(&c.audit(), "flow.denied.suppressed"), 1, "summarised once");
+}
+
 /// (c) A certificate from the right CA outside its validity period (expired, and not yet
 /// valid) is refused in the handshake and recorded as `tls.rejected`.
 #[test]

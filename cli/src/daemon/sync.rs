@@ -403,6 +403,7 @@ mod tests {
             name: "test".into(),
             siem: Vec::new(),
             rejected_audit: ztseg_controller::limit::RejectPolicy::default(),
+            denied_flow_audit: ztseg_controller::limit::FlowLimiter::DEFAULT,
             ca_passphrase: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
