@@ -448,18 +448,20 @@ fn main() -> Result<()> {
     let _ = connect_rate(&t);
     // Interleaved rounds, median per configuration: on two shared cores a single run of a
     // configuration can be off by ±15 %, and drift would favour whichever ran last.
-    // ZT_BENCH_QUICK: one round of no filter, ztseg 10,000 and nftables plus the in-situ
-    // loop, for iterating on the data path (not for the report: nothing is written).
+    // ZT_BENCH_QUICK: one round of no filter, ztseg 10,000 (or ZT_BENCH_QUICK_CONFIG) and
+    // nftables plus the in-situ loop, for iterating on the data path (nothing is written).
     let quick = std::env::var_os("ZT_BENCH_QUICK").is_some();
+    // ZT_BENCH_QUICK_CONFIG: the ztseg configuration (index into CONFIGS) quick mode measures.
+    let probe: usize = std::env::var("ZT_BENCH_QUICK_CONFIG").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let mut samples: Vec<Vec<Run>> = CONFIGS.iter().map(|_| Vec::new()).collect();
     let mut grants = None;
     let mut situ = InSitu::default();
     for round in 0..if quick { 1 } else { ROUNDS } {
         for (i, cfg) in CONFIGS.iter().enumerate() {
-            if quick && ![0, 2, 6].contains(&i) {
+            if quick && ![0, probe, 6].contains(&i) {
                 continue;
             }
-            if quick && i == 2 {
+            if quick && i == probe {
                 let mut guard = setup(&t, &dir, *cfg)?;
                 std::thread::sleep(SETTLE);
                 measure(&t, &cfg.name())?;
