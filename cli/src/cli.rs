@@ -676,6 +676,8 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                 ("controller_connected", st.controller_connected.to_string()),
                 ("policy_stale", st.policy_stale.to_string()),
                 ("local_delivery", st.local_delivery.to_string()),
+                ("event_rate_limit", st.event_rate_limit.to_string()),
+                ("event_burst", st.event_burst.to_string()),
                 ("policy_error", st.policy_error),
             ]];
             print_rows(&rows, output)?;

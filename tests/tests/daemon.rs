@@ -227,6 +227,12 @@ fn a_drop_flood_is_counted_exactly_and_its_events_bounded() {
     std::fs::write(d.dir.join("policies/b.yaml"), POLICY).unwrap();
     d.start();
     wait_ready(&lab.host, &d);
+    let (ok, status) = d.cli(&["enforcer", "status", "-o", "json"]);
+    assert!(ok, "{status}");
+    assert!(
+        status.contains("\"event_rate_limit\": \"100\"") && status.contains("\"event_burst\": \"100\""),
+        "{status}"
+    );
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     udp_echo(b, "10.77.0.2:9999");
     let drops = "ztseg_packets_total{reason=\"drop_default\"}";

@@ -11,6 +11,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -182,12 +183,16 @@ fn output(cmd: &mut Command) -> Result<String> {
 
 /// Run cargo with the fast linker when it is installed.
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    run(cargo_command(root, args))
+}
+
+fn cargo_command(root: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root).args(args);
     if Path::new("/usr/bin/mold").exists() {
         cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", "-C link-arg=-fuse-ld=mold");
     }
-    run(cmd)
+    cmd
 }
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
@@ -217,8 +222,54 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
-    cargo(root, &args)
+    with_deadline(cargo_command(root, &args), integration_deadline()?)
 }
+
+/// How long the root-only tests may take before they count as hung:
+/// `ZTSEG_TEST_TIMEOUT_MIN` minutes, default 60 (they take a few minutes).
+fn integration_deadline() -> Result<Duration> {
+    let min = match std::env::var("ZTSEG_TEST_TIMEOUT_MIN") {
+        Ok(v) => v.parse::<u64>().with_context(|| format!("ZTSEG_TEST_TIMEOUT_MIN={v:?}: not a number"))?,
+        Err(_) => 60,
+    };
+    Ok(Duration::from_secs(min * 60))
+}
+
+/// Run `cmd` in its own process group; if it is still running at `deadline`, kill the whole
+/// group — test binaries and every daemon, controller and etcd they started — and remove the
+/// tests' pinned data planes, then fail. A hung test thus ends the run with a message instead
+/// of holding CI until its own limit, and leaves no enforcement behind. (libtest names tests
+/// running for over 60 s in the output above.)
+fn with_deadline(mut cmd: Command, deadline: Duration) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let mut child = cmd.process_group(0).spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("{cmd:?} failed: {status}");
+            }
+            return Ok(());
+        }
+        if start.elapsed() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let pgid = child.id();
+    eprintln!("xtask: the tests did not finish within {} min; stopping them", deadline.as_secs() / 60);
+    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status();
+    let _ = child.wait();
+    // Pinned programs of the killed tests would otherwise keep enforcing in their namespaces.
+    let _ = fs::remove_dir_all(TEST_PIN_ROOT);
+    bail!(
+        "tests hung: killed after {} min (see the tests named as running for over 60 s above)",
+        deadline.as_secs() / 60
+    )
+}
+
+/// Pin directories of the root-only tests (`ztseg_integration::TEST_PIN_ROOT`).
+const TEST_PIN_ROOT: &str = "/sys/fs/bpf/ztseg-test";
 
 fn setup(root: &Path) -> Result<()> {
     apt(&APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect::<Vec<_>>())?;

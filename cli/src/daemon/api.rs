@@ -166,6 +166,7 @@ impl enforcer_server::Enforcer for Api {
         // Its own statement: a writer guard taken inside the literal below lives until the
         // literal's end, and the writer lock is not re-entrant.
         let local_delivery = e.dp.writer().local_delivery().unwrap_or(false);
+        let events = e.dp.writer().event_rate_limit().ok().flatten();
         let r = StatusResponse {
             ready: e.ready(),
             attached: e.attached,
@@ -185,6 +186,8 @@ impl enforcer_server::Enforcer for Api {
                 .controller_last_contact
                 .map_or(-1, |t| i64::try_from(t.elapsed().as_millis()).unwrap_or(i64::MAX)),
             local_delivery,
+            event_rate_limit: events.map_or(0, |l| l.per_cpu_per_sec),
+            event_burst: events.map_or(0, |l| l.burst),
         };
         drop(e);
         self.timed("Status", t, Ok(r))
