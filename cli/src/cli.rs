@@ -73,6 +73,24 @@ enum Commands {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// Why a new flow passes or is dropped: the data plane's decision at each local end of the
+    /// flow (sender's egress check, receiver's ingress check), probe by probe, with rule owners.
+    Explain {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Sender: an address or a workload (`namespace/name`).
+        #[arg(long)]
+        from: String,
+        /// Receiver: an address or a workload (`namespace/name`).
+        #[arg(long)]
+        to: String,
+        /// TCP, UDP, SCTP, ICMP or `ICMPv6`.
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        /// Destination port (ICMP/ICMPv6: the message type).
+        #[arg(long)]
+        port: u32,
+    },
     /// Packet counters by verdict reason.
     Stats(SocketArgs),
     /// The central controller: CA and enrollment, policy store, distribution, audit.
@@ -748,6 +766,42 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                 println!("workload {workload} removed");
             }
         },
+        Commands::Explain { socket, from, to, protocol, port } => {
+            let r = crate::client::connect(&socket.socket)
+                .await?
+                .explain(pb::ExplainRequest { src: from, dst: to, protocol, port })
+                .await?
+                .into_inner();
+            if output == Output::Table {
+                for c in &r.checks {
+                    println!("{} {} check, peer {}: {}", c.workload, c.direction, c.peer, c.verdict);
+                    for s in &c.steps {
+                        println!("  {s}");
+                    }
+                }
+            } else {
+                let rows = r
+                    .checks
+                    .into_iter()
+                    .map(|c| {
+                        vec![
+                            ("workload", c.workload),
+                            ("direction", c.direction),
+                            ("peer", c.peer),
+                            ("peer_identity", c.peer_identity.to_string()),
+                            ("peer_tenant", c.peer_tenant.to_string()),
+                            ("peer_source", c.peer_source),
+                            ("verdict", c.verdict),
+                            ("reason", c.reason),
+                            ("cookie", c.cookie.to_string()),
+                            ("owner", c.owner),
+                            ("steps", c.steps.join("\n")),
+                        ]
+                    })
+                    .collect();
+                print_rows(&rows, output)?;
+            }
+        }
         Commands::Rules(s) => {
             let r = crate::client::connect(&s.socket)
                 .await?

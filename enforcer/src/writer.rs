@@ -35,6 +35,8 @@ use enforcer_common::{
 
 use crate::{Error, addr, time};
 
+pub mod explain;
+
 /// Allow or deny (tenant tier); admin rules may also pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {

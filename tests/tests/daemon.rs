@@ -268,6 +268,71 @@ fn a_drop_flood_is_counted_exactly_and_its_events_bounded() {
     assert!(read >= 100 && read <= bound, "{read} drop events read in {secs:.2} s, at most {bound}:\n{body}");
 }
 
+/// `ztseg explain` through the daemon: both local ends of a flow are explained, the allowing
+/// rule is named by its owner, a port no rule allows ends in default deny, and what the
+/// explanation says is what the traffic does.
+#[test]
+fn explain_names_the_deciding_rule_at_both_ends() {
+    ztseg_integration::require_root();
+    let lab = Lab::routed(2);
+    let mut d = write_config(&lab, "zexpl");
+    std::fs::write(d.dir.join("policies/b.yaml"), POLICY).unwrap();
+    d.start();
+    wait_ready(&lab.host, &d);
+    let explain = |port: &str| {
+        let (ok, out) =
+            d.cli(&["-o", "json", "explain", "--from", "default/a", "--to", "10.77.0.2", "--port", port]);
+        assert!(ok, "{out}\n{}", d.log());
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let checks = v.as_array().unwrap().clone();
+        assert_eq!(checks.len(), 2, "sender's and receiver's checks: {out}");
+        let at = |dir: &str| checks.iter().find(|c| c["direction"] == dir).cloned().unwrap();
+        (at("egress"), at("ingress"))
+    };
+    let (out, inn) = explain("8080");
+    assert_eq!(
+        (out["workload"].as_str(), out["verdict"].as_str()),
+        (Some("default/a"), Some("ALLOW")),
+        "{out}"
+    );
+    assert_eq!(
+        (inn["workload"].as_str(), inn["verdict"].as_str()),
+        (Some("default/b"), Some("ALLOW")),
+        "{inn}"
+    );
+    assert_eq!(inn["reason"], "allow_policy", "{inn}");
+    assert_eq!(inn["owner"], "policy:default/b:ingress", "the allowing rule's owner: {inn}");
+    assert!(
+        inn["steps"]
+            .as_str()
+            .unwrap()
+            .contains("policy ingress default/a -> default/b proto 6 port 8080: ALLOW"),
+        "{inn}"
+    );
+    assert_eq!(inn["peer_source"], "exact", "{inn}");
+    let (_, inn) = explain("8081");
+    assert_eq!(
+        (inn["verdict"].as_str(), inn["reason"].as_str()),
+        (Some("DROP"), Some("drop_default")),
+        "{inn}"
+    );
+    assert!(inn["steps"].as_str().unwrap().contains("no live rule allows it"), "{inn}");
+    // The table form shows the steps.
+    let (ok, table) = d.cli(&["explain", "--from", "10.77.0.1", "--to", "default/b", "--port", "8081"]);
+    assert!(ok && table.contains("default/b ingress check, peer 10.77.0.1: DROP"), "{table}");
+    // And the traffic agrees.
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    tcp_echo(b, "10.77.0.2:8080");
+    tcp_echo(b, "10.77.0.2:8081");
+    assert!(tcp_connect(a, "10.77.0.2:8080", Duration::from_secs(2)).is_some());
+    assert!(tcp_connect(a, "10.77.0.2:8081", Duration::from_millis(400)).is_none());
+    // Bad requests say what is wrong.
+    let (ok, out) = d.cli(&["explain", "--from", "nobody/x", "--to", "10.77.0.2", "--port", "80"]);
+    assert!(!ok && out.contains("neither an address nor a workload"), "{out}");
+    let (ok, out) = d.cli(&["explain", "--from", "10.9.9.9", "--to", "10.9.9.8", "--port", "80"]);
+    assert!(!ok && out.contains("belongs to a workload"), "{out}");
+}
+
 #[test]
 fn policy_reload_metrics_and_malformed_policy() {
     ztseg_integration::require_root();

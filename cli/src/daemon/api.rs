@@ -13,10 +13,11 @@ use tokio::sync::broadcast;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 use ztseg_api::enforcer::{
-    Counter, FlowEvent, Grant, ListGrantsRequest, ListGrantsResponse, ListRulesRequest, ListRulesResponse,
-    ListWorkloadsRequest, ListWorkloadsResponse, OpenGrantRequest, RegisterWorkloadRequest,
-    RemoveWorkloadRequest, RemoveWorkloadResponse, RevokeGrantRequest, RevokeGrantResponse, Rule,
-    StatsRequest, StatsResponse, StatusRequest, StatusResponse, WatchFlowsRequest, Workload, enforcer_server,
+    Counter, ExplainRequest, ExplainResponse, FlowEvent, Grant, ListGrantsRequest, ListGrantsResponse,
+    ListRulesRequest, ListRulesResponse, ListWorkloadsRequest, ListWorkloadsResponse, OpenGrantRequest,
+    RegisterWorkloadRequest, RemoveWorkloadRequest, RemoveWorkloadResponse, RevokeGrantRequest,
+    RevokeGrantResponse, Rule, StatsRequest, StatsResponse, StatusRequest, StatusResponse, WatchFlowsRequest,
+    Workload, enforcer_server,
 };
 
 use super::{engine::Engine, metrics::Metrics};
@@ -240,13 +241,7 @@ impl enforcer_server::Enforcer for Api {
     async fn list_rules(&self, _: Request<ListRulesRequest>) -> Result<Response<ListRulesResponse>, Status> {
         let t = Instant::now();
         let e = lock(&self.engine);
-        let owners: std::collections::BTreeMap<u32, String> = e
-            .policy_rules()
-            .iter()
-            .map(|(o, c)| (*c, format!("policy:{o}")))
-            .chain(e.admin_rules().iter().map(|(o, (c, _))| (*c, o.clone())))
-            .chain(e.grants().keys().map(|c| (*c, format!("grant:{c}"))))
-            .collect();
+        let owners = rule_owners(&e);
         let rules =
             e.dp.writer()
                 .rules()
@@ -261,6 +256,16 @@ impl enforcer_server::Enforcer for Api {
                 .collect();
         drop(e);
         self.timed("ListRules", t, Ok(ListRulesResponse { rules }))
+    }
+
+    async fn explain(&self, req: Request<ExplainRequest>) -> Result<Response<ExplainResponse>, Status> {
+        let t = Instant::now();
+        let r = req.into_inner();
+        let result = {
+            let e = lock(&self.engine);
+            super::explain::explain(&e, &r, &rule_owners(&e))
+        };
+        self.timed("Explain", t, result)
     }
 
     async fn open_grant(&self, req: Request<OpenGrantRequest>) -> Result<Response<Grant>, Status> {
@@ -377,4 +382,14 @@ impl enforcer_server::Enforcer for Api {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
+}
+
+/// What installed each rule, by cookie: `policy:<owner>`, an admin rule's name, `grant:<cookie>`.
+fn rule_owners(e: &Engine) -> std::collections::BTreeMap<u32, String> {
+    e.policy_rules()
+        .iter()
+        .map(|(o, c)| (*c, format!("policy:{o}")))
+        .chain(e.admin_rules().iter().map(|(o, (c, _))| (*c, o.clone())))
+        .chain(e.grants().keys().map(|c| (*c, format!("grant:{c}"))))
+        .collect()
 }

@@ -762,6 +762,45 @@ impl Engine {
         Ok(())
     }
 
+    /// The address `who` stands for: an address as written, or a workload (`namespace/name`)
+    /// by its IPv4 address, else its IPv6 one.
+    pub fn address_of(&self, who: &str) -> Result<IpAddr> {
+        if let Ok(ip) = who.parse::<IpAddr>() {
+            return Ok(ip);
+        }
+        let w = self
+            .workloads
+            .iter()
+            .find(|w| w.id() == who)
+            .with_context(|| format!("{who:?} is neither an address nor a workload (namespace/name)"))?;
+        w.ipv4
+            .map(IpAddr::V4)
+            .or(w.ipv6.map(IpAddr::V6))
+            .with_context(|| format!("workload {who} has no address"))
+    }
+
+    /// Where the programs check the traffic of the local workloads that own `ip`: their name
+    /// and check point (interface index or cgroup id).
+    pub fn check_points(&self, ip: IpAddr) -> Result<Vec<(String, enforcer::writer::explain::CheckPoint)>> {
+        use enforcer::writer::explain::CheckPoint;
+        let mut out = Vec::new();
+        for w in &self.workloads {
+            let owns = w.ipv4.map(IpAddr::V4) == Some(ip) || w.ipv6.map(IpAddr::V6) == Some(ip);
+            if !owns || !self.cfg.is_local(w) {
+                continue;
+            }
+            if let Some(ifname) = &w.interface {
+                out.push((w.id(), CheckPoint::Interface(enforcer::datapath::ifindex(ifname)?)));
+            } else if let Some(cg) = &w.cgroup {
+                let ino = std::os::unix::fs::MetadataExt::ino(
+                    &std::fs::metadata(cg).with_context(|| format!("cgroup {}", cg.display()))?,
+                );
+                out.push((w.id(), CheckPoint::Cgroup(ino)));
+            }
+        }
+        Ok(out)
+    }
+
     /// Name of the workload with `identity`, if known.
     #[must_use]
     pub fn workload_name(&self, identity: u32) -> Option<String> {

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod explain;
 pub mod log;
 pub mod metrics;
 pub mod sync;
