@@ -54,6 +54,9 @@ pub struct Ctl {
     anonymous: Mutex<crate::limit::RejectLimiter>,
     /// Bounds `flow.denied` records per enforcer; see [`crate::limit::FlowLimiter`].
     denied_flows: Mutex<crate::limit::FlowLimiter>,
+    /// The SIEM sinks exported to (as configured) and the store keys of their cursors: a
+    /// prune never deletes records a sink has not taken yet.
+    siem_cursors: Mutex<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for Ctl {
@@ -85,6 +88,7 @@ impl Ctl {
         Arc::new(Self {
             anonymous: Mutex::new(crate::limit::RejectLimiter::new(anonymous)),
             denied_flows: Mutex::new(crate::limit::FlowLimiter::new(crate::limit::FlowLimiter::DEFAULT)),
+            siem_cursors: Mutex::new(Vec::new()),
             store,
             ca,
             appended: Arc::new(Notify::new()),
@@ -133,6 +137,33 @@ impl Ctl {
     pub fn set_denied_flow_audit(&self, policy: crate::limit::RejectPolicy) {
         *self.denied_flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
             crate::limit::FlowLimiter::new(policy);
+    }
+
+    /// The SIEM sinks (`--siem` values) whose export a prune must wait for.
+    pub fn set_siem_sinks(&self, sinks: &[String]) -> anyhow::Result<()> {
+        let cursors = sinks
+            .iter()
+            .map(|s| Ok((s.clone(), crate::siem::Sink::parse(s)?.cursor_key())))
+            .collect::<anyhow::Result<_>>()?;
+        *self.siem_cursors.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = cursors;
+        Ok(())
+    }
+
+    /// Refuse a prune of the records before `before` while a SIEM sink has not taken them.
+    async fn check_exported(&self, before: u64) -> Result<(), Status> {
+        let cursors = self.siem_cursors.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        for (sink, key) in cursors {
+            let done = self.store.get_meta(key).await.map_err(|e| store_status(&e))?;
+            let done: u64 = done.and_then(|v| v.parse().ok()).unwrap_or(0);
+            if done + 1 < before {
+                return Err(Status::failed_precondition(format!(
+                    "SIEM sink {sink} has taken the audit log up to record {done} only: records after it \
+                     are not pruned before they are exported (before may be at most {})",
+                    done + 1
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Append audit records; an audit failure is logged, never silently dropped.
@@ -894,6 +925,7 @@ impl Audit for Services {
         let head = self.0.store.audit_head().await.map_err(|e| store_status(&e))?;
         let base = self.0.store.audit_base().await.map_err(|e| store_status(&e))?;
         audit::prune_start(base.as_ref(), &head, r.before).map_err(Status::invalid_argument)?;
+        self.0.check_exported(r.before).await?;
         let draft = audit::Draft::new(
             who.to_string(),
             audit::PRUNE,

@@ -1176,6 +1176,45 @@ fn audit_archive_and_prune_keep_the_log_verifiable() {
     assert!(out.stderr.contains("audit record 4: does not follow the base"), "{out}");
 }
 
+/// A prune waits for the SIEM export: while a sink has not taken the records to prune (its
+/// receiver is down), `ztseg audit archive` is refused naming the sink and nothing is pruned;
+/// once every sink has them, the same archive goes through.
+#[test]
+fn audit_prune_waits_for_the_siem_export() {
+    let down = format!("http://127.0.0.1:{}/ingest", ztseg_integration::free_port());
+    let mut c = Controller::started_with("prune-siem", &["--siem", &down]);
+    for (i, p) in [DEMO_POLICIES, LAB_POLICIES, DEMO_POLICIES].into_iter().enumerate() {
+        let out = c.cli(&["policy", "apply", p, "-m", &format!("v{i}")]);
+        assert!(out.ok(), "{out}");
+    }
+    let archive = c.root.join("audit-siem.jsonl");
+    let out = c.cli(&["audit", "archive", "--before", "3", "--out", path_str(&archive)]);
+    assert_eq!(out.code, Some(1), "prune before the export: {out}");
+    assert!(
+        out.stderr.contains(&format!("SIEM sink {down} has taken the audit log up to record 0")),
+        "{out}"
+    );
+    assert!(out.stderr.contains("FailedPrecondition") && out.stderr.contains("nothing was pruned"), "{out}");
+    assert_eq!(c.audit()[0]["seq"], 1, "nothing pruned");
+    c.stop();
+
+    // Only a file sink, which takes every record at once.
+    let sink = c.root.join("siem.jsonl");
+    c.extra.clear();
+    c.siem = Some(sink.clone());
+    c.start();
+    let t0 = Instant::now();
+    while fs::read_to_string(&sink).unwrap_or_default().lines().count() < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the file sink did not get records 1-3 in 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let archive = c.root.join("audit-siem-2.jsonl");
+    let out = c.cli(&["audit", "archive", "--before", "3", "--out", path_str(&archive)]);
+    assert!(out.ok(), "prune after the export: {out}");
+    assert!(out.stdout.contains("pruned 2 records"), "{out}");
+    assert_eq!(c.audit()[0]["seq"], 3);
+}
+
 /// Overwrite the stored base of the pruned audit log.
 fn set_base(data: &Path, seq: u64, hash: &str) {
     let db = redb::Database::open(redb_path(data)).unwrap();
