@@ -365,8 +365,25 @@ enum AuditCommands {
         ctl: crate::ctl::CtlArgs,
         /// Verify the embedded store in this controller data directory directly (the
         /// controller must be stopped) instead of asking the controller.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "archive")]
         data_dir: Option<PathBuf>,
+        /// Verify an archive written by `ztseg audit archive` on its own (the chain inside it);
+        /// prints its first and last record, last hash and SHA-256.
+        #[arg(long)]
+        archive: Option<PathBuf>,
+    },
+    /// Move the records before `--before` into a new file (JSON lines, byte for byte as
+    /// stored, chain checked, fsynced), then prune them from the controller (admin). The
+    /// controller records the prune, with the archive's SHA-256, in an `audit.prune` record.
+    Archive {
+        #[command(flatten)]
+        ctl: crate::ctl::CtlArgs,
+        /// First sequence number to keep; every record before it is archived and pruned.
+        #[arg(long)]
+        before: u64,
+        /// The archive file to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -568,8 +585,23 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
                 println!("{r}");
             }
         }
-        Commands::Audit { command: AuditCommands::Verify { ctl: a, data_dir } } => {
+        Commands::Audit { command: AuditCommands::Verify { archive: Some(f), .. } } => {
+            return crate::archive::verify(&f);
+        }
+        Commands::Audit { command: AuditCommands::Verify { ctl: a, data_dir, archive: None } } => {
             return ctl::audit_verify(&a, data_dir.as_deref()).await;
+        }
+        Commands::Audit { command: AuditCommands::Archive { ctl: a, before, out } } => {
+            let r = crate::archive::archive(&a, before, &out).await?;
+            println!(
+                "archived records {}..{} to {}: sha256 {}, last hash {}",
+                r.first,
+                r.last,
+                out.display(),
+                r.sha256,
+                r.last_hash
+            );
+            println!("pruned {} records; the prune is audit record {}", r.pruned, r.record);
         }
         Commands::Policy {
             command: PolicyCommands::Apply { ctl: a, paths, message, expected_version, dry_run },

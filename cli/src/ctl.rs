@@ -94,7 +94,7 @@ fn docs_pb(docs: BTreeMap<String, String>) -> Vec<pb::Document> {
 
 /// A gRPC status as an error that says what the controller said.
 #[expect(clippy::needless_pass_by_value, reason = "used as `map_err(st)`")]
-fn st(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn st(s: tonic::Status) -> anyhow::Error {
     match s.code() {
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
             anyhow::anyhow!("controller call failed ({:?}): {}", s.code(), s.message())
@@ -211,25 +211,29 @@ pub async fn audit_list(a: &CtlArgs, from: u64, limit: u32) -> Result<Vec<String
 
 /// Verify the audit chain through the controller, or offline in an embedded store file.
 pub async fn audit_verify(a: &CtlArgs, data_dir: Option<&Path>) -> Result<ExitCode> {
-    let (ok, n, err) = if let Some(dir) = data_dir {
+    let r = if let Some(dir) = data_dir {
         let store = ztseg_controller::store::embedded::EmbeddedStore::open_existing(&dir.join("ztseg.redb"))?;
-        match ztseg_controller::service::verify_chain(&store).await? {
-            Ok(n) => (true, n, String::new()),
-            Err(b) => (false, 0, b.to_string()),
-        }
+        ztseg_controller::service::verify_response(&ztseg_controller::service::verify_chain(&store).await?)
     } else {
-        let r = pb::audit_client::AuditClient::new(a.channel().await?)
+        pb::audit_client::AuditClient::new(a.channel().await?)
             .verify(pb::AuditVerifyRequest {})
             .await
             .map_err(st)?
-            .into_inner();
-        (r.ok, r.records, r.error)
+            .into_inner()
     };
-    if ok {
-        println!("audit log intact: {n} records, hash chain verified");
+    if r.ok {
+        let pruned = if r.first_seq > 1 {
+            format!(
+                " (records {}..{}; those before {} archived and pruned, the base confirmed by the latest audit.prune record)",
+                r.first_seq, r.last_seq, r.first_seq
+            )
+        } else {
+            String::new()
+        };
+        println!("audit log intact: {} records, hash chain verified{pruned}", r.records);
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("audit log FAILED verification: {err}");
+        eprintln!("audit log FAILED verification: {}", r.error);
         Ok(ExitCode::FAILURE)
     }
 }

@@ -2,6 +2,7 @@
 //! the compiler from evaluated policy to data-plane rules.
 #![forbid(unsafe_code)]
 
+pub mod archive;
 pub mod cli;
 pub mod client;
 pub mod compile;

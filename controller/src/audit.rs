@@ -6,6 +6,15 @@
 //! is updated in the same transaction as each append, so a truncated tail is detected too.
 //! [`Verifier`] walks the records in order and names the first one that is missing, altered,
 //! out of place or unparsable.
+//!
+//! # Pruning
+//!
+//! Old records can be archived elsewhere and deleted (`Audit/Prune`). The store then keeps a
+//! *base*: the sequence and hash of the last deleted record. The first retained record must
+//! follow the base (`prev` = base hash), and the base itself must be confirmed by the latest
+//! [`PRUNE`] record of the chain, whose detail names `before` (base sequence + 1) and
+//! `last_hash` (the base hash). So an altered base, further deleted records or an altered
+//! prune record are all named, just as without pruning.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -96,6 +105,9 @@ pub fn seal(d: &Draft, seq: u64, prev: &str) -> (Vec<u8>, String) {
     (serde_json::to_vec(&r).unwrap_or_default(), hash)
 }
 
+/// Action of the record that confirms a prune (see the module documentation).
+pub const PRUNE: &str = "audit.prune";
+
 /// The store's record of the last appended record.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Head {
@@ -116,15 +128,60 @@ pub struct BadRecord {
 pub struct Verifier {
     next: u64,
     prev: String,
+    /// Where the chain starts when older records were pruned.
+    base: Option<Head>,
+    /// The latest successful [`PRUNE`] record fed: (its sequence, its `before`, `last_hash`).
+    last_prune: Option<(u64, Option<u64>, String)>,
 }
 
 impl Default for Verifier {
     fn default() -> Self {
-        Self { next: 1, prev: GENESIS.to_owned() }
+        Self { next: 1, prev: GENESIS.to_owned(), base: None, last_prune: None }
     }
 }
 
+/// What a verified chain holds: records `first..=last`, `records` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    pub records: u64,
+    pub first: u64,
+    pub last: u64,
+    /// The last pruned sequence number (0 if nothing was ever pruned).
+    pub base: u64,
+}
+
 impl Verifier {
+    /// A check of a chain whose records up to `base.seq` were pruned (`None`: from record 1).
+    /// [`Verifier::finish`] then also requires the latest [`PRUNE`] record to confirm `base`.
+    #[must_use]
+    pub fn after(base: Option<&Head>) -> Self {
+        match base {
+            None => Self::default(),
+            Some(b) => {
+                Self { next: b.seq + 1, prev: b.hash.clone(), base: Some(b.clone()), last_prune: None }
+            }
+        }
+    }
+
+    /// A check of a piece of a chain (an archive) that starts at record `seq` whose `prev` is
+    /// `prev`; nothing confirms that start.
+    #[must_use]
+    pub fn starting_at(seq: u64, prev: &str) -> Self {
+        Self { next: seq, prev: prev.to_owned(), base: None, last_prune: None }
+    }
+
+    /// The sequence number the next record must have.
+    #[must_use]
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// The hash of the last record fed (or of the start of the chain).
+    #[must_use]
+    pub fn last_hash(&self) -> &str {
+        &self.prev
+    }
+
     /// Check the record stored under `key`.
     pub fn feed(&mut self, key: u64, bytes: &[u8]) -> Result<Record, BadRecord> {
         let bad = |seq, message: String| Err(BadRecord { seq, message });
@@ -139,7 +196,17 @@ impl Verifier {
             return bad(key, format!("stored as {key} but names itself {}", r.seq));
         }
         if r.prev != self.prev {
-            return bad(key, "does not follow the record before it (prev hash differs)".into());
+            return bad(
+                key,
+                if self.base.as_ref().is_some_and(|b| b.seq + 1 == key) {
+                    format!(
+                        "does not follow the base of the pruned log (record {}; prev hash differs)",
+                        key - 1
+                    )
+                } else {
+                    "does not follow the record before it (prev hash differs)".into()
+                },
+            );
         }
         let h = digest(&Hashed {
             seq: r.seq,
@@ -153,13 +220,19 @@ impl Verifier {
         if h != r.hash {
             return bad(key, "contents do not match its hash: modified".into());
         }
+        if r.action == PRUNE && r.outcome == "success" {
+            let before = r.detail["before"].as_u64();
+            let last_hash = r.detail["last_hash"].as_str().unwrap_or_default().to_owned();
+            self.last_prune = Some((key, before, last_hash));
+        }
         self.prev.clone_from(&r.hash);
         self.next += 1;
         Ok(r)
     }
 
-    /// Check the end of the chain against the store's head. Returns the number of records.
-    pub fn finish(&self, head: &Head) -> Result<u64, BadRecord> {
+    /// Check the end of the chain against the store's head, and the base (if any) against the
+    /// latest prune record.
+    pub fn finish(&self, head: &Head) -> Result<Verified, BadRecord> {
         let last = self.next - 1;
         if head.seq > last {
             return Err(BadRecord {
@@ -176,8 +249,78 @@ impl Verifier {
         if last > 0 && head.hash != self.prev {
             return Err(BadRecord { seq: last, message: "does not match the head's hash: modified".into() });
         }
-        Ok(last)
+        let base_seq = self.base.as_ref().map_or(0, |b| b.seq);
+        if let Some(base) = &self.base {
+            match &self.last_prune {
+                None => {
+                    return Err(BadRecord {
+                        seq: base.seq + 1,
+                        message: format!(
+                            "the log starts after a pruned base (record {}) that no {PRUNE} record confirms",
+                            base.seq
+                        ),
+                    });
+                }
+                Some((seq, before, last_hash))
+                    if *before != Some(base.seq + 1) || *last_hash != base.hash =>
+                {
+                    return Err(BadRecord {
+                        seq: *seq,
+                        message: format!(
+                            "this {PRUNE} record (before {}, last_hash {last_hash:?}) does not match the \
+                             stored base (record {}, hash {:?}): the base or the pruned range was altered",
+                            before.map_or_else(|| "missing".into(), |b| b.to_string()),
+                            base.seq,
+                            base.hash
+                        ),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(Verified { records: last - base_seq, first: base_seq + 1, last, base: base_seq })
     }
+
+    /// Check, before a prune, that the records fed are exactly those before `before` and that
+    /// the last one has hash `last_hash` (the caller archived exactly what will be deleted).
+    pub fn check_prune_end(&self, before: u64, last_hash: &str) -> Result<(), BadRecord> {
+        if self.next != before {
+            return Err(BadRecord {
+                seq: self.next,
+                message: format!("missing (pruning needs every record before {before})"),
+            });
+        }
+        if self.prev != last_hash {
+            return Err(BadRecord {
+                seq: before - 1,
+                message: format!(
+                    "its hash {} is not the last_hash given ({last_hash}): the archive does not end \
+                     with the last record to prune",
+                    self.prev
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where a prune of the records before `before` starts: the first retained record, checked
+/// against the log's `base` and `head`. At least the head record is always kept.
+pub fn prune_start(base: Option<&Head>, head: &Head, before: u64) -> Result<u64, String> {
+    let first = base.map_or(1, |b| b.seq + 1);
+    if before > head.seq {
+        return Err(format!(
+            "before {before}: the log ends at record {}, which is always kept (before may be at most {})",
+            head.seq, head.seq
+        ));
+    }
+    if before <= first {
+        return Err(format!(
+            "before {before}: nothing to prune, the log starts at record {first} (records before it are \
+             already pruned)"
+        ));
+    }
+    Ok(first)
 }
 
 #[cfg(test)]
@@ -201,7 +344,7 @@ mod tests {
         for (k, b) in records {
             v.feed(*k, b)?;
         }
-        v.finish(head)
+        v.finish(head).map(|v| v.records)
     }
 
     fn keyed(c: &[Vec<u8>]) -> Vec<(u64, Vec<u8>)> {
@@ -265,5 +408,154 @@ mod tests {
         k[1].1 = seal(&forged, 2, &r1.hash).0;
         let e = verify(&k, &head).unwrap_err();
         assert_eq!(e.seq, 3, "{e}");
+    }
+
+    /// Records 1..=n, then a prune of the records before `before` (confirmed by an
+    /// [`PRUNE`] record `n + 1` naming `before` and `named_hash`, or the true hash if `None`):
+    /// the retained records, the base and the head.
+    fn pruned(n: u64, before: u64, named_hash: Option<&str>) -> (Vec<(u64, Vec<u8>)>, Head, Head) {
+        let (c, head) = chain(n);
+        let last: Record = serde_json::from_slice(&c[usize::try_from(before - 2).unwrap()]).unwrap();
+        let base = Head { seq: before - 1, hash: last.hash.clone() };
+        let d = Draft::new(
+            "admin/alice",
+            PRUNE,
+            "success",
+            serde_json::json!({"before": before, "first": 1, "count": before - 1,
+                "last_hash": named_hash.unwrap_or(&last.hash), "archive_sha256": "ab"}),
+        );
+        let (bytes, hash) = seal(&d, n + 1, &head.hash);
+        let mut k: Vec<(u64, Vec<u8>)> = keyed(&c).into_iter().filter(|(s, _)| *s >= before).collect();
+        k.push((n + 1, bytes));
+        (k, base, Head { seq: n + 1, hash })
+    }
+
+    fn verify_after(base: &Head, records: &[(u64, Vec<u8>)], head: &Head) -> Result<Verified, BadRecord> {
+        let mut v = Verifier::after(Some(base));
+        for (k, b) in records {
+            v.feed(*k, b)?;
+        }
+        v.finish(head)
+    }
+
+    #[test]
+    fn a_pruned_chain_verifies_from_its_base() {
+        let (k, base, head) = pruned(6, 4, None);
+        let v = verify_after(&base, &k, &head).unwrap();
+        assert_eq!(v, Verified { records: 4, first: 4, last: 7, base: 3 });
+        // From record 1 the same records are a gap: the base is what makes them verifiable.
+        let e = verify(&k, &head).unwrap_err();
+        assert_eq!(e.seq, 1, "{e}");
+        assert!(e.message.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_tampered_base_names_the_first_retained_record() {
+        let (k, mut base, head) = pruned(6, 4, None);
+        base.hash = base.hash.replace(|c: char| c != '0', "0");
+        let e = verify_after(&base, &k, &head).unwrap_err();
+        assert_eq!(e.seq, 4, "{e}");
+        assert!(e.message.contains("does not follow the base of the pruned log (record 3"), "{e}");
+    }
+
+    #[test]
+    fn a_record_removed_right_after_the_base_is_detected() {
+        let (mut k, base, head) = pruned(6, 4, None);
+        let removed = k.remove(0);
+        assert_eq!(removed.0, 4);
+        // The base left as it was: record 4 is a gap.
+        let e = verify_after(&base, &k, &head).unwrap_err();
+        assert_eq!(e.seq, 4, "{e}");
+        assert!(e.message.contains("missing"), "{e}");
+        // The base moved on to the removed record: the prune record no longer agrees with it.
+        let r4: Record = serde_json::from_slice(&removed.1).unwrap();
+        let moved = Head { seq: 4, hash: r4.hash };
+        let e = verify_after(&moved, &k, &head).unwrap_err();
+        assert_eq!(e.seq, 7, "names the audit.prune record: {e}");
+        assert!(e.message.contains("does not match the stored base (record 4"), "{e}");
+    }
+
+    #[test]
+    fn a_prune_record_that_disagrees_is_named() {
+        let (k, base, head) = pruned(6, 4, Some(GENESIS));
+        let e = verify_after(&base, &k, &head).unwrap_err();
+        assert_eq!(e.seq, 7, "{e}");
+        assert!(e.message.contains("the base or the pruned range was altered"), "{e}");
+        // A base with no prune record at all after it is unconfirmed.
+        let (c, head) = chain(6);
+        let r3: Record = serde_json::from_slice(&c[2]).unwrap();
+        let k: Vec<_> = keyed(&c).into_iter().filter(|(s, _)| *s >= 4).collect();
+        let e = verify_after(&Head { seq: 3, hash: r3.hash }, &k, &head).unwrap_err();
+        assert_eq!(e.seq, 4, "{e}");
+        assert!(e.message.contains("no audit.prune record confirms"), "{e}");
+    }
+
+    #[test]
+    fn the_latest_prune_record_is_the_one_that_counts() {
+        // Pruned before 4 (record 7), then before 6 (record 8): the base is record 5.
+        let (k, _, head) = pruned(6, 4, None);
+        let r5: Record = serde_json::from_slice(&k[1].1).unwrap();
+        assert_eq!(r5.seq, 5);
+        let d = Draft::new(
+            "admin/alice",
+            PRUNE,
+            "success",
+            serde_json::json!({"before": 6, "last_hash": r5.hash, "archive_sha256": "cd"}),
+        );
+        let (bytes, hash) = seal(&d, 8, &head.hash);
+        let mut k2: Vec<_> = k.into_iter().filter(|(s, _)| *s >= 6).collect();
+        k2.push((8, bytes));
+        let head = Head { seq: 8, hash };
+        let base = Head { seq: 5, hash: r5.hash };
+        assert_eq!(verify_after(&base, &k2, &head).unwrap().records, 3);
+        // The earlier base no longer verifies: record 6 does not follow it.
+        let r3 = Head { seq: 3, hash: GENESIS.into() };
+        assert!(verify_after(&r3, &k2, &head).is_err());
+    }
+
+    #[test]
+    fn prune_bounds_keep_the_head_and_need_something_to_prune() {
+        let head = Head { seq: 10, hash: GENESIS.into() };
+        assert_eq!(prune_start(None, &head, 10), Ok(1));
+        assert_eq!(prune_start(None, &head, 2), Ok(1));
+        let e = prune_start(None, &head, 11).unwrap_err();
+        assert!(e.contains("before 11") && e.contains("always kept"), "{e}");
+        let e = prune_start(None, &head, 1).unwrap_err();
+        assert!(e.contains("nothing to prune"), "{e}");
+        let base = Head { seq: 4, hash: GENESIS.into() };
+        assert_eq!(prune_start(Some(&base), &head, 6), Ok(5));
+        assert!(prune_start(Some(&base), &head, 5).unwrap_err().contains("starts at record 5"));
+    }
+
+    #[test]
+    fn a_prune_needs_every_record_before_it_and_the_right_last_hash() {
+        let (c, _) = chain(5);
+        let mut v = Verifier::default();
+        for (k, b) in keyed(&c).iter().take(3) {
+            v.feed(*k, b).unwrap();
+        }
+        let r3: Record = serde_json::from_slice(&c[2]).unwrap();
+        assert_eq!(v.check_prune_end(4, &r3.hash), Ok(()));
+        let e = v.check_prune_end(4, GENESIS).unwrap_err();
+        assert_eq!(e.seq, 3, "{e}");
+        assert!(e.message.contains("not the last_hash given"), "{e}");
+        let e = v.check_prune_end(5, &r3.hash).unwrap_err();
+        assert_eq!(e.seq, 4, "{e}");
+    }
+
+    #[test]
+    fn a_piece_of_a_chain_verifies_from_its_own_start() {
+        let (c, _) = chain(5);
+        let r2: Record = serde_json::from_slice(&c[1]).unwrap();
+        let mut v = Verifier::starting_at(3, &r2.hash);
+        for (k, b) in keyed(&c).iter().skip(2) {
+            v.feed(*k, b).unwrap();
+        }
+        assert_eq!(v.next(), 6);
+        let mut k = keyed(&c);
+        k[3].1[10] ^= 1;
+        let mut v = Verifier::starting_at(3, &r2.hash);
+        let e = k.iter().skip(2).try_for_each(|(s, b)| v.feed(*s, b).map(drop)).unwrap_err();
+        assert_eq!(e.seq, 4, "{e}");
     }
 }

@@ -164,6 +164,7 @@ pub async fn run_with_ca(
         let exporter = crate::siem::Exporter::new(sink, ctl.store.clone(), ctl.appended.clone())?;
         tokio::spawn(exporter.run());
     }
+    ctl.set_siem_sinks(&cfg.siem)?;
 
     let (conn_tx, conn_rx) = mpsc::channel(64);
     let pending = Arc::new(tokio::sync::Semaphore::new(crate::limit::MAX_PENDING_HANDSHAKES));

@@ -54,6 +54,9 @@ pub struct Ctl {
     anonymous: Mutex<crate::limit::RejectLimiter>,
     /// Bounds `flow.denied` records per enforcer; see [`crate::limit::FlowLimiter`].
     denied_flows: Mutex<crate::limit::FlowLimiter>,
+    /// The SIEM sinks exported to (as configured) and the store keys of their cursors: a
+    /// prune never deletes records a sink has not taken yet.
+    siem_cursors: Mutex<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for Ctl {
@@ -65,6 +68,7 @@ impl std::fmt::Debug for Ctl {
 fn store_status(e: &StoreError) -> Status {
     match e {
         StoreError::Conflict { .. } => Status::aborted(e.to_string()),
+        StoreError::Precondition(m) => Status::failed_precondition(m.clone()),
         _ => Status::unavailable(e.to_string()),
     }
 }
@@ -84,6 +88,7 @@ impl Ctl {
         Arc::new(Self {
             anonymous: Mutex::new(crate::limit::RejectLimiter::new(anonymous)),
             denied_flows: Mutex::new(crate::limit::FlowLimiter::new(crate::limit::FlowLimiter::DEFAULT)),
+            siem_cursors: Mutex::new(Vec::new()),
             store,
             ca,
             appended: Arc::new(Notify::new()),
@@ -132,6 +137,33 @@ impl Ctl {
     pub fn set_denied_flow_audit(&self, policy: crate::limit::RejectPolicy) {
         *self.denied_flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
             crate::limit::FlowLimiter::new(policy);
+    }
+
+    /// The SIEM sinks (`--siem` values) whose export a prune must wait for.
+    pub fn set_siem_sinks(&self, sinks: &[String]) -> anyhow::Result<()> {
+        let cursors = sinks
+            .iter()
+            .map(|s| Ok((s.clone(), crate::siem::Sink::parse(s)?.cursor_key())))
+            .collect::<anyhow::Result<_>>()?;
+        *self.siem_cursors.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = cursors;
+        Ok(())
+    }
+
+    /// Refuse a prune of the records before `before` while a SIEM sink has not taken them.
+    async fn check_exported(&self, before: u64) -> Result<(), Status> {
+        let cursors = self.siem_cursors.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        for (sink, key) in cursors {
+            let done = self.store.get_meta(key).await.map_err(|e| store_status(&e))?;
+            let done: u64 = done.and_then(|v| v.parse().ok()).unwrap_or(0);
+            if done + 1 < before {
+                return Err(Status::failed_precondition(format!(
+                    "SIEM sink {sink} has taken the audit log up to record {done} only: records after it \
+                     are not pruned before they are exported (before may be at most {})",
+                    done + 1
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Append audit records; an audit failure is logged, never silently dropped.
@@ -802,10 +834,14 @@ impl Distribution for Services {
     }
 }
 
-/// Verify the whole audit chain in `store`.
-pub async fn verify_chain(store: &dyn Store) -> Result<Result<u64, audit::BadRecord>, StoreError> {
-    let mut v = audit::Verifier::default();
-    let mut from = 1;
+/// Verify the whole audit chain in `store`: from record 1, or from the stored base after a
+/// prune (which the latest `audit.prune` record must confirm).
+pub async fn verify_chain(
+    store: &dyn Store,
+) -> Result<Result<audit::Verified, audit::BadRecord>, StoreError> {
+    let base = store.audit_base().await?;
+    let mut v = audit::Verifier::after(base.as_ref());
+    let mut from = v.next();
     loop {
         let page = store.audit_records(from, 1000).await?;
         let Some(last) = page.last().map(|(k, _)| *k) else { break };
@@ -818,6 +854,27 @@ pub async fn verify_chain(store: &dyn Store) -> Result<Result<u64, audit::BadRec
     }
     let head = store.audit_head().await?;
     Ok(v.finish(&head))
+}
+
+/// The answer to `Audit/Verify` for the outcome of [`verify_chain`].
+#[must_use]
+pub fn verify_response(r: &Result<audit::Verified, audit::BadRecord>) -> pb::AuditVerifyResponse {
+    match r {
+        Ok(v) => pb::AuditVerifyResponse {
+            ok: true,
+            records: v.records,
+            first_seq: v.first,
+            last_seq: v.last,
+            ..Default::default()
+        },
+        Err(b) => {
+            pb::AuditVerifyResponse { ok: false, error: b.to_string(), bad_seq: b.seq, ..Default::default() }
+        }
+    }
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[tonic::async_trait]
@@ -841,9 +898,47 @@ impl Audit for Services {
         req: Request<pb::AuditVerifyRequest>,
     ) -> Result<Response<pb::AuditVerifyResponse>, Status> {
         self.0.authorize(&req, "Audit/Verify").await?;
-        Ok(Response::new(match verify_chain(self.0.store.as_ref()).await.map_err(|e| store_status(&e))? {
-            Ok(n) => pb::AuditVerifyResponse { ok: true, records: n, error: String::new(), bad_seq: 0 },
-            Err(b) => pb::AuditVerifyResponse { ok: false, records: 0, error: b.to_string(), bad_seq: b.seq },
-        }))
+        let r = verify_chain(self.0.store.as_ref()).await.map_err(|e| store_status(&e))?;
+        Ok(Response::new(verify_response(&r)))
+    }
+
+    async fn prune(
+        &self,
+        req: Request<pb::AuditPruneRequest>,
+    ) -> Result<Response<pb::AuditPruneResponse>, Status> {
+        let who = self.0.authorize(&req, "Audit/Prune").await?;
+        let r = req.into_inner();
+        if !is_sha256_hex(&r.last_hash) {
+            return Err(Status::invalid_argument(format!(
+                "last_hash: the hash of record {} as archived (64 lowercase hex digits), got {:?}",
+                r.before.saturating_sub(1),
+                r.last_hash
+            )));
+        }
+        if !is_sha256_hex(&r.archive_sha256) {
+            return Err(Status::invalid_argument(format!(
+                "archive_sha256: the SHA-256 of the archive (64 lowercase hex digits), got {:?}",
+                r.archive_sha256
+            )));
+        }
+        // Checked again in the store's transaction; here to answer a bad argument as one.
+        let head = self.0.store.audit_head().await.map_err(|e| store_status(&e))?;
+        let base = self.0.store.audit_base().await.map_err(|e| store_status(&e))?;
+        audit::prune_start(base.as_ref(), &head, r.before).map_err(Status::invalid_argument)?;
+        self.0.check_exported(r.before).await?;
+        let draft = audit::Draft::new(
+            who.to_string(),
+            audit::PRUNE,
+            "success",
+            serde_json::json!({
+                "before": r.before,
+                "last_hash": r.last_hash,
+                "archive_sha256": r.archive_sha256,
+            }),
+        );
+        let (pruned, record) =
+            self.0.store.prune_audit(r.before, r.last_hash, draft).await.map_err(|e| store_status(&e))?;
+        self.0.appended.notify_one();
+        Ok(Response::new(pb::AuditPruneResponse { pruned, record }))
     }
 }

@@ -67,7 +67,9 @@ impl Sink {
         )
     }
 
-    fn cursor_key(&self) -> String {
+    /// The store meta key of this sink's cursor (the last record it has taken).
+    #[must_use]
+    pub fn cursor_key(&self) -> String {
         match self {
             Self::File(p) => format!("siem/file:{}", p.display()),
             Self::Syslog(a) => format!("siem/syslog:{a}"),

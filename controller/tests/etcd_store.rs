@@ -31,7 +31,7 @@ async fn wait_until<T>(rx: &mut watch::Receiver<T>, timeout: Duration, ok: impl 
 
 async fn chain_ok(s: &EtcdStore) -> u64 {
     match verify_chain(s).await.expect("reading the audit chain") {
-        Ok(n) => n,
+        Ok(v) => v.records,
         Err(bad) => panic!("audit chain broken: {bad}"),
     }
 }
@@ -59,7 +59,15 @@ async fn behaves_like_the_embedded_store() {
     // Another prefix is another store.
     let other = connect(&etcd, "/ztseg-other", "c").await;
     assert_eq!(other.head().await.unwrap(), 0);
-    drop((s, s2, other));
+    // Archive-and-prune keeps the same contract (on a prefix of its own).
+    let pruned = connect(&etcd, "/ztseg-prune", "p").await;
+    contract::prune(&pruned).await;
+    drop((s, s2, other, pruned));
+    // The base and the retained chain are there for a new connection too.
+    let pruned = connect(&etcd, "/ztseg-prune", "p").await;
+    assert_eq!(pruned.audit_base().await.unwrap().map(|b| b.seq), Some(6));
+    assert_eq!(chain_ok(&pruned).await, 3);
+    drop(pruned);
     // Reconnected (the prefix's trailing slash does not matter): everything is there.
     let s = connect(&etcd, "/ztseg-basic/", "a").await;
     assert_eq!(s.head().await.unwrap(), 4);

@@ -1,7 +1,7 @@
 //! The controller as a process with real mTLS: refusals in the TLS handshake and at the API
 //! (each recorded in the audit log), crash safety of the embedded store under `kill -9`
-//! during applies, detection of a tampered audit log, one-time enrollment tokens, and the
-//! SIEM file export.
+//! during applies, detection of a tampered audit log (also after archiving and pruning its
+//! oldest records), one-time enrollment tokens, and the SIEM file export.
 //!
 //! Every test runs its own controller (`ztseg-t controller run`) on a free port with its own
 //! data directory, and talks to it through the CLI or the generated gRPC clients.
@@ -1031,6 +1031,197 @@ fn audit_tampering_is_detected_and_named() {
     let out = verify_offline(&c, &data);
     assert_eq!(out.code, Some(1), "deleted last record {n}: {out}");
     assert!(out.stderr.contains(&format!("audit record {n}: missing")), "must name record {n}: {out}");
+}
+
+/// Audit records 1..N-1 archived and pruned with `ztseg audit archive`: the archive holds
+/// them byte for byte and verifies on its own; the controller lists only the rest, records the
+/// prune (with the archive's SHA-256 and last hash) and still verifies; only an admin may
+/// prune, and a prune whose last hash is not the controller's changes nothing; after the
+/// prune a flipped byte in a retained record, or an altered base, is still named.
+#[test]
+fn audit_archive_and_prune_keep_the_log_verifiable() {
+    let mut c = Controller::started("archive");
+    for (i, p) in [DEMO_POLICIES, LAB_POLICIES, DEMO_POLICIES, LAB_POLICIES].into_iter().enumerate() {
+        let out = c.cli(&["policy", "apply", p, "-m", &format!("v{i}")]);
+        assert!(out.ok(), "{out}");
+    }
+    let listed = c.cli(&["audit", "list"]);
+    assert!(listed.ok(), "{listed}");
+    let lines: Vec<&str> = listed.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "one record per apply: {listed}");
+    let rec = |i: usize| -> Value { serde_json::from_str(lines[i]).unwrap() };
+    let h3 = rec(2)["hash"].as_str().unwrap().to_owned();
+
+    // Only an admin may prune: auditors and operators are refused (and audited), and an admin
+    // naming a last hash the controller does not have changes nothing.
+    let prune = |before: u64, last_hash: String| {
+        move |ch: Channel| async move {
+            AuditClient::new(ch)
+                .prune(pb::AuditPruneRequest { before, archive_sha256: "0".repeat(64), last_hash })
+                .await
+        }
+    };
+    for (actor, files) in [
+        ("auditor/aud-p", c.identity(Role::Auditor, "aud-p")),
+        ("operator/op-p", c.identity(Role::Operator, "op-p")),
+    ] {
+        let e = call(&c.addr, &files, prune(4, h3.clone())).expect_err(actor);
+        assert_eq!(e.code, Some(Code::PermissionDenied), "{actor}: {e:?}");
+        let role = actor.split('/').next().unwrap();
+        assert!(e.message.contains(&format!("role {role} may not call Audit/Prune")), "{e:?}");
+        c.wait_audit(&format!("api.denied {actor} Audit/Prune"), |r| {
+            is(r, "api.denied", actor, "Audit/Prune")
+        });
+    }
+    let e = call(&c.addr, &c.admin_files(), prune(4, rec(1)["hash"].as_str().unwrap().to_owned()))
+        .expect_err("prune with the hash of another record");
+    assert_eq!(e.code, Some(Code::FailedPrecondition), "{e:?}");
+    assert!(e.message.contains("audit record 3: its hash"), "names record 3: {e:?}");
+    let e = call(&c.addr, &c.admin_files(), prune(99, h3.clone())).expect_err("prune past the head");
+    assert_eq!(e.code, Some(Code::InvalidArgument), "{e:?}");
+    assert!(e.message.contains("before 99"), "{e:?}");
+    let recs = c.audit();
+    assert_eq!(recs.len(), 6, "the refusals pruned nothing: {recs:#?}");
+    assert_eq!(recs[0]["seq"], 1);
+
+    // An auditor's `audit archive` writes nothing it can prune.
+    let aud_dir = c.root.join("ids").join("aud-p");
+    let refused = c.root.join("refused.jsonl");
+    let out =
+        c.cli_as(&aud_dir, "aud-p", &["audit", "archive", "--before", "4", "--out", path_str(&refused)]);
+    assert_eq!(out.code, Some(1), "auditor archive: {out}");
+    assert!(out.stderr.contains("nothing was pruned") && out.stderr.contains("PermissionDenied"), "{out}");
+    assert_eq!(c.audit()[0]["seq"], 1);
+
+    // The admin archives records 1..3.
+    let archive = c.root.join("audit-0001.jsonl");
+    let out = c.cli(&["audit", "archive", "--before", "4", "--out", path_str(&archive)]);
+    assert!(out.ok(), "{out}");
+    assert!(out.stdout.contains(&format!("archived records 1..3 to {}", archive.display())), "{out}");
+    assert!(out.stdout.contains(&format!("last hash {h3}")), "{out}");
+    assert!(out.stdout.contains("pruned 3 records"), "{out}");
+    let bytes = fs::read(&archive).unwrap();
+    assert_eq!(bytes, format!("{}\n", lines[..3].join("\n")).into_bytes(), "records 1-3 byte for byte");
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+
+    // Pruned records are gone; the prune is recorded with what it archived.
+    let recs = c.audit();
+    assert_eq!(recs[0]["seq"], 4, "records 1-3 are no longer listed: {recs:#?}");
+    let pr = recs.iter().find(|r| r["action"] == "audit.prune").expect("an audit.prune record");
+    assert_eq!(pr["actor"], "admin/admin", "{pr}");
+    assert_eq!(pr["outcome"], "success", "{pr}");
+    let detail = &pr["detail"];
+    assert_eq!(
+        (detail["before"].as_u64(), detail["first"].as_u64(), detail["count"].as_u64()),
+        (Some(4), Some(1), Some(3)),
+        "{pr}"
+    );
+    assert_eq!(detail["last_hash"], h3, "{pr}");
+    assert_eq!(detail["archive_sha256"], sha, "{pr}");
+    let head = recs.last().unwrap()["seq"].as_u64().unwrap();
+    assert_eq!(pr["seq"].as_u64(), Some(head), "{pr}");
+
+    // Both verify: the log from its base, the archive on its own.
+    let out = c.cli(&["audit", "verify"]);
+    assert!(out.ok(), "verify after the prune: {out}");
+    assert!(out.stdout.contains(&format!("audit log intact: {} records", head - 3)), "{out}");
+    assert!(out.stdout.contains(&format!("records 4..{head}")), "{out}");
+    let out = c.cli(&["audit", "verify", "--archive", path_str(&archive)]);
+    assert!(out.ok(), "verify the archive: {out}");
+    assert!(out.stdout.contains("records 1..3 (3 records)"), "{out}");
+    assert!(out.stdout.contains(&format!("last hash {h3}; sha256 {sha}")), "{out}");
+    // A damaged archive names its record.
+    let damaged = c.root.join("damaged.jsonl");
+    let mut damaged_bytes = bytes.clone();
+    let at = lines[0].len() + 1 + lines[1].find("\"actor\":\"").unwrap() + 10;
+    damaged_bytes[at] ^= 0x01;
+    fs::write(&damaged, &damaged_bytes).unwrap();
+    let out = c.cli(&["audit", "verify", "--archive", path_str(&damaged)]);
+    assert_eq!(out.code, Some(1), "damaged archive: {out}");
+    assert!(out.stderr.contains("audit record 2:"), "names record 2: {out}");
+    // An archive file is never overwritten (and nothing is pruned then).
+    let out = c.cli(&["audit", "archive", "--before", "5", "--out", path_str(&archive)]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("must not exist"), "{out}");
+    assert_eq!(fs::read(&archive).unwrap(), bytes);
+    assert_eq!(c.audit()[0]["seq"], 4);
+    c.stop();
+
+    // Offline too; and tampering after the prune is still named.
+    let out = verify_offline(&c, &c.data);
+    assert!(out.ok(), "offline verify after the prune: {out}");
+    let k = 5;
+    let original = record_bytes(&c.data, k);
+    let data = c.root.join("flip-retained");
+    copy_dir(&c.data, &data);
+    flip_byte(&data, k, original.windows(9).position(|w| w == b"\"actor\":\"").unwrap() + 10);
+    let out = verify_offline(&c, &data);
+    assert_eq!(out.code, Some(1), "flipped byte in retained record {k}: {out}");
+    assert!(out.stderr.contains(&format!("audit record {k}:")), "must name record {k}: {out}");
+    // The base moved past a deleted record: the audit.prune record disagrees and is named.
+    let data = c.root.join("base-moved");
+    copy_dir(&c.data, &data);
+    delete_record(&data, 4);
+    let r4: Value = serde_json::from_str(lines[3]).unwrap();
+    set_base(&data, 4, r4["hash"].as_str().unwrap());
+    let out = verify_offline(&c, &data);
+    assert_eq!(out.code, Some(1), "record 4 deleted and the base moved: {out}");
+    assert!(out.stderr.contains(&format!("audit record {head}: this audit.prune record")), "{out}");
+    // The base's hash altered: the first retained record no longer follows it.
+    let data = c.root.join("base-altered");
+    copy_dir(&c.data, &data);
+    set_base(&data, 3, &"0".repeat(64));
+    let out = verify_offline(&c, &data);
+    assert_eq!(out.code, Some(1), "altered base: {out}");
+    assert!(out.stderr.contains("audit record 4: does not follow the base"), "{out}");
+}
+
+/// A prune waits for the SIEM export: while a sink has not taken the records to prune (its
+/// receiver is down), `ztseg audit archive` is refused naming the sink and nothing is pruned;
+/// once every sink has them, the same archive goes through.
+#[test]
+fn audit_prune_waits_for_the_siem_export() {
+    let down = format!("http://127.0.0.1:{}/ingest", ztseg_integration::free_port());
+    let mut c = Controller::started_with("prune-siem", &["--siem", &down]);
+    for (i, p) in [DEMO_POLICIES, LAB_POLICIES, DEMO_POLICIES].into_iter().enumerate() {
+        let out = c.cli(&["policy", "apply", p, "-m", &format!("v{i}")]);
+        assert!(out.ok(), "{out}");
+    }
+    let archive = c.root.join("audit-siem.jsonl");
+    let out = c.cli(&["audit", "archive", "--before", "3", "--out", path_str(&archive)]);
+    assert_eq!(out.code, Some(1), "prune before the export: {out}");
+    assert!(
+        out.stderr.contains(&format!("SIEM sink {down} has taken the audit log up to record 0")),
+        "{out}"
+    );
+    assert!(out.stderr.contains("FailedPrecondition") && out.stderr.contains("nothing was pruned"), "{out}");
+    assert_eq!(c.audit()[0]["seq"], 1, "nothing pruned");
+    c.stop();
+
+    // Only a file sink, which takes every record at once.
+    let sink = c.root.join("siem.jsonl");
+    c.extra.clear();
+    c.siem = Some(sink.clone());
+    c.start();
+    let t0 = Instant::now();
+    while fs::read_to_string(&sink).unwrap_or_default().lines().count() < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the file sink did not get records 1-3 in 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let archive = c.root.join("audit-siem-2.jsonl");
+    let out = c.cli(&["audit", "archive", "--before", "3", "--out", path_str(&archive)]);
+    assert!(out.ok(), "prune after the export: {out}");
+    assert!(out.stdout.contains("pruned 2 records"), "{out}");
+    assert_eq!(c.audit()[0]["seq"], 3);
+}
+
+/// Overwrite the stored base of the pruned audit log.
+fn set_base(data: &Path, seq: u64, hash: &str) {
+    let db = redb::Database::open(redb_path(data)).unwrap();
+    let tx = db.begin_write().unwrap();
+    let base = serde_json::json!({ "seq": seq, "hash": hash }).to_string();
+    tx.open_table(META).unwrap().insert("audit_base", base.as_str()).unwrap();
+    tx.commit().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ pub async fn run(s: &dyn Store) {
     assert!(s.audit_records(1, 0).await.unwrap().is_empty());
     assert_eq!(s.append_audit(vec![]).await.unwrap(), 2, "an empty append changes nothing");
     match crate::service::verify_chain(s).await.unwrap() {
-        Ok(n) => assert_eq!(n, 2),
+        Ok(v) => assert_eq!((v.records, v.first, v.last, v.base), (2, 1, 2, 0)),
         Err(bad) => panic!("audit chain broken: {bad}"),
     }
 
@@ -79,6 +79,89 @@ pub async fn run(s: &dyn Store) {
     };
     s.put_enforcer(rec.clone()).await.unwrap();
     assert_eq!(s.enforcers().await.unwrap(), vec![rec]);
+}
+
+/// The draft of an `audit.prune` record, as the controller makes it.
+#[must_use]
+pub fn prune_draft(before: u64, last_hash: &str) -> audit::Draft {
+    audit::Draft::new(
+        "admin/t",
+        audit::PRUNE,
+        "success",
+        serde_json::json!({ "before": before, "last_hash": last_hash, "archive_sha256": "ab".repeat(32) }),
+    )
+}
+
+async fn records(s: &dyn Store) -> Vec<(u64, audit::Record)> {
+    let recs = s.audit_records(1, 100).await.unwrap();
+    recs.iter().map(|(k, b)| (*k, serde_json::from_slice(b).unwrap())).collect()
+}
+
+async fn verified(s: &dyn Store) -> audit::Verified {
+    match crate::service::verify_chain(s).await.unwrap() {
+        Ok(v) => v,
+        Err(bad) => panic!("audit chain broken: {bad}"),
+    }
+}
+
+/// Archive-and-prune, on an empty store: refusals change nothing; a prune deletes exactly the
+/// records before `before`, stores the base and appends its `audit.prune` record in one step;
+/// the chain verifies from the base and appends continue on it. Leaves audit sequence 9.
+///
+/// # Panics
+/// On the first behaviour that breaks the contract, naming it.
+pub async fn prune(s: &dyn Store) {
+    assert_eq!(s.append_audit(vec![draft(); 5]).await.unwrap(), 5);
+    assert_eq!(s.audit_base().await.unwrap(), None, "nothing pruned yet");
+    let before = records(s).await;
+    let head = s.audit_head().await.unwrap();
+    let h3 = before[2].1.hash.clone();
+
+    // Refusals name the record and change nothing.
+    let refusals = [
+        (4, audit::GENESIS.to_owned(), "audit record 3: its hash"),
+        (6, before[4].1.hash.clone(), "always kept"),
+        (1, audit::GENESIS.to_owned(), "nothing to prune"),
+    ];
+    for (b, hash, says) in refusals {
+        let e = s.prune_audit(b, hash.clone(), prune_draft(b, &hash)).await.unwrap_err();
+        assert!(matches!(&e, StoreError::Precondition(m) if m.contains(says)), "prune before {b}: {e}");
+        assert_eq!(records(s).await, before, "a refused prune before {b} changed the records");
+        assert_eq!(s.audit_head().await.unwrap(), head, "a refused prune before {b} moved the head");
+        assert_eq!(s.audit_base().await.unwrap(), None, "a refused prune before {b} stored a base");
+    }
+
+    // Records 1..=3 go; the base is record 3; the prune record follows the old head.
+    assert_eq!(s.prune_audit(4, h3.clone(), prune_draft(4, &h3)).await.unwrap(), (3, 6));
+    let after = records(s).await;
+    assert_eq!(after.iter().map(|r| r.0).collect::<Vec<_>>(), vec![4, 5, 6], "records 1-3 pruned");
+    assert_eq!(after[..2], before[3..], "retained records are untouched");
+    let p = &after[2].1;
+    assert_eq!(
+        (p.action.as_str(), p.actor.as_str(), p.prev.as_str()),
+        (audit::PRUNE, "admin/t", &*head.hash)
+    );
+    assert_eq!(p.detail["before"], 4);
+    assert_eq!(p.detail["first"], 1);
+    assert_eq!(p.detail["count"], 3);
+    assert_eq!(p.detail["last_hash"], h3);
+    assert_eq!(s.audit_head().await.unwrap(), audit::Head { seq: 6, hash: p.hash.clone() });
+    assert_eq!(s.audit_base().await.unwrap(), Some(audit::Head { seq: 3, hash: h3.clone() }));
+    assert_eq!(verified(s).await, audit::Verified { records: 3, first: 4, last: 6, base: 3 });
+
+    // Appends continue on the chain; an already pruned range cannot be pruned again.
+    assert_eq!(s.append_audit(vec![draft()]).await.unwrap(), 7);
+    assert_eq!(verified(s).await.records, 4);
+    let e = s.prune_audit(3, before[1].1.hash.clone(), prune_draft(3, &h3)).await.unwrap_err();
+    assert!(matches!(&e, StoreError::Precondition(m) if m.contains("starts at record 4")), "{e}");
+
+    // A second prune, up to the head record (kept), starts at the base.
+    let h6 = p.hash.clone();
+    assert_eq!(s.prune_audit(7, h6.clone(), prune_draft(7, &h6)).await.unwrap(), (3, 8));
+    assert_eq!(s.audit_records(1, 100).await.unwrap().iter().map(|r| r.0).collect::<Vec<_>>(), vec![7, 8]);
+    assert_eq!(s.audit_base().await.unwrap(), Some(audit::Head { seq: 6, hash: h6 }));
+    assert_eq!(s.append_audit(vec![draft()]).await.unwrap(), 9);
+    assert_eq!(verified(s).await, audit::Verified { records: 3, first: 7, last: 9, base: 6 });
 }
 
 /// What a reopened store must still hold after [`run`].

@@ -19,13 +19,15 @@ use crate::audit;
 pub const VERSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("policy_versions");
 /// Audit chain: sequence → stored record bytes.
 pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
-/// Named values: `policy_head`, `audit_head`, export cursors.
+/// Named values: `policy_head`, `audit_head`, `audit_base`, export cursors.
 pub const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
 pub const ENFORCERS: TableDefinition<&str, &[u8]> = TableDefinition::new("enforcers");
 
 const POLICY_HEAD: &str = "policy_head";
 const AUDIT_HEAD: &str = "audit_head";
+/// JSON [`audit::Head`] of the last pruned record (absent until the first prune).
+const AUDIT_BASE: &str = "audit_base";
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
@@ -61,6 +63,15 @@ fn read_audit_head(meta: &Meta<'_>) -> Result<audit::Head, StoreError> {
         Some(v) => serde_json::from_str(v.value()).map_err(|e| corrupt(AUDIT_HEAD, e)),
         None => Ok(audit::Head { seq: 0, hash: audit::GENESIS.to_owned() }),
     }
+}
+
+fn read_audit_base<T: redb::ReadableTable<&'static str, &'static str>>(
+    meta: &T,
+) -> Result<Option<audit::Head>, StoreError> {
+    meta.get(AUDIT_BASE)
+        .map_err(be)?
+        .map(|v| serde_json::from_str(v.value()).map_err(|e| corrupt(AUDIT_BASE, e)))
+        .transpose()
 }
 
 /// Append drafts inside an open write transaction.
@@ -231,6 +242,47 @@ impl Store for EmbeddedStore {
         })
     }
 
+    fn audit_base(&self) -> BoxFut<'_, Option<audit::Head>> {
+        self.blocking(|db| {
+            let rtx = db.begin_read().map_err(be)?;
+            read_audit_base(&rtx.open_table(META).map_err(be)?)
+        })
+    }
+
+    fn prune_audit(&self, before: u64, last_hash: String, mut prune: audit::Draft) -> BoxFut<'_, (u64, u64)> {
+        self.blocking(move |db| {
+            // One write transaction: the check, the prune record, the deletion and the new base
+            // commit together or not at all (and no append can come between them).
+            let tx = db.begin_write().map_err(be)?;
+            let (base, head) = {
+                let meta = tx.open_table(META).map_err(be)?;
+                (read_audit_base(&meta)?, read_audit_head(&meta)?)
+            };
+            let first = audit::prune_start(base.as_ref(), &head, before).map_err(StoreError::Precondition)?;
+            let count = {
+                let t = tx.open_table(AUDIT).map_err(be)?;
+                let mut check = super::PruneCheck::new(base.as_ref(), first, before, &last_hash);
+                while let Some(from) = check.wants() {
+                    let mut page = Vec::new();
+                    for e in t.range(from..before).map_err(be)?.take(1000) {
+                        let (k, v) = e.map_err(be)?;
+                        page.push((k.value(), v.value().to_vec()));
+                    }
+                    check.feed(&page)?;
+                }
+                check.finish()?
+            };
+            super::prune_detail(&mut prune, first, count);
+            let seq = append(&tx, std::slice::from_ref(&prune))?;
+            tx.open_table(AUDIT).map_err(be)?.retain_in(..before, |_, _| false).map_err(be)?;
+            let base =
+                serde_json::to_string(&audit::Head { seq: before - 1, hash: last_hash }).map_err(be)?;
+            tx.open_table(META).map_err(be)?.insert(AUDIT_BASE, base.as_str()).map_err(be)?;
+            tx.commit().map_err(be)?;
+            Ok((count, seq))
+        })
+    }
+
     fn put_token(&self, hash: String, token: JoinToken) -> BoxFut<'_, ()> {
         self.blocking(move |db| {
             let tx = db.begin_write().map_err(be)?;
@@ -313,17 +365,38 @@ fn read_audit_head_ro(
 mod tests {
     use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn keeps_the_store_contract_across_a_reopen() {
-        let dir = std::env::temp_dir().join(format!("ztseg-store-{}", std::process::id()));
+    /// A fresh store file in a directory of its own (removed by the caller).
+    fn fresh(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("ztseg-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.redb");
         let _ = std::fs::remove_file(&path);
+        (dir, path)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keeps_the_store_contract_across_a_reopen() {
+        let (dir, path) = fresh("store");
         let s = EmbeddedStore::open(&path).unwrap();
         crate::store::contract::run(&s).await;
         drop(s);
         let s = EmbeddedStore::open(&path).unwrap();
         crate::store::contract::persisted(&s).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keeps_the_prune_contract_across_a_reopen() {
+        let (dir, path) = fresh("store-prune");
+        let s = EmbeddedStore::open(&path).unwrap();
+        crate::store::contract::prune(&s).await;
+        drop(s);
+        let s = EmbeddedStore::open_existing(&path).unwrap();
+        assert_eq!(s.audit_base().await.unwrap().map(|b| b.seq), Some(6), "the base persists");
+        match crate::service::verify_chain(&s).await.unwrap() {
+            Ok(v) => assert_eq!((v.first, v.last), (7, 9)),
+            Err(bad) => panic!("{bad}"),
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

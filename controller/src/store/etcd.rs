@@ -10,6 +10,7 @@
 //! |--------------------------------------|----------------------------------------------------|
 //! | `/head/policy`                       | current policy version, decimal                    |
 //! | `/head/audit`                        | JSON [`audit::Head`] of the last audit record      |
+//! | `/head/audit-base`                   | JSON [`audit::Head`] of the last pruned record     |
 //! | `/versions/<v, 20 digits>`           | JSON `{meta, documents: name → sha256}`             |
 //! | `/blob/<sha256>/<chunk, 6 digits>`   | document content, in chunks of at most 512 KiB     |
 //! | `/audit/<seq, 20 digits>`            | the sealed audit record, byte for byte             |
@@ -45,6 +46,14 @@
 //! the same compare-and-swap on the audit head, so concurrent controllers can never fork the
 //! chain. Large batches of audit drafts are appended in several transactions of at most 100
 //! records (etcd's default `--max-txn-ops` is 128); each keeps the chain intact.
+//!
+//! A prune (archive, then delete old audit records) reads and checks the records to delete,
+//! then writes in one transaction guarded by the same compare on the audit head (and on the
+//! last record to delete, which it names by hash): the `audit.prune` record, the new audit
+//! head, the new base (`/head/audit-base`) and one range delete of `/audit/<first>` up to
+//! `/audit/<before>` — five operations, however many records go. If the head moved, the
+//! check is repeated on the new chain. Deleted records stay in etcd's history until it is
+//! compacted (`--auto-compaction-*`); space is reclaimed then (and by a defragmentation).
 //!
 //! If a write transaction fails in a way that leaves its outcome unknown (the member died
 //! mid-request, a timeout), the retry first checks whether the audit record it tried to
@@ -149,6 +158,9 @@ impl Keys {
     }
     fn audits(&self) -> String {
         format!("{}/audit/", self.prefix)
+    }
+    fn audit_base(&self) -> String {
+        format!("{}/head/audit-base", self.prefix)
     }
     fn audit(&self, seq: u64) -> String {
         format!("{}/audit/{seq:020}", self.prefix)
@@ -626,6 +638,26 @@ impl EtcdStore {
         )))
     }
 
+    /// Start attempt `attempt` of a write guarded by the audit head (after a pause from the
+    /// second on): the current head and its mod revision, or `Err(i)` if the ambiguous
+    /// attempt `sent[i]` turns out to have been applied.
+    async fn audit_attempt(
+        &self,
+        attempt: u32,
+        sent: &[(u64, Vec<u8>)],
+    ) -> Result<Result<(audit::Head, i64), usize>, StoreError> {
+        if attempt > 0 {
+            tokio::time::sleep(backoff(attempt - 1)).await;
+        }
+        let (head, rev) = self.read_audit_head().await?;
+        if !sent.is_empty()
+            && let Some(i) = self.find_applied(sent, head.seq).await?
+        {
+            return Ok(Err(i));
+        }
+        Ok(Ok((head, rev)))
+    }
+
     /// Append one batch (≤ `TXN_OPS` records, ≤ `TXN_BYTES`) in one transaction.
     async fn append_batch(&self, drafts: &[audit::Draft]) -> Result<u64, StoreError> {
         let ak = self.keys.audit_head();
@@ -633,15 +665,10 @@ impl EtcdStore {
         let mut sent: Vec<(u64, Vec<u8>)> = Vec::new();
         let n = drafts.len() as u64;
         for attempt in 0..CAS_ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep(backoff(attempt - 1)).await;
-            }
-            let (head, rev) = self.read_audit_head().await?;
-            if !sent.is_empty()
-                && let Some(i) = self.find_applied(&sent, head.seq).await?
-            {
-                return Ok(sent[i].0 + n - 1);
-            }
+            let (head, rev) = match self.audit_attempt(attempt, &sent).await? {
+                Ok(h) => h,
+                Err(i) => return Ok(sent[i].0 + n - 1),
+            };
             let mut h = head;
             let mut ops = Vec::with_capacity(drafts.len() + 1);
             let mut first = None;
@@ -690,6 +717,75 @@ impl EtcdStore {
             last = self.append_batch(&drafts[start..]).await?;
         }
         Ok(last)
+    }
+
+    async fn audit_base_inner(&self) -> Result<Option<audit::Head>, StoreError> {
+        let r = self.get("read audit base", self.keys.audit_base(), None).await?;
+        r.kvs().first().map(parse).transpose()
+    }
+
+    async fn prune_inner(
+        &self,
+        before: u64,
+        last_hash: String,
+        prune: audit::Draft,
+    ) -> Result<(u64, u64), StoreError> {
+        let ak = self.keys.audit_head();
+        // Ambiguous attempts: (sequence of the prune record, its sealed bytes), and the number
+        // of records each would have deleted.
+        let mut sent: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut counts = Vec::new();
+        for attempt in 0..CAS_ATTEMPTS {
+            let (head, rev) = match self.audit_attempt(attempt, &sent).await? {
+                Ok(h) => h,
+                Err(i) => return Ok((counts[i], sent[i].0)),
+            };
+            let base = self.audit_base_inner().await?;
+            let first = audit::prune_start(base.as_ref(), &head, before).map_err(StoreError::Precondition)?;
+            // Page by page (each a consistent read); the compares below make the check hold at
+            // the moment of the write.
+            let mut check = super::PruneCheck::new(base.as_ref(), first, before, &last_hash);
+            while let Some(from) = check.wants() {
+                check.feed(&self.audit_records_inner(from, 1000).await?)?;
+            }
+            let count = check.finish()?;
+            let last_rev = self.get("read audit record", self.keys.audit(before - 1), None).await?;
+            let last_rev = last_rev.kvs().first().map_or(0, KeyValue::mod_revision);
+            let mut d = prune.clone();
+            super::prune_detail(&mut d, first, count);
+            let seq = head.seq + 1;
+            let (bytes, hash) = audit::seal(&d, seq, &head.hash);
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::mod_revision(ak.clone(), CompareOp::Equal, rev),
+                    Compare::mod_revision(self.keys.audit(before - 1), CompareOp::Equal, last_rev),
+                ])
+                .and_then(vec![
+                    TxnOp::put(self.keys.audit(seq), bytes.clone(), None),
+                    TxnOp::put(ak.clone(), json(&audit::Head { seq, hash })?, None),
+                    TxnOp::put(
+                        self.keys.audit_base(),
+                        json(&audit::Head { seq: before - 1, hash: last_hash.clone() })?,
+                        None,
+                    ),
+                    TxnOp::delete(
+                        self.keys.audit(first),
+                        Some(DeleteOptions::new().with_range(self.keys.audit(before))),
+                    ),
+                ]);
+            match self.kv.clone().txn(txn).await {
+                Ok(r) if r.succeeded() => return Ok((count, seq)),
+                Ok(_) => {}
+                Err(e) if transient(&e) => {
+                    sent.push((seq, bytes));
+                    counts.push(count);
+                }
+                Err(e) => return Err(be("prune audit", &e)),
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "etcd prune audit: the audit chain kept moving; gave up after {CAS_ATTEMPTS} attempts"
+        )))
     }
 
     async fn version_inner(&self, v: u64) -> Result<Option<PolicyVersion>, StoreError> {
@@ -823,6 +919,14 @@ impl Store for EtcdStore {
 
     fn audit_head(&self) -> BoxFut<'_, audit::Head> {
         Box::pin(async { Ok(self.read_audit_head().await?.0) })
+    }
+
+    fn audit_base(&self) -> BoxFut<'_, Option<audit::Head>> {
+        Box::pin(self.audit_base_inner())
+    }
+
+    fn prune_audit(&self, before: u64, last_hash: String, prune: audit::Draft) -> BoxFut<'_, (u64, u64)> {
+        Box::pin(self.prune_inner(before, last_hash, prune))
     }
 
     fn put_token(&self, hash: String, token: JoinToken) -> BoxFut<'_, ()> {

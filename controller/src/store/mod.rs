@@ -28,6 +28,10 @@ pub enum StoreError {
     Backend(String),
     #[error("store: corrupt value at {key}: {message}")]
     Corrupt { key: String, message: String },
+    /// The store's state does not allow the request (e.g. a prune whose records do not chain
+    /// or do not end with the hash the caller archived); nothing was changed.
+    #[error("{0}")]
+    Precondition(String),
 }
 
 impl StoreError {
@@ -96,6 +100,16 @@ pub trait Store: Send + Sync + 'static {
     /// Stored audit records with sequence ≥ `from`, byte for byte, in order.
     fn audit_records(&self, from: u64, limit: usize) -> BoxFut<'_, Vec<(u64, Vec<u8>)>>;
     fn audit_head(&self) -> BoxFut<'_, audit::Head>;
+    /// The last pruned record (sequence and hash), where the retained chain starts; `None` if
+    /// nothing was ever pruned.
+    fn audit_base(&self) -> BoxFut<'_, Option<audit::Head>>;
+    /// Atomically, if the retained records before `before` chain from the base and the last
+    /// of them has hash `last_hash`: append `prune` (its detail gets `first` and `count`),
+    /// delete the records before `before` and make record `before - 1` the base. The head
+    /// record is always kept. Returns the number of records deleted and the sequence of the
+    /// prune record; a refusal is [`StoreError::Precondition`] naming the record and changes
+    /// nothing.
+    fn prune_audit(&self, before: u64, last_hash: String, prune: audit::Draft) -> BoxFut<'_, (u64, u64)>;
 
     /// Store a join token under the hash of its secret.
     fn put_token(&self, hash: String, token: JoinToken) -> BoxFut<'_, ()>;
@@ -112,6 +126,61 @@ pub trait Store: Send + Sync + 'static {
     /// `true` while this controller holds leadership (leader-only work: SIEM export, token
     /// expiry). The embedded store is always its controller's leader.
     fn leadership(&self) -> watch::Receiver<bool>;
+}
+
+/// The check before a prune: the retained records `first..before`, fed page by page as
+/// [`PruneCheck::wants`] asks, must chain from the base and end with `last_hash`.
+pub(crate) struct PruneCheck {
+    v: audit::Verifier,
+    first: u64,
+    before: u64,
+    last_hash: String,
+    /// Where the next page starts; `None` once everything before `before` was read.
+    from: Option<u64>,
+}
+
+fn refused(b: &audit::BadRecord) -> StoreError {
+    StoreError::Precondition(format!("cannot prune: {b}"))
+}
+
+impl PruneCheck {
+    pub(crate) fn new(base: Option<&audit::Head>, first: u64, before: u64, last_hash: &str) -> Self {
+        Self {
+            v: audit::Verifier::after(base),
+            first,
+            before,
+            last_hash: last_hash.to_owned(),
+            from: Some(first),
+        }
+    }
+
+    /// The sequence number the next page of records should start at, if more are needed.
+    pub(crate) fn wants(&self) -> Option<u64> {
+        self.from.filter(|f| *f < self.before)
+    }
+
+    /// Check a page of stored records (sequence ≥ [`PruneCheck::wants`], in order).
+    pub(crate) fn feed(&mut self, page: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        self.from = page.last().map(|(k, _)| *k + 1);
+        for (k, bytes) in page.iter().take_while(|(k, _)| *k < self.before) {
+            self.v.feed(*k, bytes).map_err(|b| refused(&b))?;
+        }
+        Ok(())
+    }
+
+    /// After the last page: the number of records to prune, or why not.
+    pub(crate) fn finish(&self) -> Result<u64, StoreError> {
+        self.v.check_prune_end(self.before, &self.last_hash).map_err(|b| refused(&b))?;
+        Ok(self.before - self.first)
+    }
+}
+
+/// Put `first` and `count` into the detail of a prune record.
+pub(crate) fn prune_detail(draft: &mut audit::Draft, first: u64, count: u64) {
+    if let serde_json::Value::Object(m) = &mut draft.detail {
+        m.insert("first".into(), first.into());
+        m.insert("count".into(), count.into());
+    }
 }
 
 /// The summary line of a change between two document sets: `+added ~changed -removed`.
