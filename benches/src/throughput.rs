@@ -186,7 +186,7 @@ const CONFIGS: [Config; 8] = [
     Config::Iptables,
     Config::Nftables,
 ];
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 /// Quiet time after a configuration is set up and before it is measured: tearing down the
 /// previous configuration (a data plane's maps and programs, 10,000 iptables rules) leaves the
 /// kernel seconds of deferred work that would otherwise land on whichever configuration is
@@ -544,7 +544,7 @@ fn write_doc(root: &Path, r: &Report) -> Result<()> {
     md.push_str(
         "Two pods routed through a simulated host (veth pairs, IP forwarding), all configurations measured in one \
          run: TCP connect/accept/close loop for 2 s (connections per second; the client closes with RST so no \
-         TIME_WAIT state builds up) and iperf3 bulk TCP for 4 s, in 3 interleaved rounds (every configuration set up \
+         TIME_WAIT state builds up) and iperf3 bulk TCP for 4 s, in 5 interleaved rounds (every configuration set up \
          and torn down each round, and measured after 3 s of quiet: the previous teardown leaves the kernel \
          seconds of deferred work), median per configuration. Empty TC programs: a classifier that only \
          returns \"pass\", on the four hooks ztseg uses (what TCX attachment itself costs). \
