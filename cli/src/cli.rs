@@ -148,6 +148,26 @@ enum LabCommands {
         #[arg(required = true)]
         changes: Vec<String>,
     },
+    /// The enforcers' own account of a flow between two pods (`--from`, `--to`): each check,
+    /// probe by probe. Without a pair: every cell for every port and protocol, from the data
+    /// plane's maps instead of traffic, in the probe's matrix form (and against its
+    /// expectations).
+    Explain {
+        #[command(flatten)]
+        file: LabFileArgs,
+        /// Sending pod (`namespace/name` or name).
+        #[arg(long, requires_all = ["to", "port"])]
+        from: Option<String>,
+        /// Receiving pod.
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+        /// TCP, UDP, SCTP or ICMP.
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        /// Destination port (ICMP: the message type).
+        #[arg(long)]
+        port: Option<u32>,
+    },
     /// Remove the lab: servers, enforcement, namespaces.
     Down(LabFileArgs),
     /// Cut a host's link to the lab controller (its enforcer keeps the last-known policy).
@@ -699,6 +719,54 @@ fn print_rows(rows: &crate::client::Rows, output: Output) -> Result<()> {
     Ok(())
 }
 
+fn print_matrices(matrices: &[lab::probe::Matrix], mismatches: usize, output: Output) -> Result<()> {
+    match output {
+        Output::Table => {
+            for m in matrices {
+                println!("{}", lab::probe::render(m));
+            }
+            if mismatches > 0 {
+                println!("{mismatches} cells differ from the expectation (bracketed)");
+            }
+        }
+        Output::Json => println!("{}", serde_json::to_string_pretty(matrices)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(matrices)?),
+    }
+    Ok(())
+}
+
+/// `explain` output: each check with its steps (table), or one row per check.
+fn print_explain(checks: Vec<ztseg_api::enforcer::CheckExplanation>, output: Output) -> Result<()> {
+    if output == Output::Table {
+        for c in &checks {
+            println!("{} {} check, peer {}: {}", c.workload, c.direction, c.peer, c.verdict);
+            for s in &c.steps {
+                println!("  {s}");
+            }
+        }
+        return Ok(());
+    }
+    let rows = checks
+        .into_iter()
+        .map(|c| {
+            vec![
+                ("workload", c.workload),
+                ("direction", c.direction),
+                ("peer", c.peer),
+                ("peer_identity", c.peer_identity.to_string()),
+                ("peer_tenant", c.peer_tenant.to_string()),
+                ("peer_source", c.peer_source),
+                ("verdict", c.verdict),
+                ("reason", c.reason),
+                ("cookie", c.cookie.to_string()),
+                ("owner", c.owner),
+                ("steps", c.steps.join("\n")),
+            ]
+        })
+        .collect();
+    print_rows(&rows, output)
+}
+
 fn ms(v: i64) -> String {
     if v < 0 { "never".into() } else { format!("{}.{}s", v / 1000, (v % 1000) / 100) }
 }
@@ -804,35 +872,7 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                 .explain(pb::ExplainRequest { src: from, dst: to, protocol, port })
                 .await?
                 .into_inner();
-            if output == Output::Table {
-                for c in &r.checks {
-                    println!("{} {} check, peer {}: {}", c.workload, c.direction, c.peer, c.verdict);
-                    for s in &c.steps {
-                        println!("  {s}");
-                    }
-                }
-            } else {
-                let rows = r
-                    .checks
-                    .into_iter()
-                    .map(|c| {
-                        vec![
-                            ("workload", c.workload),
-                            ("direction", c.direction),
-                            ("peer", c.peer),
-                            ("peer_identity", c.peer_identity.to_string()),
-                            ("peer_tenant", c.peer_tenant.to_string()),
-                            ("peer_source", c.peer_source),
-                            ("verdict", c.verdict),
-                            ("reason", c.reason),
-                            ("cookie", c.cookie.to_string()),
-                            ("owner", c.owner),
-                            ("steps", c.steps.join("\n")),
-                        ]
-                    })
-                    .collect();
-                print_rows(&rows, output)?;
-            }
+            print_explain(r.checks, output)?;
         }
         Commands::Rules(s) => {
             let r = crate::client::connect(&s.socket)
@@ -1003,18 +1043,20 @@ fn lab_cmd(cmd: LabCommands, output: Output) -> Result<ExitCode> {
             let timeout = Duration::from_millis(lab_file.timeout_ms.unwrap_or(1000));
             let mut matrices = lab::probe::probe(&state, timeout)?;
             let mismatches = lab::probe::compare(&mut matrices, &lab_file.expect)?;
-            match output {
-                Output::Table => {
-                    for m in &matrices {
-                        println!("{}", lab::probe::render(m));
-                    }
-                    if mismatches > 0 {
-                        println!("{mismatches} cells differ from the expectation (bracketed)");
-                    }
-                }
-                Output::Json => println!("{}", serde_json::to_string_pretty(&matrices)?),
-                Output::Yaml => print!("{}", serde_yaml::to_string(&matrices)?),
+            print_matrices(&matrices, mismatches, output)?;
+            Ok(if mismatches > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        LabCommands::Explain { file, from, to, protocol, port } => {
+            let lab_file = lab::spec::LabFile::load(&file.file)?;
+            let state = lab::LabState::load(lab_file.name())?;
+            if let (Some(from), Some(to), Some(port)) = (from, to, port) {
+                let checks = lab::probe::explain_pair(&state, &from, &to, &protocol, port)?;
+                print_explain(checks, output)?;
+                return Ok(ExitCode::SUCCESS);
             }
+            let mut matrices = lab::probe::explain_matrices(&state)?;
+            let mismatches = lab::probe::compare(&mut matrices, &lab_file.expect)?;
+            print_matrices(&matrices, mismatches, output)?;
             Ok(if mismatches > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         LabCommands::Apply(a) => {

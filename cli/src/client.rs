@@ -8,8 +8,11 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 use ztseg_api::enforcer::enforcer_client::EnforcerClient;
 
+/// A connected local API client.
+pub type Client = EnforcerClient<Channel>;
+
 /// Connect to the enforcer at `socket`.
-pub async fn connect(socket: &Path) -> Result<EnforcerClient<Channel>> {
+pub async fn connect(socket: &Path) -> Result<Client> {
     let path: PathBuf = socket.to_owned();
     // The URI is required by the API but unused: the connector dials the unix socket.
     let channel = Endpoint::try_from("http://enforcer.local")?

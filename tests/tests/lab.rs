@@ -94,10 +94,29 @@ impl TestLab {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("probe output: {e}: {out}{err}"))
     }
 
-    /// Probe and compare every cell with `want(from, to, port, protocol)`.
+    /// The enforcers' verdicts for every cell (`ztseg lab explain`), without traffic.
+    fn explain(&self) -> Vec<Matrix> {
+        let (_, out, err) = ztseg(&["-o", "json", "lab", "explain", "-f", self.path()]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("explain output: {e}: {out}{err}"))
+    }
+
+    /// Probe and compare every cell with `want(from, to, port, protocol)`; then the same for
+    /// the enforcers' own explanation of every cell, which must tell what the traffic showed.
     fn check(&self, scenario: &str, want: impl Fn(&str, &str, u16, &str) -> bool) {
+        let wrong = Self::wrong(self.probe(), &want);
+        assert!(wrong.is_empty(), "scenario {scenario}: {} cells differ:\n{}", wrong.len(), wrong.join("\n"));
+        let wrong = Self::wrong(self.explain(), &want);
+        assert!(
+            wrong.is_empty(),
+            "scenario {scenario}: `lab explain` differs from the traffic in {} cells:\n{}",
+            wrong.len(),
+            wrong.join("\n")
+        );
+    }
+
+    fn wrong(matrices: Vec<Matrix>, want: &impl Fn(&str, &str, u16, &str) -> bool) -> Vec<String> {
         let mut wrong = Vec::new();
-        for m in self.probe() {
+        for m in matrices {
             for (f, from) in m.pods.iter().enumerate() {
                 for (t, to) in m.pods.iter().enumerate() {
                     let expected = from == to || want(from, to, m.port, &m.protocol);
@@ -113,7 +132,7 @@ impl TestLab {
                 }
             }
         }
-        assert!(wrong.is_empty(), "scenario {scenario}: {} cells differ:\n{}", wrong.len(), wrong.join("\n"));
+        wrong
     }
 }
 
@@ -152,6 +171,7 @@ fn network_policy_scenarios() {
         "{NP}metadata: {{name: a-from-b, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n  - from:\n    - podSelector: {{matchLabels: {{pod: b}}}}\n"
     ));
     lab.check("pod selector in the policy's namespace", |f, t, _, _| t != "x/a" || f == "x/b");
+    explain_one_pair(&lab);
 
     lab.apply(&format!(
         "{NP}metadata: {{name: a-from-y, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n  - from:\n    - namespaceSelector: {{matchLabels: {{ns: y}}}}\n"
@@ -230,6 +250,32 @@ fn network_policy_scenarios() {
         "error names file and field: {err}"
     );
     lab.check("previous policy still in force", |f, _, _, _| f != "x/a");
+}
+
+/// `lab explain --from --to` under the "pod selector" scenario (x/a admits x/b only): x/c
+/// (node2) -> x/a (node1) is checked on both hosts and only x/a's ingress check drops it;
+/// x/b -> x/a is allowed by x/a's ingress rule; an ambiguous pod name is refused.
+fn explain_one_pair(lab: &TestLab) {
+    let (ok, out, err) =
+        ztseg(&["lab", "explain", "-f", lab.path(), "--from", "x/c", "--to", "x/a", "--port", "80"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("x/c egress check, peer 10.77.0.1: ALLOW"), "{out}");
+    assert!(out.contains("x/a ingress check, peer 10.77.1.1: DROP"), "{out}");
+    assert!(out.contains("verdict DROP (drop_default)"), "{out}");
+    let (ok, _, err) =
+        ztseg(&["lab", "explain", "-f", lab.path(), "--from", "b", "--to", "x/a", "--port", "80"]);
+    assert!(!ok && err.contains("ambiguous") && err.contains("y/b"), "{err}");
+    let args =
+        ["-o", "json", "lab", "explain", "-f", lab.path(), "--from", "x/b", "--to", "x/a", "--port", "80"];
+    let (ok, out, err) = ztseg(&args);
+    assert!(ok, "{out}{err}");
+    let checks: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let ingress = checks.iter().find(|c| c["direction"] == "ingress").expect("x/a's check");
+    assert_eq!(
+        (ingress["verdict"].as_str(), ingress["owner"].as_str()),
+        (Some("ALLOW"), Some("policy:x/a:ingress")),
+        "{out}"
+    );
 }
 
 /// Policy and label updates while a connection is open: a change that keeps the flow allowed

@@ -172,3 +172,109 @@ pub fn render(m: &Matrix) -> String {
     }
     s
 }
+
+/// `ztseg lab explain` without a pair: every cell from the enforcers' `Explain` instead of
+/// traffic — what the data plane's maps decide for the first packet at both ends (a cell is
+/// allowed when no check drops it), in the probe's matrix shape, so the two can be compared.
+pub fn explain_matrices(state: &LabState) -> Result<Vec<Matrix>> {
+    let n = state.pods.len();
+    let pods: Vec<String> = state.pods.iter().map(super::PodState::id).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for h in &state.hosts {
+            clients.push(crate::client::connect(&h.socket).await?);
+        }
+        let mut out = Vec::new();
+        for port in &state.ports {
+            for proto in &state.protocols {
+                let mut allowed = vec![vec![true; n]; n];
+                for (f, row) in allowed.iter_mut().enumerate() {
+                    for (t, cell) in row.iter_mut().enumerate() {
+                        if f != t {
+                            let checks =
+                                explain_with(&mut clients, state, f, t, proto, u32::from(*port)).await?;
+                            *cell = checks.iter().all(|c| c.verdict != "DROP");
+                        }
+                    }
+                }
+                out.push(Matrix {
+                    port: *port,
+                    protocol: proto.clone(),
+                    pods: pods.clone(),
+                    allowed,
+                    mismatches: Vec::new(),
+                });
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// The checks of a flow from pod `from` to pod `to` (`namespace/name` or name), from the
+/// enforcers of both pods' hosts.
+pub fn explain_pair(
+    state: &LabState,
+    from: &str,
+    to: &str,
+    protocol: &str,
+    port: u32,
+) -> Result<Vec<ztseg_api::enforcer::CheckExplanation>> {
+    let find = |p: &str| -> Result<usize> {
+        if let Some(i) = state.pods.iter().position(|x| x.id() == p) {
+            return Ok(i);
+        }
+        let named: Vec<usize> = (0..state.pods.len()).filter(|i| state.pods[*i].spec.name == p).collect();
+        match named[..] {
+            [i] => Ok(i),
+            [] => bail!("no pod {p:?} in lab {}", state.name),
+            _ => bail!(
+                "pod name {p:?} is ambiguous in lab {}: {}",
+                state.name,
+                named.iter().map(|i| state.pods[*i].id()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    };
+    let (f, t) = (find(from)?, find(to)?);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for h in &state.hosts {
+            clients.push(crate::client::connect(&h.socket).await?);
+        }
+        explain_with(&mut clients, state, f, t, protocol, port).await
+    })
+}
+
+async fn explain_with(
+    clients: &mut [crate::client::Client],
+    state: &LabState,
+    f: usize,
+    t: usize,
+    protocol: &str,
+    port: u32,
+) -> Result<Vec<ztseg_api::enforcer::CheckExplanation>> {
+    let (pf, pt) = (&state.pods[f], &state.pods[t]);
+    let mut hosts = vec![pf.host];
+    if pt.host != pf.host {
+        hosts.push(pt.host);
+    }
+    let mut checks = Vec::new();
+    for h in hosts {
+        let req = ztseg_api::enforcer::ExplainRequest {
+            src: pf.ipv4.to_string(),
+            dst: pt.ipv4.to_string(),
+            protocol: protocol.to_owned(),
+            port,
+        };
+        match clients[h].explain(req).await {
+            Ok(r) => checks.extend(r.into_inner().checks),
+            // Neither end is managed by this host's enforcer.
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => {
+                bail!("host {}: explain {} -> {}: {}", state.hosts[h].name, pf.id(), pt.id(), s.message())
+            }
+        }
+    }
+    Ok(checks)
+}
