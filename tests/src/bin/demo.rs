@@ -150,6 +150,28 @@ fn run(d: &Demo) -> Result<()> {
         connect(2, "10.77.0.1:80", Duration::from_secs(2)).is_some(),
         "shop/cache -> shop/web:80 allowed (same tenant)",
     )?;
+    println!("    why? node1's enforcer explains both ends' decisions, probe by probe:");
+    let out = d.run(&[
+        "lab",
+        "explain",
+        "-f",
+        lab,
+        "--from",
+        "globex/scanner",
+        "--to",
+        "shop/web",
+        "--port",
+        "80",
+    ])?;
+    for l in out.lines() {
+        println!("      {l}");
+    }
+    check(
+        out.contains("globex/scanner egress check")
+            && out.contains("shop/web ingress check")
+            && out.matches("(drop_cross_tenant)").count() == 2,
+        "both ends' checks drop it for tenant isolation, before any policy rule is consulted",
+    )?;
 
     step(4, "a 10-second grant: shop/cache -> shop/db:5432, opened through node2's enforcer API");
     check(connect(2, "10.77.1.1:5432", Duration::from_millis(500)).is_none(), "before the grant: blocked")?;
@@ -303,9 +325,13 @@ fn run(d: &Demo) -> Result<()> {
     println!("  metrics:  ip netns exec zl-demo-h1 curl -s 127.0.0.1:9464/metrics   (readiness: /readyz)");
     println!("  flows:    ztseg flows --socket {} --verdict DROP", Demo::socket("node2"));
     println!("  status:   ztseg enforcer status --socket {}", Demo::socket("node2"));
+    println!(
+        "  why:      ztseg explain --socket {} --from shop/cache --to shop/db --port 5432",
+        Demo::socket("node2")
+    );
     println!("  policy:   ip netns exec zl-demo-ctl env ZTSEG_CONTROLLER=10.75.0.1:7443 \\");
     println!("              ZTSEG_IDENTITY_DIR=/run/ztseg/lab/demo/controller/admin ztseg policy history");
     println!("  audit:    /run/ztseg/lab/demo/siem.jsonl (OCSF JSON lines)   (docs/controller.md)");
-    println!("  your own: ztseg lab up|probe|apply|label|down -f YOUR-LAB.yaml   (docs/lab.md)");
+    println!("  your own: ztseg lab up|probe|explain|apply|label|down -f YOUR-LAB.yaml   (docs/lab.md)");
     Ok(())
 }
