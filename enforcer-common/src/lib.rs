@@ -432,6 +432,18 @@ pub struct Event {
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 80);
 
+/// Key of the per-workload count of suppressed events (`ZT_SUPPRESSED`): whose event, with
+/// which verdict and reason, was not emitted over the event rate limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SuppressedKey {
+    pub identity: u32,
+    pub verdict: u8,
+    pub reason: u8,
+    pub pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SuppressedKey>() == 8);
+
 /// Why a packet got its verdict; index into the per-CPU counter array.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -563,6 +575,8 @@ pub mod map_names {
     pub const COUNTERS: &str = "ZT_COUNTERS";
     /// Per-CPU event rate limiter state (kernel only).
     pub const EVENT_BUDGET: &str = "ZT_EVENT_BUDGET";
+    /// Per-CPU hash: suppressed events by workload, verdict and reason.
+    pub const SUPPRESSED: &str = "ZT_SUPPRESSED";
     /// Interface index → link flags ([`super::LINK_F_PEER`]).
     pub const LINKS: &str = "ZT_LINKS";
     /// Program array: slot 0 holds the local delivery program.
@@ -590,7 +604,7 @@ pub mod program_names {
 mod pod {
     use super::{
         AdminKey, AdminValue, CidrAddr, Config, CtKey, CtKey4, CtValue, Endpoint, Event, IdentityInfo,
-        PolicyKey, PolicyValue, RuleState,
+        PolicyKey, PolicyValue, RuleState, SuppressedKey,
     };
     // SAFETY: every type is repr(C), Copy, has explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for IdentityInfo {}
@@ -606,4 +620,5 @@ mod pod {
     unsafe impl aya::Pod for CtKey4 {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for SuppressedKey {}
 }

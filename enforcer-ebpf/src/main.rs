@@ -31,11 +31,11 @@ use enforcer_common::{
     CT_F_AUDIT, CT_F_CLOSING, CT_F_FAILSAFE, CT_F_LOCAL, Config, CtKey, CtKey4, CtValue, DIR_EGRESS,
     DIR_INGRESS, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_F_LOCAL,
     IDENTITY_WORLD, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE,
-    TENANT_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    SuppressedKey, TENANT_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 use maps::{
     ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_COUNTERS, ZT_CT4, ZT_CT6, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH,
-    ZT_EVENT_BUDGET, ZT_EVENTS, ZT_IDENTITY,
+    ZT_EVENT_BUDGET, ZT_EVENTS, ZT_IDENTITY, ZT_SUPPRESSED,
 };
 use parse::{Flow, ParseError};
 use policy::{Local, decide, still_admitted};
@@ -96,6 +96,15 @@ fn emit(flow: &Flow, ep: &Endpoint, peer: &IdentityInfo, meta: u64, cookie: u32)
     let now = coarse_now();
     if !event_budget(now) {
         count(Reason::EventSuppressed);
+        let key =
+            SuppressedKey { identity: ep.identity, verdict: meta as u8, reason: (meta >> 8) as u8, pad: 0 };
+        match ZT_SUPPRESSED.get_ptr_mut(&key) {
+            // SAFETY: per-CPU value, no concurrent writer on this CPU while the program runs.
+            Some(n) => unsafe { *n += 1 },
+            None => {
+                let _ = ZT_SUPPRESSED.insert(&key, &1, 0);
+            }
+        }
         return;
     }
     let Some(mut entry) = ZT_EVENTS.reserve::<Event>(0) else {

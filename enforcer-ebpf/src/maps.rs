@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
 use enforcer_common::{
     Addr, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtKey4, CtValue, ENDPOINT_ARRAY_SIZE, Endpoint,
-    IdentityInfo, PolicyKey, PolicyValue, REASON_COUNT, RuleState,
+    IdentityInfo, PolicyKey, PolicyValue, REASON_COUNT, RuleState, SuppressedKey,
 };
 
 /// Exact /32 and /128 address (16 bytes, IPv4 mapped) → identity.
@@ -69,6 +69,12 @@ pub static ZT_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
 /// empty (a GCRA "theoretical arrival time", coarse monotonic ns). See `Config::event_interval_ns`.
 #[map]
 pub static ZT_EVENT_BUDGET: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Events suppressed by the rate limit, per CPU, by the workload they were about (identity),
+/// verdict and reason, so per-workload verdict counts stay exact without the events. Written
+/// only for suppressed events; when full, only the global `event_suppressed` counter counts.
+#[map]
+pub static ZT_SUPPRESSED: PerCpuHashMap<SuppressedKey, u64> = PerCpuHashMap::pinned(16_384, 0);
 
 /// Interface index → link flags (`LINK_F_PEER`), written by userspace when it attaches the
 /// ingress-check program; interfaces at or above `ENDPOINT_ARRAY_SIZE` never qualify.

@@ -10,11 +10,34 @@ use enforcer_common::{DIR_EGRESS, Event, Reason, VERDICT_ALLOW, VERDICT_AUDIT, V
 use crate::{Error, addr, ring::Ring};
 
 /// Verdict of an event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Verdict {
     Allow,
     Drop,
     Audit,
+}
+
+impl Verdict {
+    /// From the kernel's `VERDICT_*` value.
+    #[must_use]
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            VERDICT_ALLOW => Some(Self::Allow),
+            VERDICT_DROP => Some(Self::Drop),
+            VERDICT_AUDIT => Some(Self::Audit),
+            _ => None,
+        }
+    }
+
+    /// `ALLOW`, `DROP` or `AUDIT`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Allow => "ALLOW",
+            Self::Drop => "DROP",
+            Self::Audit => "AUDIT",
+        }
+    }
 }
 
 /// A decoded event.
@@ -46,12 +69,7 @@ impl FlowEvent {
         }
         // SAFETY: length checked; Event is plain old data; the read is unaligned-safe.
         let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
-        let verdict = match e.verdict {
-            VERDICT_ALLOW => Verdict::Allow,
-            VERDICT_DROP => Verdict::Drop,
-            VERDICT_AUDIT => Verdict::Audit,
-            _ => return None,
-        };
+        let verdict = Verdict::from_u8(e.verdict)?;
         Some(Self {
             ts_ns: e.ts_ns,
             verdict,

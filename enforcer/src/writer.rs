@@ -21,7 +21,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, MapData, PerCpuArray,
+        Array, HashMap, MapData, PerCpuArray, PerCpuHashMap,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
 };
@@ -179,6 +179,7 @@ pub struct Writer {
     conntrack4: HashMap<MapData, CtKey4, CtValue>,
     conntrack6: HashMap<MapData, CtKey, CtValue>,
     counters: PerCpuArray<MapData, u64>,
+    suppressed: PerCpuHashMap<MapData, enforcer_common::SuppressedKey, u64>,
     links: Array<MapData, u32>,
     records: BTreeMap<u32, Record>,
     owners: StdHashMap<PolicyKey, u32>,
@@ -233,6 +234,7 @@ impl Writer {
             conntrack4: take(ebpf, map_names::CONNTRACK4)?,
             conntrack6: take(ebpf, map_names::CONNTRACK6)?,
             counters: take(ebpf, map_names::COUNTERS)?,
+            suppressed: take(ebpf, map_names::SUPPRESSED)?,
             links: take(ebpf, map_names::LINKS)?,
             records: BTreeMap::new(),
             owners: StdHashMap::new(),
@@ -937,6 +939,24 @@ impl Writer {
         for r in Reason::ALL {
             let v = self.counters.get(&(r as u32), 0).map_err(Error::map(map_names::COUNTERS))?;
             out.insert(r, v.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// Events suppressed by the rate limit, by workload identity, verdict and reason (summed
+    /// over CPUs). Together with the events read, per-workload verdict counts are exact — as
+    /// long as the map had room (see `ZT_SUPPRESSED`; the global `EventSuppressed` counter is
+    /// always exact).
+    pub fn suppressed(&self) -> Result<BTreeMap<(u32, crate::events::Verdict, Reason), u64>, Error> {
+        let mut out = BTreeMap::new();
+        for item in &self.suppressed {
+            let (k, v) = item.map_err(Error::map(map_names::SUPPRESSED))?;
+            let (Some(verdict), Some(reason)) =
+                (crate::events::Verdict::from_u8(k.verdict), Reason::from_u8(k.reason))
+            else {
+                continue;
+            };
+            *out.entry((k.identity, verdict, reason)).or_insert(0) += v.iter().sum::<u64>();
         }
         Ok(out)
     }

@@ -797,6 +797,12 @@ fn event_rate_limit_bounds_events_not_verdicts() {
         * (f64::from(BURST) + 1.0 + f64::from(RATE) * (secs + 0.02))) as u64;
     assert!(emitted <= bound, "{emitted} events in {secs:.3} s, at most {bound}");
     assert!(got.iter().all(|e| e.verdict == Verdict::Drop && e.dport == 81));
+    // The suppressed ones are also counted by workload, verdict and reason.
+    let by_workload = dp.writer().suppressed().unwrap();
+    assert_eq!(
+        by_workload.get(&(A, Verdict::Drop, Reason::DropDefault)).copied(),
+        Some(delta(Reason::EventSuppressed))
+    );
 
     dp.writer().set_event_rate_limit(None).unwrap();
     assert_eq!(dp.writer().event_rate_limit().unwrap(), None);

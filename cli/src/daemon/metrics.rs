@@ -89,10 +89,21 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
-            "# HELP ztseg_flow_events_total Flow events (drops, audits, new allowed flows) by workload, tenant, verdict and reason."
+            "# HELP ztseg_flow_events_total Drops, audits and new allowed flows by workload, tenant, verdict and reason \
+             (events read plus events the kernel counted instead of emitting, over event_rate_limit)."
         );
         let _ = writeln!(out, "# TYPE ztseg_flow_events_total counter");
-        for ((wl, t, v, r), n) in lock(&self.flows).iter() {
+        let mut flows = lock(&self.flows).clone();
+        for ((id, verdict, reason), n) in w.suppressed().unwrap_or_default() {
+            let key = (
+                engine.workload_name(id).unwrap_or_else(|| format!("identity:{id}")),
+                engine.tenant_name(id).unwrap_or_default(),
+                verdict.name().to_owned(),
+                reason.name().to_owned(),
+            );
+            *flows.entry(key).or_default() += n;
+        }
+        for ((wl, t, v, r), n) in &flows {
             let _ = writeln!(
                 out,
                 "ztseg_flow_events_total{{workload=\"{wl}\",tenant=\"{t}\",verdict=\"{v}\",reason=\"{r}\"}} {n}"

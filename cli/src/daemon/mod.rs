@@ -23,7 +23,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use enforcer::events::Verdict;
 use tokio::sync::broadcast;
 use tokio_stream::StreamExt as _;
 use ztseg_api::enforcer::FlowEvent;
@@ -184,11 +183,7 @@ fn spawn_event_reader(
                     name(ev.peer_identity),
                     names.get(&ev.local_identity).and_then(|n| n.1.clone()).unwrap_or_default(),
                 );
-                let verdict = match ev.verdict {
-                    Verdict::Allow => "ALLOW",
-                    Verdict::Drop => "DROP",
-                    Verdict::Audit => "AUDIT",
-                };
+                let verdict = ev.verdict.name();
                 let reason = ev.reason.map_or("unknown", enforcer_common::Reason::name);
                 metrics.flow(&workload, &tenant, verdict, reason);
                 let _ = flows.send(FlowEvent {
