@@ -460,6 +460,16 @@ enum PolicyCommands {
         #[arg(long, short = 'm', default_value = "")]
         message: String,
     },
+    /// Keep the current version and the `--keep - 1` before it; delete older versions (admin).
+    /// Version numbers stay; pruned versions can no longer be read or rolled back to. The
+    /// controller records the prune in a `policy.prune` audit record.
+    Prune {
+        #[command(flatten)]
+        ctl: crate::ctl::CtlArgs,
+        /// How many versions to keep, the current one included (at least 1).
+        #[arg(long)]
+        keep: u64,
+    },
     /// Check policy files; report every error with file, position and field.
     Validate {
         /// Files or directories.
@@ -704,6 +714,13 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
                     r.version
                 );
             }
+        }
+        Commands::Policy { command: PolicyCommands::Prune { ctl: a, keep } } => {
+            let r = ctl::prune(&a, keep).await?;
+            println!(
+                "pruned {} policy versions; the oldest kept version is {}; {} document blobs removed",
+                r.pruned, r.oldest_kept, r.blobs_removed
+            );
         }
         _ => unreachable!("dispatched by run()"),
     }

@@ -1,5 +1,5 @@
 //! CLI commands that talk to (or run) the controller: `ztseg controller ...`, `ztseg enroll`,
-//! `ztseg policy apply|diff|get|history|rollback`, `ztseg audit list|verify`.
+//! `ztseg policy apply|diff|get|history|rollback|prune`, `ztseg audit list|verify`.
 
 use std::{
     collections::BTreeMap,
@@ -186,6 +186,14 @@ pub async fn history(a: &CtlArgs, limit: u32) -> Result<Vec<pb::VersionInfo>> {
 pub async fn rollback(a: &CtlArgs, to_version: u64, message: String) -> Result<pb::ApplyResponse> {
     pb::policy_client::PolicyClient::new(a.channel().await?)
         .rollback(pb::RollbackRequest { to_version, message })
+        .await
+        .map_err(st)
+        .map(tonic::Response::into_inner)
+}
+
+pub async fn prune(a: &CtlArgs, keep: u64) -> Result<pb::PolicyPruneResponse> {
+    pb::policy_client::PolicyClient::new(a.channel().await?)
+        .prune(pb::PolicyPruneRequest { keep })
         .await
         .map_err(st)
         .map(tonic::Response::into_inner)

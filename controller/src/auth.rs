@@ -73,7 +73,7 @@ pub const UNAUTHENTICATED: &[&str] = &["/ztseg.controller.v1.Enrollment/Enroll"]
 pub fn roles_for(path: &str) -> &'static [Role] {
     use Role::{Admin, Auditor, Enforcer, Operator};
     match path.strip_prefix("/ztseg.controller.v1.") {
-        Some("Enrollment/CreateJoinToken" | "Enrollment/Revoke" | "Audit/Prune") => &[Admin],
+        Some("Enrollment/CreateJoinToken" | "Enrollment/Revoke" | "Audit/Prune" | "Policy/Prune") => &[Admin],
         Some("Enrollment/Renew") => &[Admin, Operator, Auditor, Enforcer],
         Some("Policy/Apply" | "Policy/Rollback") => &[Admin, Operator],
         Some("Policy/Diff" | "Policy/Get" | "Policy/History" | "Distribution/ListEnforcers") => {
@@ -96,6 +96,7 @@ mod tests {
         assert!(roles_for("/ztseg.controller.v1.Distribution/Subscribe").contains(&Role::Enforcer));
         assert!(roles_for("/ztseg.controller.v1.Nope/Nope").is_empty());
         assert_eq!(roles_for("/ztseg.controller.v1.Audit/Prune"), &[Role::Admin], "only admins prune");
+        assert_eq!(roles_for("/ztseg.controller.v1.Policy/Prune"), &[Role::Admin], "only admins prune");
         assert!(roles_for("/other.Service/Apply").is_empty());
     }
 
@@ -106,6 +107,7 @@ mod tests {
             "Policy/Get",
             "Audit/List",
             "Audit/Prune",
+            "Policy/Prune",
             "Distribution/Subscribe",
             "Enrollment/CreateJoinToken",
         ] {

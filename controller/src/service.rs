@@ -23,12 +23,15 @@ use crate::{
     auth::{self, Identity, Role},
     docs,
     pki::Ca,
-    store::{EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta},
+    store::{EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta, VersionsPruned},
 };
 
 /// Largest diff kept inside an audit record; the full diff is always reproducible from the
 /// two immutable versions it names.
 const AUDIT_DIFF_LIMIT: usize = 64 << 10;
+
+/// Meta key of the policy history's identity, stored before version 1 can be pruned.
+const HISTORY_ID_KEY: &str = "policy-history";
 
 /// An unchanged enforcer status is rewritten this often (its `last_seen`).
 const STATUS_REFRESH: Duration = Duration::from_secs(30);
@@ -314,11 +317,47 @@ impl Ctl {
             return Ok(h.clone());
         }
         let Some(v1) = self.store.version(1).await.map_err(|e| store_status(&e))? else {
-            return Ok(String::new());
+            // Version 1 was pruned (its identity was stored first), or there is none yet.
+            let stored = self.store.get_meta(HISTORY_ID_KEY.into()).await.map_err(|e| store_status(&e))?;
+            return Ok(match stored {
+                Some(h) => self.history.get_or_init(|| h).clone(),
+                None => String::new(),
+            });
         };
         let bytes = serde_json::to_vec(&v1).map_err(|e| Status::internal(e.to_string()))?;
         // Version 1 never changes: computed once.
         Ok(self.history.get_or_init(|| hex::encode(&Sha256::digest(&bytes)[..16])).clone())
+    }
+
+    /// A stored version for `Get`, `Diff` and `Rollback`: `NOT_FOUND` if there is none, saying
+    /// so if it was pruned.
+    async fn kept_version(&self, v: u64) -> Result<Arc<PolicyVersion>, Status> {
+        let oldest = self.store.oldest_version().await.map_err(|e| store_status(&e))?;
+        if v < oldest {
+            return Err(Status::not_found(format!(
+                "policy version {v} was pruned: the oldest kept version is {oldest}"
+            )));
+        }
+        self.version_cached(v).await?.ok_or_else(|| Status::not_found(format!("no policy version {v}")))
+    }
+
+    /// Retention: keep the current version and the `keep - 1` before it (see
+    /// [`Store::prune_versions`]); audited as `policy.prune` by `actor`.
+    pub async fn prune_history(&self, actor: &str, keep: u64) -> Result<VersionsPruned, Status> {
+        if keep == 0 {
+            return Err(Status::invalid_argument(
+                "keep: at least 1 (the current version is always kept); 0 would delete the whole history",
+            ));
+        }
+        // Subscribers tell histories apart by version 1: keep its identity before it can go.
+        let id = self.history_id().await?;
+        if !id.is_empty() {
+            self.store.put_meta(HISTORY_ID_KEY.into(), id).await.map_err(|e| store_status(&e))?;
+        }
+        let draft = audit::Draft::new(actor, "policy.prune", "success", serde_json::json!({}));
+        let done = self.store.prune_versions(keep, draft).await.map_err(|e| store_status(&e))?;
+        self.appended.notify_one();
+        Ok(done)
     }
 
     async fn current_docs(&self) -> Result<(u64, Arc<PolicyVersion>), Status> {
@@ -599,11 +638,7 @@ impl Policy for Services {
         let (against, base) = if r.against_version == 0 || r.against_version == head {
             (head, current)
         } else {
-            let v = self.0.version_cached(r.against_version).await?;
-            (
-                r.against_version,
-                v.ok_or_else(|| Status::not_found(format!("no policy version {}", r.against_version)))?,
-            )
+            (r.against_version, self.0.kept_version(r.against_version).await?)
         };
         Ok(Response::new(pb::DiffResponse {
             diff: docs::diff(&base.documents, &docs),
@@ -614,17 +649,8 @@ impl Policy for Services {
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         self.0.authorize(&req, "Policy/Get").await?;
         let want = req.into_inner().version;
-        let (version, v) = if want == 0 {
-            self.0.current_docs().await?
-        } else {
-            (
-                want,
-                self.0
-                    .version_cached(want)
-                    .await?
-                    .ok_or_else(|| Status::not_found(format!("no policy version {want}")))?,
-            )
-        };
+        let (version, v) =
+            if want == 0 { self.0.current_docs().await? } else { (want, self.0.kept_version(want).await?) };
         let documents =
             v.documents.iter().map(|(n, c)| pb::Document { name: n.clone(), content: c.clone() }).collect();
         Ok(Response::new(pb::GetResponse { version, documents }))
@@ -665,14 +691,23 @@ impl Policy for Services {
         if r.to_version == 0 {
             return Err(Status::invalid_argument("to_version: name the version to return to"));
         }
-        let v = self
-            .0
-            .version_cached(r.to_version)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("no policy version {}", r.to_version)))?;
+        let v = self.0.kept_version(r.to_version).await?;
         let msg =
             if r.message.is_empty() { format!("rollback to version {}", r.to_version) } else { r.message };
         Ok(Response::new(self.0.commit(&who, v.documents.clone(), 0, msg, r.to_version, false).await?))
+    }
+
+    async fn prune(
+        &self,
+        req: Request<pb::PolicyPruneRequest>,
+    ) -> Result<Response<pb::PolicyPruneResponse>, Status> {
+        let who = self.0.authorize(&req, "Policy/Prune").await?;
+        let done = self.0.prune_history(&who.to_string(), req.into_inner().keep).await?;
+        Ok(Response::new(pb::PolicyPruneResponse {
+            pruned: done.pruned,
+            oldest_kept: done.oldest_kept,
+            blobs_removed: done.blobs_removed,
+        }))
     }
 }
 
@@ -940,5 +975,39 @@ impl Audit for Services {
             self.0.store.prune_audit(r.before, r.last_hash, draft).await.map_err(|e| store_status(&e))?;
         self.0.appended.notify_one();
         Ok(Response::new(pb::AuditPruneResponse { pruned, record }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{contract, embedded::EmbeddedStore};
+
+    /// Subscribers compare the history identity derived from version 1: pruning version 1
+    /// does not change it, also for a controller that never computed it before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_history_identity_survives_pruning_version_1() {
+        let dir = std::env::temp_dir().join(format!("ztseg-history-id-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.join("s.redb")).unwrap());
+        let ctl = || {
+            let ca = Ca::generate("t.test").unwrap();
+            Ctl::new(store.clone(), ca, crate::limit::RejectPolicy::default())
+        };
+        store.commit(0, contract::version(&[("a", "x")]), contract::draft()).await.unwrap();
+        store.commit(1, contract::version(&[("a", "y")]), contract::draft()).await.unwrap();
+        let id = ctl().history_id().await.unwrap();
+        assert_eq!(id.len(), 32, "{id:?}");
+
+        let done = ctl().prune_history("admin/t", 1).await.unwrap();
+        assert_eq!((done.pruned, done.oldest_kept), (1, 2));
+        assert!(store.version(1).await.unwrap().is_none());
+        assert_eq!(ctl().history_id().await.unwrap(), id, "a fresh controller sees the same history");
+        let e = ctl().prune_history("admin/t", 0).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        let e = ctl().kept_version(1).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        assert_eq!(e.message(), "policy version 1 was pruned: the oldest kept version is 2");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -59,6 +59,10 @@ async fn behaves_like_the_embedded_store() {
     // Another prefix is another store.
     let other = connect(&etcd, "/ztseg-other", "c").await;
     assert_eq!(other.head().await.unwrap(), 0);
+    // Retention of the policy history keeps the same contract (on a prefix of its own).
+    let retention = connect(&etcd, "/ztseg-retention", "r").await;
+    contract::prune_history(&retention).await;
+    drop(retention);
     // Archive-and-prune keeps the same contract (on a prefix of its own).
     let pruned = connect(&etcd, "/ztseg-prune", "p").await;
     contract::prune(&pruned).await;
@@ -120,6 +124,109 @@ async fn large_policies_round_trip() {
     // A corrupt head value is reported as such.
     raw.put("/ztseg-large/head/policy", "two", None).await.unwrap();
     assert!(matches!(s.head().await, Err(StoreError::Corrupt { .. })));
+}
+
+/// How many chunks of the blob of `content` are stored under `prefix`.
+async fn blob_chunks(raw: &mut etcd_client::Client, prefix: &str, content: &str) -> i64 {
+    let key = format!("{prefix}/blob/{}/", hex_sha256(content.as_bytes()));
+    let opts = etcd_client::GetOptions::new().with_prefix().with_count_only();
+    raw.get(key, Some(opts)).await.unwrap().count()
+}
+
+/// The `policy.prune` records at the end of the audit chain, newest last.
+async fn prune_records(s: &EtcdStore) -> Vec<serde_json::Value> {
+    let recs = s.audit_records(1, 10_000).await.unwrap();
+    recs.iter()
+        .map(|(_, b)| serde_json::from_slice::<audit::Record>(b).unwrap())
+        .filter(|r| r.action == "policy.prune")
+        .map(|r| r.detail)
+        .collect()
+}
+
+/// A prune deletes the blobs no kept version references — those of pruned versions and
+/// those a failed commit left behind — but only once they are older than the head version
+/// (a commit that can still land writes newer ones); blobs of kept versions stay. More blobs
+/// than fit one transaction are deleted in several steps, each with its own record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_collects_unreferenced_blobs() {
+    let etcd = EtcdCluster::start(1);
+    let prefix = "/ztseg-gc";
+    let s = connect(&etcd, prefix, "a").await;
+    let mut raw = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    assert_eq!(s.commit(0, pv(&[("a", "one"), ("keep", "k")]), draft()).await.unwrap().0, 1);
+    assert_eq!(s.commit(1, pv(&[("a", "two"), ("keep", "k")]), draft()).await.unwrap().0, 2);
+    // A failed commit: its blob was written, its transaction never landed.
+    raw.put(format!("{prefix}/blob/{}/000000", hex_sha256(b"orphan")), "orphan", None).await.unwrap();
+
+    // Keeping both versions deletes nothing; the orphan is newer than the head: kept for now.
+    let done = s.prune_versions(2, contract::history_prune_draft()).await.unwrap();
+    assert_eq!((done.pruned, done.oldest_kept, done.blobs_removed), (0, 1, 0));
+    assert_eq!(blob_chunks(&mut raw, prefix, "orphan").await, 1, "a blob newer than the head was deleted");
+
+    // After the next commit the orphan is older than the head: collected, with version 1's blob.
+    assert_eq!(s.commit(2, pv(&[("a", "three"), ("keep", "k")]), draft()).await.unwrap().0, 3);
+    let done = s.prune_versions(2, contract::history_prune_draft()).await.unwrap();
+    assert_eq!((done.pruned, done.oldest_kept, done.blobs_removed), (1, 2, 2));
+    for (gone, content) in [(true, "orphan"), (true, "one"), (false, "two"), (false, "three"), (false, "k")] {
+        let n = blob_chunks(&mut raw, prefix, content).await;
+        assert_eq!(n == 0, gone, "blob {content:?}: {n} chunks");
+    }
+    assert_eq!(s.version(2).await.unwrap().unwrap().documents["a"], "two");
+    assert_eq!(s.version(3).await.unwrap().unwrap().documents["keep"], "k");
+
+    // 150 orphans (more than one transaction deletes) go in two steps, two records.
+    for i in 0..150 {
+        let c = format!("orphan {i}");
+        raw.put(format!("{prefix}/blob/{}/000000", hex_sha256(c.as_bytes())), c, None).await.unwrap();
+    }
+    assert_eq!(s.commit(3, pv(&[("a", "four"), ("keep", "k")]), draft()).await.unwrap().0, 4);
+    let done = s.prune_versions(2, contract::history_prune_draft()).await.unwrap();
+    assert_eq!((done.pruned, done.oldest_kept, done.blobs_removed), (1, 3, 151));
+    let records = prune_records(&s).await;
+    let last: Vec<_> =
+        records[records.len() - 2..].iter().map(|d| (&d["pruned"], &d["blobs_removed"])).collect();
+    assert_eq!(last, vec![(&1.into(), &95.into()), (&0.into(), &56.into())], "{records:?}");
+    let opts = etcd_client::GetOptions::new().with_prefix().with_count_only();
+    let left = raw.get(format!("{prefix}/blob/"), Some(opts)).await.unwrap().count();
+    assert_eq!(left, 3, "exactly the blobs of versions 3 and 4 are left");
+    assert_eq!(s.version(3).await.unwrap().unwrap().documents["a"], "three");
+    assert_eq!(s.version(4).await.unwrap().unwrap().documents["a"], "four");
+    chain_ok(&s).await;
+}
+
+/// A commit that reuses an existing blob (without writing it) while another controller's
+/// prune deletes that blob does not land pointing at nothing: the collection moved the fence
+/// its transaction compares, so it checks its blobs again, rewrites the missing one and lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_racing_a_blob_collection_rewrites_its_blob() {
+    let etcd = EtcdCluster::start(1);
+    let prefix = "/ztseg-gc-race";
+    let a = std::sync::Arc::new(connect(&etcd, prefix, "a").await);
+    let b = connect(&etcd, prefix, "b").await;
+    let mut raw = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    assert_eq!(a.commit(0, pv(&[("p", "old")]), draft()).await.unwrap().0, 1);
+    assert_eq!(a.commit(1, pv(&[("p", "new")]), draft()).await.unwrap().0, 2);
+
+    // Controller a commits version 1's documents again: the blob "old" exists, so it is not
+    // written. The commit stops between that check and its transaction.
+    let (reached, go) = a.pause_next_commit();
+    let commit = {
+        let a = a.clone();
+        tokio::spawn(async move { a.commit(2, pv(&[("p", "old")]), draft()).await })
+    };
+    reached.await.expect("the commit reaches the pause");
+    assert_eq!(blob_chunks(&mut raw, prefix, "old").await, 1);
+    // Meanwhile controller b prunes version 1 and collects its blob.
+    let done = b.prune_versions(1, contract::history_prune_draft()).await.unwrap();
+    assert_eq!((done.pruned, done.oldest_kept, done.blobs_removed), (1, 2, 1));
+    assert_eq!(blob_chunks(&mut raw, prefix, "old").await, 0, "the collection deleted the blob");
+
+    go.send(()).unwrap();
+    let (v, _) = commit.await.unwrap().expect("the commit lands after checking its blobs again");
+    assert_eq!(v, 3);
+    assert_eq!(blob_chunks(&mut raw, prefix, "old").await, 1, "the commit rewrote the blob it uses");
+    assert_eq!(b.version(3).await.unwrap().unwrap().documents["p"], "old");
+    assert_eq!(chain_ok(&b).await, 4);
 }
 
 fn hex_sha256(b: &[u8]) -> String {

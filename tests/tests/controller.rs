@@ -1033,6 +1033,66 @@ fn audit_tampering_is_detected_and_named() {
     assert!(out.stderr.contains(&format!("audit record {n}: missing")), "must name record {n}: {out}");
 }
 
+/// `ztseg policy prune --keep 2` keeps the two newest versions: history lists them, a pruned
+/// version can be neither read nor rolled back to (the error names the oldest kept one), a
+/// kept one can, numbering goes on, only an admin may prune, and the audit chain verifies
+/// with the `policy.prune` record in it.
+#[test]
+fn policy_prune_keeps_the_newest_versions() {
+    let c = Controller::started("retention");
+    for (i, p) in [DEMO_POLICIES, LAB_POLICIES, DEMO_POLICIES, LAB_POLICIES].into_iter().enumerate() {
+        let out = c.cli(&["policy", "apply", p, "-m", &format!("v{}", i + 1)]);
+        assert!(out.ok(), "{out}");
+    }
+    assert_eq!(c.history().iter().map(|h| h.version).collect::<Vec<_>>(), vec![4, 3, 2, 1]);
+
+    // Refused: a non-admin, and keep 0; nothing is pruned.
+    c.identity(Role::Operator, "op-r");
+    let out = c.cli_as(&c.root.join("ids").join("op-r"), "op-r", &["policy", "prune", "--keep", "1"]);
+    assert!(!out.ok() && out.stderr.contains("PermissionDenied"), "operator prune: {out}");
+    assert!(out.stderr.contains("role operator may not call Policy/Prune"), "{out}");
+    let out = c.cli(&["policy", "prune", "--keep", "0"]);
+    assert!(
+        !out.ok() && out.stderr.contains("InvalidArgument") && out.stderr.contains("at least 1"),
+        "{out}"
+    );
+    assert_eq!(c.history().len(), 4, "a refused prune deleted versions");
+
+    let out = c.cli(&["policy", "prune", "--keep", "2"]);
+    assert!(out.ok(), "{out}");
+    assert!(out.stdout.contains("pruned 2 policy versions; the oldest kept version is 3"), "{out}");
+    assert_eq!(c.history().iter().map(|h| h.version).collect::<Vec<_>>(), vec![4, 3]);
+
+    // A pruned version: NOT_FOUND naming the oldest kept one, for rollback and get alike.
+    let out = c.cli(&["policy", "rollback", "1"]);
+    assert!(!out.ok() && out.stderr.contains("NotFound"), "rollback to a pruned version: {out}");
+    assert!(out.stderr.contains("policy version 1 was pruned: the oldest kept version is 3"), "{out}");
+    let out = c.cli(&["policy", "get", "--version", "2"]);
+    assert!(
+        !out.ok() && out.stderr.contains("policy version 2 was pruned"),
+        "get of a pruned version: {out}"
+    );
+    // A kept version: the rollback is version 5 with version 3's documents.
+    let out = c.cli(&["policy", "rollback", "3"]);
+    assert!(out.ok() && out.stdout.contains("policy version 5 has the documents of version 3"), "{out}");
+    assert_eq!(c.get(5).1, c.get(3).1);
+    assert_eq!(c.history().iter().map(|h| h.version).collect::<Vec<_>>(), vec![5, 4, 3]);
+
+    let recs = c.audit();
+    let pr: Vec<&Value> = recs.iter().filter(|r| r["action"] == "policy.prune").collect();
+    assert_eq!(pr.len(), 1, "one policy.prune record: {pr:#?}");
+    assert_eq!(pr[0]["actor"], "admin/admin", "{}", pr[0]);
+    assert_eq!(pr[0]["outcome"], "success", "{}", pr[0]);
+    let d = &pr[0]["detail"];
+    assert_eq!(
+        (&d["keep"], &d["pruned"], &d["oldest_kept"], &d["blobs_removed"]),
+        (&2.into(), &2.into(), &3.into(), &0.into())
+    );
+    assert!(recs.iter().any(|r| is(r, "api.denied", "operator/op-r", "Policy/Prune")), "refusal audited");
+    let out = c.cli(&["audit", "verify"]);
+    assert!(out.ok() && out.stdout.contains("hash chain verified"), "{out}");
+}
+
 /// Audit records 1..N-1 archived and pruned with `ztseg audit archive`: the archive holds
 /// them byte for byte and verifies on its own; the controller lists only the rest, records the
 /// prune (with the archive's SHA-256 and last hash) and still verifies; only an admin may

@@ -2,7 +2,7 @@
 //! each implementation run it (the embedded store in its unit tests, etcd against a real
 //! cluster), so both are held to the same behaviour.
 
-use super::{EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta};
+use super::{EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta, VersionsPruned};
 use crate::audit;
 
 /// A policy version of `docs` (name, content) by `admin/t`.
@@ -162,6 +162,87 @@ pub async fn prune(s: &dyn Store) {
     assert_eq!(s.audit_base().await.unwrap(), Some(audit::Head { seq: 6, hash: h6 }));
     assert_eq!(s.append_audit(vec![draft()]).await.unwrap(), 9);
     assert_eq!(verified(s).await, audit::Verified { records: 3, first: 7, last: 9, base: 6 });
+}
+
+/// The draft of a `policy.prune` record, as the controller makes it.
+#[must_use]
+pub fn history_prune_draft() -> audit::Draft {
+    audit::Draft::new("admin/t", "policy.prune", "success", serde_json::json!({}))
+}
+
+async fn kept(s: &dyn Store) -> Vec<u64> {
+    s.history(100).await.unwrap().iter().map(|m| m.version).collect()
+}
+
+/// The last audit record, which must be the `policy.prune` record of `done`.
+async fn check_prune_record(s: &dyn Store, keep: u64, done: &VersionsPruned) {
+    let head = s.audit_head().await.unwrap();
+    assert_eq!(done.record, head.seq, "the prune record is the last one");
+    let recs = s.audit_records(head.seq, 1).await.unwrap();
+    let r: audit::Record = serde_json::from_slice(&recs[0].1).unwrap();
+    assert_eq!((r.action.as_str(), r.actor.as_str()), ("policy.prune", "admin/t"));
+    assert_eq!(r.detail["keep"], keep);
+    assert_eq!(r.detail["pruned"], done.pruned);
+    assert_eq!(r.detail["oldest_kept"], done.oldest_kept);
+    assert_eq!(r.detail["blobs_removed"], done.blobs_removed);
+}
+
+/// Retention of the policy history, on an empty store: a prune keeps the head and the
+/// versions just before it, deletes the rest with its audit record, never renumbers, and
+/// commits (also of a pruned version's documents) continue. Leaves version 7, audit sequence
+/// 11.
+///
+/// # Panics
+/// On the first behaviour that breaks the contract, naming it.
+pub async fn prune_history(s: &dyn Store) {
+    // Nothing to prune in an empty history; the call is still audited.
+    let done = s.prune_versions(1, history_prune_draft()).await.unwrap();
+    assert_eq!((done.pruned, done.oldest_kept, done.blobs_removed), (0, 0, 0));
+    check_prune_record(s, 1, &done).await;
+    let docs: [&[(&str, &str)]; 5] =
+        [&[("a", "x")], &[("a", "y")], &[("a", "x"), ("b", "1")], &[("a", "z")], &[("a", "z"), ("c", "2")]];
+    for (i, d) in docs.iter().enumerate() {
+        let v = i as u64;
+        assert_eq!(s.commit(v, version(d), draft()).await.unwrap(), (v + 1, v + 2));
+    }
+    assert_eq!(s.oldest_version().await.unwrap(), 1, "nothing pruned yet");
+
+    // keep 0 is refused and changes nothing.
+    let e = s.prune_versions(0, history_prune_draft()).await.unwrap_err();
+    assert!(matches!(&e, StoreError::Precondition(m) if m.contains("at least 1")), "{e}");
+    assert_eq!(kept(s).await, vec![5, 4, 3, 2, 1], "a refused prune deleted versions");
+    assert_eq!(s.audit_head().await.unwrap().seq, 6, "a refused prune was audited");
+
+    // Keep 3: versions 1 and 2 go, the head stays, nothing is renumbered.
+    let done = s.prune_versions(3, history_prune_draft()).await.unwrap();
+    assert_eq!((done.pruned, done.oldest_kept, done.record), (2, 3, 7));
+    check_prune_record(s, 3, &done).await;
+    assert_eq!(kept(s).await, vec![5, 4, 3]);
+    assert_eq!(s.oldest_version().await.unwrap(), 3);
+    assert!(s.version(1).await.unwrap().is_none() && s.version(2).await.unwrap().is_none());
+    assert_eq!(s.head().await.unwrap(), 5, "the head is unchanged");
+    for (v, d) in [(3, docs[2]), (4, docs[3]), (5, docs[4])] {
+        let got = s.version(v).await.unwrap().unwrap_or_else(|| panic!("kept version {v} is gone"));
+        assert_eq!((got.meta.version, got.documents), (v, version(d).documents), "kept version {v}");
+    }
+
+    // Commits continue; the documents of a kept version can be committed again (a rollback).
+    assert_eq!(s.commit(5, version(docs[2]), draft()).await.unwrap(), (6, 8));
+    assert_eq!(s.version(6).await.unwrap().unwrap().documents, version(docs[2]).documents);
+    // Keeping more than there is deletes nothing.
+    let done = s.prune_versions(10, history_prune_draft()).await.unwrap();
+    assert_eq!((done.pruned, done.oldest_kept, done.record), (0, 3, 9));
+    // Keep 1: only the head stays, with every document it shares with pruned versions.
+    let done = s.prune_versions(1, history_prune_draft()).await.unwrap();
+    assert_eq!((done.pruned, done.oldest_kept, done.record), (3, 6, 10));
+    check_prune_record(s, 1, &done).await;
+    assert_eq!(kept(s).await, vec![6]);
+    assert_eq!(s.version(6).await.unwrap().unwrap().documents, version(docs[2]).documents);
+    // The next version is 7, never a reused number.
+    assert_eq!(s.commit(6, version(&[("a", "y")]), draft()).await.unwrap(), (7, 11));
+    assert_eq!(kept(s).await, vec![7, 6]);
+    assert_eq!(s.version(7).await.unwrap().unwrap().documents["a"], "y");
+    assert_eq!(verified(s).await, audit::Verified { records: 11, first: 1, last: 11, base: 0 });
 }
 
 /// What a reopened store must still hold after [`run`].

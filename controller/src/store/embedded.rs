@@ -12,7 +12,9 @@ use std::{path::Path, sync::Arc};
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 use tokio::sync::watch;
 
-use super::{BoxFut, EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta};
+use super::{
+    BoxFut, EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta, VersionsPruned,
+};
 use crate::audit;
 
 /// Policy versions: version → JSON [`PolicyVersion`].
@@ -213,6 +215,37 @@ impl Store for EmbeddedStore {
         })
     }
 
+    fn oldest_version(&self) -> BoxFut<'_, u64> {
+        self.blocking(|db| {
+            let rtx = db.begin_read().map_err(be)?;
+            let t = rtx.open_table(VERSIONS).map_err(be)?;
+            Ok(t.first().map_err(be)?.map_or(0, |(k, _)| k.value()))
+        })
+    }
+
+    fn prune_versions(&self, keep: u64, mut draft: audit::Draft) -> BoxFut<'_, VersionsPruned> {
+        self.blocking(move |db| {
+            super::check_keep(keep)?;
+            // One write transaction: the deletion and its audit record land together, and no
+            // commit can come between reading the head and deleting. Documents are stored
+            // inside their version, so deleting the version frees them.
+            let tx = db.begin_write().map_err(be)?;
+            let head = read_head(&tx.open_table(META).map_err(be)?)?;
+            let from = super::keep_from(head, keep);
+            let mut done = VersionsPruned::default();
+            {
+                let mut t = tx.open_table(VERSIONS).map_err(be)?;
+                done.pruned = t.range(..from).map_err(be)?.count() as u64;
+                t.retain_in(..from, |_, _| false).map_err(be)?;
+                done.oldest_kept = t.first().map_err(be)?.map_or(0, |(k, _)| k.value());
+            }
+            super::versions_prune_detail(&mut draft, keep, &done);
+            done.record = append(&tx, std::slice::from_ref(&draft))?;
+            tx.commit().map_err(be)?;
+            Ok(done)
+        })
+    }
+
     fn append_audit(&self, drafts: Vec<audit::Draft>) -> BoxFut<'_, u64> {
         self.blocking(move |db| {
             let tx = db.begin_write().map_err(be)?;
@@ -382,6 +415,20 @@ mod tests {
         drop(s);
         let s = EmbeddedStore::open(&path).unwrap();
         crate::store::contract::persisted(&s).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keeps_the_history_retention_contract_across_a_reopen() {
+        let (dir, path) = fresh("store-retention");
+        let s = EmbeddedStore::open(&path).unwrap();
+        crate::store::contract::prune_history(&s).await;
+        drop(s);
+        let s = EmbeddedStore::open_existing(&path).unwrap();
+        let rtx = s.db.begin_read().unwrap();
+        let stored: Vec<u64> =
+            rtx.open_table(VERSIONS).unwrap().iter().unwrap().map(|e| e.unwrap().0.value()).collect();
+        assert_eq!(stored, vec![6, 7], "pruned versions (and their documents) are gone from the file");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -11,6 +11,7 @@
 //! | `/head/policy`                       | current policy version, decimal                    |
 //! | `/head/audit`                        | JSON [`audit::Head`] of the last audit record      |
 //! | `/head/audit-base`                   | JSON [`audit::Head`] of the last pruned record     |
+//! | `/head/blob-gc`                      | the blob collection fence (its mod revision)       |
 //! | `/versions/<v, 20 digits>`           | JSON `{meta, documents: name → sha256}`             |
 //! | `/blob/<sha256>/<chunk, 6 digits>`   | document content, in chunks of at most 512 KiB     |
 //! | `/audit/<seq, 20 digits>`            | the sealed audit record, byte for byte             |
@@ -32,9 +33,32 @@
 //! version, or all their chunks exist), so a commit that edits one document of a large policy
 //! moves a few kilobytes. A blob is split into chunks so that no single request exceeds the
 //! limit. Reading a version reassembles the documents and checks each against its hash (a
-//! mismatch is [`StoreError::Corrupt`]). Blobs are never deleted: history references them. A
-//! commit that fails after writing its blobs leaves them behind, harmless and reused by the
-//! next commit of the same content.
+//! mismatch is [`StoreError::Corrupt`]). A commit that fails after writing its blobs leaves
+//! them behind, reused by the next commit of the same content or collected by a prune.
+//!
+//! # Pruning the history and collecting blobs
+//!
+//! [`Store::prune_versions`] reads the heads, every version record and every blob key in one
+//! request, then in one transaction guarded by the policy head and audit head revisions: one
+//! range delete of the versions before the first kept one, the deletion of up to 95 blobs
+//! (`GC_BATCH`) that are collectable, a rewrite of the fence `/head/blob-gc` if any blob goes,
+//! and the `policy.prune` audit record with the new audit head. A blob is collectable if no
+//! kept version references it *and* every chunk of it was written before the current policy
+//! head was committed (mod revision below that of `/head/policy`). The second rule is the
+//! grace period: a commit that can still land read the current head before writing, so every
+//! blob it writes is newer; orphans of a failed commit go with the first prune after the next
+//! commit. More collectable blobs than one transaction takes are deleted in further
+//! transactions, each with its own `policy.prune` record (`pruned` 0), each consistent.
+//!
+//! The race: a commit reuses a blob that exists (it does not rewrite it) while a prune deletes
+//! it. A commit reads the fence with the heads *before* checking which blobs exist, and its
+//! transaction compares the fence's mod revision (and the audit head's, which the prune
+//! record moves too); if a collection ran in between, the commit fails its compare, checks its
+//! blobs again — rewriting the deleted ones — and retries. So a version never lands pointing
+//! at a deleted blob. Blobs the parent version references are not checked (the parent is the
+//! head, which every collection keeps). One fence rather than a compare per blob keeps a
+//! commit of a policy with hundreds of documents within etcd's 128 operations per
+//! transaction.
 //!
 //! # Commits and the audit chain
 //!
@@ -96,7 +120,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
-use super::{BoxFut, EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta};
+use super::{
+    BoxFut, EnforcerRecord, JoinToken, PolicyVersion, Store, StoreError, VersionMeta, VersionsPruned,
+};
 use crate::audit;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -113,6 +139,9 @@ const TXN_BYTES: usize = 1 << 20;
 const TXN_OPS: usize = 100;
 /// Blobs read or checked in one transaction.
 const READ_BATCH: usize = 16;
+/// Blobs deleted in one prune transaction (besides the version range delete, the fence and
+/// the audit record and head).
+const GC_BATCH: usize = TXN_OPS - 5;
 /// Largest response the client accepts (audit pages, versions).
 const MAX_DECODE: usize = 128 << 20;
 const LEASE_TTL_S: i64 = 5;
@@ -152,6 +181,13 @@ impl Keys {
     }
     fn blob(&self, sha: &str) -> String {
         format!("{}/blob/{sha}/", self.prefix)
+    }
+    fn blobs(&self) -> String {
+        format!("{}/blob/", self.prefix)
+    }
+    /// The blob collection fence: every transaction that deletes blobs rewrites it.
+    fn blob_gc(&self) -> String {
+        format!("{}/head/blob-gc", self.prefix)
     }
     fn blob_chunk(&self, sha: &str, i: usize) -> String {
         format!("{}/blob/{sha}/{i:06}", self.prefix)
@@ -200,7 +236,22 @@ struct Heads {
     policy_rev: i64,
     audit: audit::Head,
     audit_rev: i64,
+    /// Mod revision of the blob collection fence (0 before the first collection).
+    gc_rev: i64,
 }
+
+/// What a prune of the policy history reads, in one consistent request.
+#[derive(Debug)]
+struct HistoryView {
+    heads: Heads,
+    /// Every stored version: number → the hashes of its documents.
+    versions: BTreeMap<u64, BTreeSet<String>>,
+    /// Every stored blob: sha256 → the newest mod revision among its chunks.
+    blobs: BTreeMap<String, i64>,
+}
+
+/// A pause point inside a commit, for tests: (tell the test it was reached, wait for it).
+type Pause = (tokio::sync::oneshot::Sender<()>, tokio::sync::oneshot::Receiver<()>);
 
 pub struct EtcdStore {
     kv: KvClient,
@@ -209,6 +260,8 @@ pub struct EtcdStore {
     leader: watch::Sender<bool>,
     /// Dropped with the store: the background tasks see it and stop (the leader resigns).
     stop: watch::Sender<()>,
+    /// See [`EtcdStore::pause_next_commit`].
+    pause: std::sync::Mutex<Option<Pause>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -326,6 +379,14 @@ where
     }
 }
 
+/// Account one landed prune step (audit record `record`) in the running total.
+fn add_step(total: &mut VersionsPruned, step: &VersionsPruned, record: u64) {
+    total.pruned += step.pruned;
+    total.blobs_removed += step.blobs_removed;
+    total.oldest_kept = step.oldest_kept;
+    total.record = record;
+}
+
 /// Raise the published head (never lower it: the watch task and commits both publish, and
 /// versions only grow).
 fn publish(tx: &watch::Sender<u64>, v: u64) {
@@ -399,7 +460,14 @@ impl EtcdStore {
         let keys = Keys { prefix: prefix.trim_end_matches('/').to_owned() };
         let kv = client.kv_client().max_decoding_message_size(MAX_DECODE);
         let (stop, _) = watch::channel(());
-        let store = Self { kv, keys, head: watch::Sender::new(0), leader: watch::Sender::new(false), stop };
+        let store = Self {
+            kv,
+            keys,
+            head: watch::Sender::new(0),
+            leader: watch::Sender::new(false),
+            stop,
+            pause: std::sync::Mutex::new(None),
+        };
         let head = store
             .read_head()
             .await
@@ -460,23 +528,43 @@ impl EtcdStore {
 
     async fn read_heads(&self) -> Result<Heads, StoreError> {
         let r = self.get("read heads", self.keys.heads(), Some(GetOptions::new().with_prefix())).await?;
+        self.parse_heads(r.kvs())
+    }
+
+    /// The heads among the keys under `/head/`.
+    fn parse_heads(&self, kvs: &[KeyValue]) -> Result<Heads, StoreError> {
         let mut h = Heads {
             policy: 0,
             policy_rev: 0,
             audit: audit::Head { seq: 0, hash: audit::GENESIS.to_owned() },
             audit_rev: 0,
+            gc_rev: 0,
         };
-        let (pk, ak) = (self.keys.policy_head(), self.keys.audit_head());
-        for kv in r.kvs() {
+        let (pk, ak, gk) = (self.keys.policy_head(), self.keys.audit_head(), self.keys.blob_gc());
+        for kv in kvs {
             if kv.key() == pk.as_bytes() {
                 h.policy = parse_u64(kv)?;
                 h.policy_rev = kv.mod_revision();
             } else if kv.key() == ak.as_bytes() {
                 h.audit = parse(kv)?;
                 h.audit_rev = kv.mod_revision();
+            } else if kv.key() == gk.as_bytes() {
+                h.gc_rev = kv.mod_revision();
             }
         }
         Ok(h)
+    }
+
+    /// Test hook: the next commit stops after checking and writing its blobs, before its
+    /// first transaction; it sends on the first channel and waits for the second.
+    #[doc(hidden)]
+    pub fn pause_next_commit(
+        &self,
+    ) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
+        let (reached_tx, reached_rx) = tokio::sync::oneshot::channel();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel();
+        *self.pause.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((reached_tx, go_rx));
+        (reached_rx, go_tx)
     }
 
     async fn stored_version(&self, v: u64) -> Result<Option<StoredVersion>, StoreError> {
@@ -585,18 +673,25 @@ impl EtcdStore {
             blobs.insert(sha.clone(), content.as_str());
             names.insert(name.clone(), sha);
         }
+        // The fence was read with the heads, before the blobs were checked.
         self.put_blobs(expected, &blobs).await?;
+        let pause = self.pause.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some((reached, go)) = pause {
+            let _ = reached.send(());
+            let _ = go.await;
+        }
         meta.version = new;
         let record = json(&StoredVersion { meta, documents: names })?;
         if let serde_json::Value::Object(m) = &mut draft.detail {
             m.insert("version".into(), new.into());
         }
-        let (pk, ak) = (self.keys.policy_head(), self.keys.audit_head());
+        let (pk, ak, gk) = (self.keys.policy_head(), self.keys.audit_head(), self.keys.blob_gc());
         // Attempts whose outcome is unknown: (audit sequence, sealed record).
         let mut sent: Vec<(u64, Vec<u8>)> = Vec::new();
         for attempt in 0..CAS_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(backoff(attempt - 1)).await;
+                let checked = heads.gc_rev;
                 heads = self.read_heads().await?;
                 if !sent.is_empty()
                     && heads.policy >= new
@@ -608,6 +703,11 @@ impl EtcdStore {
                 if heads.policy != expected {
                     return Err(StoreError::Conflict { expected, current: heads.policy });
                 }
+                if heads.gc_rev != checked {
+                    // Blobs were collected since ours were checked: one this commit reuses
+                    // may be gone. Check again (after reading the new fence) and rewrite.
+                    self.put_blobs(expected, &blobs).await?;
+                }
             }
             let seq = heads.audit.seq + 1;
             let (bytes, hash) = audit::seal(&draft, seq, &heads.audit.hash);
@@ -615,6 +715,8 @@ impl EtcdStore {
                 .when(vec![
                     Compare::mod_revision(pk.clone(), CompareOp::Equal, heads.policy_rev),
                     Compare::mod_revision(ak.clone(), CompareOp::Equal, heads.audit_rev),
+                    // No blob collection since the blobs were checked.
+                    Compare::mod_revision(gk.clone(), CompareOp::Equal, heads.gc_rev),
                 ])
                 .and_then(vec![
                     TxnOp::put(self.keys.version(new), record.clone(), None),
@@ -788,6 +890,172 @@ impl EtcdStore {
         )))
     }
 
+    /// The heads, every version's document hashes and every blob, in one consistent read.
+    async fn history_view(&self) -> Result<HistoryView, StoreError> {
+        let txn = Txn::new().and_then(vec![
+            TxnOp::get(self.keys.heads(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(self.keys.versions(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(self.keys.blobs(), Some(GetOptions::new().with_prefix().with_keys_only())),
+        ]);
+        let r = self.txn_idempotent("read the policy history", txn).await?;
+        let mut gets = r
+            .op_responses()
+            .into_iter()
+            .filter_map(|op| if let TxnOpResponse::Get(g) = op { Some(g) } else { None });
+        let (Some(heads), Some(versions), Some(blobs)) = (gets.next(), gets.next(), gets.next()) else {
+            return Err(StoreError::Backend("etcd read the policy history: unexpected response".into()));
+        };
+        let mut view = HistoryView {
+            heads: self.parse_heads(heads.kvs())?,
+            versions: BTreeMap::new(),
+            blobs: BTreeMap::new(),
+        };
+        for kv in versions.kvs() {
+            let v = self.version_number(kv)?;
+            let sv: StoredVersion = parse(kv)?;
+            view.versions.insert(v, sv.documents.into_values().collect());
+        }
+        let prefix = self.keys.blobs();
+        for kv in blobs.kvs() {
+            let sha = kv
+                .key()
+                .strip_prefix(prefix.as_bytes())
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .and_then(|k| k.split_once('/'))
+                .map(|(sha, _)| sha.to_owned())
+                .ok_or_else(|| corrupt(String::from_utf8_lossy(kv.key()), "not a blob chunk key"))?;
+            let rev = view.blobs.entry(sha).or_insert(0);
+            *rev = (*rev).max(kv.mod_revision());
+        }
+        Ok(view)
+    }
+
+    /// The version number in a `/versions/<v>` key.
+    fn version_number(&self, kv: &KeyValue) -> Result<u64, StoreError> {
+        kv.key()
+            .strip_prefix(self.keys.versions().as_bytes())
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .and_then(|k| k.parse().ok())
+            .ok_or_else(|| corrupt(String::from_utf8_lossy(kv.key()), "not a version number"))
+    }
+
+    async fn oldest_version_inner(&self) -> Result<u64, StoreError> {
+        let opts = GetOptions::new().with_prefix().with_keys_only().with_limit(1);
+        let r = self.get("read the oldest version", self.keys.versions(), Some(opts)).await?;
+        r.kvs().first().map_or(Ok(0), |kv| self.version_number(kv))
+    }
+
+    /// One prune step planned on `view`: delete the versions before the first kept one and up
+    /// to [`GC_BATCH`] collectable blobs. Returns what the step does and the blobs it deletes.
+    fn plan_prune(view: &HistoryView, keep: u64) -> (VersionsPruned, Vec<String>) {
+        let from = super::keep_from(view.heads.policy, keep);
+        let kept = view.versions.range(from..);
+        let referenced: BTreeSet<&String> = kept.clone().flat_map(|(_, shas)| shas).collect();
+        // The collection rule: unreferenced by every kept version, and written before the
+        // current head was committed (a commit that can still land read that head first, so
+        // the blobs it writes are newer).
+        let blobs: Vec<String> = view
+            .blobs
+            .iter()
+            .filter(|(sha, rev)| !referenced.contains(sha) && **rev < view.heads.policy_rev)
+            .map(|(sha, _)| sha.clone())
+            .take(GC_BATCH)
+            .collect();
+        let step = VersionsPruned {
+            pruned: view.versions.range(..from).count() as u64,
+            oldest_kept: kept.map(|(v, _)| *v).next().unwrap_or(0),
+            blobs_removed: blobs.len() as u64,
+            record: 0,
+        };
+        (step, blobs)
+    }
+
+    async fn prune_versions_inner(
+        &self,
+        keep: u64,
+        draft: audit::Draft,
+    ) -> Result<VersionsPruned, StoreError> {
+        super::check_keep(keep)?;
+        let (pk, ak, gk) = (self.keys.policy_head(), self.keys.audit_head(), self.keys.blob_gc());
+        let mut total = VersionsPruned::default();
+        let mut steps = 0u32;
+        // Ambiguous attempts of the current step: (audit sequence, sealed record), and what
+        // each would have done.
+        let mut sent: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut planned: Vec<VersionsPruned> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            if attempt >= CAS_ATTEMPTS {
+                return Err(StoreError::Backend(format!(
+                    "etcd prune policy history: the policy or audit head kept moving; gave up after \
+                     {CAS_ATTEMPTS} attempts"
+                )));
+            }
+            if attempt > 0 {
+                tokio::time::sleep(backoff(attempt - 1)).await;
+            }
+            attempt += 1;
+            let view = self.history_view().await?;
+            if !sent.is_empty()
+                && let Some(i) = self.find_applied(&sent, view.heads.audit.seq).await?
+            {
+                let done = planned[i];
+                add_step(&mut total, &done, sent[i].0);
+                (sent, planned, attempt, steps) = (Vec::new(), Vec::new(), 0, steps + 1);
+                if done.blobs_removed < GC_BATCH as u64 {
+                    return Ok(total);
+                }
+                continue;
+            }
+            let (step, blobs) = Self::plan_prune(&view, keep);
+            if steps > 0 && step.pruned == 0 && step.blobs_removed == 0 {
+                return Ok(total);
+            }
+            let mut d = draft.clone();
+            super::versions_prune_detail(&mut d, keep, &step);
+            let heads = &view.heads;
+            let seq = heads.audit.seq + 1;
+            let (bytes, hash) = audit::seal(&d, seq, &heads.audit.hash);
+            let mut ops = Vec::with_capacity(blobs.len() + 4);
+            if step.pruned > 0 {
+                let first = view.versions.keys().next().copied().unwrap_or(0);
+                let end = self.keys.version(super::keep_from(heads.policy, keep));
+                ops.push(TxnOp::delete(self.keys.version(first), Some(DeleteOptions::new().with_range(end))));
+            }
+            for sha in &blobs {
+                ops.push(TxnOp::delete(self.keys.blob(sha), Some(DeleteOptions::new().with_prefix())));
+            }
+            if !blobs.is_empty() {
+                ops.push(TxnOp::put(gk.clone(), heads.policy.to_string(), None));
+            }
+            ops.push(TxnOp::put(self.keys.audit(seq), bytes.clone(), None));
+            ops.push(TxnOp::put(ak.clone(), json(&audit::Head { seq, hash })?, None));
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::mod_revision(pk.clone(), CompareOp::Equal, heads.policy_rev),
+                    Compare::mod_revision(ak.clone(), CompareOp::Equal, heads.audit_rev),
+                ])
+                .and_then(ops);
+            match self.kv.clone().txn(txn).await {
+                Ok(r) if r.succeeded() => {
+                    add_step(&mut total, &step, seq);
+                    (sent, planned, attempt, steps) = (Vec::new(), Vec::new(), 0, steps + 1);
+                    // A full batch of blobs: more may be collectable, in another step.
+                    if blobs.len() < GC_BATCH {
+                        return Ok(total);
+                    }
+                }
+                // A head moved (a commit, an audit append): read again and plan anew.
+                Ok(_) => {}
+                Err(e) if transient(&e) => {
+                    sent.push((seq, bytes));
+                    planned.push(step);
+                }
+                Err(e) => return Err(be("prune policy history", &e)),
+            }
+        }
+    }
+
     async fn version_inner(&self, v: u64) -> Result<Option<PolicyVersion>, StoreError> {
         let Some(sv) = self.stored_version(v).await? else { return Ok(None) };
         let shas: Vec<String> = sv.documents.values().cloned().collect::<BTreeSet<_>>().into_iter().collect();
@@ -907,6 +1175,14 @@ impl Store for EtcdStore {
 
     fn history(&self, limit: usize) -> BoxFut<'_, Vec<VersionMeta>> {
         Box::pin(self.history_inner(limit))
+    }
+
+    fn oldest_version(&self) -> BoxFut<'_, u64> {
+        Box::pin(self.oldest_version_inner())
+    }
+
+    fn prune_versions(&self, keep: u64, audit: audit::Draft) -> BoxFut<'_, VersionsPruned> {
+        Box::pin(self.prune_versions_inner(keep, audit))
     }
 
     fn append_audit(&self, drafts: Vec<audit::Draft>) -> BoxFut<'_, u64> {

@@ -60,6 +60,44 @@ pub struct PolicyVersion {
     pub documents: BTreeMap<String, String>,
 }
 
+/// What a prune of the policy history did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VersionsPruned {
+    /// Versions deleted.
+    pub pruned: u64,
+    /// The oldest version still stored (0 while there is none).
+    pub oldest_kept: u64,
+    /// Document blobs deleted (etcd store; the embedded store keeps documents in their version).
+    pub blobs_removed: u64,
+    /// Sequence number of the (last) `policy.prune` audit record.
+    pub record: u64,
+}
+
+/// The first version a prune keeping `keep` versions up to `head` keeps (0 for an empty history).
+pub(crate) fn keep_from(head: u64, keep: u64) -> u64 {
+    if head == 0 { 0 } else { head.saturating_sub(keep.saturating_sub(1)).max(1) }
+}
+
+/// The refusal of `keep` 0.
+pub(crate) fn check_keep(keep: u64) -> Result<(), StoreError> {
+    if keep == 0 {
+        return Err(StoreError::Precondition(
+            "keep must be at least 1: the current version is always kept".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Put what a prune (step) did into the detail of its `policy.prune` record.
+pub(crate) fn versions_prune_detail(draft: &mut audit::Draft, keep: u64, done: &VersionsPruned) {
+    if let serde_json::Value::Object(m) = &mut draft.detail {
+        m.insert("keep".into(), keep.into());
+        m.insert("pruned".into(), done.pruned.into());
+        m.insert("oldest_kept".into(), done.oldest_kept.into());
+        m.insert("blobs_removed".into(), done.blobs_removed.into());
+    }
+}
+
 /// A one-time join token (stored by the SHA-256 of its secret).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JoinToken {
@@ -92,8 +130,17 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self, expected: u64, version: PolicyVersion, audit: audit::Draft) -> BoxFut<'_, (u64, u64)>;
     /// A stored version (`None` if it does not exist).
     fn version(&self, v: u64) -> BoxFut<'_, Option<PolicyVersion>>;
-    /// Version metadata, newest first.
+    /// Metadata of the kept versions, newest first.
     fn history(&self, limit: usize) -> BoxFut<'_, Vec<VersionMeta>>;
+    /// The oldest stored version (0 while there is none); the versions before it were pruned.
+    fn oldest_version(&self) -> BoxFut<'_, u64>;
+    /// Retention of the policy history: keep the head and the `keep - 1` versions before it,
+    /// delete the older ones and append `audit` (its detail gets `keep`, `pruned`,
+    /// `oldest_kept` and `blobs_removed`) in the same transaction, guarded against a
+    /// concurrent commit. Stores that keep documents apart from their versions (etcd) also
+    /// delete the documents no kept version references. `keep` 0 is refused with
+    /// [`StoreError::Precondition`].
+    fn prune_versions(&self, keep: u64, audit: audit::Draft) -> BoxFut<'_, VersionsPruned>;
 
     /// Append records to the audit chain (one transaction); returns the last sequence number.
     fn append_audit(&self, drafts: Vec<audit::Draft>) -> BoxFut<'_, u64>;
