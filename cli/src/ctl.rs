@@ -292,6 +292,10 @@ pub struct RunArgs {
     /// Length of that window in seconds.
     #[arg(long, env = "ZTSEG_AUDIT_DENIED_FLOWS_WINDOW", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub audit_denied_flows_window: u64,
+    /// Policy history retention: after each apply or rollback, keep the newest N versions and
+    /// prune the rest (as `ztseg policy prune --keep N` would). 0 keeps every version.
+    #[arg(long, env = "ZTSEG_KEEP_VERSIONS", default_value_t = 0)]
+    pub keep_versions: u64,
     /// Passphrase of an encrypted CA key (first line of the file).
     #[arg(long, env = "ZTSEG_CA_PASSPHRASE_FILE")]
     pub ca_passphrase_file: Option<PathBuf>,
@@ -373,6 +377,7 @@ pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
             per_peer: a.audit_rejected_per_peer,
             window: std::time::Duration::from_secs(a.audit_rejected_window),
         },
+        keep_versions: a.keep_versions,
         denied_flow_audit: ztseg_controller::limit::RejectPolicy {
             per_peer: a.audit_denied_flows_per_enforcer,
             window: std::time::Duration::from_secs(a.audit_denied_flows_window),

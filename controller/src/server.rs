@@ -51,6 +51,8 @@ pub struct Config {
     pub rejected_audit: crate::limit::RejectPolicy,
     /// How many `flow.denied` records per enforcer and window are audited in full.
     pub denied_flow_audit: crate::limit::RejectPolicy,
+    /// Policy versions kept after each commit (0: all).
+    pub keep_versions: u64,
     /// Decrypts the CA key when it is stored encrypted.
     pub ca_passphrase: Option<pki::Passphrase>,
 }
@@ -137,6 +139,7 @@ pub async fn run_with_ca(
     let store = open_store(&cfg).await?;
     let ctl = Ctl::new(store, ca, cfg.rejected_audit);
     ctl.set_denied_flow_audit(cfg.denied_flow_audit);
+    ctl.set_keep_versions(cfg.keep_versions);
     // Summaries of refused anonymous calls and of denied flows counted but not recorded, as
     // their windows end.
     {

@@ -57,6 +57,8 @@ pub struct Ctl {
     anonymous: Mutex<crate::limit::RejectLimiter>,
     /// Bounds `flow.denied` records per enforcer; see [`crate::limit::FlowLimiter`].
     denied_flows: Mutex<crate::limit::FlowLimiter>,
+    /// Automatic retention: versions kept after each commit (0: all).
+    keep_versions: std::sync::atomic::AtomicU64,
     /// The SIEM sinks exported to (as configured) and the store keys of their cursors: a
     /// prune never deletes records a sink has not taken yet.
     siem_cursors: Mutex<Vec<(String, String)>>,
@@ -91,6 +93,7 @@ impl Ctl {
         Arc::new(Self {
             anonymous: Mutex::new(crate::limit::RejectLimiter::new(anonymous)),
             denied_flows: Mutex::new(crate::limit::FlowLimiter::new(crate::limit::FlowLimiter::DEFAULT)),
+            keep_versions: std::sync::atomic::AtomicU64::new(0),
             siem_cursors: Mutex::new(Vec::new()),
             store,
             ca,
@@ -433,7 +436,42 @@ impl Ctl {
             .await
             .map_err(|e| store_status(&e))?;
         self.appended.notify_one();
+        self.retain(version).await;
         Ok(pb::ApplyResponse { version, changed: true, diff, audit_seq })
+    }
+
+    /// Automatic retention after a commit of `version` (`--keep-versions`): prune the history
+    /// to the newest `keep` versions, as the `controller` actor. The commit stands whatever
+    /// happens here; a failure is logged and the next commit tries again.
+    async fn retain(&self, version: u64) {
+        let keep = self.keep_versions.load(std::sync::atomic::Ordering::Relaxed);
+        if keep == 0 || version <= keep {
+            return;
+        }
+        match self.prune_history("controller", keep).await {
+            Ok(done) if done.pruned > 0 => eprintln!(
+                "{}",
+                crate::server::log_line(
+                    "info",
+                    "policy history pruned",
+                    &[("keep", &keep.to_string()), ("pruned", &done.pruned.to_string())]
+                )
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!(
+                "{}",
+                crate::server::log_line(
+                    "error",
+                    "policy history retention failed",
+                    &[("error", e.message())]
+                )
+            ),
+        }
+    }
+
+    /// Keep at most `keep` policy versions, pruning after each commit (0: keep all).
+    pub fn set_keep_versions(&self, keep: u64) {
+        self.keep_versions.store(keep, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

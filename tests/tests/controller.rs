@@ -1033,6 +1033,29 @@ fn audit_tampering_is_detected_and_named() {
     assert!(out.stderr.contains(&format!("audit record {n}: missing")), "must name record {n}: {out}");
 }
 
+/// `controller run --keep-versions 2`: after each apply or rollback the controller itself
+/// prunes the history to the two newest versions, recorded as `policy.prune` by `controller`;
+/// the audit chain verifies and a rollback to a kept version still works.
+#[test]
+fn automatic_retention_keeps_the_newest_versions() {
+    let c = Controller::started_with("autoretain", &["--keep-versions", "2"]);
+    for (i, p) in [DEMO_POLICIES, LAB_POLICIES, DEMO_POLICIES, LAB_POLICIES].into_iter().enumerate() {
+        let out = c.cli(&["policy", "apply", p, "-m", &format!("v{}", i + 1)]);
+        assert!(out.ok(), "{out}");
+        let want: Vec<u64> = (1..=u64::try_from(i).unwrap() + 1).rev().take(2).collect();
+        assert_eq!(c.history().iter().map(|h| h.version).collect::<Vec<_>>(), want, "after v{}", i + 1);
+    }
+    let recs = c.audit();
+    let prunes: Vec<&serde_json::Value> = recs.iter().filter(|r| r["action"] == "policy.prune").collect();
+    assert_eq!(prunes.len(), 2, "one prune after v3 and one after v4: {prunes:#?}");
+    assert!(prunes.iter().all(|r| r["actor"] == "controller" && r["detail"]["pruned"] == 1), "{prunes:#?}");
+    let out = c.cli(&["policy", "rollback", "3"]);
+    assert!(out.ok(), "{out}");
+    assert_eq!(c.history().iter().map(|h| h.version).collect::<Vec<_>>(), vec![5, 4]);
+    let out = c.cli(&["audit", "verify"]);
+    assert!(out.ok(), "{out}");
+}
+
 /// `ztseg policy prune --keep 2` keeps the two newest versions: history lists them, a pruned
 /// version can be neither read nor rolled back to (the error names the oldest kept one), a
 /// kept one can, numbering goes on, only an admin may prune, and the audit chain verifies

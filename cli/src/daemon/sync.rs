@@ -404,6 +404,7 @@ mod tests {
             siem: Vec::new(),
             rejected_audit: ztseg_controller::limit::RejectPolicy::default(),
             denied_flow_audit: ztseg_controller::limit::FlowLimiter::DEFAULT,
+            keep_versions: 0,
             ca_passphrase: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
