@@ -241,3 +241,40 @@ fn explain_without_a_workload_is_a_drop() {
         TC_ACT_SHOT
     );
 }
+
+/// A cgroup-scoped workload is explained from the cgroup map, like an interface-scoped one:
+/// the same local identity and the same decision for the same flows.
+#[test]
+fn explain_at_a_cgroup_check_point() {
+    ztseg_integration::require_root();
+    let dp = TestDatapath::new("explain-cg");
+    {
+        let mut w = dp.writer();
+        let wl = workload(A, 1, Some("10.0.0.1"), None);
+        w.set_interface_workload(1, &wl).unwrap();
+        w.set_cgroup_workload(4242, &wl).unwrap();
+        w.set_identity(ip("10.0.1.1"), 301, 1).unwrap();
+        w.install(&Rule {
+            keys: vec![Rule::key(DIR_EGRESS, A, Some(301), IPPROTO_TCP, 443)],
+            action: Action::Allow,
+            ttl: None,
+        })
+        .unwrap();
+    }
+    for port in [443, 444] {
+        let q = |at| Query { at, dir: DIR_EGRESS, peer: ip("10.0.1.1"), proto: IPPROTO_TCP, port };
+        let by_cgroup = dp.writer().explain(&q(CheckPoint::Cgroup(4242))).unwrap();
+        let by_interface = dp.writer().explain(&q(CheckPoint::Interface(1))).unwrap();
+        assert_eq!(by_cgroup.local, Some((A, 1)));
+        assert_eq!(by_cgroup, by_interface, "port {port}");
+        assert_eq!(by_cgroup.pass, port == 443);
+    }
+    let none = dp.writer().explain(&Query {
+        at: CheckPoint::Cgroup(4243),
+        dir: DIR_EGRESS,
+        peer: ip("10.0.1.1"),
+        proto: IPPROTO_TCP,
+        port: 443,
+    });
+    assert_eq!(none.unwrap().reason, Reason::DropNoEndpoint, "an unknown cgroup fails closed");
+}
