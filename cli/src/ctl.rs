@@ -296,6 +296,10 @@ pub struct RunArgs {
     /// prune the rest (as `ztseg policy prune --keep N` would). 0 keeps every version.
     #[arg(long, env = "ZTSEG_KEEP_VERSIONS", default_value_t = 0)]
     pub keep_versions: u64,
+    /// Serve Prometheus `/metrics`, `/healthz` and `/readyz` on this address (plain HTTP; keep
+    /// it on a management network). Off unless set.
+    #[arg(long, env = "ZTSEG_CONTROLLER_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Passphrase of an encrypted CA key (first line of the file).
     #[arg(long, env = "ZTSEG_CA_PASSPHRASE_FILE")]
     pub ca_passphrase_file: Option<PathBuf>,
@@ -378,6 +382,7 @@ pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
             window: std::time::Duration::from_secs(a.audit_rejected_window),
         },
         keep_versions: a.keep_versions,
+        metrics_addr: a.metrics_addr,
         denied_flow_audit: ztseg_controller::limit::RejectPolicy {
             per_peer: a.audit_denied_flows_per_enforcer,
             window: std::time::Duration::from_secs(a.audit_denied_flows_window),

@@ -9,11 +9,14 @@
 //! - [`siem`]: export of audit records as OCSF-style JSON lines to a file, syslog or HTTP.
 //! - [`docs`]: validation and diffs of policy document sets.
 //! - [`service`] / [`server`]: the gRPC services and the TLS listener.
+//! - [`metrics`] / [`http`]: Prometheus metrics and health endpoints.
 
 pub mod audit;
 pub mod auth;
 pub mod docs;
+pub mod http;
 pub mod limit;
+pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod service;

@@ -53,6 +53,8 @@ pub struct Config {
     pub denied_flow_audit: crate::limit::RejectPolicy,
     /// Policy versions kept after each commit (0: all).
     pub keep_versions: u64,
+    /// Prometheus `/metrics`, `/healthz` and `/readyz` (plain HTTP), if set.
+    pub metrics_addr: Option<SocketAddr>,
     /// Decrypts the CA key when it is stored encrypted.
     pub ca_passphrase: Option<pki::Passphrase>,
 }
@@ -140,6 +142,23 @@ pub async fn run_with_ca(
     let ctl = Ctl::new(store, ca, cfg.rejected_audit);
     ctl.set_denied_flow_audit(cfg.denied_flow_audit);
     ctl.set_keep_versions(cfg.keep_versions);
+    if let Some(addr) = cfg.metrics_addr {
+        let l =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics {addr}"))?;
+        let ctl = ctl.clone();
+        tokio::spawn(crate::http::serve(l, move |path: String| {
+            let ctl = ctl.clone();
+            async move {
+                use crate::http::Reply;
+                match path.as_str() {
+                    "/metrics" => Reply::metrics(crate::metrics::render(&ctl).await),
+                    "/healthz" => Reply::text("200 OK", "ok"),
+                    "/readyz" => Reply::ready(ctl.store.head().await.is_ok()),
+                    _ => Reply::not_found(),
+                }
+            }
+        }));
+    }
     // Summaries of refused anonymous calls and of denied flows counted but not recorded, as
     // their windows end.
     {

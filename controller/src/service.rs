@@ -59,6 +59,10 @@ pub struct Ctl {
     denied_flows: Mutex<crate::limit::FlowLimiter>,
     /// Automatic retention: versions kept after each commit (0: all).
     keep_versions: std::sync::atomic::AtomicU64,
+    /// Calls by RPC and whether the caller was let through (metrics).
+    rpc_calls: Mutex<std::collections::BTreeMap<(String, bool), u64>>,
+    /// Open `Distribution/Subscribe` streams (metrics).
+    subscriptions: Arc<std::sync::atomic::AtomicU64>,
     /// The SIEM sinks exported to (as configured) and the store keys of their cursors: a
     /// prune never deletes records a sink has not taken yet.
     siem_cursors: Mutex<Vec<(String, String)>>,
@@ -94,6 +98,8 @@ impl Ctl {
             anonymous: Mutex::new(crate::limit::RejectLimiter::new(anonymous)),
             denied_flows: Mutex::new(crate::limit::FlowLimiter::new(crate::limit::FlowLimiter::DEFAULT)),
             keep_versions: std::sync::atomic::AtomicU64::new(0),
+            rpc_calls: Mutex::new(std::collections::BTreeMap::new()),
+            subscriptions: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             siem_cursors: Mutex::new(Vec::new()),
             store,
             ca,
@@ -196,6 +202,40 @@ impl Ctl {
         req: &Request<T>,
         rpc: &str,
     ) -> Result<(Identity, (i64, i64)), Status> {
+        let r = self.check_caller(req, rpc).await;
+        *self
+            .rpc_calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry((rpc.to_owned(), r.is_ok()))
+            .or_default() += 1;
+        r
+    }
+
+    /// Calls by RPC and whether the caller was let through, since start.
+    pub fn rpc_calls(&self) -> std::collections::BTreeMap<(String, bool), u64> {
+        self.rpc_calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Open policy streams (`Distribution/Subscribe`).
+    pub fn subscriptions(&self) -> u64 {
+        self.subscriptions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The SIEM sinks and how far each has exported the audit log (store cursor).
+    pub async fn siem_progress(&self) -> Vec<(String, u64)> {
+        let cursors = self.siem_cursors.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let mut out = Vec::new();
+        for (sink, key) in cursors {
+            let done =
+                self.store.get_meta(key).await.ok().flatten().and_then(|v| v.parse().ok()).unwrap_or(0);
+            out.push((sink, done));
+        }
+        out
+    }
+
+    /// The caller's identity and certificate validity, if it may call `rpc` (refusals audited).
+    async fn check_caller<T>(&self, req: &Request<T>, rpc: &str) -> Result<(Identity, (i64, i64)), Status> {
         let path = format!("/ztseg.controller.v1.{rpc}");
         let addr = peer_addr(req);
         let deny = |actor: String, why: String, status: Status| async move {
@@ -773,7 +813,9 @@ impl Distribution for Services {
         let (tx, rx) = mpsc::channel(4);
         let mut heads = ctl.store.watch_head();
         let mut revocations = ctl.revocations.subscribe();
+        let open = Open::new(ctl.subscriptions.clone());
         tokio::spawn(async move {
+            let _open = open;
             loop {
                 // A revoked subscriber gets nothing more (checked on every change).
                 match ctl.revoked_at(&who).await {
@@ -1013,6 +1055,22 @@ impl Audit for Services {
             self.0.store.prune_audit(r.before, r.last_hash, draft).await.map_err(|e| store_status(&e))?;
         self.0.appended.notify_one();
         Ok(Response::new(pb::AuditPruneResponse { pruned, record }))
+    }
+}
+
+/// Counts an open stream while it lives.
+struct Open(Arc<std::sync::atomic::AtomicU64>);
+
+impl Open {
+    fn new(n: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -1033,6 +1033,65 @@ fn audit_tampering_is_detected_and_named() {
     assert!(out.stderr.contains(&format!("audit record {n}: missing")), "must name record {n}: {out}");
 }
 
+/// GET `path` from `addr`: (status code, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("metrics at {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+/// `controller run --metrics-addr`: the policy version, each enforcer's enforced version and
+/// state, and refused calls by RPC show in `/metrics`; `/healthz` and `/readyz` answer.
+#[test]
+fn controller_metrics_follow_policy_enforcers_and_refusals() {
+    let addr = format!("127.0.0.1:{}", ztseg_integration::free_port());
+    let c = Controller::started_with("metrics", &["--metrics-addr", &addr]);
+    assert_eq!(http_get(&addr, "/readyz").0, 200);
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    assert_eq!(http_get(&addr, "/nothing").0, 404);
+    let out = c.cli(&["policy", "apply", DEMO_POLICIES, "-m", "v1"]);
+    assert!(out.ok(), "{out}");
+    let report = |files: &ClientFiles, version: u64| {
+        call(&c.addr, files, move |ch| async move {
+            DistributionClient::new(ch)
+                .report(pb::ReportRequest { enforced_version: version, ..Default::default() })
+                .await
+        })
+        .expect("enforcer Distribution/Report")
+    };
+    report(&c.identity(Role::Enforcer, "n1"), 1);
+    report(&c.identity(Role::Enforcer, "n2"), 0);
+    let operator = c.identity(Role::Operator, "op-m");
+    call(&c.addr, &operator, audit_list).expect_err("operator Audit/List");
+    let (status, body) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    for line in [
+        "ztseg_controller_store_up 1",
+        "ztseg_controller_leader 1",
+        "ztseg_controller_policy_version 1",
+        "ztseg_controller_policy_oldest_version 1",
+        "ztseg_controller_enforcers{state=\"in_sync\"} 1",
+        "ztseg_controller_enforcers{state=\"behind\"} 1",
+        "ztseg_controller_enforcer_policy_version{enforcer=\"n1\"} 1",
+        "ztseg_controller_enforcer_policy_version{enforcer=\"n2\"} 0",
+        "ztseg_controller_rpc_requests_total{rpc=\"Audit/List\",outcome=\"denied\"} 1",
+        "ztseg_controller_rpc_requests_total{rpc=\"Distribution/Report\",outcome=\"allowed\"} 2",
+        "ztseg_controller_subscriptions 0",
+    ] {
+        assert!(body.lines().any(|l| l == line), "missing {line:?} in:\n{body}");
+    }
+    let seq = body
+        .lines()
+        .find_map(|l| l.strip_prefix("ztseg_controller_audit_last_seq "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("audit sequence");
+    assert_eq!(seq, c.audit().len() as u64, "{body}");
+}
+
 /// `controller run --keep-versions 2`: after each apply or rollback the controller itself
 /// prunes the history to the two newest versions, recorded as `policy.prune` by `controller`;
 /// the audit chain verifies and a rollback to a kept version still works.

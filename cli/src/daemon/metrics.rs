@@ -9,10 +9,7 @@ use std::{
 };
 
 use enforcer_common::Reason;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
-};
+use tokio::net::TcpListener;
 
 use super::engine::Engine;
 
@@ -186,44 +183,17 @@ impl Metrics {
 
 /// Serve `/metrics`, `/healthz` and `/readyz` until the process ends.
 pub async fn serve(listener: TcpListener, engine: Arc<Mutex<Engine>>, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
-        let engine = engine.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            while n < buf.len() {
-                match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf[n..])).await {
-                    Ok(Ok(0) | Err(_)) | Err(_) => break,
-                    Ok(Ok(k)) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
+    use ztseg_controller::http::Reply;
+    ztseg_controller::http::serve(listener, move |path: String| {
+        let (engine, metrics) = (engine.clone(), metrics.clone());
+        async move {
+            match path.as_str() {
+                "/metrics" => Reply::metrics(metrics.render(&lock(&engine))),
+                "/healthz" => Reply::text("200 OK", "ok"),
+                "/readyz" => Reply::ready(lock(&engine).ready()),
+                _ => Reply::not_found(),
             }
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("");
-            let (status, body, ctype) = match path {
-                "/metrics" => {
-                    let e = lock(&engine);
-                    ("200 OK", metrics.render(&e), "text/plain; version=0.0.4")
-                }
-                "/healthz" => ("200 OK", "ok\n".to_owned(), "text/plain"),
-                "/readyz" => {
-                    if lock(&engine).ready() {
-                        ("200 OK", "ready\n".to_owned(), "text/plain")
-                    } else {
-                        ("503 Service Unavailable", "not ready\n".to_owned(), "text/plain")
-                    }
-                }
-                _ => ("404 Not Found", "not found\n".to_owned(), "text/plain"),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
+        }
+    })
+    .await;
 }

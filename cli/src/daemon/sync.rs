@@ -405,6 +405,7 @@ mod tests {
             rejected_audit: ztseg_controller::limit::RejectPolicy::default(),
             denied_flow_audit: ztseg_controller::limit::FlowLimiter::DEFAULT,
             keep_versions: 0,
+            metrics_addr: None,
             ca_passphrase: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
