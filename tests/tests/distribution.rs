@@ -207,6 +207,8 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     assert!(ok, "{err}");
     let took = Lab::wait("h3", "stale", |s| s["policy_stale"] == "true");
     eprintln!("h3 noticed the lost controller after {took:?}");
+    // A flow only this moment has: x/b -> x/c on port 81, which h3 denies while cut off.
+    assert!(connect_from(&pod_netns(1), "10.77.2.1:81").is_none(), "x/b -> x/c:81 denied");
 
     // Two changes while h3 is away: versions 3 (from a and b) and 4 (from b only).
     // Make-before-break through the controller: a live x/a -> x/b connection (allowed by
@@ -254,4 +256,25 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     // It resumed with a delta from its own version, not from scratch.
     let log = std::fs::read_to_string(format!("/run/ztseg/lab/{NAME}/h3.log")).unwrap();
     assert!(log.contains("\"from_version\":\"2\""), "h3 did not resume from version 2:\n{log}");
+    // What h3 denied while it was cut off reached the controller's audit log after all.
+    let siem = format!("/run/ztseg/lab/{NAME}/siem.jsonl");
+    let waited = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&siem).unwrap_or_default();
+        let kept = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).any(|v| {
+            v["class_uid"] == 4001
+                && v["actor"]["user"]["name"] == "h3"
+                && v["dst_endpoint"]["port"] == 81
+                && v["dst_endpoint"]["name"] == "x/b"
+        });
+        if kept {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the flow h3 denied while isolated (x/b -> x/c:81) is not in {siem}:\n{text}\nh3's log:\n{}",
+            std::fs::read_to_string(format!("/run/ztseg/lab/{NAME}/h3.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -23,6 +23,10 @@ fn lock(e: &Mutex<Engine>) -> std::sync::MutexGuard<'_, Engine> {
     e.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+fn fold(d: &Mutex<DeniedFlows>) -> std::sync::MutexGuard<'_, DeniedFlows> {
+    d.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Run the controller session forever.
 pub async fn run(
     cfg: ControllerConfig,
@@ -35,11 +39,41 @@ pub async fn run(
         cfg.identity.as_deref().unwrap_or(&node),
     );
     let mut backoff = Duration::from_millis(200);
-    let mut denied = DeniedFlows::default();
+    // Denied flows are folded by their own task, so those seen while the controller is
+    // unreachable (between sessions, or while a connection attempt hangs) are kept too.
+    let denied = Arc::new(Mutex::new(DeniedFlows::default()));
+    if cfg.report_denied {
+        let mut rx = flows.subscribe();
+        let denied = denied.clone();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) if ev.verdict == "DROP" => {
+                        let k = (
+                            ev.workload,
+                            ev.peer,
+                            ev.tenant,
+                            ev.direction,
+                            ev.src,
+                            ev.dst,
+                            ev.dport,
+                            ev.protocol,
+                            ev.reason,
+                        );
+                        fold(&denied).add(k, ztseg_controller::now_ms());
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        log::error("denied-flow forwarding lagged", &[("lost", &n.to_string())]);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
     loop {
         let started = Instant::now();
-        let flows_rx = cfg.report_denied.then(|| flows.subscribe());
-        match session(&cfg, &files, &engine, flows_rx, &mut denied).await {
+        match session(&cfg, &files, &engine, &denied).await {
             Ok(()) => {}
             Err(e) => log::error(
                 "controller session ended; the last-known policy stays in force",
@@ -168,8 +202,7 @@ async fn session(
     cfg: &ControllerConfig,
     files: &ztseg_controller::pki::ClientFiles,
     engine: &Arc<Mutex<Engine>>,
-    mut flows: Option<broadcast::Receiver<FlowEvent>>,
-    denied: &mut DeniedFlows,
+    denied: &Mutex<DeniedFlows>,
 ) -> Result<()> {
     renew_if_due(cfg, files).await?;
     let ch = ztseg_controller::server::connect(&cfg.endpoint, files).await?;
@@ -204,19 +237,6 @@ async fn session(
                 report(&mut client, engine, Vec::new()).await?;
                 last_report = Instant::now();
             }
-            ev = async { match flows.as_mut() { Some(f) => f.recv().await, None => std::future::pending().await } } => {
-                match ev {
-                    Ok(ev) if ev.verdict == "DROP" => {
-                        let k = (ev.workload, ev.peer, ev.tenant, ev.direction, ev.src, ev.dst, ev.dport, ev.protocol, ev.reason);
-                        denied.add(k, ztseg_controller::now_ms());
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        log::error("denied-flow forwarding lagged", &[("lost", &n.to_string())]);
-                    }
-                    Err(broadcast::error::RecvError::Closed) => flows = None,
-                }
-            }
             _ = tick.tick() => {
                 // Reconnect with a fresh certificate once a third of its lifetime is left.
                 if renewal_check.elapsed() >= RENEWAL_CHECK {
@@ -226,11 +246,12 @@ async fn session(
                         return Ok(());
                     }
                 }
-                if !denied.is_empty() || last_report.elapsed() >= Duration::from_secs(5) {
+                let pending = !fold(denied).is_empty();
+                if pending || last_report.elapsed() >= Duration::from_secs(5) {
                     // One report per second at most, of the oldest pending flows.
-                    let batch = denied.take(ztseg_controller::service::MAX_DENIED_PER_REPORT);
+                    let batch = fold(denied).take(ztseg_controller::service::MAX_DENIED_PER_REPORT);
                     if let Err(e) = report(&mut client, engine, batch.clone()).await {
-                        denied.restore(batch);
+                        fold(denied).restore(batch);
                         return Err(e);
                     }
                     last_report = Instant::now();
