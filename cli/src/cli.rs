@@ -176,6 +176,15 @@ enum LabCommands {
         file: LabFileArgs,
         host: String,
     },
+    /// Restart a host's enforcer daemon (SIGTERM, or SIGKILL with `--kill`); its pinned
+    /// enforcement stays in force meanwhile.
+    Restart {
+        #[command(flatten)]
+        file: LabFileArgs,
+        host: String,
+        #[arg(long)]
+        kill: bool,
+    },
     /// Restore a host's link to the lab controller (it resumes from its policy version).
     Rejoin {
         #[command(flatten)]
@@ -1095,6 +1104,11 @@ fn lab_cmd(cmd: LabCommands, output: Output) -> Result<ExitCode> {
         LabCommands::Isolate { file, host } => {
             lab::set_controller_link(&file.file, &host, false)?;
             println!("host {host}: link to the controller cut");
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommands::Restart { file, host, kill } => {
+            lab::restart_host(&file.file, &host, kill, &exe)?;
+            println!("host {host}: enforcer restarted");
             Ok(ExitCode::SUCCESS)
         }
         LabCommands::Rejoin { file, host } => {

@@ -207,8 +207,13 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     assert!(ok, "{err}");
     let took = Lab::wait("h3", "stale", |s| s["policy_stale"] == "true");
     eprintln!("h3 noticed the lost controller after {took:?}");
-    // A flow only this moment has: x/b -> x/c on port 81, which h3 denies while cut off.
+    // A flow only this moment has: x/b -> x/c on port 81, which h3 denies while cut off; then
+    // h3's enforcer restarts (SIGTERM) while still cut off, and denies x/b -> x/c:82.
     assert!(connect_from(&pod_netns(1), "10.77.2.1:81").is_none(), "x/b -> x/c:81 denied");
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, out, err) = ztseg(&["lab", "restart", "-f", &lab.file, "h3"]);
+    assert!(ok, "{out}{err}");
+    assert!(connect_from(&pod_netns(1), "10.77.2.1:82").is_none(), "x/b -> x/c:82 denied");
 
     // Two changes while h3 is away: versions 3 (from a and b) and 4 (from b only).
     // Make-before-break through the controller: a live x/a -> x/b connection (allowed by
@@ -257,22 +262,31 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     let log = std::fs::read_to_string(format!("/run/ztseg/lab/{NAME}/h3.log")).unwrap();
     assert!(log.contains("\"from_version\":\"2\""), "h3 did not resume from version 2:\n{log}");
     // What h3 denied while it was cut off reached the controller's audit log after all.
+    wait_for_isolated_denials();
+}
+
+/// Wait (10 s at most) for the flows h3 denied while isolated — x/b -> x/c:81 before its
+/// restart (kept across it in h3's state directory) and :82 after — in the SIEM sink.
+fn wait_for_isolated_denials() {
     let siem = format!("/run/ztseg/lab/{NAME}/siem.jsonl");
     let waited = Instant::now();
     loop {
         let text = std::fs::read_to_string(&siem).unwrap_or_default();
-        let kept = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).any(|v| {
-            v["class_uid"] == 4001
-                && v["actor"]["user"]["name"] == "h3"
-                && v["dst_endpoint"]["port"] == 81
-                && v["dst_endpoint"]["name"] == "x/b"
-        });
-        if kept {
+        let kept = |port: u16| {
+            text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).any(|v| {
+                v["class_uid"] == 4001
+                    && v["actor"]["user"]["name"] == "h3"
+                    && v["dst_endpoint"]["port"] == port
+                    && v["dst_endpoint"]["name"] == "x/b"
+            })
+        };
+        // Port 81: denied before the restart, kept across it in h3's state directory.
+        if kept(81) && kept(82) {
             break;
         }
         assert!(
             waited.elapsed() < Duration::from_secs(10),
-            "the flow h3 denied while isolated (x/b -> x/c:81) is not in {siem}:\n{text}\nh3's log:\n{}",
+            "flows h3 denied while isolated (x/b -> x/c:81 before its restart, :82 after) missing in {siem}:\n{text}\nh3's log:\n{}",
             std::fs::read_to_string(format!("/run/ztseg/lab/{NAME}/h3.log")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(100));

@@ -27,12 +27,70 @@ fn fold(d: &Mutex<DeniedFlows>) -> std::sync::MutexGuard<'_, DeniedFlows> {
     d.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Denied flows not yet reported, shared by the folding task and the sessions, and kept in
+/// `state_dir` across a restart of the daemon (written when it stops, read when it starts).
+#[derive(Clone, Debug)]
+pub struct Pending(Arc<Mutex<DeniedFlows>>);
+
+/// File under `state_dir` holding unreported denied flows while the daemon is stopped.
+const PENDING_FILE: &str = "denied-flows.json";
+
+impl Pending {
+    /// The flows a previous run left in `state_dir` (the file is removed once read; an
+    /// unreadable one is logged and set aside as `.bad`).
+    #[must_use]
+    pub fn load(state_dir: &std::path::Path) -> Self {
+        let path = state_dir.join(PENDING_FILE);
+        let mut d = DeniedFlows::default();
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<(FlowKey, (i64, u32))>>(&bytes) {
+                Ok(entries) => {
+                    for (k, (t, n)) in entries {
+                        d.add_count(k, t, n);
+                    }
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => {
+                    log::error(
+                        "unreadable pending denied flows set aside",
+                        &[("file", &path.display().to_string()), ("error", &e.to_string())],
+                    );
+                    let _ = std::fs::rename(&path, path.with_extension("json.bad"));
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::error(
+                "reading pending denied flows",
+                &[("file", &path.display().to_string()), ("error", &e.to_string())],
+            ),
+        }
+        Self(Arc::new(Mutex::new(d)))
+    }
+
+    /// Write what is still unreported to `state_dir` (atomically), for the next start.
+    pub fn save(&self, state_dir: &std::path::Path) -> Result<usize> {
+        let entries: Vec<(FlowKey, (i64, u32))> =
+            fold(&self.0).pending.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let path = state_dir.join(PENDING_FILE);
+        if entries.is_empty() {
+            let _ = std::fs::remove_file(&path);
+            return Ok(0);
+        }
+        std::fs::create_dir_all(state_dir)?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&entries)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(entries.len())
+    }
+}
+
 /// Run the controller session forever.
 pub async fn run(
     cfg: ControllerConfig,
     node: String,
     engine: Arc<Mutex<Engine>>,
     flows: broadcast::Sender<FlowEvent>,
+    pending: Pending,
 ) {
     let files = ztseg_controller::pki::ClientFiles::in_dir(
         &cfg.identity_dir,
@@ -41,7 +99,7 @@ pub async fn run(
     let mut backoff = Duration::from_millis(200);
     // Denied flows are folded by their own task, so those seen while the controller is
     // unreachable (between sessions, or while a connection attempt hangs) are kept too.
-    let denied = Arc::new(Mutex::new(DeniedFlows::default()));
+    let denied = pending.0;
     if cfg.report_denied {
         let mut rx = flows.subscribe();
         let denied = denied.clone();
@@ -126,7 +184,7 @@ type FlowKey = (String, String, String, String, String, String, u32, String, Str
 /// is still counted, in a flow or a summary. Reports take the oldest entries first, at most
 /// `MAX_DENIED_PER_REPORT` per report, so what a flood costs the controller's audit log is
 /// bounded too.
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct DeniedFlows {
     pending: BTreeMap<FlowKey, (i64, u32)>,
 }
@@ -384,6 +442,28 @@ mod tests {
         }
         let taken: u64 = first.iter().map(|f| u64::from(f.count)).sum();
         assert_eq!(left + taken, u64::from(total) + 2);
+    }
+
+    /// Pending flows written at stop are read at start (counts and first-seen times kept, the
+    /// file consumed); an unreadable file is set aside, not trusted and not lost.
+    #[test]
+    fn pending_flows_survive_a_restart() {
+        let dir = std::env::temp_dir().join(format!("ztseg-pending-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let p = Pending::load(&dir);
+        fold(&p.0).add(key("a", "10.9.0.1", 80), 100);
+        fold(&p.0).add(key("a", "10.9.0.1", 80), 120);
+        fold(&p.0).add(key("b", "10.9.0.2", 81), 130);
+        assert_eq!(p.save(&dir).unwrap(), 2);
+        let q = Pending::load(&dir);
+        assert_eq!(fold(&q.0).pending.get(&key("a", "10.9.0.1", 80)), Some(&(100, 2)));
+        assert_eq!(fold(&q.0).pending.len(), 2);
+        assert!(!dir.join(PENDING_FILE).exists(), "consumed at start");
+        assert_eq!(Pending::load(&dir).save(&dir).unwrap(), 0, "nothing pending, nothing written");
+        std::fs::write(dir.join(PENDING_FILE), b"{not json").unwrap();
+        assert!(fold(&Pending::load(&dir).0).is_empty());
+        assert!(dir.join("denied-flows.json.bad").exists(), "set aside");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn validity(files: &ClientFiles) -> (i64, i64) {

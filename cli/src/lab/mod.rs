@@ -588,6 +588,22 @@ pub fn set_controller_link(lab_path: &Path, host: &str, up: bool) -> Result<()> 
     ns_sh(&h.netns, &format!("ip link set mg0 {}", if up { "up" } else { "down" }))
 }
 
+/// `ztseg lab restart -f LAB.yaml HOST [--kill]`: stop a host's enforcer daemon (SIGTERM, or
+/// SIGKILL with `kill`) and start it again with the same configuration; its pinned
+/// enforcement stays in force meanwhile.
+pub fn restart_host(lab_path: &Path, host: &str, kill: bool, exe: &Path) -> Result<()> {
+    let lab = LabFile::load(lab_path)?;
+    let mut state = LabState::load(lab.name())?;
+    let h = state.hosts.iter().position(|x| x.name == host).with_context(|| format!("no host {host:?}"))?;
+    if kill && let Some(pid) = state.hosts[h].daemon_pid {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    stop_daemon(&mut state, h);
+    let started = start_daemon(&mut state, h, exe);
+    state.save()?;
+    started
+}
+
 /// Query a host daemon's status.
 fn daemon_status(socket: &Path) -> Result<ztseg_api::enforcer::StatusResponse> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
