@@ -65,9 +65,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (root): `datapath`, `throughput`.
+    /// Benchmarks (root): `datapath`, `throughput`, `control`.
     Bench {
-        #[arg(value_parser = ["datapath", "throughput"])]
+        #[arg(value_parser = ["datapath", "throughput", "control"])]
         which: String,
     },
 }
