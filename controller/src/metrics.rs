@@ -53,7 +53,7 @@ pub async fn render(ctl: &Ctl) -> String {
             "gauge",
             "Audit records not yet exported, per SIEM sink.",
         );
-        for (sink, done) in ctl.siem_progress().await {
+        for (sink, done) in ctl.siem_progress().await.unwrap_or_default() {
             let _ = writeln!(
                 out,
                 "ztseg_controller_siem_lag_records{{sink=\"{sink}\"}} {}",

@@ -163,10 +163,7 @@ impl Ctl {
 
     /// Refuse a prune of the records before `before` while a SIEM sink has not taken them.
     async fn check_exported(&self, before: u64) -> Result<(), Status> {
-        let cursors = self.siem_cursors.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        for (sink, key) in cursors {
-            let done = self.store.get_meta(key).await.map_err(|e| store_status(&e))?;
-            let done: u64 = done.and_then(|v| v.parse().ok()).unwrap_or(0);
+        for (sink, done) in self.siem_progress().await.map_err(|e| store_status(&e))? {
             if done + 1 < before {
                 return Err(Status::failed_precondition(format!(
                     "SIEM sink {sink} has taken the audit log up to record {done} only: records after it \
@@ -223,15 +220,14 @@ impl Ctl {
     }
 
     /// The SIEM sinks and how far each has exported the audit log (store cursor).
-    pub async fn siem_progress(&self) -> Vec<(String, u64)> {
+    pub async fn siem_progress(&self) -> Result<Vec<(String, u64)>, crate::store::StoreError> {
         let cursors = self.siem_cursors.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let mut out = Vec::new();
         for (sink, key) in cursors {
-            let done =
-                self.store.get_meta(key).await.ok().flatten().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let done = self.store.get_meta(key).await?.and_then(|v| v.parse().ok()).unwrap_or(0);
             out.push((sink, done));
         }
-        out
+        Ok(out)
     }
 
     /// The caller's identity and certificate validity, if it may call `rpc` (refusals audited).

@@ -3,9 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use enforcer::writer::explain::{
-    Bypass, Explanation, PeerSource, Probe, ProbeKey, Query, RuleStatus, proto_port as proto_port_text,
-};
+use enforcer::writer::explain::{Bypass, Explanation, PeerSource, Probe, Query, RuleStatus};
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_PASS, DIR_EGRESS, DIR_INGRESS, IPPROTO_ICMP, IPPROTO_ICMPV6,
     IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Reason, icmp_port,
@@ -87,31 +85,8 @@ fn action(a: u32) -> &'static str {
     }
 }
 
-/// A probe's key with workload names for identities.
-fn key_text(e: &Engine, k: ProbeKey) -> String {
-    match k {
-        ProbeKey::Admin { .. } => k.to_string(),
-        ProbeKey::Policy { dir, src, dst, proto, port } => {
-            let name = |id: u32| {
-                if id == u32::MAX {
-                    "*".to_owned()
-                } else {
-                    e.workload_name(id).unwrap_or_else(|| id.to_string())
-                }
-            };
-            format!(
-                "{} {} -> {} {}",
-                if dir == DIR_EGRESS { "egress" } else { "ingress" },
-                name(src),
-                name(dst),
-                proto_port_text(proto, port)
-            )
-        }
-    }
-}
-
 fn probe_line(e: &Engine, tier: &str, p: &Probe, owners: &BTreeMap<u32, String>) -> String {
-    let key = key_text(e, p.key);
+    let key = p.key.text(|id| e.workload_name(id).unwrap_or_else(|| id.to_string()));
     match p.hit {
         None => format!("{tier} {key}: no entry"),
         Some(h) => {

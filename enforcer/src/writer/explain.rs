@@ -82,22 +82,32 @@ pub enum ProbeKey {
     Policy { dir: u8, src: u32, dst: u32, proto: u8, port: u16 },
 }
 
-impl std::fmt::Display for ProbeKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let any = |v: u32| if v == u32::MAX { "*".to_owned() } else { v.to_string() };
+impl ProbeKey {
+    /// The key as text, identities named by `name` (wildcards as `*`).
+    #[must_use]
+    pub fn text(&self, name: impl Fn(u32) -> String) -> String {
+        let any = |v: u32, f: &dyn Fn(u32) -> String| if v == u32::MAX { "*".to_owned() } else { f(v) };
         match *self {
-            Self::Admin { src_tenant, dst_tenant, proto, port } => {
-                write!(f, "tenants {} -> {} {}", any(src_tenant), any(dst_tenant), proto_port(proto, port))
-            }
-            Self::Policy { dir, src, dst, proto, port } => write!(
-                f,
+            Self::Admin { src_tenant, dst_tenant, proto, port } => format!(
+                "tenants {} -> {} {}",
+                any(src_tenant, &|v| v.to_string()),
+                any(dst_tenant, &|v| v.to_string()),
+                proto_port(proto, port)
+            ),
+            Self::Policy { dir, src, dst, proto, port } => format!(
                 "{} {} -> {} {}",
                 if dir == DIR_EGRESS { "egress" } else { "ingress" },
-                any(src),
-                any(dst),
+                any(src, &name),
+                any(dst, &name),
                 proto_port(proto, port)
             ),
         }
+    }
+}
+
+impl std::fmt::Display for ProbeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text(|id| id.to_string()))
     }
 }
 
