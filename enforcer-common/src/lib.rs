@@ -17,8 +17,10 @@ pub type Addr = [u32; 4];
 /// Third word of an IPv4-mapped address (`0, 0, 0xff, 0xff`).
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
-/// Layout version of every pinned map. Bump on any change to a type in this crate.
-pub const ABI_VERSION: u32 = 7;
+/// Layout version of every pinned map. Bump on any change to a type in this crate, and on any
+/// change to what the programs pass each other (the local delivery hand-over: the eBPF crate's
+/// parsed flow and the packet control buffer).
+pub const ABI_VERSION: u32 = 8;
 
 // ---- reserved identities and tenants -------------------------------------------------------
 
@@ -492,9 +494,12 @@ pub enum Reason {
     /// Not a verdict: an event was not emitted because its CPU was over the event rate limit
     /// (the packet itself was judged and counted as usual).
     EventSuppressed = 20,
+    /// Not a verdict: the local delivery program found the sender's hand-over slot holding
+    /// another packet and parsed this one again (never expected; a non-zero count is a bug).
+    HandoffReparsed = 21,
 }
 
-pub const REASON_COUNT: u32 = 21;
+pub const REASON_COUNT: u32 = 22;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -519,6 +524,7 @@ impl Reason {
         Reason::EventLost,
         Reason::LocalDelivery,
         Reason::EventSuppressed,
+        Reason::HandoffReparsed,
     ];
 
     #[must_use]
@@ -551,6 +557,7 @@ impl Reason {
             Reason::EventLost => "event_lost",
             Reason::LocalDelivery => "local_delivery",
             Reason::EventSuppressed => "event_suppressed",
+            Reason::HandoffReparsed => "handoff_reparsed",
         }
     }
 }
@@ -581,6 +588,9 @@ pub mod map_names {
     pub const LINKS: &str = "ZT_LINKS";
     /// Program array: slot 0 holds the local delivery program.
     pub const DELIVER: &str = "ZT_DELIVER";
+    /// Per-CPU hand-over of a parsed packet from the sender's check to the local delivery
+    /// program (kernel only; pinned so programs of two loads of one build can hand over).
+    pub const HANDOFF: &str = "ZT_HANDOFF";
 }
 
 pub mod program_names {

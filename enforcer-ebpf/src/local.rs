@@ -28,18 +28,29 @@ use enforcer_common::{
 };
 
 use crate::{
-    DROP, PASS_NEW, count, endpoint, forget,
-    maps::{ZT_DELIVER, ZT_LINKS},
-    mark_local, own_address, parse,
+    DROP, PASS_NEW, count, endpoint,
+    maps::{ZT_DELIVER, ZT_HANDOFF, ZT_LINKS},
+    own_address, parse,
     parse::Flow,
-    verdict,
+    unmark_local, verdict,
 };
 
 // Local delivery runs in its own program, reached by a tail call once the sender's check has
 // passed: the verifier walks a called function once per caller state, and the verdict twice
 // plus the lookup in one program would exceed its instruction budget and the 512-byte stack.
 // The sender's program leaves its verdict in the packet's control buffer (`cb[0]`, which
-// lives with the packet across the tail call).
+// lives with the packet across the tail call) and the parsed packet in a per-CPU slot
+// ([`Handoff`]), so the packet is parsed once.
+
+/// What the sender's check hands to the delivery program: the parsed packet and, to tie the
+/// slot to the packet, its input interface and length.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Handoff {
+    flow: Flow,
+    ifindex: u32,
+    len: u32,
+}
 
 /// Where a packet goes and the Ethernet addresses it gets on the way.
 pub struct Target {
@@ -129,11 +140,20 @@ fn target(ctx: &TcContext, flow: &Flow, ifindex: u32, out: &mut MaybeUninit<Targ
     true
 }
 
-/// Continue in the delivery program with the sender's verdict `v` (does not return when the
-/// tail call succeeds). If it fails the packet takes the kernel path, where the receiver's own
-/// program judges it.
+/// Continue in the delivery program with the sender's verdict `v` on `flow` (does not return
+/// when the tail call succeeds). If it fails the packet takes the kernel path, where the
+/// receiver's own program judges it.
 #[inline(always)]
-pub fn hand_over(ctx: &mut TcContext, v: u32) -> i32 {
+pub fn hand_over(ctx: &mut TcContext, flow: &Flow, v: u32) -> i32 {
+    if let Some(h) = ZT_HANDOFF.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; nothing else runs on the CPU until the delivery program
+        // has read it.
+        unsafe {
+            (*h).flow = *flow;
+            (*h).ifindex = (*ctx.skb.skb).ifindex;
+            (*h).len = (*ctx.skb.skb).len;
+        }
+    }
     ctx.cb_mut()[0] = v;
     // SAFETY: tail call with the program's own context; on success control never returns.
     unsafe { ZT_DELIVER.tail_call(ctx, 0) };
@@ -147,45 +167,43 @@ pub fn hand_over(ctx: &mut TcContext, v: u32) -> i32 {
 #[inline(always)]
 pub fn deliver(ctx: &TcContext) -> i32 {
     let sender = ctx.cb()[0];
+    let mut f = MaybeUninit::<Flow>::uninit();
+    if !handed_over(ctx, &mut f) {
+        return TC_ACT_OK;
+    }
+    // SAFETY: `handed_over` initialised it, as it does whenever it returns true.
+    let mut f = unsafe { f.assume_init() };
     // SAFETY: reading a field of the program's own context.
     let from = unsafe { (*ctx.skb.skb).ifindex };
-    let mut flow = MaybeUninit::<Flow>::uninit();
-    let Ok(()) = parse::parse_l2(&parse::Direct::new(&ctx.skb), &mut flow) else {
-        return TC_ACT_OK;
-    };
-    // SAFETY: the parser initialised the flow, as it does whenever it returns Ok.
-    let mut f = unsafe { flow.assume_init() };
     let mut t = MaybeUninit::<Target>::uninit();
-    if !target(ctx, &f, from, &mut t) {
-        return TC_ACT_OK;
-    }
-    // SAFETY: `target` initialised it, as it does whenever it returns true.
-    let t = unsafe { t.assume_init_ref() };
     // An unmanaged receiver, or one whose address this is not, is left to the kernel path,
     // where its own program judges (and drops) the packet.
-    let Some(ep) = endpoint(t.ifindex) else { return TC_ACT_OK };
-    if !own_address(&f, ep, DIR_INGRESS) {
+    let ep = if target(ctx, &f, from, &mut t) {
+        // SAFETY: `target` initialised it, as it does whenever it returns true.
+        endpoint(unsafe { t.assume_init_ref() }.ifindex).filter(|ep| own_address(&f, ep, DIR_INGRESS))
+    } else {
+        None
+    };
+    let Some(ep) = ep else {
+        if sender == PASS_NEW {
+            // The sender's entry was created marked for this path, which the flow's first
+            // packet does not take after all: its later packets must not either.
+            unmark_local(&f);
+        }
         return TC_ACT_OK;
-    }
+    };
+    // SAFETY: initialised whenever an endpoint was found.
+    let t = unsafe { t.assume_init_ref() };
     f.set_dir(DIR_INGRESS);
+    // Entries the receiver's check creates take this path; the sender is a local workload
+    // whose own address its egress check verified, so its RST ends the flow at the
+    // receiver's check point too (a remote peer's RST could be forged and only marks the flow
+    // closing).
+    f.deliver = true;
+    f.source_verified = true;
     let v = verdict(&f, ep, DIR_INGRESS, t.ifindex);
     if v == DROP {
         return TC_ACT_SHOT;
-    }
-    if v == PASS_NEW {
-        mark_local(&f);
-    }
-    if f.reset {
-        // The sender is a local workload whose own address its egress check verified, so
-        // this RST ends the flow at the receiver's check point too (a remote peer's RST could
-        // be forged and only marks the flow closing).
-        forget(&f);
-    }
-    if sender == PASS_NEW {
-        // The sender's entry, just created: its flow takes this path. (Marked after the
-        // receiver's verdict so the verifier walks that once.)
-        f.set_dir(DIR_EGRESS);
-        mark_local(&f);
     }
     if !rewrite(ctx, t, f.family) {
         // The receiver's program checks it again on the kernel path; conntrack now says pass.
@@ -194,6 +212,29 @@ pub fn deliver(ctx: &TcContext) -> i32 {
     count(Reason::LocalDelivery);
     // SAFETY: helper without pointer arguments.
     unsafe { bpf_redirect_peer(t.ifindex, 0) as i32 }
+}
+
+/// The parsed packet the sender's check handed over, into `out`; parsed again if the slot is
+/// not this packet's (it always is: a mismatch would be a bug, and costs only the parse).
+#[inline(always)]
+fn handed_over(ctx: &TcContext, out: &mut MaybeUninit<Flow>) -> bool {
+    // SAFETY: reading fields of the program's own context.
+    let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
+    if let Some(h) = ZT_HANDOFF.get(0) {
+        if h.ifindex == ifindex && h.len == len {
+            out.write(h.flow);
+            return true;
+        }
+    }
+    count(Reason::HandoffReparsed);
+    if parse::parse_l2(&parse::Direct::new(&ctx.skb), out).is_err() {
+        return false;
+    }
+    // SAFETY: the parser initialised the flow, as it does whenever it returns Ok.
+    let f = unsafe { out.assume_init_mut() };
+    f.set_dir(DIR_EGRESS);
+    f.deliver = true;
+    true
 }
 
 /// What the IP forwarding path does to a frame: new Ethernet addresses, TTL (with the header

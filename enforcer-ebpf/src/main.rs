@@ -285,12 +285,14 @@ enum Ending {
     Closing,
     /// RST sent by the local workload itself (its source address is checked): the flow is
     /// over, the entry is removed as the RST passes. Any later packet is judged by policy.
+    /// The same at the receiver's check on the local delivery path, where the sender is a
+    /// workload of this host whose address its egress check verified.
     Reset,
 }
 
 #[inline(always)]
 fn ending(flow: &Flow, dir: u8) -> Ending {
-    if flow.reset && dir == DIR_EGRESS {
+    if flow.reset && (dir == DIR_EGRESS || flow.source_verified) {
         Ending::Reset
     } else if flow.closing {
         Ending::Closing
@@ -381,7 +383,8 @@ const PASS: u32 = 1;
 /// Pass, and the flow may take local delivery (its conntrack entry carries [`CT_F_LOCAL`]).
 const PASS_LOCAL: u32 = 2;
 /// Pass; a conntrack entry for the flow was created just now and the peer is a workload of
-/// this host (see [`mark_local`]).
+/// this host (the entry is marked for local delivery if the flow asked for it,
+/// `Flow::deliver`).
 const PASS_NEW: u32 = 3;
 
 /// The verdict for one parsed packet of the workload `ep`, checked in direction `dir`:
@@ -443,6 +446,10 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> u32 {
         return PASS;
     }
     if allow || audit {
+        // A flow between two workloads of this host, checked where local delivery is decided,
+        // is created marked for it; the delivery program clears the mark if this packet does
+        // not take that path after all (see `local::deliver`).
+        let local = flow.deliver && peer.flags & IDENTITY_F_LOCAL != 0;
         let value = CtValue {
             created_ns: ts,
             last_seen_ns: ts,
@@ -450,7 +457,7 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> u32 {
             cookie,
             slot: if audit { SLOT_NONE } else { slot },
             local_identity: ep.identity,
-            flags: if audit { CT_F_AUDIT } else { flags },
+            flags: if audit { CT_F_AUDIT } else { flags } | if local { CT_F_LOCAL } else { 0 },
         };
         let inserted = if flow.family == 4 {
             ZT_CT4.insert(&key4(flow), &value, 0)
@@ -546,42 +553,29 @@ fn tc_main(ctx: &mut TcContext, dir: u8) -> i32 {
         return TC_ACT_SHOT;
     }
     flow.set_dir(dir);
-    // Local delivery is decided where a workload's packet enters the host: the way is looked
-    // up first, so that conntrack entries the packet creates record whether it took it.
+    // Local delivery is decided where a workload's packet enters the host, for the first
+    // packet of a flow or a later one of a flow whose first packet took it. Entries the first
+    // packet creates are marked for it (and unmarked if the way turns out to be another).
+    let deliver = dir == DIR_EGRESS && config().local_delivery != 0;
+    flow.deliver = deliver;
     let v = verdict(&flow, ep, dir, ifindex);
     if v == DROP {
         return TC_ACT_SHOT;
     }
-    // Local delivery is decided where a workload's packet enters the host, for the first
-    // packet of a flow or a later one of a flow whose first packet took it.
-    if dir == DIR_EGRESS && (v == PASS_NEW || v == PASS_LOCAL) && config().local_delivery != 0 {
-        return local::hand_over(ctx, v);
+    if deliver && (v == PASS_NEW || v == PASS_LOCAL) {
+        return local::hand_over(ctx, &flow, v);
     }
     TC_ACT_OK
 }
 
-/// Remove the conntrack entries of `flow`'s check point in both orientations.
+/// Clear the local delivery mark of the conntrack entry `flow` just created (its own
+/// orientation): its first packet did not take that path.
 #[inline(always)]
-fn forget(flow: &Flow) {
-    if flow.family == 4 {
-        let k = key4(flow);
-        let _ = ZT_CT4.remove(&k);
-        let _ = ZT_CT4.remove(&k.swapped());
-    } else {
-        let k = flow.key6();
-        let _ = ZT_CT6.remove(k);
-        let _ = ZT_CT6.remove(&k.swapped());
-    }
-}
-
-/// Mark the conntrack entry `flow` just created (its own orientation) as admitted on the
-/// local delivery path.
-#[inline(always)]
-fn mark_local(flow: &Flow) {
+fn unmark_local(flow: &Flow) {
     let p = if flow.family == 4 { ZT_CT4.get_ptr_mut(&key4(flow)) } else { ZT_CT6.get_ptr_mut(flow.key6()) };
     if let Some(ct) = p {
         // SAFETY: map value valid for this program run; a flag bit, no other writer sets it.
-        unsafe { (*ct).flags |= CT_F_LOCAL };
+        unsafe { (*ct).flags &= !CT_F_LOCAL };
     }
 }
 
@@ -698,6 +692,8 @@ fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
         syn_ack: false,
         closing: false,
         reset: false,
+        deliver: false,
+        source_verified: false,
     };
     let cfg = config();
     let peer = peer_identity(cfg, &daddr);

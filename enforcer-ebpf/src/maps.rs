@@ -81,6 +81,12 @@ pub static ZT_SUPPRESSED: PerCpuHashMap<SuppressedKey, u64> = PerCpuHashMap::pin
 #[map]
 pub static ZT_LINKS: Array<u32> = Array::pinned(ENDPOINT_ARRAY_SIZE, 0);
 
+/// The parsed packet the sender's check hands to the local delivery program it tail-calls
+/// (one slot per CPU: nothing runs on a CPU between the two). Pinned so that a program of
+/// one load can hand over to the delivery program of the next (see `ABI_VERSION`).
+#[map]
+pub static ZT_HANDOFF: PerCpuArray<crate::local::Handoff> = PerCpuArray::pinned(1, 0);
+
 /// Slot 0: the local delivery program (`zt_tc_deliver`), set by userspace when it loads the
 /// programs. Empty, the tail call fails and packets take the kernel path.
 #[map]

@@ -51,6 +51,12 @@ pub struct Flow {
     pub closing: bool,
     /// TCP with RST: the connection is over once this packet is through.
     pub reset: bool,
+    /// Set by the caller, not the parser: a conntrack entry this check creates for a flow to
+    /// or from a workload of this host is created marked for local delivery (`CT_F_LOCAL`).
+    pub deliver: bool,
+    /// Set by the caller, not the parser: the packet's source is a workload of this host
+    /// whose address its own egress check verified, so its RST ends the flow here too.
+    pub source_verified: bool,
 }
 
 const _: () =
@@ -368,6 +374,8 @@ fn parse_l4<P: Packet>(
         syn_ack,
         closing,
         reset,
+        deliver: false,
+        source_verified: false,
     })
 }
 

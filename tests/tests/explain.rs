@@ -113,7 +113,14 @@ fn moved(
         .filter(|(r, n)| **n != before[*r])
         .map(|(r, _)| *r)
         .filter(|r| {
-            !matches!(r, Reason::EventLost | Reason::EventSuppressed | Reason::CtFull | Reason::LocalDelivery)
+            !matches!(
+                r,
+                Reason::EventLost
+                    | Reason::EventSuppressed
+                    | Reason::CtFull
+                    | Reason::LocalDelivery
+                    | Reason::HandoffReparsed
+            )
         })
         .collect()
 }

@@ -254,3 +254,38 @@ fn a_local_senders_reset_ends_the_flow_at_both_check_points() {
     // the receiver's entry goes with it instead of waiting for garbage collection.
     assert_eq!(entries(&s), 0, "both entries removed by the sender's RST");
 }
+
+#[test]
+fn a_flow_whose_first_packet_took_the_kernel_path_keeps_it() {
+    let s = setup("ldfirst", Lab::routed(2));
+    let a = &s.lab.pods[0];
+    s.dp.writer().install(&s.a_to_b(TCP, 8080, None)).unwrap();
+    exchange(a, "10.77.0.2:8080");
+    // No neighbour entry for B: the next flow's first packet cannot be delivered locally, the
+    // host resolves B on the kernel path. Its entries were created marked for local delivery
+    // (before the way was known), and the mark must be gone once the packet took the other.
+    s.lab.host.sh("ip neigh flush dev hv1");
+    let mut conn = tcp_connect(a, "10.77.0.2:8080", OPEN).expect("connects");
+    let port = conn.local_addr().unwrap().port();
+    let flags = |s: &Pair| -> Vec<u32> {
+        s.dp.writer()
+            .conntrack()
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| k.sport == port)
+            .map(|(_, v)| v.flags)
+            .collect()
+    };
+    let f = flags(&s);
+    assert_eq!(f.len(), 2, "the sender's and the receiver's entries: {f:?}");
+    assert!(f.iter().all(|f| f & enforcer_common::CT_F_LOCAL == 0), "no local delivery mark: {f:?}");
+    let before = delivered(&s);
+    for _ in 0..5 {
+        assert!(echo_once(&mut conn, OPEN), "the flow keeps working on the kernel path");
+    }
+    assert_eq!(delivered(&s), before, "none of its packets is delivered locally, B's neighbour known or not");
+    // A new flow finds the neighbour and takes local delivery from its first packet.
+    let before = delivered(&s);
+    exchange(a, "10.77.0.2:8080");
+    assert!(delivered(&s) >= before + 4, "{before} → {}", delivered(&s));
+}

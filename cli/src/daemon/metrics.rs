@@ -63,7 +63,13 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE ztseg_packets_total counter");
         if let Ok(c) = w.counters() {
             for r in Reason::ALL {
-                if matches!(r, Reason::EventLost | Reason::LocalDelivery | Reason::EventSuppressed) {
+                if matches!(
+                    r,
+                    Reason::EventLost
+                        | Reason::LocalDelivery
+                        | Reason::EventSuppressed
+                        | Reason::HandoffReparsed
+                ) {
                     continue;
                 }
                 let _ = writeln!(out, "ztseg_packets_total{{reason=\"{}\"}} {}", r.name(), c[&r]);
@@ -83,6 +89,12 @@ impl Metrics {
             );
             let _ = writeln!(out, "# TYPE ztseg_local_deliveries_total counter");
             let _ = writeln!(out, "ztseg_local_deliveries_total {}", c[&Reason::LocalDelivery]);
+            let _ = writeln!(
+                out,
+                "# HELP ztseg_handoff_reparsed_total Local deliveries that parsed a packet again (never expected)."
+            );
+            let _ = writeln!(out, "# TYPE ztseg_handoff_reparsed_total counter");
+            let _ = writeln!(out, "ztseg_handoff_reparsed_total {}", c[&Reason::HandoffReparsed]);
         }
         let _ = writeln!(
             out,
