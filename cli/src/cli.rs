@@ -822,6 +822,8 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                 ("local_delivery", st.local_delivery.to_string()),
                 ("event_rate_limit", st.event_rate_limit.to_string()),
                 ("event_burst", st.event_burst.to_string()),
+                ("event_rate_limit_total", st.event_rate_limit_total.to_string()),
+                ("event_burst_total", st.event_burst_total.to_string()),
                 ("policy_error", st.policy_error),
             ]];
             print_rows(&rows, output)?;

@@ -111,11 +111,25 @@ pub struct Endpoint {
     pub identity: u32,
     pub tenant: u32,
     pub flags: u32,
-    pub pad: u32,
+    /// This endpoint's slot in the per-CPU event budget (`ZT_EVENT_BUDGET`, from
+    /// [`EVENT_SLOT_FIRST`] to below [`EVENT_SLOTS`]), assigned by userspace;
+    /// [`EVENT_SLOT_SHARED`] serves endpoints registered while every other slot is taken.
+    pub event_slot: u32,
     pub addr_v4: Addr,
     pub addr_v6: Addr,
 }
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 48);
+
+/// Slots of the event rate limiter (`ZT_EVENT_BUDGET`): each registered endpoint has its own
+/// budget on each CPU, so one workload's flood cannot use up another's events; slot
+/// [`EVENT_SLOT_TOTAL`] bounds all of them together.
+pub const EVENT_SLOTS: u32 = 8192;
+/// Event budget of all workloads together on a CPU.
+pub const EVENT_SLOT_TOTAL: u32 = 0;
+/// Event budget shared by endpoints registered while every slot of their own is taken.
+pub const EVENT_SLOT_SHARED: u32 = 1;
+/// First slot given to an endpoint of its own.
+pub const EVENT_SLOT_FIRST: u32 = 2;
 
 // ---- policy ------------------------------------------------------------------------------------
 
@@ -280,17 +294,22 @@ pub struct Config {
     /// Non-zero: hand packets between two local workloads straight to the destination's
     /// namespace (see [`LINK_F_PEER`]).
     pub local_delivery: u32,
-    /// Event rate limit: nanoseconds of budget one event costs on a CPU (the inverse of the
-    /// per-CPU rate); 0: no limit. See [`Reason::EventSuppressed`].
+    /// Event rate limit: nanoseconds of budget one event of a workload costs on a CPU (the
+    /// inverse of the per-workload, per-CPU rate); 0: no limit at all. See
+    /// [`Reason::EventSuppressed`] and [`Endpoint::event_slot`].
     pub event_interval_ns: u32,
-    /// Events a CPU may emit back to back after being idle (at least 1 when limited).
+    /// Events a workload may emit on a CPU back to back after being idle (at least 1 when
+    /// limited).
     pub event_burst: u32,
+    /// The same for all workloads together on a CPU (budget slot 0); 0: no total limit.
+    pub event_total_interval_ns: u32,
+    pub event_total_burst: u32,
     /// Written by userspace on creation: [`ABI_VERSION`] of the maps in this pin directory.
     pub abi_version: u32,
     pub failsafe: [Failsafe; MAX_FAILSAFE],
 }
 const _: () =
-    assert!(core::mem::size_of::<Config>() == 4 * (POLICY_SHAPES + ADMIN_SHAPES + 8) + 4 * MAX_FAILSAFE);
+    assert!(core::mem::size_of::<Config>() == 4 * (POLICY_SHAPES + ADMIN_SHAPES + 10) + 4 * MAX_FAILSAFE);
 
 // ---- conntrack ---------------------------------------------------------------------------------
 

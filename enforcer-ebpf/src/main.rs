@@ -29,9 +29,10 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     CT_F_AUDIT, CT_F_CLOSING, CT_F_FAILSAFE, CT_F_LOCAL, Config, CtKey, CtKey4, CtValue, DIR_EGRESS,
-    DIR_INGRESS, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, Endpoint, Event, IDENTITY_F_LOCAL,
-    IDENTITY_WORLD, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE,
-    SuppressedKey, TENANT_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    DIR_INGRESS, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6, EVENT_SLOT_FIRST, EVENT_SLOT_SHARED,
+    EVENT_SLOT_TOTAL, EVENT_SLOTS, Endpoint, Event, IDENTITY_F_LOCAL, IDENTITY_WORLD, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IdentityInfo, MAX_FAILSAFE, Reason, SLOT_NONE, SuppressedKey, TENANT_NONE,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 use maps::{
     ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_COUNTERS, ZT_CT4, ZT_CT6, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH,
@@ -68,6 +69,8 @@ static EMPTY_CONFIG: Config = Config {
     local_delivery: 0,
     event_interval_ns: 0,
     event_burst: 0,
+    event_total_interval_ns: 0,
+    event_total_burst: 0,
     abi_version: 0,
     failsafe: [enforcer_common::Failsafe { port: 0, proto: 0, pad: 0 }; MAX_FAILSAFE],
 };
@@ -94,7 +97,7 @@ fn meta(verdict: u8, reason: Reason, dir: u8, ifindex: u32) -> u64 {
 #[inline(never)]
 fn emit(flow: &Flow, ep: &Endpoint, peer: &IdentityInfo, meta: u64, cookie: u32) {
     let now = coarse_now();
-    if !event_budget(now) {
+    if !event_budget(now, ep.event_slot) {
         count(Reason::EventSuppressed);
         let key =
             SuppressedKey { identity: ep.identity, verdict: meta as u8, reason: (meta >> 8) as u8, pad: 0 };
@@ -146,28 +149,48 @@ fn emit(flow: &Flow, ep: &Endpoint, peer: &IdentityInfo, meta: u64, cookie: u32)
     entry.submit(u64::from(flags));
 }
 
-/// Whether this CPU may emit one more event now, under the configured rate limit (generic
-/// cell rate algorithm: each event moves the CPU's budget time `event_interval_ns` ahead; an
-/// event that would move it more than `event_burst` intervals past now is suppressed). Drop
-/// floods thus cost the event reader, the daemon and the controller a bounded amount of work;
-/// the per-reason counters still count every packet.
+/// Whether the endpoint with event budget `slot` may emit one more event on this CPU now,
+/// under the configured rate limit (generic cell rate algorithm: each event moves the budget
+/// time `event_interval_ns` ahead; an event that would move it more than `event_burst`
+/// intervals past now is suppressed). Drop floods thus cost the event reader, the daemon and
+/// the controller a bounded amount of work, and one workload's flood leaves the others' events
+/// alone; the per-reason counters still count every packet.
 #[inline(always)]
-fn event_budget(now: u64) -> bool {
+fn event_budget(now: u64, slot: u32) -> bool {
     let cfg = config();
     if cfg.event_interval_ns == 0 {
         return true;
     }
-    let Some(p) = ZT_EVENT_BUDGET.get_ptr_mut(0) else { return true };
-    let interval = u64::from(cfg.event_interval_ns);
+    // A slot out of range (never written so) uses the shared one.
+    let slot = if (EVENT_SLOT_FIRST..EVENT_SLOTS).contains(&slot) { slot } else { EVENT_SLOT_SHARED };
+    let Some(own) = ZT_EVENT_BUDGET.get_ptr_mut(slot) else { return true };
     // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
-    let spent = unsafe { *p };
-    let next = if spent > now { spent } else { now } + interval;
-    if next - now > interval * u64::from(cfg.event_burst) {
+    let Some(own_next) = gcra(unsafe { *own }, now, cfg.event_interval_ns, cfg.event_burst) else {
         return false;
+    };
+    if cfg.event_total_interval_ns != 0 {
+        let Some(total) = ZT_EVENT_BUDGET.get_ptr_mut(EVENT_SLOT_TOTAL) else { return true };
+        // SAFETY: as above.
+        let Some(total_next) =
+            gcra(unsafe { *total }, now, cfg.event_total_interval_ns, cfg.event_total_burst)
+        else {
+            return false;
+        };
+        // SAFETY: as above.
+        unsafe { *total = total_next };
     }
     // SAFETY: as above.
-    unsafe { *p = next };
+    unsafe { *own = own_next };
     true
+}
+
+/// One more event against a budget spent down to empty at `spent`: the new value, or `None`
+/// if that would move it more than `burst` intervals past `now`.
+#[inline(always)]
+fn gcra(spent: u64, now: u64, interval: u32, burst: u32) -> Option<u64> {
+    let interval = u64::from(interval);
+    let next = if spent > now { spent } else { now } + interval;
+    if next - now > interval * u64::from(burst) { None } else { Some(next) }
 }
 
 /// Identity of a peer address: exact map, then CIDR trie (only if any CIDR exists), else world.

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
 use enforcer_common::{
-    Addr, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtKey4, CtValue, ENDPOINT_ARRAY_SIZE, Endpoint,
-    IdentityInfo, PolicyKey, PolicyValue, REASON_COUNT, RuleState, SuppressedKey,
+    Addr, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtKey4, CtValue, ENDPOINT_ARRAY_SIZE, EVENT_SLOTS,
+    Endpoint, IdentityInfo, PolicyKey, PolicyValue, REASON_COUNT, RuleState, SuppressedKey,
 };
 
 /// Exact /32 and /128 address (16 bytes, IPv4 mapped) → identity.
@@ -65,10 +65,11 @@ pub static ZT_EVENTS: RingBuf = RingBuf::pinned(1 << 22, 0);
 #[map]
 pub static ZT_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
 
-/// Event rate limiter, per CPU: the time at which the CPU's event budget is spent down to
-/// empty (a GCRA "theoretical arrival time", coarse monotonic ns). See `Config::event_interval_ns`.
+/// Event rate limiter, per CPU: slot 0 for all workloads together, the others per endpoint
+/// (`Endpoint::event_slot`); each holds the time at which the budget is spent down to empty
+/// (a GCRA "theoretical arrival time", coarse monotonic ns). See `Config::event_interval_ns`.
 #[map]
-pub static ZT_EVENT_BUDGET: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+pub static ZT_EVENT_BUDGET: PerCpuArray<u64> = PerCpuArray::pinned(EVENT_SLOTS, 0);
 
 /// Events suppressed by the rate limit, per CPU, by the workload they were about (identity),
 /// verdict and reason, so per-workload verdict counts stay exact without the events. Written

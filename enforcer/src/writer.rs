@@ -35,7 +35,10 @@ use enforcer_common::{
 
 use crate::{Error, addr, time};
 
+mod event_slots;
 pub mod explain;
+
+use event_slots::{EndpointKey, EventSlots};
 
 /// Allow or deny (tenant tier); admin rules may also pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -127,11 +130,12 @@ pub struct Workload {
 }
 
 impl Workload {
-    fn endpoint(&self) -> Endpoint {
+    fn endpoint(&self, event_slot: u32) -> Endpoint {
         let mut ep = Endpoint {
             identity: self.identity,
             tenant: self.tenant,
             flags: ENDPOINT_F_VALID,
+            event_slot,
             ..Endpoint::default()
         };
         if let Some(v4) = self.ipv4 {
@@ -181,6 +185,8 @@ pub struct Writer {
     counters: PerCpuArray<MapData, u64>,
     suppressed: PerCpuHashMap<MapData, enforcer_common::SuppressedKey, u64>,
     links: Array<MapData, u32>,
+    event_budget: PerCpuArray<MapData, u64>,
+    event_slots: EventSlots,
     records: BTreeMap<u32, Record>,
     owners: StdHashMap<PolicyKey, u32>,
     admin_owners: StdHashMap<AdminKey, u32>,
@@ -236,6 +242,8 @@ impl Writer {
             counters: take(ebpf, map_names::COUNTERS)?,
             suppressed: take(ebpf, map_names::SUPPRESSED)?,
             links: take(ebpf, map_names::LINKS)?,
+            event_budget: take(ebpf, map_names::EVENT_BUDGET)?,
+            event_slots: EventSlots::default(),
             records: BTreeMap::new(),
             owners: StdHashMap::new(),
             admin_owners: StdHashMap::new(),
@@ -246,7 +254,72 @@ impl Writer {
             admin_capacity,
         };
         w.rebuild()?;
+        w.rebuild_event_slots()?;
         Ok(w)
+    }
+
+    /// Read back which event budget slot each registered endpoint holds.
+    fn rebuild_event_slots(&mut self) -> Result<(), Error> {
+        let mut found = Vec::new();
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            let ep = ep.map_err(Error::map(map_names::ENDPOINTS))?;
+            if ep.flags & ENDPOINT_F_VALID != 0 {
+                found.push((EndpointKey::Interface(u32::try_from(i).unwrap_or(u32::MAX)), ep));
+            }
+        }
+        for item in &self.endpoints_hash {
+            let (k, ep) = item.map_err(Error::map(map_names::ENDPOINTS_HASH))?;
+            found.push((EndpointKey::Interface(k), ep));
+        }
+        for item in &self.cgroups {
+            let (k, ep) = item.map_err(Error::map(map_names::CGROUPS))?;
+            found.push((EndpointKey::Cgroup(k), ep));
+        }
+        for (key, mut ep) in found {
+            let slot = self.event_slots.restore(key, ep.event_slot);
+            if slot != ep.event_slot {
+                ep.event_slot = slot;
+                self.reset_event_budget(slot)?;
+                self.put_endpoint(key, ep)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forget what the endpoint at `slot` spent (a previous holder's budget).
+    fn reset_event_budget(&mut self, slot: u32) -> Result<(), Error> {
+        // One value per possible CPU, as the kernel expects.
+        let cpus = self.event_budget.get(&slot, 0).map_err(Error::map(map_names::EVENT_BUDGET))?.len();
+        let zero = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
+            .map_err(|e| Error::Map { name: map_names::EVENT_BUDGET, source: Box::new(e.into()) })?;
+        self.event_budget.set(slot, zero, 0).map_err(Error::map(map_names::EVENT_BUDGET))
+    }
+
+    fn put_endpoint(&mut self, key: EndpointKey, ep: Endpoint) -> Result<(), Error> {
+        match key {
+            EndpointKey::Interface(i) if i < ENDPOINT_ARRAY_SIZE => {
+                self.endpoints.set(i, ep, 0).map_err(|e| full_or(e, map_names::ENDPOINTS))
+            }
+            EndpointKey::Interface(i) => {
+                self.endpoints_hash.insert(i, ep, 0).map_err(|e| full_or(e, map_names::ENDPOINTS_HASH))
+            }
+            EndpointKey::Cgroup(id) => {
+                self.cgroups.insert(id, ep, 0).map_err(|e| full_or(e, map_names::CGROUPS))
+            }
+        }
+    }
+
+    /// Register `w` at `key`, keeping the endpoint's event budget slot or assigning one.
+    fn set_endpoint(&mut self, key: EndpointKey, w: &Workload) -> Result<(), Error> {
+        let (slot, fresh) = self.event_slots.assign(key);
+        if fresh {
+            self.reset_event_budget(slot)?;
+        }
+        let r = self.put_endpoint(key, w.endpoint(slot));
+        if r.is_err() && fresh {
+            self.event_slots.release(key);
+        }
+        r
     }
 
     /// Rebuild the index from the pinned maps after a restart. Entries whose slot was never
@@ -796,19 +869,24 @@ impl Writer {
     /// addresses to its identity.
     pub fn set_interface_workload(&mut self, ifindex: u32, w: &Workload) -> Result<(), Error> {
         self.set_workload_addrs(w, IDENTITY_F_LOCAL)?;
-        if ifindex < ENDPOINT_ARRAY_SIZE {
-            self.endpoints.set(ifindex, w.endpoint(), 0).map_err(|e| full_or(e, map_names::ENDPOINTS))
-        } else {
-            self.endpoints_hash
-                .insert(ifindex, w.endpoint(), 0)
-                .map_err(|e| full_or(e, map_names::ENDPOINTS_HASH))
-        }
+        self.set_endpoint(EndpointKey::Interface(ifindex), w)
     }
 
     /// Register a workload by cgroup id (cgroup attachment).
     pub fn set_cgroup_workload(&mut self, cgroup_id: u64, w: &Workload) -> Result<(), Error> {
         self.set_workload_addrs(w, 0)?;
-        self.cgroups.insert(cgroup_id, w.endpoint(), 0).map_err(|e| full_or(e, map_names::CGROUPS))
+        self.set_endpoint(EndpointKey::Cgroup(cgroup_id), w)
+    }
+
+    /// Forget the workload registered by cgroup id: cgroup programs drop its traffic (no
+    /// endpoint). Its addresses keep their identity.
+    pub fn remove_cgroup_workload(&mut self, cgroup_id: u64) -> Result<(), Error> {
+        match self.cgroups.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(Error::Map { name: map_names::CGROUPS, source: Box::new(e) }),
+        }
+        self.event_slots.release(EndpointKey::Cgroup(cgroup_id));
+        Ok(())
     }
 
     fn set_workload_addrs(&mut self, w: &Workload, flags: u32) -> Result<(), Error> {
@@ -838,13 +916,15 @@ impl Writer {
             }
         }
         if ifindex < ENDPOINT_ARRAY_SIZE {
-            self.endpoints.set(ifindex, Endpoint::default(), 0).map_err(Error::map(map_names::ENDPOINTS))
+            self.endpoints.set(ifindex, Endpoint::default(), 0).map_err(Error::map(map_names::ENDPOINTS))?;
         } else {
             match self.endpoints_hash.remove(&ifindex) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(Error::Map { name: map_names::ENDPOINTS_HASH, source: Box::new(e) }),
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(Error::Map { name: map_names::ENDPOINTS_HASH, source: Box::new(e) }),
             }
         }
+        self.event_slots.release(EndpointKey::Interface(ifindex));
+        Ok(())
     }
 
     /// Traffic to these (protocol, port) pairs passes whatever the policy.
@@ -877,29 +957,53 @@ impl Writer {
         self.set_config(cfg)
     }
 
-    /// Limit the events each CPU emits (drops, audits, new allowed flows) to `limit`, or lift
-    /// the limit (`None`). Events over the limit are counted as `EventSuppressed`; the packets
-    /// themselves are judged and counted as always.
+    /// Limit the events (drops, audits, new allowed flows) each workload emits on each CPU,
+    /// and optionally all of them together, to `limit`, or lift the limit (`None`). Events
+    /// over the limit are counted as `EventSuppressed`; the packets themselves are judged and
+    /// counted as always.
     pub fn set_event_rate_limit(&mut self, limit: Option<EventRateLimit>) -> Result<(), Error> {
-        let (interval, burst) = match limit {
-            None => (0, 0),
+        let (interval, burst, total_interval, total_burst) = match limit {
+            None => (0, 0, 0, 0),
             Some(l) if l.burst == 0 => {
                 return Err(Error::InvalidRule { field: "event_burst", reason: "must be at least 1".into() });
             }
-            Some(l) => (l.interval_ns()?, l.burst),
+            Some(l) if l.total_per_cpu_per_sec != 0 && l.total_burst == 0 => {
+                return Err(Error::InvalidRule {
+                    field: "event_burst_total",
+                    reason: "must be at least 1 while a total limit is set".into(),
+                });
+            }
+            Some(l) => {
+                let total = if l.total_per_cpu_per_sec == 0 {
+                    0
+                } else {
+                    rate_interval("event_rate_limit_total", l.total_per_cpu_per_sec)?
+                };
+                (rate_interval("event_rate", l.per_cpu_per_sec)?, l.burst, total, l.total_burst)
+            }
         };
         let mut cfg = self.config()?;
         (cfg.event_interval_ns, cfg.event_burst) = (interval, burst);
+        (cfg.event_total_interval_ns, cfg.event_total_burst) =
+            if total_interval == 0 { (0, 0) } else { (total_interval, total_burst) };
         self.set_config(cfg)
     }
 
     /// The event rate limit in force, if any (the rate as stored: whole nanoseconds per event).
     pub fn event_rate_limit(&self) -> Result<Option<EventRateLimit>, Error> {
         let cfg = self.config()?;
+        let rate = |interval: u32| {
+            if interval == 0 {
+                0
+            } else {
+                u32::try_from(1_000_000_000 / u64::from(interval)).unwrap_or(u32::MAX)
+            }
+        };
         Ok((cfg.event_interval_ns != 0).then(|| EventRateLimit {
-            per_cpu_per_sec: u32::try_from(1_000_000_000 / u64::from(cfg.event_interval_ns))
-                .unwrap_or(u32::MAX),
+            per_cpu_per_sec: rate(cfg.event_interval_ns),
             burst: cfg.event_burst,
+            total_per_cpu_per_sec: rate(cfg.event_total_interval_ns),
+            total_burst: cfg.event_total_burst,
         }))
     }
 
@@ -1047,24 +1151,28 @@ fn full_or(e: aya::maps::MapError, name: &'static str) -> Error {
     Error::Map { name, source: Box::new(e) }
 }
 
-/// A per-CPU event rate limit (see [`Writer::set_event_rate_limit`]).
+/// An event rate limit (see [`Writer::set_event_rate_limit`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EventRateLimit {
-    /// Sustained events per second on each CPU, 1 to 1,000,000,000.
+    /// Sustained events per second each workload may emit on each CPU, 1 to 1,000,000,000.
     pub per_cpu_per_sec: u32,
-    /// Events a CPU may emit back to back after being quiet, at least 1.
+    /// Events a workload may emit on a CPU back to back after being quiet, at least 1.
     pub burst: u32,
+    /// Sustained events per second all workloads together may emit on each CPU, 0 (no total
+    /// limit) to 1,000,000,000.
+    pub total_per_cpu_per_sec: u32,
+    /// Events all workloads together may emit on a CPU back to back (with a total limit, at
+    /// least 1).
+    pub total_burst: u32,
 }
 
-impl EventRateLimit {
-    /// The budget one event costs, in nanoseconds.
-    fn interval_ns(self) -> Result<u32, Error> {
-        if self.per_cpu_per_sec == 0 || self.per_cpu_per_sec > 1_000_000_000 {
-            return Err(Error::InvalidRule {
-                field: "event_rate",
-                reason: format!("{} events per second: must be 1 to 1000000000", self.per_cpu_per_sec),
-            });
-        }
-        Ok(1_000_000_000 / self.per_cpu_per_sec)
+/// Nanoseconds per event at `per_sec` events per second (1 to 1,000,000,000).
+fn rate_interval(field: &'static str, per_sec: u32) -> Result<u32, Error> {
+    if per_sec == 0 || per_sec > 1_000_000_000 {
+        return Err(Error::InvalidRule {
+            field,
+            reason: format!("{per_sec} events per second: must be 1 to 1000000000"),
+        });
     }
+    Ok(1_000_000_000 / per_sec)
 }

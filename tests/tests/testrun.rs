@@ -752,28 +752,33 @@ fn events_keep_order_across_ring_wraparound() {
     assert_eq!(dp.writer().counters().unwrap()[&Reason::EventLost], before);
 }
 
+fn limit(rate: u32, burst: u32, total: u32, total_burst: u32) -> enforcer::EventRateLimit {
+    enforcer::EventRateLimit { per_cpu_per_sec: rate, burst, total_per_cpu_per_sec: total, total_burst }
+}
+
 /// A drop flood under an event rate limit: every packet is still dropped and counted, events
 /// stop at the limit (burst plus the sustained rate over the flood's duration, per CPU), and
 /// each event not emitted is counted as suppressed — none is lost unaccounted. Lifting the
 /// limit reports every drop again.
 #[test]
 fn event_rate_limit_bounds_events_not_verdicts() {
-    use enforcer::EventRateLimit;
     let mut dp = setup("evlimit");
     let mut events = dp.events().unwrap();
     const FLOOD: u32 = 200_000;
     const BURST: u32 = 50;
     const RATE: u32 = 1000;
     let invalid = [
-        EventRateLimit { per_cpu_per_sec: 0, burst: 1 },
-        EventRateLimit { per_cpu_per_sec: 10, burst: 0 },
-        EventRateLimit { per_cpu_per_sec: 1_000_000_001, burst: 1 },
+        limit(0, 1, 0, 0),
+        limit(10, 0, 0, 0),
+        limit(1_000_000_001, 1, 0, 0),
+        limit(10, 1, 1_000_000_001, 1),
+        limit(10, 1, 10, 0),
     ];
     for l in invalid {
         let e = dp.writer().set_event_rate_limit(Some(l)).expect_err("invalid limit refused");
-        assert!(e.to_string().contains("event_"), "{e}");
+        assert!(e.to_string().contains("event_"), "{l:?}: {e}");
     }
-    let limit = EventRateLimit { per_cpu_per_sec: RATE, burst: BURST };
+    let limit = limit(RATE, BURST, 0, 0);
     dp.writer().set_event_rate_limit(Some(limit)).unwrap();
     assert_eq!(dp.writer().event_rate_limit().unwrap(), Some(limit));
 
@@ -810,4 +815,143 @@ fn event_rate_limit_bounds_events_not_verdicts() {
     assert_eq!(dp.run_repeat(TC_FROM_WORKLOAD, &fr, 5000).unwrap(), TC_ACT_SHOT);
     assert_eq!(events.drain().len(), 5000, "without a limit every drop is reported");
     assert_eq!(dp.writer().counters().unwrap()[&Reason::EventSuppressed], c2[&Reason::EventSuppressed]);
+}
+
+/// The event rate limit is per workload: one workload's flood spends its own budget, and
+/// another workload's drops on the same CPUs are still reported one by one. Budget slots are
+/// the endpoints' own and survive a reopen of the pins.
+#[test]
+fn event_rate_limit_is_per_workload() {
+    let mut dp = setup("evfair");
+    // Under test-run, cgroup programs see the socket test-run makes, in the test's own cgroup:
+    // B is registered there.
+    let cgid = own_cgroup_id();
+    dp.writer().set_cgroup_workload(cgid, &workload(B, 1, Some("10.0.0.2"), None)).unwrap();
+    let mut events = dp.events().unwrap();
+    dp.writer().set_event_rate_limit(Some(limit(1, 20, 0, 0))).unwrap();
+    let flood = frame::tcp4("10.0.0.1", 2600, "10.0.0.2", 81);
+    assert_eq!(dp.run_repeat(TC_FROM_WORKLOAD, &flood, 20_000).unwrap(), TC_ACT_SHOT);
+    let a = events.drain();
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    assert!(a.len() >= 20 && a.len() <= 22 * cpus, "A's burst, per CPU: {}", a.len());
+    assert!(a.iter().all(|e| e.local_identity == A));
+
+    let fr = frame::tcp4("10.0.0.2", 2700, "10.0.0.1", 81);
+    assert_eq!(cgroup_egress(&mut dp, &fr, 10), 0, "B's packets are dropped");
+    let b = events.drain();
+    assert_eq!(b.len(), 10, "B's drops are all reported: A's flood spent A's budget only");
+    assert!(b.iter().all(|e| e.local_identity == B && e.verdict == Verdict::Drop));
+
+    // Each endpoint holds its own slot in the maps, and a reopen keeps them.
+    let slots = |dir: &std::path::Path| {
+        let ifs: aya::maps::Array<_, enforcer_common::Endpoint> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(
+                aya::maps::MapData::from_pin(dir.join(enforcer_common::map_names::ENDPOINTS)).unwrap(),
+            ))
+            .unwrap();
+        let cgs: aya::maps::HashMap<_, u64, enforcer_common::Endpoint> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+                aya::maps::MapData::from_pin(dir.join(enforcer_common::map_names::CGROUPS)).unwrap(),
+            ))
+            .unwrap();
+        (ifs.get(&1, 0).unwrap().event_slot, cgs.get(&cgid, 0).unwrap().event_slot)
+    };
+    let (sa, sb) = slots(&dp.dir);
+    assert!(sa != 0 && sb != 0 && sa != sb, "own slots: {sa} {sb}");
+    let dir = dp.dir.clone();
+    let again = enforcer::Datapath::open(&dir, &ztseg_integration::small_options()).unwrap();
+    again.writer().set_cgroup_workload(7, &workload(D, 1, Some("10.0.0.4"), None)).unwrap();
+    assert_eq!(slots(&dir), (sa, sb), "kept across a reopen");
+    let cgs: aya::maps::HashMap<_, u64, enforcer_common::Endpoint> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(dir.join(enforcer_common::map_names::CGROUPS)).unwrap(),
+        ))
+        .unwrap();
+    let sd = cgs.get(&7, 0).unwrap().event_slot;
+    assert!(sd != 0 && sd != sa && sd != sb, "a new endpoint gets a slot of its own: {sd}");
+    again.writer().remove_cgroup_workload(7).unwrap();
+    assert!(cgs.get(&7, 0).is_err(), "removed");
+}
+
+/// The cgroup v2 id of this process's cgroup: the inode of its directory in the cgroup2 mount.
+fn own_cgroup_id() -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::")).expect("a cgroup v2 line");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let root = mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| f[1].to_owned())
+        .expect("cgroup2 mounted");
+    std::fs::metadata(format!("{root}{rel}")).unwrap().ino()
+}
+
+/// Run the current thread on CPU 0 only (one CPU's event budgets), as long as the guard lives.
+struct OnCpu0(libc::cpu_set_t);
+
+impl OnCpu0 {
+    fn pin() -> Self {
+        // SAFETY: plain data; sched_getaffinity/setaffinity on this thread with a full-size set.
+        unsafe {
+            let mut old: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw mut old), 0);
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut one);
+            assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const one), 0);
+            Self(old)
+        }
+    }
+}
+
+impl Drop for OnCpu0 {
+    fn drop(&mut self) {
+        // SAFETY: restoring the set saved in `pin`.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const self.0) };
+    }
+}
+
+/// The total limit bounds all workloads together on a CPU: under it, a workload's events
+/// stop at the total even though its own budget has room, and other workloads' too.
+#[test]
+fn event_rate_limit_total_bounds_all_workloads() {
+    let _cpu = OnCpu0::pin();
+    let mut dp = setup("evtotal");
+    let cgid = own_cgroup_id();
+    dp.writer().set_cgroup_workload(cgid, &workload(B, 1, Some("10.0.0.2"), None)).unwrap();
+    let mut events = dp.events().unwrap();
+    let l = limit(1, 1000, 1, 30);
+    dp.writer().set_event_rate_limit(Some(l)).unwrap();
+    assert_eq!(dp.writer().event_rate_limit().unwrap(), Some(l));
+    let c0 = dp.writer().counters().unwrap();
+    let flood = frame::tcp4("10.0.0.1", 2800, "10.0.0.2", 81);
+    assert_eq!(dp.run_repeat(TC_FROM_WORKLOAD, &flood, 5000).unwrap(), TC_ACT_SHOT);
+    let a = events.drain().len();
+    assert!((30..=31).contains(&a), "the total's burst, not A's own 1000: {a}");
+
+    let fr = frame::tcp4("10.0.0.2", 2900, "10.0.0.1", 81);
+    assert_eq!(cgroup_egress(&mut dp, &fr, 10), 0);
+    let b = events.drain().len();
+    assert!(b <= 1, "the total is spent for B too: {b}");
+    let c1 = dp.writer().counters().unwrap();
+    let delta = |r: Reason| c1[&r] - c0[&r];
+    assert_eq!(delta(Reason::DropDefault), 5010);
+    assert_eq!(
+        delta(Reason::EventSuppressed) + u64::try_from(a + b).unwrap(),
+        5010,
+        "each event emitted or counted"
+    );
+}
+
+/// Run the cgroup egress program `repeat` times on `frame` (test-run gives it a socket in the
+/// test's own cgroup); its last verdict (1 pass, 0 drop).
+fn cgroup_egress(dp: &mut TestDatapath, frame: &[u8], repeat: u32) -> u32 {
+    use aya::programs::{CgroupSkb, TestRun, TestRunOptions};
+    let prog: &mut CgroupSkb =
+        dp.dp.program_mut(enforcer_common::program_names::CGROUP_SKB_EGRESS).unwrap().try_into().unwrap();
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.repeat = repeat;
+    prog.test_run(opts).unwrap().return_value
 }

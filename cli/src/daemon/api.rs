@@ -189,6 +189,8 @@ impl enforcer_server::Enforcer for Api {
             local_delivery,
             event_rate_limit: events.map_or(0, |l| l.per_cpu_per_sec),
             event_burst: events.map_or(0, |l| l.burst),
+            event_rate_limit_total: events.map_or(0, |l| l.total_per_cpu_per_sec),
+            event_burst_total: events.map_or(0, |l| l.total_burst),
         };
         drop(e);
         self.timed("Status", t, Ok(r))

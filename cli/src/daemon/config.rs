@@ -67,15 +67,22 @@ pub struct Config {
     /// forwarding hooks are skipped for such flows). Applied at every start.
     #[serde(default = "default_true")]
     pub local_delivery: bool,
-    /// Events (drops, audits, new allowed flows) each CPU may emit per second; 0: no limit.
-    /// Beyond it events are counted as suppressed instead of read, so a drop flood costs this
-    /// daemon and the controller a bounded amount of work. Packets are judged and counted as
+    /// Events (drops, audits, new allowed flows) each workload may emit per second on each
+    /// CPU; 0: no limit at all. Beyond it events are counted as suppressed instead of read, so
+    /// a drop flood costs this daemon and the controller a bounded amount of work, and one
+    /// workload's flood does not hide another's events. Packets are judged and counted as
     /// always. Applied at every start.
     #[serde(default = "default_event_rate_limit")]
     pub event_rate_limit: u32,
-    /// Events a CPU may emit back to back after a quiet spell (with `event_rate_limit`).
+    /// Events a workload may emit on a CPU back to back after a quiet spell.
     #[serde(default = "default_event_burst")]
     pub event_burst: u32,
+    /// Events all workloads together may emit per second on each CPU; 0: no total limit.
+    #[serde(default = "default_event_rate_limit_total")]
+    pub event_rate_limit_total: u32,
+    /// Events all workloads together may emit on a CPU back to back.
+    #[serde(default = "default_event_burst_total")]
+    pub event_burst_total: u32,
 }
 
 fn default_event_rate_limit() -> u32 {
@@ -84,14 +91,23 @@ fn default_event_rate_limit() -> u32 {
 fn default_event_burst() -> u32 {
     20_000
 }
+fn default_event_rate_limit_total() -> u32 {
+    40_000
+}
+fn default_event_burst_total() -> u32 {
+    80_000
+}
 
 impl Config {
-    /// The data plane's event rate limit from `event_rate_limit` and `event_burst`.
+    /// The data plane's event rate limit from `event_rate_limit`, `event_burst` and their
+    /// `_total` counterparts.
     #[must_use]
     pub fn event_limit(&self) -> Option<enforcer::EventRateLimit> {
         (self.event_rate_limit != 0).then_some(enforcer::EventRateLimit {
             per_cpu_per_sec: self.event_rate_limit,
             burst: self.event_burst,
+            total_per_cpu_per_sec: self.event_rate_limit_total,
+            total_burst: self.event_burst_total,
         })
     }
 }
@@ -318,13 +334,15 @@ impl Config {
                         });
                     }
                 }),
-                "policy_poll_ms" | "event_rate_limit" | "event_burst" => {
-                    toml::Value::Integer(v.parse().map_err(|_| ConfigError {
-                        source_name: format!("environment {k}"),
-                        field: key.clone(),
-                        message: format!("{v:?} is not a number"),
-                    })?)
-                }
+                "policy_poll_ms"
+                | "event_rate_limit"
+                | "event_burst"
+                | "event_rate_limit_total"
+                | "event_burst_total" => toml::Value::Integer(v.parse().map_err(|_| ConfigError {
+                    source_name: format!("environment {k}"),
+                    field: key.clone(),
+                    message: format!("{v:?} is not a number"),
+                })?),
                 _ => {
                     return Err(ConfigError {
                         source_name: format!("environment {k}"),
@@ -352,14 +370,21 @@ impl Config {
 
     fn validate(&self, name: &str) -> Result<(), ConfigError> {
         let err = |field: String, message: String| ConfigError { source_name: name.into(), field, message };
-        if self.event_rate_limit > 1_000_000_000 {
-            return Err(err(
-                "event_rate_limit".into(),
-                "at most 1000000000 events per second per CPU".into(),
-            ));
-        }
-        if self.event_rate_limit != 0 && self.event_burst == 0 {
-            return Err(err("event_burst".into(), "must be at least 1 while event_rate_limit is set".into()));
+        for (field, rate, burst, burst_field) in [
+            ("event_rate_limit", self.event_rate_limit, self.event_burst, "event_burst"),
+            (
+                "event_rate_limit_total",
+                self.event_rate_limit_total,
+                self.event_burst_total,
+                "event_burst_total",
+            ),
+        ] {
+            if rate > 1_000_000_000 {
+                return Err(err(field.into(), "at most 1000000000 events per second per CPU".into()));
+            }
+            if rate != 0 && burst == 0 {
+                return Err(err(burst_field.into(), format!("must be at least 1 while {field} is set")));
+            }
         }
         if let Some(c) = &self.controller {
             if c.endpoint.is_empty() {
@@ -545,12 +570,36 @@ mod tests {
         let c = load("", &[]).unwrap();
         assert_eq!(
             c.event_limit(),
-            Some(enforcer::EventRateLimit { per_cpu_per_sec: 10_000, burst: 20_000 })
+            Some(enforcer::EventRateLimit {
+                per_cpu_per_sec: 10_000,
+                burst: 20_000,
+                total_per_cpu_per_sec: 40_000,
+                total_burst: 80_000
+            })
         );
         let c = load("event_rate_limit = 0\n", &[]).unwrap();
         assert_eq!(c.event_limit(), None);
         let c = load("", &[("ZTSEG_EVENT_RATE_LIMIT", "500"), ("ZTSEG_EVENT_BURST", "7")]).unwrap();
-        assert_eq!(c.event_limit(), Some(enforcer::EventRateLimit { per_cpu_per_sec: 500, burst: 7 }));
+        assert_eq!(
+            c.event_limit(),
+            Some(enforcer::EventRateLimit {
+                per_cpu_per_sec: 500,
+                burst: 7,
+                total_per_cpu_per_sec: 40_000,
+                total_burst: 80_000
+            })
+        );
+        let c = load(
+            "event_rate_limit_total = 0\n",
+            &[("ZTSEG_EVENT_RATE_LIMIT", "500"), ("ZTSEG_EVENT_BURST_TOTAL", "9")],
+        )
+        .unwrap();
+        let l = c.event_limit().unwrap();
+        assert_eq!((l.per_cpu_per_sec, l.total_per_cpu_per_sec, l.total_burst), (500, 0, 9));
+        let e = load("event_burst_total = 0\n", &[]).unwrap_err();
+        assert_eq!(e.field, "event_burst_total", "{e}");
+        let e = load("", &[("ZTSEG_EVENT_RATE_LIMIT_TOTAL", "2000000000")]).unwrap_err();
+        assert_eq!(e.field, "event_rate_limit_total", "{e}");
         let e = load("event_burst = 0\n", &[]).unwrap_err();
         assert_eq!(e.field, "event_burst", "{e}");
         let e = load("event_rate_limit = 2000000000\n", &[]).unwrap_err();
