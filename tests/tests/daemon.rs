@@ -231,7 +231,9 @@ fn a_drop_flood_is_counted_exactly_and_its_events_bounded() {
     let (ok, status) = d.cli(&["enforcer", "status", "-o", "json"]);
     assert!(ok, "{status}");
     assert!(
-        status.contains("\"event_rate_limit\": \"100\"") && status.contains("\"event_burst\": \"100\""),
+        status.contains("\"event_rate_limit\": \"100\"")
+            && status.contains("\"event_burst\": \"100\"")
+            && status.contains("\"event_rate_limit_total\": \"40000\""),
         "{status}"
     );
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
