@@ -472,7 +472,7 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> u32 {
         // A flow between two workloads of this host, checked where local delivery is decided,
         // is created marked for it; the delivery program clears the mark if this packet does
         // not take that path after all (see `local::deliver`).
-        let local = flow.deliver && peer.flags & IDENTITY_F_LOCAL != 0;
+        let local = flow.deliver && cfg.local_delivery != 0 && peer.flags & IDENTITY_F_LOCAL != 0;
         let value = CtValue {
             created_ns: ts,
             last_seen_ns: ts,
@@ -579,13 +579,12 @@ fn tc_main(ctx: &mut TcContext, dir: u8) -> i32 {
     // Local delivery is decided where a workload's packet enters the host, for the first
     // packet of a flow or a later one of a flow whose first packet took it. Entries the first
     // packet creates are marked for it (and unmarked if the way turns out to be another).
-    let deliver = dir == DIR_EGRESS && config().local_delivery != 0;
-    flow.deliver = deliver;
+    flow.deliver = dir == DIR_EGRESS;
     let v = verdict(&flow, ep, dir, ifindex);
     if v == DROP {
         return TC_ACT_SHOT;
     }
-    if deliver && (v == PASS_NEW || v == PASS_LOCAL) {
+    if dir == DIR_EGRESS && (v == PASS_NEW || v == PASS_LOCAL) && config().local_delivery != 0 {
         return local::hand_over(ctx, &flow, v);
     }
     TC_ACT_OK

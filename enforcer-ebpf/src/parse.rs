@@ -51,8 +51,9 @@ pub struct Flow {
     pub closing: bool,
     /// TCP with RST: the connection is over once this packet is through.
     pub reset: bool,
-    /// Set by the caller, not the parser: a conntrack entry this check creates for a flow to
-    /// or from a workload of this host is created marked for local delivery (`CT_F_LOCAL`).
+    /// Set by the caller, not the parser: this check is where local delivery is decided, so
+    /// a conntrack entry it creates for a flow to or from a workload of this host is created
+    /// marked for it (`CT_F_LOCAL`) while local delivery is on.
     pub deliver: bool,
     /// Set by the caller, not the parser: the packet's source is a workload of this host
     /// whose address its own egress check verified, so its RST ends the flow here too.
