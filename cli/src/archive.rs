@@ -159,7 +159,7 @@ async fn write(
 }
 
 /// Make the new file's directory entry durable too.
-fn sync_dir(file: &Path) -> Result<()> {
+pub(crate) fn sync_dir(file: &Path) -> Result<()> {
     let dir = match file.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

@@ -332,7 +332,7 @@ enum ControllerCommands {
         ca_passphrase_file: Option<PathBuf>,
     },
     /// Run the controller.
-    Run(crate::ctl::RunArgs),
+    Run(Box<crate::ctl::RunArgs>),
     /// Encrypt the CA key at rest, or change its passphrase (the controller must be restarted
     /// with the new passphrase file).
     ProtectCaKey {
@@ -538,7 +538,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Commands::Controller { command: ControllerCommands::Run(a) } => crate::ctl::run_controller(a),
+        Commands::Controller { command: ControllerCommands::Run(a) } => crate::ctl::run_controller(*a),
         Commands::Controller {
             command: ControllerCommands::ProtectCaKey { data_dir, new_passphrase_file, ca_passphrase_file },
         } => {

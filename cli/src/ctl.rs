@@ -270,6 +270,10 @@ pub struct RunArgs {
     pub etcd_cert: Option<PathBuf>,
     #[arg(long, env = "ZTSEG_ETCD_KEY", requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+    /// etcd store: every this many seconds the leader compacts etcd's history to the revision
+    /// it saw one interval earlier (watchers less than that behind are never cut off). 0: off.
+    #[arg(long, env = "ZTSEG_ETCD_COMPACTION_INTERVAL", default_value_t = ztseg_controller::store::etcd::DEFAULT_COMPACTION_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(0..=604_800))]
+    pub etcd_compaction_interval: u64,
     /// Name of this controller instance.
     #[arg(long, env = "ZTSEG_CONTROLLER_NAME")]
     pub name: Option<String>,
@@ -357,6 +361,7 @@ pub fn run_controller(a: RunArgs) -> Result<ExitCode> {
             endpoints: a.etcd_endpoints,
             prefix: a.etcd_prefix,
             tls,
+            compaction_interval: std::time::Duration::from_secs(a.etcd_compaction_interval),
         }
     } else {
         ztseg_controller::server::StoreConfig::Embedded

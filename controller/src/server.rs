@@ -34,8 +34,14 @@ use crate::{
 pub enum StoreConfig {
     /// `<data-dir>/ztseg.redb`.
     Embedded,
-    /// etcd endpoints (`http://127.0.0.1:2379`, or `https://` with `tls`), key prefix.
-    Etcd { endpoints: Vec<String>, prefix: String, tls: Option<crate::store::etcd::EtcdTls> },
+    /// etcd endpoints (`http://127.0.0.1:2379`, or `https://` with `tls`), key prefix, and how
+    /// far behind the present the leader compacts etcd's history (zero: never).
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+        tls: Option<crate::store::etcd::EtcdTls>,
+        compaction_interval: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -116,9 +122,12 @@ pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>> {
         StoreConfig::Embedded => {
             Arc::new(crate::store::embedded::EmbeddedStore::open(&cfg.data_dir.join("ztseg.redb"))?)
         }
-        StoreConfig::Etcd { endpoints, prefix, tls } => Arc::new(
-            crate::store::etcd::EtcdStore::connect_with(endpoints, prefix, &cfg.name, tls.as_ref()).await?,
-        ),
+        StoreConfig::Etcd { endpoints, prefix, tls, compaction_interval } => {
+            let s = crate::store::etcd::EtcdStore::connect_with(endpoints, prefix, &cfg.name, tls.as_ref())
+                .await?;
+            s.compact_history_every(*compaction_interval);
+            Arc::new(s)
+        }
     })
 }
 

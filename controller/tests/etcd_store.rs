@@ -502,3 +502,75 @@ async fn connects_over_mutual_tls_only_with_a_client_certificate() {
         .unwrap();
     assert!(format!("{e:#}").contains("needs https://"), "{e:#}");
 }
+
+/// Leader-only compaction of etcd's history (`--etcd-compaction-interval`, here 2 s): once
+/// the leader has compacted past a revision, reading at it is refused as compacted; the
+/// current state is whole (head, every version, the audit chain); a watcher that starts less
+/// than one interval behind is not cut off; the running store's head watch and a fresh
+/// store's follow commits made after the compaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_compacts_etcd_history_one_interval_behind() {
+    let etcd = EtcdCluster::start(1);
+    let s = connect(&etcd, "/ztseg-compact", "a").await;
+    let mut leader = s.leadership();
+    assert!(wait_until(&mut leader, Duration::from_secs(15), |l| *l).await, "a is not the leader");
+    let interval = Duration::from_secs(2);
+    s.compact_history_every(interval);
+    let mut raw = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    let key = "/ztseg-compact/head/policy";
+    let revision = |r: &etcd_client::GetResponse| r.header().unwrap().revision();
+
+    assert_eq!(s.commit(0, pv(&[("a", "1")]), draft()).await.unwrap(), (1, 1));
+    let old = revision(&raw.get(key, None).await.unwrap());
+    for v in 1..5 {
+        s.commit(v, pv(&[("a", &(v + 1).to_string())]), draft()).await.unwrap();
+    }
+    let t = Instant::now();
+    let at_old = etcd_client::GetOptions::new().with_revision(old);
+    loop {
+        match raw.get(key, Some(at_old.clone())).await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("required revision has been compacted") => break,
+            Err(e) => panic!("reading at revision {old}: {e}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "revision {old} not compacted within 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("revision {old} compacted {:?} after the last commit", t.elapsed());
+
+    // A watcher half an interval behind is served from where it asks.
+    let recent = revision(&raw.get(key, None).await.unwrap());
+    tokio::time::sleep(interval / 2).await;
+    let mut ws = raw
+        .watch(key, Some(etcd_client::WatchOptions::new().with_start_revision(recent)))
+        .await
+        .expect("watching from half an interval ago");
+    assert_eq!(s.commit(5, pv(&[("a", "6")]), draft()).await.unwrap(), (6, 6));
+    let saw_6 = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let m = ws.message().await.unwrap().expect("watch stream open");
+            assert!(!m.canceled(), "cut off: compacted to {}", m.compact_revision());
+            if m.events().iter().any(|e| e.kv().is_some_and(|kv| kv.value() == b"6")) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(saw_6.is_ok(), "the watcher did not see version 6");
+
+    // The present is whole.
+    assert_eq!(s.head().await.unwrap(), 6);
+    for v in 1..=6 {
+        assert_eq!(s.version(v).await.unwrap().unwrap().documents["a"], v.to_string(), "version {v}");
+    }
+    assert_eq!(chain_ok(&s).await, 6);
+    // A fresh store (fresh reads and watches) and the running one follow each other's commits.
+    let b = connect(&etcd, "/ztseg-compact", "b").await;
+    assert_eq!(*b.watch_head().borrow(), 6);
+    let (mut wa, mut wb) = (s.watch_head(), b.watch_head());
+    assert_eq!(b.commit(6, pv(&[("a", "7")]), draft()).await.unwrap(), (7, 7));
+    assert!(wait_until(&mut wa, Duration::from_secs(10), |v| *v == 7).await, "a did not see v7");
+    assert_eq!(s.commit(7, pv(&[("a", "8")]), draft()).await.unwrap(), (8, 8));
+    assert!(wait_until(&mut wb, Duration::from_secs(10), |v| *v == 8).await, "b did not see v8");
+    assert_eq!(chain_ok(&b).await, 8);
+}

@@ -208,12 +208,17 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     let took = Lab::wait("h3", "stale", |s| s["policy_stale"] == "true");
     eprintln!("h3 noticed the lost controller after {took:?}");
     // A flow only this moment has: x/b -> x/c on port 81, which h3 denies while cut off; then
-    // h3's enforcer restarts (SIGTERM) while still cut off, and denies x/b -> x/c:82.
+    // h3's enforcer restarts (SIGTERM) while still cut off, and denies x/b -> x/c:82; then it
+    // is killed (SIGKILL) 1.5 s later — its checkpoint keeps :82 — and denies :83.
     assert!(connect_from(&pod_netns(1), "10.77.2.1:81").is_none(), "x/b -> x/c:81 denied");
     std::thread::sleep(Duration::from_millis(300));
     let (ok, out, err) = ztseg(&["lab", "restart", "-f", &lab.file, "h3"]);
     assert!(ok, "{out}{err}");
     assert!(connect_from(&pod_netns(1), "10.77.2.1:82").is_none(), "x/b -> x/c:82 denied");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, out, err) = ztseg(&["lab", "restart", "--kill", "-f", &lab.file, "h3"]);
+    assert!(ok, "{out}{err}");
+    assert!(connect_from(&pod_netns(1), "10.77.2.1:83").is_none(), "x/b -> x/c:83 denied");
 
     // Two changes while h3 is away: versions 3 (from a and b) and 4 (from b only).
     // Make-before-break through the controller: a live x/a -> x/b connection (allowed by
@@ -266,7 +271,8 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
 }
 
 /// Wait (10 s at most) for the flows h3 denied while isolated — x/b -> x/c:81 before its
-/// restart (kept across it in h3's state directory) and :82 after — in the SIEM sink.
+/// restart (kept across it in h3's state directory), :82 between the restart and a kill -9
+/// (kept by the checkpoint) and :83 after — in the SIEM sink.
 fn wait_for_isolated_denials() {
     let siem = format!("/run/ztseg/lab/{NAME}/siem.jsonl");
     let waited = Instant::now();
@@ -280,13 +286,14 @@ fn wait_for_isolated_denials() {
                     && v["dst_endpoint"]["name"] == "x/b"
             })
         };
-        // Port 81: denied before the restart, kept across it in h3's state directory.
-        if kept(81) && kept(82) {
+        // Port 81: denied before the restart, kept across it in h3's state directory; 82:
+        // denied 1.5 s before h3 was killed, kept by the checkpoint.
+        if kept(81) && kept(82) && kept(83) {
             break;
         }
         assert!(
             waited.elapsed() < Duration::from_secs(10),
-            "flows h3 denied while isolated (x/b -> x/c:81 before its restart, :82 after) missing in {siem}:\n{text}\nh3's log:\n{}",
+            "flows h3 denied while isolated (x/b -> x/c:81 before its restart, :82 before the kill, :83 after) missing in {siem}:\n{text}\nh3's log:\n{}",
             std::fs::read_to_string(format!("/run/ztseg/lab/{NAME}/h3.log")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(100));

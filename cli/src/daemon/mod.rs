@@ -60,8 +60,7 @@ fn serve(cfg: config::Config) -> Result<()> {
     let poll = Duration::from_millis(cfg.policy_poll_ms);
     let controller = cfg.controller.clone();
     let node = cfg.node.clone();
-    let state_dir = cfg.state_dir.clone();
-    let pending = sync::Pending::load(&state_dir);
+    let pending = sync::Pending::load(&cfg.state_dir);
     // Enter the host's network namespace (lab) before any thread exists: setns applies to
     // this thread and to every thread it starts.
     if let Some(ns) = &cfg.netns {
@@ -145,12 +144,7 @@ fn serve(cfg: config::Config) -> Result<()> {
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         let _ = std::fs::remove_file(&socket);
-        // Denied flows the controller has not taken yet go with the next start.
-        match pending.save(&state_dir) {
-            Ok(0) => {}
-            Ok(n) => log::info("unreported denied flows kept for the next start", &[("flows", &n.to_string())]),
-            Err(e) => log::error("keeping unreported denied flows", &[("error", &format!("{e:#}"))]),
-        }
+        pending.keep_for_next_start();
         Ok(())
     })
 }

@@ -5,10 +5,15 @@
 //! make-before-break and persists; the enforced version is reported back. When the controller
 //! is unreachable the last-known policy stays in force and status/metrics show it as stale;
 //! the session reconnects with backoff and resumes from its version. Denied flows seen in the
-//! kernel are folded per second and forwarded to the controller's audit log.
+//! kernel are folded per second and forwarded to the controller's audit log; until the
+//! controller acknowledges them they are checkpointed to `state_dir` (see [`Pending`]), so a
+//! restart — SIGKILL included — sends them then (at least once: a crash between an
+//! acknowledgement and the next checkpoint sends them again).
 
 use std::{
     collections::BTreeMap,
+    io::Write as _,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -28,27 +33,44 @@ fn fold(d: &Mutex<DeniedFlows>) -> std::sync::MutexGuard<'_, DeniedFlows> {
 }
 
 /// Denied flows not yet reported, shared by the folding task and the sessions, and kept in
-/// `state_dir` across a restart of the daemon (written when it stops, read when it starts).
+/// `state_dir` so that a restart, even after SIGKILL, keeps them: a checkpoint writes them
+/// (atomically) at most a second after they change and right after a report is acknowledged.
 #[derive(Clone, Debug)]
-pub struct Pending(Arc<Mutex<DeniedFlows>>);
+pub struct Pending {
+    flows: Arc<Mutex<DeniedFlows>>,
+    writer: Arc<Mutex<Checkpoint>>,
+    acknowledged: Arc<tokio::sync::Notify>,
+}
 
-/// File under `state_dir` holding unreported denied flows while the daemon is stopped.
+/// What the file under `state_dir` holds: the change count of the flows last written there.
+#[derive(Debug)]
+struct Checkpoint {
+    path: PathBuf,
+    written: u64,
+}
+
+/// File under `state_dir` holding the unreported denied flows (the last checkpoint).
 const PENDING_FILE: &str = "denied-flows.json";
 
+/// The longest a change to the pending flows waits before it is checkpointed.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// One pending flow as written to the file: key, (first seen ms, count).
+type Entry = (FlowKey, (i64, u32));
+
 impl Pending {
-    /// The flows a previous run left in `state_dir` (the file is removed once read; an
-    /// unreadable one is logged and set aside as `.bad`).
+    /// The flows a previous run left in `state_dir`. The file stays until the next checkpoint
+    /// replaces it; an unreadable one is logged and set aside as `.bad`.
     #[must_use]
-    pub fn load(state_dir: &std::path::Path) -> Self {
+    pub fn load(state_dir: &Path) -> Self {
         let path = state_dir.join(PENDING_FILE);
         let mut d = DeniedFlows::default();
         match std::fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<Vec<(FlowKey, (i64, u32))>>(&bytes) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<Entry>>(&bytes) {
                 Ok(entries) => {
                     for (k, (t, n)) in entries {
                         d.add_count(k, t, n);
                     }
-                    let _ = std::fs::remove_file(&path);
                 }
                 Err(e) => {
                     log::error(
@@ -64,24 +86,114 @@ impl Pending {
                 &[("file", &path.display().to_string()), ("error", &e.to_string())],
             ),
         }
-        Self(Arc::new(Mutex::new(d)))
+        // What was just read is what the file holds.
+        let writer = Checkpoint { path, written: d.changes };
+        Self {
+            flows: Arc::new(Mutex::new(d)),
+            writer: Arc::new(Mutex::new(writer)),
+            acknowledged: Arc::new(tokio::sync::Notify::new()),
+        }
     }
 
-    /// Write what is still unreported to `state_dir` (atomically), for the next start.
-    pub fn save(&self, state_dir: &std::path::Path) -> Result<usize> {
-        let entries: Vec<(FlowKey, (i64, u32))> =
-            fold(&self.0).pending.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let path = state_dir.join(PENDING_FILE);
-        if entries.is_empty() {
-            let _ = std::fs::remove_file(&path);
-            return Ok(0);
-        }
-        std::fs::create_dir_all(state_dir)?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&entries)?)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(entries.len())
+    /// Flows not yet acknowledged by the controller (pending or in a report in flight).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        fold(&self.flows).unacknowledged()
     }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Write the unacknowledged flows to `state_dir` if they changed since the last write:
+    /// `Some(count)` when written (0: the file removed), `None` when unchanged. Atomic
+    /// (temporary file, fsync, rename, fsync of the directory); one writer at a time.
+    pub fn checkpoint(&self) -> Result<Option<usize>> {
+        let mut w = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (changes, entries) = {
+            let d = fold(&self.flows);
+            if d.changes == w.written {
+                return Ok(None);
+            }
+            (d.changes, d.snapshot())
+        };
+        write_entries(&w.path, &entries)?;
+        w.written = changes;
+        Ok(Some(entries.len()))
+    }
+
+    /// At stop: write what the controller has not acknowledged yet for the next start (the
+    /// checkpoint is usually up to date already; this adds the last second's changes).
+    pub fn keep_for_next_start(&self) {
+        match self.checkpoint() {
+            Ok(_) if self.is_empty() => {}
+            Ok(_) => log::info(
+                "unreported denied flows kept for the next start",
+                &[("flows", &self.len().to_string())],
+            ),
+            Err(e) => log::error("keeping unreported denied flows", &[("error", &format!("{e:#}"))]),
+        }
+    }
+
+    /// A report carrying the flows in flight was accepted: drop them and checkpoint soon, so a
+    /// restart does not send them again.
+    fn acknowledge(&self) {
+        if fold(&self.flows).acknowledged() {
+            self.acknowledged.notify_one();
+        }
+    }
+
+    /// Checkpoint forever: within [`CHECKPOINT_EVERY`] of a change and right after an
+    /// acknowledged report. A failure is logged (once until a write succeeds again) and the
+    /// write retried at the next tick.
+    async fn checkpoints(self) {
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.acknowledged.notified() => {}
+            }
+            let p = self.clone();
+            let written = tokio::task::spawn_blocking(move || p.checkpoint()).await;
+            match (written.map_err(anyhow::Error::from).and_then(|w| w), failing) {
+                (Ok(_), true) => {
+                    failing = false;
+                    log::info("pending denied flows written again", &[]);
+                }
+                (Err(e), false) => {
+                    failing = true;
+                    log::error("writing pending denied flows", &[("error", &format!("{e:#}"))]);
+                }
+                _ => {}
+            }
+            // The next write comes a full interval after this one.
+            tick.reset();
+        }
+    }
+}
+
+/// Replace the file at `path` by `entries` (remove it when there are none), durably.
+fn write_entries(path: &Path, entries: &[Entry]) -> Result<()> {
+    if entries.is_empty() {
+        return match std::fs::remove_file(path) {
+            Ok(()) => crate::archive::sync_dir(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+        };
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&serde_json::to_vec(entries)?)?;
+    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    crate::archive::sync_dir(path)
 }
 
 /// Run the controller session forever.
@@ -97,12 +209,12 @@ pub async fn run(
         cfg.identity.as_deref().unwrap_or(&node),
     );
     let mut backoff = Duration::from_millis(200);
+    tokio::spawn(pending.clone().checkpoints());
     // Denied flows are folded by their own task, so those seen while the controller is
     // unreachable (between sessions, or while a connection attempt hangs) are kept too.
-    let denied = pending.0;
     if cfg.report_denied {
         let mut rx = flows.subscribe();
-        let denied = denied.clone();
+        let denied = pending.flows.clone();
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {
@@ -131,7 +243,7 @@ pub async fn run(
     }
     loop {
         let started = Instant::now();
-        match session(&cfg, &files, &engine, &denied).await {
+        match session(&cfg, &files, &engine, &pending).await {
             Ok(()) => {}
             Err(e) => log::error(
                 "controller session ended; the last-known policy stays in force",
@@ -184,9 +296,22 @@ type FlowKey = (String, String, String, String, String, String, u32, String, Str
 /// is still counted, in a flow or a summary. Reports take the oldest entries first, at most
 /// `MAX_DENIED_PER_REPORT` per report, so what a flood costs the controller's audit log is
 /// bounded too.
+///
+/// A report's entries stay `in_flight` until the controller acknowledges them (then they are
+/// dropped) or the report fails (then they are pending again); checkpoints hold both sets.
 #[derive(Default, Debug)]
 struct DeniedFlows {
     pending: BTreeMap<FlowKey, (i64, u32)>,
+    in_flight: BTreeMap<FlowKey, (i64, u32)>,
+    /// Counts changes to what a checkpoint holds (pending and in flight together).
+    changes: u64,
+}
+
+/// Fold `count` packets first seen at `first_ms` into `key`'s entry.
+fn merge(map: &mut BTreeMap<FlowKey, (i64, u32)>, key: FlowKey, first_ms: i64, count: u32) {
+    let e = map.entry(key).or_insert((first_ms, 0));
+    e.0 = e.0.min(first_ms);
+    e.1 = e.1.saturating_add(count);
 }
 
 impl DeniedFlows {
@@ -197,56 +322,86 @@ impl DeniedFlows {
     }
 
     fn add_count(&mut self, key: FlowKey, first_ms: i64, count: u32) {
-        if let Some(e) = self.pending.get_mut(&key) {
-            e.0 = e.0.min(first_ms);
-            e.1 = e.1.saturating_add(count);
-            return;
-        }
-        let key = if self.pending.len() >= Self::MAX_PENDING { summary(key) } else { key };
-        let e = self.pending.entry(key).or_insert((first_ms, 0));
-        e.0 = e.0.min(first_ms);
-        e.1 = e.1.saturating_add(count);
+        self.changes = self.changes.wrapping_add(1);
+        self.fold_in(key, first_ms, count);
+    }
+
+    fn fold_in(&mut self, key: FlowKey, first_ms: i64, count: u32) {
+        let key = if self.pending.len() >= Self::MAX_PENDING && !self.pending.contains_key(&key) {
+            summary(key)
+        } else {
+            key
+        };
+        merge(&mut self.pending, key, first_ms, count);
     }
 
     fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
 
-    /// The `max` oldest entries, removed.
+    /// Distinct flows not yet acknowledged.
+    fn unacknowledged(&self) -> usize {
+        self.pending.len() + self.in_flight.len()
+    }
+
+    /// What a checkpoint writes: pending and in-flight entries, merged.
+    fn snapshot(&self) -> Vec<Entry> {
+        let mut all = self.pending.clone();
+        for (k, (t, n)) in &self.in_flight {
+            merge(&mut all, k.clone(), *t, *n);
+        }
+        all.into_iter().collect()
+    }
+
+    /// The `max` oldest entries, moved in flight (a report takes one batch at a time).
     fn take(&mut self, max: usize) -> Vec<pb::DeniedFlow> {
+        self.restore();
         let mut by_age: Vec<(i64, &FlowKey)> = self.pending.iter().map(|(k, (t, _))| (*t, k)).collect();
         if by_age.len() > max {
             by_age.select_nth_unstable(max);
             by_age.truncate(max);
         }
         let keys: Vec<FlowKey> = by_age.into_iter().map(|(_, k)| k.clone()).collect();
-        keys.into_iter()
-            .filter_map(|k| self.pending.remove(&k).map(|v| (k, v)))
+        for k in keys {
+            if let Some(v) = self.pending.remove(&k) {
+                self.in_flight.insert(k, v);
+            }
+        }
+        self.in_flight
+            .iter()
             .map(|((workload, peer, tenant, direction, src, dst, dport, protocol, reason), (t, count))| {
                 pb::DeniedFlow {
-                    time_unix_ms: t,
-                    workload,
-                    peer,
-                    tenant,
-                    direction,
-                    src,
-                    dst,
-                    dport,
-                    protocol,
-                    reason,
-                    count,
+                    time_unix_ms: *t,
+                    workload: workload.clone(),
+                    peer: peer.clone(),
+                    tenant: tenant.clone(),
+                    direction: direction.clone(),
+                    src: src.clone(),
+                    dst: dst.clone(),
+                    dport: *dport,
+                    protocol: protocol.clone(),
+                    reason: reason.clone(),
+                    count: *count,
                 }
             })
             .collect()
     }
 
     /// Put back what a failed report took.
-    fn restore(&mut self, batch: Vec<pb::DeniedFlow>) {
-        for d in batch {
-            let key =
-                (d.workload, d.peer, d.tenant, d.direction, d.src, d.dst, d.dport, d.protocol, d.reason);
-            self.add_count(key, d.time_unix_ms, d.count);
+    fn restore(&mut self) {
+        for (k, (t, n)) in std::mem::take(&mut self.in_flight) {
+            self.fold_in(k, t, n);
         }
+    }
+
+    /// The report in flight was accepted: its entries are gone (true if there were any).
+    fn acknowledged(&mut self) -> bool {
+        if self.in_flight.is_empty() {
+            return false;
+        }
+        self.in_flight.clear();
+        self.changes = self.changes.wrapping_add(1);
+        true
     }
 }
 
@@ -260,8 +415,9 @@ async fn session(
     cfg: &ControllerConfig,
     files: &ztseg_controller::pki::ClientFiles,
     engine: &Arc<Mutex<Engine>>,
-    denied: &Mutex<DeniedFlows>,
+    pending: &Pending,
 ) -> Result<()> {
+    let denied = &pending.flows;
     renew_if_due(cfg, files).await?;
     let ch = ztseg_controller::server::connect(&cfg.endpoint, files).await?;
     let mut client = pb::distribution_client::DistributionClient::new(ch)
@@ -304,14 +460,16 @@ async fn session(
                         return Ok(());
                     }
                 }
-                let pending = !fold(denied).is_empty();
-                if pending || last_report.elapsed() >= Duration::from_secs(5) {
+                let waiting = !fold(denied).is_empty();
+                if waiting || last_report.elapsed() >= Duration::from_secs(5) {
                     // One report per second at most, of the oldest pending flows.
+                    // The batch stays in flight (and in checkpoints) until acknowledged.
                     let batch = fold(denied).take(ztseg_controller::service::MAX_DENIED_PER_REPORT);
-                    if let Err(e) = report(&mut client, engine, batch.clone()).await {
-                        fold(denied).restore(batch);
+                    if let Err(e) = report(&mut client, engine, batch).await {
+                        fold(denied).restore();
                         return Err(e);
                     }
+                    pending.acknowledge();
                     last_report = Instant::now();
                 }
             }
@@ -427,6 +585,7 @@ mod tests {
         assert!(sum.1 > 0);
 
         let first = d.take(3);
+        assert!(d.acknowledged());
         assert_eq!(first.len(), 3);
         assert_eq!(first.iter().map(|f| f.time_unix_ms).min(), Some(100));
         assert!(first.iter().all(|f| f.time_unix_ms <= 201), "oldest first: {first:?}");
@@ -434,35 +593,124 @@ mod tests {
         let batch = d.take(ztseg_controller::service::MAX_DENIED_PER_REPORT);
         assert_eq!(batch.len(), ztseg_controller::service::MAX_DENIED_PER_REPORT);
         assert_eq!(d.pending.len(), before - batch.len());
-        d.restore(batch);
+        d.restore();
         assert_eq!(d.pending.len(), before, "a failed report loses nothing");
         let mut left = 0;
         while !d.is_empty() {
             left += d.take(1000).iter().map(|f| u64::from(f.count)).sum::<u64>();
+            assert!(d.acknowledged());
         }
         let taken: u64 = first.iter().map(|f| u64::from(f.count)).sum();
         assert_eq!(left + taken, u64::from(total) + 2);
     }
 
-    /// Pending flows written at stop are read at start (counts and first-seen times kept, the
-    /// file consumed); an unreadable file is set aside, not trusted and not lost.
-    #[test]
-    fn pending_flows_survive_a_restart() {
-        let dir = std::env::temp_dir().join(format!("ztseg-pending-{}", std::process::id()));
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ztseg-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// The checkpoint policy: written when the flows changed, not rewritten when they did not
+    /// (moving a batch in flight changes nothing), replaced without the acknowledged entries,
+    /// removed when nothing is left. A crash — a new load on the same directory, nothing
+    /// saved — finds what the last checkpoint wrote, and the file stays until replaced.
+    #[test]
+    fn checkpoints_follow_changes_and_survive_a_crash() {
+        let dir = scratch("checkpoint");
+        let file = dir.join(PENDING_FILE);
         let p = Pending::load(&dir);
-        fold(&p.0).add(key("a", "10.9.0.1", 80), 100);
-        fold(&p.0).add(key("a", "10.9.0.1", 80), 120);
-        fold(&p.0).add(key("b", "10.9.0.2", 81), 130);
-        assert_eq!(p.save(&dir).unwrap(), 2);
-        let q = Pending::load(&dir);
-        assert_eq!(fold(&q.0).pending.get(&key("a", "10.9.0.1", 80)), Some(&(100, 2)));
-        assert_eq!(fold(&q.0).pending.len(), 2);
-        assert!(!dir.join(PENDING_FILE).exists(), "consumed at start");
-        assert_eq!(Pending::load(&dir).save(&dir).unwrap(), 0, "nothing pending, nothing written");
+        assert_eq!(p.checkpoint().unwrap(), None, "nothing changed, nothing written");
+        assert!(!file.exists());
+        fold(&p.flows).add(key("a", "10.9.0.1", 80), 100);
+        fold(&p.flows).add(key("a", "10.9.0.1", 80), 120);
+        fold(&p.flows).add(key("b", "10.9.0.2", 81), 130);
+        assert_eq!(p.checkpoint().unwrap(), Some(2));
+
+        // Unchanged: not rewritten (a marker put in its place stays).
+        let written = std::fs::read(&file).unwrap();
+        std::fs::write(&file, b"marker").unwrap();
+        assert_eq!(p.checkpoint().unwrap(), None);
+        assert_eq!(std::fs::read(&file).unwrap(), b"marker");
+        std::fs::write(&file, &written).unwrap();
+
+        let crashed = Pending::load(&dir);
+        assert_eq!(fold(&crashed.flows).pending.get(&key("a", "10.9.0.1", 80)), Some(&(100, 2)));
+        assert_eq!(crashed.len(), 2);
+        assert!(file.exists(), "kept until a checkpoint replaces it");
+        assert_eq!(crashed.checkpoint().unwrap(), None, "what was read is what the file holds");
+
+        // A report in flight: its flows are not acknowledged yet, so a crash still finds them.
+        let batch = fold(&p.flows).take(1);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(p.checkpoint().unwrap(), None, "in flight is still unreported");
+        fold(&p.flows).add(key("c", "10.9.0.3", 82), 140);
+        assert_eq!(p.checkpoint().unwrap(), Some(3));
+        assert_eq!(Pending::load(&dir).len(), 3);
+
+        // Acknowledged: the checkpoint drops the batch; a restart does not send it again.
+        p.acknowledge();
+        assert_eq!(p.checkpoint().unwrap(), Some(2));
+        let after = Pending::load(&dir);
+        assert!(!fold(&after.flows).pending.contains_key(&key("a", "10.9.0.1", 80)), "acknowledged");
+        assert_eq!(after.len(), 2);
+
+        // Everything acknowledged: the file is removed.
+        let rest = fold(&p.flows).take(ztseg_controller::service::MAX_DENIED_PER_REPORT);
+        assert_eq!(rest.len(), 2);
+        p.acknowledge();
+        assert_eq!(p.checkpoint().unwrap(), Some(0));
+        assert!(!file.exists(), "removed when emptied");
+        assert!(Pending::load(&dir).is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A failed report puts its batch back unchanged (nothing to write); an unreadable file is
+    /// set aside, not trusted and not lost.
+    #[test]
+    fn failed_reports_and_unreadable_files() {
+        let dir = scratch("unreadable");
+        let p = Pending::load(&dir);
+        fold(&p.flows).add(key("a", "10.9.0.1", 80), 100);
+        assert_eq!(p.checkpoint().unwrap(), Some(1));
+        let _ = fold(&p.flows).take(10);
+        fold(&p.flows).restore();
+        assert_eq!(p.checkpoint().unwrap(), None);
+        assert_eq!(fold(&p.flows).pending.len(), 1, "put back");
         std::fs::write(dir.join(PENDING_FILE), b"{not json").unwrap();
-        assert!(fold(&Pending::load(&dir).0).is_empty());
+        assert!(Pending::load(&dir).is_empty());
         assert!(dir.join("denied-flows.json.bad").exists(), "set aside");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The checkpoint task writes a change within a second, and an acknowledgement at once
+    /// (not an interval later).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_checkpoint_task_writes_changes_and_acknowledgements() {
+        let dir = scratch("checkpoint-task");
+        let file = dir.join(PENDING_FILE);
+        let p = Pending::load(&dir);
+        let task = tokio::spawn(p.clone().checkpoints());
+        let wait = |present: bool| {
+            let file = file.clone();
+            async move {
+                let t0 = Instant::now();
+                while file.exists() != present {
+                    assert!(t0.elapsed() < Duration::from_secs(5), "present={present} not reached");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                t0.elapsed()
+            }
+        };
+        // Let the first (immediate) tick pass, then change something.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fold(&p.flows).add(key("a", "10.9.0.1", 80), 100);
+        let took = wait(true).await;
+        assert!(took <= CHECKPOINT_EVERY + Duration::from_millis(300), "written after {took:?}");
+        let _ = fold(&p.flows).take(10);
+        p.acknowledge();
+        let took = wait(false).await;
+        assert!(took < Duration::from_millis(700), "removed {took:?} after the acknowledgement");
+        task.abort();
         let _ = std::fs::remove_dir_all(&dir);
     }
 

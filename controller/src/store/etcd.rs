@@ -77,7 +77,7 @@
 //! head, the new base (`/head/audit-base`) and one range delete of `/audit/<first>` up to
 //! `/audit/<before>` — five operations, however many records go. If the head moved, the
 //! check is repeated on the new chain. Deleted records stay in etcd's history until it is
-//! compacted (`--auto-compaction-*`); space is reclaimed then (and by a defragmentation).
+//! compacted (see below); space is reclaimed then (and by a defragmentation).
 //!
 //! If a write transaction fails in a way that leaves its outcome unknown (the member died
 //! mid-request, a timeout), the retry first checks whether the audit record it tried to
@@ -98,6 +98,22 @@
 //! expires within 5 s). Leadership is dropped the moment a keep-alive fails or goes
 //! unanswered (at most ~3.2 s after the last successful one, so before the lease can expire on
 //! the server).
+//!
+//! # Compaction of etcd's history
+//!
+//! etcd keeps every revision of every key (each commit, report, audit record and the deleted
+//! versions, blobs and records of a prune) until it is compacted. With
+//! [`EtcdStore::compact_history_every`] (`--etcd-compaction-interval`) the leader samples the
+//! cluster's revision every interval and compacts to the sample it took one interval earlier,
+//! so a watcher less than one interval behind the present is never cut off. Samples are the
+//! leader's own: a controller that becomes leader compacts for the first time one interval
+//! later; a failed sample or compaction is logged and the next round compacts to an older
+//! (still safe) revision; a compaction to a revision that is already compacted (by another
+//! leader or etcd's own `--auto-compaction-*`) is not an error. The store never reads at a past
+//! revision, and both watches (policy head, leader key) start at the revision of a fresh read:
+//! a watch canceled because its start was compacted is re-established with a new read.
+//! Compaction frees space inside etcd's database; the file shrinks only when a member is
+//! defragmented (`etcdctl defrag`), which ztseg leaves to the operator.
 //!
 //! # Failures
 //!
@@ -153,6 +169,8 @@ const LEADER_RECHECK: Duration = Duration::from_secs(3);
 /// for `WATCH_SILENCE`.
 const WATCH_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 const WATCH_SILENCE: Duration = Duration::from_secs(12);
+/// Default of `--etcd-compaction-interval`: how long etcd's history is kept behind the present.
+pub const DEFAULT_COMPACTION_INTERVAL: Duration = Duration::from_mins(5);
 /// A background task that ran this long before failing counts as healthy again (its next
 /// failure is logged and retried quickly).
 const TASK_HEALTHY: Duration = Duration::from_secs(10);
@@ -553,6 +571,22 @@ impl EtcdStore {
             }
         }
         Ok(h)
+    }
+
+    /// While this controller is the leader, compact etcd's history every `interval` to the
+    /// revision it observed one interval earlier (see the module docs); zero: never. Runs
+    /// until the store is dropped.
+    pub fn compact_history_every(&self, interval: Duration) {
+        if interval.is_zero() {
+            return;
+        }
+        tokio::spawn(compaction_task(
+            self.kv.clone(),
+            self.keys.policy_head(),
+            interval,
+            self.leader.subscribe(),
+            self.stop.subscribe(),
+        ));
     }
 
     /// Test hook: the next commit stops after checking and writing its blobs, before its
@@ -1284,6 +1318,9 @@ async fn follow_head(client: &Client, key: &str, head: &watch::Sender<u64>) -> R
                 let m = m.map_err(|e| e.to_string())?.ok_or("watch stream closed")?;
                 last = Instant::now();
                 if m.canceled() {
+                    if m.compact_revision() > 0 {
+                        return Err(format!("watch start compacted (history kept from revision {})", m.compact_revision()));
+                    }
                     return Err(format!("watch canceled: {}", m.cancel_reason()));
                 }
                 for ev in m.events() {
@@ -1302,6 +1339,80 @@ async fn follow_head(client: &Client, key: &str, head: &watch::Sender<u64>) -> R
                 ws.request_progress().await.map_err(|e| e.to_string())?;
             }
         }
+    }
+}
+
+/// Compact etcd's history while this controller is the leader, until the store is dropped.
+async fn compaction_task(
+    kv: KvClient,
+    key: String,
+    interval: Duration,
+    mut leader: watch::Receiver<bool>,
+    mut stop: watch::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            r = leader.wait_for(|l| *l) => if r.is_err() { return },
+            _ = stop.changed() => return,
+        }
+        tokio::select! {
+            () = compact_while_leader(&kv, &key, interval, &mut leader) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Every `interval`, sample the cluster's revision (read at `key`) and compact to the
+/// previous sample, until leadership is lost. Samples start afresh with each leadership.
+async fn compact_while_leader(
+    kv: &KvClient,
+    key: &str,
+    interval: Duration,
+    leader: &mut watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut previous: Option<i64> = None;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = leader.wait_for(|l| !*l) => return,
+        }
+        let mut kv = kv.clone();
+        let sample = kv.get(key, Some(GetOptions::new().with_count_only())).await;
+        let done = match (sample, previous) {
+            (Ok(r), Some(rev)) => {
+                previous = r.header().map(etcd_client::ResponseHeader::revision);
+                compact_to(&mut kv, rev).await
+            }
+            (Ok(r), None) => {
+                previous = r.header().map(etcd_client::ResponseHeader::revision);
+                Ok(())
+            }
+            // Keep the older sample: compacting to it later is still safe.
+            (Err(e), _) => Err(format!("reading the revision: {e}")),
+        };
+        match done {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                log("warn", "etcd history compaction failed; retrying next interval", &[("error", &e)]);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Compact etcd's history up to `rev`; already compacted that far is fine.
+async fn compact_to(kv: &mut KvClient, rev: i64) -> Result<(), String> {
+    match kv.compact(rev, None).await {
+        Ok(_) => {
+            log("info", "etcd history compacted", &[("revision", &rev.to_string())]);
+            Ok(())
+        }
+        Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => Ok(()),
+        Err(e) => Err(format!("compacting to revision {rev}: {e}")),
     }
 }
 
