@@ -42,8 +42,9 @@ use crate::{
 // lives with the packet across the tail call) and the parsed packet in a per-CPU slot
 // ([`Handoff`]), so the packet is parsed once.
 
-/// What the sender's check hands to the delivery program: the parsed packet and, to tie the
-/// slot to the packet, its input interface and length.
+/// What the sender's check hands to the delivery program: the parsed packet and, as a sanity
+/// check (the slot is this packet's because nothing runs on the CPU in between), its input
+/// interface and length.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Handoff {
@@ -145,14 +146,15 @@ fn target(ctx: &TcContext, flow: &Flow, ifindex: u32, out: &mut MaybeUninit<Targ
 /// receiver's own program judges it.
 #[inline(always)]
 pub fn hand_over(ctx: &mut TcContext, flow: &Flow, v: u32) -> i32 {
-    if let Some(h) = ZT_HANDOFF.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot; nothing else runs on the CPU until the delivery program
-        // has read it.
-        unsafe {
-            (*h).flow = *flow;
-            (*h).ifindex = (*ctx.skb.skb).ifindex;
-            (*h).len = (*ctx.skb.skb).len;
-        }
+    // Without the slot (impossible for a one-element array) the packet takes the kernel path,
+    // and so do the flow's later packets: none of them reaches the delivery program.
+    let Some(h) = ZT_HANDOFF.get_ptr_mut(0) else { return TC_ACT_OK };
+    // SAFETY: this CPU's slot; nothing else runs on the CPU until the delivery program has
+    // read it.
+    unsafe {
+        (*h).flow = *flow;
+        (*h).ifindex = (*ctx.skb.skb).ifindex;
+        (*h).len = (*ctx.skb.skb).len;
     }
     ctx.cb_mut()[0] = v;
     // SAFETY: tail call with the program's own context; on success control never returns.
