@@ -289,3 +289,27 @@ fn a_flow_whose_first_packet_took_the_kernel_path_keeps_it() {
     exchange(a, "10.77.0.2:8080");
     assert!(delivered(&s) >= before + 4, "{before} → {}", delivered(&s));
 }
+
+/// A second load of the data plane on the same pins (a daemon restart before it re-attaches)
+/// puts its delivery program into the pinned program array while the first load's programs
+/// are still attached: they hand packets over to it through the pinned per-CPU slot, so a
+/// live connection keeps local delivery and no packet has to be parsed again.
+#[test]
+fn programs_of_two_loads_hand_over_to_each_other() {
+    let s = setup("ld2load", Lab::routed(2));
+    let a = &s.lab.pods[0];
+    s.dp.writer().install(&s.a_to_b(TCP, 8080, None)).unwrap();
+    exchange(a, "10.77.0.2:8080");
+    let mut conn = tcp_connect(a, "10.77.0.2:8080", OPEN).expect("connects");
+    assert!(echo_once(&mut conn, OPEN));
+    let second = enforcer::Datapath::open(&s.dp.dir, &ztseg_integration::small_options()).unwrap();
+    let count = |r: Reason| second.writer().counters().unwrap()[&r];
+    let (delivered0, reparsed0) = (count(Reason::LocalDelivery), count(Reason::HandoffReparsed));
+    for _ in 0..5 {
+        assert!(echo_once(&mut conn, OPEN), "the live connection keeps working");
+    }
+    exchange(a, "10.77.0.2:8080");
+    assert!(count(Reason::LocalDelivery) >= delivered0 + 10, "still delivered locally");
+    assert_eq!(count(Reason::HandoffReparsed), reparsed0, "every hand-over found its packet");
+    drop(second);
+}
