@@ -203,7 +203,7 @@ impl Datapath {
             let prog: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
             prog.load().map_err(Error::program(name))?;
         }
-        let writer = Writer::open(&mut ebpf, pin_dir)?;
+        let writer = Writer::open(&mut ebpf, pin_dir, fresh)?;
         Ok(Self { pin_dir: pin_dir.into(), ebpf, writer: Mutex::new(writer) })
     }
 
