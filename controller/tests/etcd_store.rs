@@ -574,3 +574,47 @@ async fn the_leader_compacts_etcd_history_one_interval_behind() {
     assert!(wait_until(&mut wb, Duration::from_secs(10), |v| *v == 8).await, "b did not see v8");
     assert_eq!(chain_ok(&b).await, 8);
 }
+
+/// Only the leader compacts: a follower with compaction on leaves etcd's history alone while
+/// another controller leads (here one with compaction off), and starts compacting once it has
+/// taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_does_not_compact_until_it_leads() {
+    let etcd = EtcdCluster::start(1);
+    let a = connect(&etcd, "/ztseg-compact-f", "a").await;
+    let mut a_leads = a.leadership();
+    assert!(wait_until(&mut a_leads, Duration::from_secs(15), |l| *l).await, "a is not the leader");
+    let b = connect(&etcd, "/ztseg-compact-f", "b").await;
+    let interval = Duration::from_secs(1);
+    b.compact_history_every(interval);
+    let mut raw = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    let key = "/ztseg-compact-f/head/policy";
+    assert_eq!(a.commit(0, pv(&[("a", "1")]), draft()).await.unwrap(), (1, 1));
+    let old = raw.get(key, None).await.unwrap().header().unwrap().revision();
+    for v in 1..4 {
+        a.commit(v, pv(&[("a", &(v + 1).to_string())]), draft()).await.unwrap();
+    }
+    let at_old = etcd_client::GetOptions::new().with_revision(old);
+    // Four intervals with b following: nothing compacted.
+    tokio::time::sleep(interval * 4).await;
+    assert!(!*b.leadership().borrow(), "b took over while a was alive");
+    raw.get(key, Some(at_old.clone())).await.expect("history kept while a follower has compaction on");
+
+    // a resigns; b leads and compacts past the old revision within a few intervals.
+    drop(a);
+    let mut b_leads = b.leadership();
+    assert!(wait_until(&mut b_leads, Duration::from_secs(15), |l| *l).await, "b did not take over");
+    b.commit(4, pv(&[("a", "5")]), draft()).await.unwrap();
+    let t = Instant::now();
+    loop {
+        match raw.get(key, Some(at_old.clone())).await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("required revision has been compacted") => break,
+            Err(e) => panic!("reading at revision {old}: {e}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "the new leader did not compact within 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(b.head().await.unwrap(), 5);
+    assert_eq!(chain_ok(&b).await, 5);
+}
