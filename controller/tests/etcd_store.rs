@@ -503,6 +503,21 @@ async fn connects_over_mutual_tls_only_with_a_client_certificate() {
     assert!(format!("{e:#}").contains("needs https://"), "{e:#}");
 }
 
+/// Wait (at most 15 s) until reading `key` at revision `old` is refused as compacted.
+async fn wait_compacted(raw: &mut etcd_client::Client, key: &str, old: i64) {
+    let t = Instant::now();
+    let at_old = etcd_client::GetOptions::new().with_revision(old);
+    loop {
+        match raw.get(key, Some(at_old.clone())).await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("required revision has been compacted") => return,
+            Err(e) => panic!("reading at revision {old}: {e}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "revision {old} not compacted within 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Leader-only compaction of etcd's history (`--etcd-compaction-interval`, here 2 s): once
 /// the leader has compacted past a revision, reading at it is refused as compacted; the
 /// current state is whole (head, every version, the audit chain); a watcher that starts less
@@ -526,16 +541,7 @@ async fn the_leader_compacts_etcd_history_one_interval_behind() {
         s.commit(v, pv(&[("a", &(v + 1).to_string())]), draft()).await.unwrap();
     }
     let t = Instant::now();
-    let at_old = etcd_client::GetOptions::new().with_revision(old);
-    loop {
-        match raw.get(key, Some(at_old.clone())).await {
-            Ok(_) => {}
-            Err(e) if e.to_string().contains("required revision has been compacted") => break,
-            Err(e) => panic!("reading at revision {old}: {e}"),
-        }
-        assert!(t.elapsed() < Duration::from_secs(15), "revision {old} not compacted within 15 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_compacted(&mut raw, key, old).await;
     eprintln!("revision {old} compacted {:?} after the last commit", t.elapsed());
 
     // A watcher half an interval behind is served from where it asks.
@@ -605,16 +611,7 @@ async fn a_follower_does_not_compact_until_it_leads() {
     let mut b_leads = b.leadership();
     assert!(wait_until(&mut b_leads, Duration::from_secs(15), |l| *l).await, "b did not take over");
     b.commit(4, pv(&[("a", "5")]), draft()).await.unwrap();
-    let t = Instant::now();
-    loop {
-        match raw.get(key, Some(at_old.clone())).await {
-            Ok(_) => {}
-            Err(e) if e.to_string().contains("required revision has been compacted") => break,
-            Err(e) => panic!("reading at revision {old}: {e}"),
-        }
-        assert!(t.elapsed() < Duration::from_secs(15), "the new leader did not compact within 15 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_compacted(&mut raw, key, old).await;
     assert_eq!(b.head().await.unwrap(), 5);
     assert_eq!(chain_ok(&b).await, 5);
 }
