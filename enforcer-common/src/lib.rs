@@ -20,7 +20,7 @@ pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 /// Layout version of every pinned map. Bump on any change to a type in this crate, and on any
 /// change to what the programs pass each other (the local delivery hand-over: the eBPF crate's
 /// parsed flow and the packet control buffer).
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 // ---- reserved identities and tenants -------------------------------------------------------
 
@@ -306,10 +306,16 @@ pub struct Config {
     pub event_total_burst: u32,
     /// Written by userspace on creation: [`ABI_VERSION`] of the maps in this pin directory.
     pub abi_version: u32,
+    /// Conntrack generation: every entry records the generation it was created under
+    /// ([`CtValue::epoch`]), and an entry of an older one is re-judged against current policy
+    /// on its next packet (kept, under the rule that now admits it, or removed). Userspace
+    /// moves it on every change that can deny what a live rule still admits: a deny added at
+    /// either tier, an identity or workload changed or removed, the failsafe list changed.
+    pub ct_epoch: u32,
     pub failsafe: [Failsafe; MAX_FAILSAFE],
 }
 const _: () =
-    assert!(core::mem::size_of::<Config>() == 4 * (POLICY_SHAPES + ADMIN_SHAPES + 10) + 4 * MAX_FAILSAFE);
+    assert!(core::mem::size_of::<Config>() == 4 * (POLICY_SHAPES + ADMIN_SHAPES + 11) + 4 * MAX_FAILSAFE);
 
 // ---- conntrack ---------------------------------------------------------------------------------
 
@@ -415,10 +421,15 @@ pub struct CtValue {
     pub packets: u64,
     pub cookie: u32,
     pub slot: u32,
+    /// The local workload's identity when the entry was created: an entry only serves the
+    /// workload it was created for.
     pub local_identity: u32,
     pub flags: u32,
+    /// [`Config::ct_epoch`] when the entry was created or last re-judged.
+    pub epoch: u32,
+    pub pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 48);
 
 // ---- events and counters -----------------------------------------------------------------------
 

@@ -175,6 +175,8 @@ pub fn deliver(ctx: &TcContext) -> i32 {
     }
     // SAFETY: `handed_over` initialised it, as it does whenever it returns true.
     let mut f = unsafe { f.assume_init() };
+    // Routed by the host, so never link-local housekeeping at the receiver.
+    f.link_local = false;
     // SAFETY: reading a field of the program's own context.
     let from = unsafe { (*ctx.skb.skb).ifindex };
     let mut t = MaybeUninit::<Target>::uninit();

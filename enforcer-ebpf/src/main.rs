@@ -72,6 +72,7 @@ static EMPTY_CONFIG: Config = Config {
     event_total_interval_ns: 0,
     event_total_burst: 0,
     abi_version: 0,
+    ct_epoch: 0,
     failsafe: [enforcer_common::Failsafe { port: 0, proto: 0, pad: 0 }; MAX_FAILSAFE],
 };
 
@@ -223,8 +224,13 @@ fn failsafe(cfg: &Config, proto: u8, port: u16) -> bool {
     false
 }
 
+/// Whether a conntrack entry still admits its flow: created for this workload under the
+/// current generation (see `Config::ct_epoch`), and backed by what admitted it.
 #[inline(always)]
-fn ct_live(ct: &CtValue, ep: &Endpoint) -> bool {
+fn ct_live(ct: &CtValue, ep: &Endpoint, epoch: u32) -> bool {
+    if ct.epoch != epoch || ct.local_identity != ep.identity {
+        return false;
+    }
     if ct.flags & CT_F_AUDIT != 0 {
         return ep.flags & ENDPOINT_F_AUDIT != 0;
     }
@@ -337,12 +343,12 @@ const CT_LIVE: u32 = 2;
 
 /// Conntrack lookup of `key`, updating or removing the entry it finds.
 #[inline(always)]
-fn ct_check<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending) -> u32 {
+fn ct_check<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending, epoch: u32) -> u32 {
     let Some(p) = K::map().get_ptr_mut(key) else { return CT_MISS };
     // SAFETY: the value stays valid for this program run; races on the statistics fields with
     // other CPUs are benign.
     let ct = unsafe { &mut *p };
-    if ct_live(ct, ep) {
+    if ct_live(ct, ep, epoch) {
         let flags = ct.flags;
         match end {
             Ending::No => {
@@ -375,29 +381,114 @@ const TRACK_REINSTATE: u32 = 1;
 const TRACK_REPLY: u32 = 2;
 /// [`track`]: a packet of a tracked flow in its own orientation, pass; flags as above.
 const TRACK_ESTABLISHED: u32 = 3;
+/// [`track`]: this check point admitted the flow this packet answers (the other orientation),
+/// but its rule no longer does (the entry was removed): that flow is judged again.
+const TRACK_REJUDGE: u32 = 4;
 
 /// Conntrack lookups of a packet in its own orientation and as a reply. `reply_first`: the
-/// packet is known to answer (a TCP SYN-ACK), so the reply orientation is looked up first and
-/// usually alone; the outcome is the same either way, only the number of lookups differs.
+/// packet is known to answer (a TCP SYN-ACK, an echo reply), so the reply orientation is
+/// looked up first and usually alone; the outcome is the same either way, only the number of
+/// lookups differs.
 #[inline(always)]
-fn track<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending, reply_first: bool) -> u32 {
+fn track<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending, reply_first: bool, epoch: u32) -> u32 {
+    let mut reply = CT_MISS;
     if reply_first {
-        let r = ct_check(&key.swapped(), ep, now, end);
-        if r & 0xff == CT_LIVE {
-            return (r & !0xff) | TRACK_REPLY;
+        reply = ct_check(&key.swapped(), ep, now, end, epoch);
+        if reply & 0xff == CT_LIVE {
+            return (reply & !0xff) | TRACK_REPLY;
         }
     }
-    let own = ct_check(key, ep, now, end);
+    let own = ct_check(key, ep, now, end, epoch);
     if own & 0xff == CT_LIVE {
         return (own & !0xff) | TRACK_ESTABLISHED;
     }
     if !reply_first {
-        let r = ct_check(&key.swapped(), ep, now, end);
-        if r & 0xff == CT_LIVE {
-            return (r & !0xff) | TRACK_REPLY;
+        reply = ct_check(&key.swapped(), ep, now, end, epoch);
+        if reply & 0xff == CT_LIVE {
+            return (reply & !0xff) | TRACK_REPLY;
         }
     }
-    if own == CT_DEAD { TRACK_REINSTATE } else { TRACK_MISS }
+    if own == CT_DEAD {
+        TRACK_REINSTATE
+    } else if reply == CT_DEAD {
+        TRACK_REJUDGE
+    } else {
+        TRACK_MISS
+    }
+}
+
+/// What policy says about a packet no live conntrack entry passes: who the peer is, and
+/// the decision.
+struct Judged {
+    peer: IdentityInfo,
+    d: policy::Decision,
+    /// The first probe allowed.
+    first: bool,
+}
+
+/// The peer behind `peer_addr`, then failsafe ports and policy: the decision for a new flow of
+/// `ep` with that peer, checked in direction `dir` for `proto` and `port` (packed by
+/// [`probe`]), into `out`. With `first` (not [`NO_PROBE`]), that probe is decided first and
+/// kept if it allows (`Judged::first`); `probe` is decided only otherwise. Its own call, and
+/// [`admit`] another: the decision's working state and the admission's (which emits events)
+/// would otherwise share one stack frame.
+#[inline(never)]
+fn judge(
+    ep: &Endpoint,
+    peer_addr: &enforcer_common::Addr,
+    first: u32,
+    probe: u32,
+    out: &mut MaybeUninit<Judged>,
+) {
+    let cfg = config();
+    let peer = peer_identity(cfg, peer_addr);
+    let local = Local { identity: ep.identity, tenant: ep.tenant };
+    let mut d = policy::Decision { allow: false, reason: Reason::DropDefault, cookie: 0, slot: 0 };
+    let mut first_allowed = false;
+    let mut p = if first == NO_PROBE { probe } else { first };
+    let mut round = 0;
+    while round < 2 {
+        let (dir, proto, port) = (p as u8, (p >> 8) as u8, (p >> 16) as u16);
+        d = if cfg.failsafe_count != 0
+            && proto != IPPROTO_ICMP
+            && proto != IPPROTO_ICMPV6
+            && failsafe(cfg, proto, port)
+        {
+            policy::Decision { allow: true, reason: Reason::AllowFailsafe, cookie: 0, slot: SLOT_NONE }
+        } else {
+            decide(cfg, &local, &peer, dir, proto, port)
+        };
+        if first == NO_PROBE || round == 1 {
+            break;
+        }
+        if d.allow {
+            first_allowed = true;
+            break;
+        }
+        p = probe;
+        round += 1;
+    }
+    out.write(Judged { peer, d, first: first_allowed });
+}
+
+/// [`judge`] without a first probe.
+const NO_PROBE: u32 = u32::MAX;
+
+/// [`judge`]'s packed direction, protocol and port.
+#[inline(always)]
+fn probe(dir: u8, proto: u8, port: u16) -> u32 {
+    u32::from(dir) | (u32::from(proto) << 8) | (u32::from(port) << 16)
+}
+
+/// The policy port of the flow a packet answers: the packet's source port, or for an echo
+/// reply the echo request's type.
+#[inline(always)]
+fn answered_port(flow: &Flow) -> u16 {
+    match flow.proto() {
+        IPPROTO_ICMP => enforcer_common::ICMP_PORT_BASE | 8,
+        IPPROTO_ICMPV6 => enforcer_common::ICMP_PORT_BASE | 128,
+        _ => flow.sport(),
+    }
 }
 
 /// [`verdict`] outcomes.
@@ -413,57 +504,90 @@ const PASS_NEW: u32 = 3;
 /// The verdict for one parsed packet of the workload `ep`, checked in direction `dir`:
 /// [`DROP`], [`PASS`], [`PASS_LOCAL`] or [`PASS_NEW`]. (Whether the packet goes on by local
 /// delivery is not an argument: the verifier would walk this function once per value.)
+/// Conntrack first ([`tracked`]), then, for a packet no live entry passes, policy
+/// ([`admit`]); two calls, so that neither's stack frame adds to the other's.
 #[inline(never)]
 fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> u32 {
     if flow.link_local {
         count(Reason::PassLinkLocal);
         return PASS;
     }
-    let ts = coarse_now();
     // A pure TCP SYN opens a new connection: it is never a packet or a reply of a tracked
-    // flow, so it goes straight to policy (which then replaces any stale entry).
-    // `reinstate`: this check point admitted the flow in this orientation before, but its
-    // rule no longer does; if policy still allows it, the entry is re-created under the rule
-    // that does (make-before-break policy changes keep live flows).
-    let mut reinstate = false;
-    if !flow.syn_only {
-        let t = if flow.family == 4 {
-            track(&key4(flow), ep, ts, ending(flow, dir), flow.syn_ack)
-        } else {
-            track(flow.key6(), ep, ts, ending(flow, dir), flow.syn_ack)
-        };
-        match t & 0xff {
-            TRACK_MISS => {}
-            TRACK_REINSTATE => reinstate = true,
-            kind => {
-                count(if kind == TRACK_REPLY { Reason::AllowReply } else { Reason::AllowEstablished });
-                return if (t >> 8) & CT_F_LOCAL != 0 { PASS_LOCAL } else { PASS };
-            }
+    // flow, so it goes straight to policy (which then replaces any stale entry). ICMP other
+    // than echo is never tracked: policy judges each such packet.
+    let mut t = TRACK_MISS;
+    if !flow.syn_only && !flow.untracked {
+        t = tracked(flow, ep, dir);
+        let kind = t & 0xff;
+        if kind == TRACK_REPLY || kind == TRACK_ESTABLISHED {
+            count(if kind == TRACK_REPLY { Reason::AllowReply } else { Reason::AllowEstablished });
+            return if (t >> 8) & CT_F_LOCAL != 0 { PASS_LOCAL } else { PASS };
         }
     }
-
-    let cfg = config();
+    let track = t & 0xff;
     let peer_addr = if dir == DIR_EGRESS { &flow.daddr } else { &flow.saddr };
-    let peer = peer_identity(cfg, peer_addr);
-
-    let (allow, reason, cookie, slot, flags) = if cfg.failsafe_count != 0
-        && flow.proto() != IPPROTO_ICMP
-        && flow.proto() != IPPROTO_ICMPV6
-        && failsafe(cfg, flow.proto(), flow.policy_port)
-    {
-        (true, Reason::AllowFailsafe, 0, SLOT_NONE, CT_F_FAILSAFE)
+    // `TRACK_REJUDGE`: the flow this packet answers lost the rule that admitted it at this
+    // check point (its entry was removed). That flow is judged again in its own direction: if
+    // policy still admits it, its entry is re-created under the rule that does and this packet
+    // passes as its reply (make-before-break policy changes keep live flows whichever end
+    // speaks first); if not, this packet is judged as a flow of its own.
+    let first = if track == TRACK_REJUDGE {
+        probe(if dir == DIR_EGRESS { DIR_INGRESS } else { DIR_EGRESS }, flow.proto(), answered_port(flow))
     } else {
-        let local = Local { identity: ep.identity, tenant: ep.tenant };
-        let d = decide(cfg, &local, &peer, dir, flow.proto(), flow.policy_port);
-        (d.allow, d.reason, d.cookie, d.slot, 0)
+        NO_PROBE
     };
+    let mut j = MaybeUninit::<Judged>::uninit();
+    judge(ep, peer_addr, first, probe(dir, flow.proto(), flow.policy_port), &mut j);
+    // SAFETY: `judge` always initialises it.
+    let j = unsafe { j.assume_init_ref() };
+    let track = if track == TRACK_REJUDGE && !j.first { TRACK_MISS } else { track };
+    admit(flow, ep, j, u64::from(dir) | (u64::from(track) << 8) | (u64::from(ifindex) << 32))
+}
+
+/// Conntrack lookups of a parsed packet (see [`track`]).
+#[inline(never)]
+fn tracked(flow: &Flow, ep: &Endpoint, dir: u8) -> u32 {
+    let ts = coarse_now();
+    let reply_first = flow.syn_ack || flow.answer;
+    let epoch = config().ct_epoch;
+    if flow.family == 4 {
+        track(&key4(flow), ep, ts, ending(flow, dir), reply_first, epoch)
+    } else {
+        track(flow.key6(), ep, ts, ending(flow, dir), reply_first, epoch)
+    }
+}
+
+/// The verdict for a packet no live conntrack entry passes, by what [`judge`] found (`j`);
+/// `how` packs the check direction (bits 0-7), what [`tracked`] found (bits 8-15:
+/// [`TRACK_MISS`], [`TRACK_REINSTATE`] or [`TRACK_REJUDGE`]) and the interface index (bits
+/// 32-63).
+/// `TRACK_REINSTATE`: this check point admitted the flow in this orientation before, but its
+/// rule no longer does; if policy still allows it, the entry is re-created under the rule
+/// that does (make-before-break policy changes keep live flows).
+#[inline(never)]
+fn admit(flow: &Flow, ep: &Endpoint, j: &Judged, how: u64) -> u32 {
+    let (dir, track, ifindex) = (how as u8, (how >> 8) as u32 & 0xff, (how >> 32) as u32);
+    let reinstate = track == TRACK_REINSTATE;
+    let ts = coarse_now();
+    let cfg = config();
+    let (peer, d) = (&j.peer, &j.d);
+    // The flow this packet answers is admitted again (see `verdict`).
+    let answered = track == TRACK_REJUDGE && d.allow;
+    let (allow, reason, cookie, slot) = (d.allow, d.reason, d.cookie, d.slot);
+    let flags = if reason == Reason::AllowFailsafe { CT_F_FAILSAFE } else { 0 };
 
     let audit = !allow && ep.flags & ENDPOINT_F_AUDIT != 0;
     // Only a SYN starts TCP state (or a re-admitted flow of this orientation): a mid-stream
     // packet that policy allows passes without state, so the side that answered a connection
     // can never become its initiator — which would let the real initiator's packets pass as
-    // "replies" after its grant was revoked.
-    let stateful = flow.proto() != IPPROTO_TCP || flow.syn_only || reinstate || audit;
+    // "replies" after its grant was revoked. Untracked ICMP and echo replies never start
+    // state either.
+    let stateful = answered
+        || if flow.proto() == IPPROTO_TCP {
+            flow.syn_only || reinstate || audit
+        } else {
+            !flow.untracked && !flow.answer
+        };
     if allow && !stateful {
         count(reason);
         return PASS;
@@ -472,7 +596,8 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> u32 {
         // A flow between two workloads of this host, checked where local delivery is decided,
         // is created marked for it; the delivery program clears the mark if this packet does
         // not take that path after all (see `local::deliver`).
-        let local = flow.deliver && cfg.local_delivery != 0 && peer.flags & IDENTITY_F_LOCAL != 0;
+        let local =
+            !answered && flow.deliver && cfg.local_delivery != 0 && peer.flags & IDENTITY_F_LOCAL != 0;
         let value = CtValue {
             created_ns: ts,
             last_seen_ns: ts,
@@ -481,23 +606,35 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> u32 {
             slot: if audit { SLOT_NONE } else { slot },
             local_identity: ep.identity,
             flags: if audit { CT_F_AUDIT } else { flags } | if local { CT_F_LOCAL } else { 0 },
+            epoch: cfg.ct_epoch,
+            pad: 0,
         };
-        let inserted = if flow.family == 4 {
-            ZT_CT4.insert(&key4(flow), &value, 0)
-        } else {
-            ZT_CT6.insert(flow.key6(), &value, 0)
-        };
-        let tracked = inserted.is_ok();
-        if !tracked {
-            count(Reason::CtFull);
+        // (Audited untracked ICMP and echo replies get no entry: each such packet is audited.)
+        let mut tracked = false;
+        if stateful {
+            let inserted = if flow.family == 4 {
+                let k = key4(flow);
+                ZT_CT4.insert(&if answered { k.swapped() } else { k }, &value, 0)
+            } else {
+                let k = if answered { flow.key6().swapped() } else { *flow.key6() };
+                ZT_CT6.insert(&k, &value, 0)
+            };
+            tracked = inserted.is_ok();
+            if !tracked {
+                count(Reason::CtFull);
+            }
+        }
+        if answered {
+            count(Reason::AllowReply);
+            return PASS;
         }
         if audit {
             count(Reason::Audit);
-            emit(flow, ep, &peer, meta(VERDICT_AUDIT, reason, dir, ifindex), cookie);
+            emit(flow, ep, peer, meta(VERDICT_AUDIT, reason, dir, ifindex), cookie);
         } else {
             count(reason);
             if cfg.flow_events != 0 {
-                emit(flow, ep, &peer, meta(VERDICT_ALLOW, reason, dir, ifindex), cookie);
+                emit(flow, ep, peer, meta(VERDICT_ALLOW, reason, dir, ifindex), cookie);
             }
         }
         // Only a flow between two workloads of this host can take local delivery: others do
@@ -505,7 +642,7 @@ fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> u32 {
         return if tracked && peer.flags & IDENTITY_F_LOCAL != 0 { PASS_NEW } else { PASS };
     }
     count(reason);
-    emit(flow, ep, &peer, meta(VERDICT_DROP, reason, dir, ifindex), cookie);
+    emit(flow, ep, peer, meta(VERDICT_DROP, reason, dir, ifindex), cookie);
     DROP
 }
 
@@ -532,6 +669,43 @@ fn own_address(flow: &Flow, ep: &Endpoint, dir: u8) -> bool {
         ep.flags & ENDPOINT_F_HAS_V4 != 0 && *local == ep.addr_v4
     } else {
         ep.flags & ENDPOINT_F_HAS_V6 != 0 && *local == ep.addr_v6
+    }
+}
+
+/// fe80::/10.
+#[inline(always)]
+fn link_local_unicast(a: &enforcer_common::Addr) -> bool {
+    let [b0, b1, _, _] = a[0].to_ne_bytes();
+    b0 == 0xfe && b1 & 0xc0 == 0x80
+}
+
+/// Multicast of interface-local or link-local scope (ff01::/16, ff02::/16 and the other flag
+/// combinations of those scopes).
+#[inline(always)]
+fn link_scope_multicast(a: &enforcer_common::Addr) -> bool {
+    let [b0, b1, _, _] = a[0].to_ne_bytes();
+    b0 == 0xff && matches!(b1 & 0x0f, 1 | 2)
+}
+
+/// Whether neighbour discovery or MLD (`Flow::link_local`: type and hop limit checked) stays
+/// on the link the workload is attached to, and so passes without policy. Leaving the
+/// workload, it must come from the workload's own address, a link-local one or the
+/// unspecified one (duplicate address detection), addressed link-scoped or to another
+/// workload of this host (its neighbour on a shared bridge): so the host never routes it on
+/// towards anything else. Entering, its hop limit shows it was not routed (the host or a
+/// neighbour on the link sent it), to a link-scoped address or the workload's own. Anything
+/// else of these types is judged by policy like any packet.
+#[inline(always)]
+fn housekeeping(flow: &Flow, ep: &Endpoint, dir: u8) -> bool {
+    let own = |a: &enforcer_common::Addr| ep.flags & ENDPOINT_F_HAS_V6 != 0 && *a == ep.addr_v6;
+    let link_dst = link_local_unicast(&flow.daddr) || link_scope_multicast(&flow.daddr);
+    if dir == DIR_EGRESS {
+        (link_local_unicast(&flow.saddr) || flow.saddr == [0; 4] || own(&flow.saddr))
+            && (link_dst
+                // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+                || unsafe { ZT_IDENTITY.get(&flow.daddr) }.is_some_and(|p| p.flags & IDENTITY_F_LOCAL != 0))
+    } else {
+        link_dst || own(&flow.daddr)
     }
 }
 
@@ -569,6 +743,9 @@ fn tc_main(ctx: &mut TcContext, dir: u8) -> i32 {
         count(Reason::DropNoEndpoint);
         return TC_ACT_SHOT;
     };
+    if flow.link_local && !housekeeping(&flow, ep, dir) {
+        flow.link_local = false;
+    }
     if !flow.link_local && !own_address(&flow, ep, dir) {
         count(Reason::DropSpoofed);
         let peer = IdentityInfo::default();
@@ -646,6 +823,9 @@ fn cg_main(ctx: &SkBuffContext, dir: u8) -> i32 {
     };
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*skb.skb).ifindex };
+    if flow.link_local && !housekeeping(&flow, ep, dir) {
+        flow.link_local = false;
+    }
     flow.set_dir(dir);
     i32::from(verdict(&flow, ep, dir, ifindex) != DROP)
 }
@@ -660,10 +840,115 @@ pub fn zt_cg_egress(ctx: SkBuffContext) -> i32 {
     cg_main(&ctx, DIR_EGRESS)
 }
 
+/// Whether a datagram from `ctx`'s socket to `peer`:`peer_port` answers a flow the
+/// workload's ingress check admitted (a UDP server's reply): the socket's bound port and a
+/// local address — the bound one, the one chosen for this message, or the workload's
+/// registered one — name that flow's conntrack entry.
+#[inline(always)]
+fn answers_tracked(
+    ctx: &SockAddrContext,
+    ep: &Endpoint,
+    peer: &enforcer_common::Addr,
+    peer_port: u16,
+    proto: u8,
+    v4: bool,
+    v6_hook: bool,
+) -> bool {
+    let p = ctx.sock_addr;
+    // SAFETY: field reads of the program's own context; `sk` is the socket the call is on.
+    let sk = unsafe { (*p).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: as above; the verifier allows these reads of a sock_addr program's socket.
+    let local_port = unsafe { core::ptr::read_volatile(&raw const (*sk).src_port) } as u16;
+    if local_port == 0 {
+        return false;
+    }
+    // Each word its own load (see `sock_main`).
+    // SAFETY: as above.
+    let candidates: [enforcer_common::Addr; 3] = unsafe {
+        [
+            {
+                // Both read, then one chosen: a pointer chosen between the two fields would be
+                // arithmetic on the socket pointer, which the verifier refuses.
+                let ip4 = core::ptr::read_volatile(&raw const (*sk).src_ip4);
+                let ip6 = [
+                    core::ptr::read_volatile(&raw const (*sk).src_ip6[0]),
+                    core::ptr::read_volatile(&raw const (*sk).src_ip6[1]),
+                    core::ptr::read_volatile(&raw const (*sk).src_ip6[2]),
+                    core::ptr::read_volatile(&raw const (*sk).src_ip6[3]),
+                ];
+                if v4 { [ip6[0], ip6[1], ip6[2], ip4] } else { ip6 }
+            },
+            // Only the hook's own family of message source is readable.
+            if v6_hook {
+                [
+                    core::ptr::read_volatile(&raw const (*p).msg_src_ip6[0]),
+                    core::ptr::read_volatile(&raw const (*p).msg_src_ip6[1]),
+                    core::ptr::read_volatile(&raw const (*p).msg_src_ip6[2]),
+                    core::ptr::read_volatile(&raw const (*p).msg_src_ip6[3]),
+                ]
+            } else {
+                [0, 0, 0, core::ptr::read_volatile(&raw const (*p).msg_src_ip4)]
+            },
+            if v4 { ep.addr_v4 } else { ep.addr_v6 },
+        ]
+    };
+    let [bound, chosen, registered] = candidates;
+    let epoch = config().ct_epoch;
+    // The entry's key: the answered flow as it arrived (peer → local), checked at ingress.
+    let ports = u32::from(peer_port) | (u32::from(local_port) << 16);
+    let proto_dir = u32::from(proto) | (u32::from(DIR_INGRESS) << 8);
+    let key = [ports, proto_dir];
+    live_reply_entry(ep, peer, &bound, key, v4, epoch)
+        || live_reply_entry(ep, peer, &chosen, key, v4, epoch)
+        || live_reply_entry(ep, peer, &registered, key, v4, epoch)
+}
+
+/// Whether conntrack holds a live entry (for `ep`, of generation `epoch`) of the flow from
+/// `peer` to `local` with the key words `ports_proto` (an unknown, all-zero `local` has none).
+#[inline(always)]
+fn live_reply_entry(
+    ep: &Endpoint,
+    peer: &enforcer_common::Addr,
+    local: &enforcer_common::Addr,
+    ports_proto: [u32; 2],
+    v4: bool,
+    epoch: u32,
+) -> bool {
+    let [ports, proto_dir] = ports_proto;
+    // IPv4: the last word (for an IPv4 socket the other words of a bound address are not an
+    // address; for a dual-stack one they are the mapped prefix).
+    let found = if v4 {
+        if local[3] == 0 {
+            return false;
+        }
+        let w = [peer[3], local[3], ports, proto_dir];
+        // SAFETY: CtKey4 is repr(C), four u32 words in this order.
+        let key = unsafe { core::mem::transmute::<[u32; 4], CtKey4>(w) };
+        // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+        unsafe { ZT_CT4.get(&key) }.copied()
+    } else {
+        if *local == [0; 4] {
+            return false;
+        }
+        let w =
+            [peer[0], peer[1], peer[2], peer[3], local[0], local[1], local[2], local[3], ports, proto_dir];
+        // SAFETY: CtKey is repr(C), ten u32 words in this order.
+        let key = unsafe { core::mem::transmute::<[u32; 10], CtKey>(w) };
+        // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+        unsafe { ZT_CT6.get(&key) }.copied()
+    };
+    found.is_some_and(|ct| ct_live(&ct, ep, epoch))
+}
+
 /// connect()/sendmsg() check: 1 lets the call proceed, 0 fails it with EPERM. No conntrack
 /// entry is created here; the packets that follow are checked by the cgroup_skb programs.
+/// A datagram sent (`sendmsg`) in answer to a flow the workload's ingress check admitted
+/// proceeds as the reply it is.
 #[inline(always)]
-fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
+fn sock_main(ctx: &SockAddrContext, v6: bool, sendmsg: bool) -> i32 {
     // SAFETY: reading fields of the program's own context.
     let sa = unsafe { &*ctx.sock_addr };
     let proto = sa.protocol as u8;
@@ -714,9 +999,15 @@ fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
         syn_ack: false,
         closing: false,
         reset: false,
+        untracked: false,
+        answer: false,
         deliver: false,
         source_verified: false,
     };
+    if sendmsg && proto != IPPROTO_TCP && answers_tracked(ctx, ep, &daddr, dport, proto, flow.family == 4, v6)
+    {
+        return 1;
+    }
     let cfg = config();
     let peer = peer_identity(cfg, &daddr);
     if cfg.failsafe_count != 0 && failsafe(cfg, proto, dport) {
@@ -739,22 +1030,22 @@ fn sock_main(ctx: &SockAddrContext, v6: bool) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
-    sock_main(&ctx, false)
+    sock_main(&ctx, false, false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
-    sock_main(&ctx, true)
+    sock_main(&ctx, true, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn zt_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock_main(&ctx, false)
+    sock_main(&ctx, false, true)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn zt_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sock_main(&ctx, true)
+    sock_main(&ctx, true, true)
 }
 
 /// An empty classifier: the floor `cargo xtask bench datapath` measures every case against.

@@ -41,7 +41,9 @@ pub struct Flow {
     pub proto_dir: u32,
     pub policy_port: u16,
     pub family: u8,
-    /// Link-local housekeeping (neighbour discovery, MLD): passes without policy.
+    /// Neighbour discovery or MLD with the hop limit that proves it was not routed (255 for
+    /// neighbour discovery, 1 for MLD; RFC 4861, RFC 3810). Passes without policy only if the
+    /// program also finds its addresses link-scoped (see `housekeeping` in main.rs).
     pub link_local: bool,
     /// TCP with SYN set and ACK clear: the first packet of a connection.
     pub syn_only: bool,
@@ -51,6 +53,11 @@ pub struct Flow {
     pub closing: bool,
     /// TCP with RST: the connection is over once this packet is through.
     pub reset: bool,
+    /// ICMP other than echo: no connection state is looked up or created (an allowed error
+    /// or informational message opens nothing); policy judges every such packet.
+    pub untracked: bool,
+    /// ICMP echo reply: it can only answer a tracked echo request, never open state itself.
+    pub answer: bool,
     /// Set by the caller, not the parser: this check is where local delivery is decided, so
     /// a conntrack entry it creates for a flow to or from a workload of this host is created
     /// marked for it (`CT_F_LOCAL`) while local delivery is on.
@@ -255,7 +262,7 @@ fn parse_ipv4<P: Packet>(skb: &P, off: usize) -> Result<Flow, ParseError> {
     if u16::from_be(ip.frag_off) & 0x3fff != 0 {
         return Err(ParseError::Fragment);
     }
-    parse_l4(skb, off + ihl, mapped(ip.saddr), mapped(ip.daddr), ip.proto, 4)
+    parse_l4(skb, off + ihl, mapped(ip.saddr), mapped(ip.daddr), ip.proto, 4, 0)
 }
 
 #[inline(always)]
@@ -268,7 +275,8 @@ fn parse_ipv6<P: Packet>(skb: &P, off: usize) -> Result<Flow, ParseError> {
     let mut next = ip.next_hdr;
     let mut l4 = off + 40;
     let mut done = false;
-    for _ in 0..MAX_EXT_HEADERS {
+    // One more round than headers allowed: the last can only find the upper-layer header.
+    for _ in 0..=MAX_EXT_HEADERS {
         match next {
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
             0 | 43 | 60 => {
@@ -292,7 +300,7 @@ fn parse_ipv6<P: Packet>(skb: &P, off: usize) -> Result<Flow, ParseError> {
     if !done {
         return Err(ParseError::Malformed);
     }
-    parse_l4(skb, l4, ip.saddr, ip.daddr, next, 6)
+    parse_l4(skb, l4, ip.saddr, ip.daddr, next, 6, ip.hop_limit)
 }
 
 /// Policy port of an ICMP/ICMPv6 type (see `enforcer_common::icmp_port`).
@@ -309,11 +317,13 @@ fn parse_l4<P: Packet>(
     daddr: Addr,
     proto: u8,
     family: u8,
+    hop_limit: u8,
 ) -> Result<Flow, ParseError> {
     let len = skb.len();
     let (mut sport, mut dport, mut policy_port) = (0u16, 0u16, 0u16);
     let (mut link_local, mut syn_only, mut syn_ack, mut closing, mut reset) =
         (false, false, false, false, false);
+    let (mut untracked, mut answer) = (false, false);
     match proto {
         IPPROTO_TCP => {
             let h = skb.load::<Ports>(off)?;
@@ -356,9 +366,17 @@ fn parse_l4<P: Packet>(
                 sport = id;
             } else if h.ty == reply {
                 dport = id;
-            } else if v6 && matches!(h.ty, 130..=137 | 143) {
-                // MLD (130-132, 143) and neighbour discovery (133-137).
-                link_local = true;
+                answer = true;
+            } else {
+                untracked = true;
+                // MLD (130-132, 143) is sent with hop limit 1 and neighbour discovery
+                // (133-137) with 255: a packet that was routed has a lower one.
+                link_local = v6
+                    && match h.ty {
+                        130..=132 | 143 => hop_limit == 1,
+                        133..=137 => hop_limit == 255,
+                        _ => false,
+                    };
             }
         }
         _ => {}
@@ -375,6 +393,8 @@ fn parse_l4<P: Packet>(
         syn_ack,
         closing,
         reset,
+        untracked,
+        answer,
         deliver: false,
         source_verified: false,
     })

@@ -269,13 +269,16 @@ impl Datapath {
     /// Attaching the ingress check ([`TcHook::ToWorkload`]) also records whether the interface
     /// is a veth or netkit device with its peer in another namespace: only such an interface
     /// can receive local deliveries. The fact is read in the calling thread's namespace.
+    ///
+    /// A pinned link whose program is no longer attached at that interface and hook (the
+    /// interface was deleted and its index reused) is replaced: the new link is attached
+    /// before the stale pin goes.
     pub fn attach_tc(&mut self, ifname: &str, hook: TcHook) -> Result<(), Error> {
         let ifindex = ifindex(ifname)?;
         let path = self.tc_link_path(ifindex, hook);
-        if path.exists() && PinnedLink::from_pin(&path).is_ok() {
+        if path.exists() && tc_link_in_place(&path, ifname, hook) {
             return self.record_link(ifindex, hook);
         }
-        let _ = fs::remove_file(&path);
         let name = hook.program();
         let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
         let id = prog.attach(ifname, hook.attach_type()).map_err(Error::program(name))?;
@@ -285,6 +288,7 @@ impl Datapath {
             path: path.clone(),
             source: Box::new(e),
         })?;
+        let _ = fs::remove_file(&path);
         link.pin(&path).map_err(|e| Error::Pin { what: "tc link", path, source: Box::new(e) })?;
         self.record_link(ifindex, hook)
     }
@@ -407,4 +411,13 @@ pub fn ifindex(name: &str) -> Result<u32, Error> {
     } else {
         Ok(idx)
     }
+}
+
+/// Whether the link pinned at `path` still has its program attached at `ifname`'s `hook`.
+fn tc_link_in_place(path: &Path, ifname: &str, hook: TcHook) -> bool {
+    let Ok(pinned) = PinnedLink::from_pin(path) else { return false };
+    let Ok(info) = FdLink::from(pinned).info() else { return false };
+    let prog = info.program_id();
+    SchedClassifier::query_tcx(ifname, hook.attach_type())
+        .is_ok_and(|(_, attached)| attached.iter().any(|p| p.id() == prog))
 }

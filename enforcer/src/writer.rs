@@ -171,6 +171,8 @@ struct Record {
 
 /// The map writer. Obtain it from [`crate::Datapath::writer`].
 pub struct Writer {
+    /// The pin directory (map capacities are read from its pins for errors).
+    pin_dir: std::path::PathBuf,
     identity: HashMap<MapData, enforcer_common::Addr, IdentityInfo>,
     cidr: LpmTrie<MapData, CidrAddr, IdentityInfo>,
     endpoints: Array<MapData, Endpoint>,
@@ -253,6 +255,7 @@ impl Writer {
             next_cookie: 1,
             policy_capacity,
             admin_capacity,
+            pin_dir: pin_dir.to_path_buf(),
         };
         w.rebuild()?;
         if !fresh {
@@ -302,13 +305,13 @@ impl Writer {
     fn put_endpoint(&mut self, key: EndpointKey, ep: Endpoint) -> Result<(), Error> {
         match key {
             EndpointKey::Interface(i) if i < ENDPOINT_ARRAY_SIZE => {
-                self.endpoints.set(i, ep, 0).map_err(|e| full_or(e, map_names::ENDPOINTS))
+                self.endpoints.set(i, ep, 0).map_err(|e| self.full_or(e, map_names::ENDPOINTS))
             }
             EndpointKey::Interface(i) => {
-                self.endpoints_hash.insert(i, ep, 0).map_err(|e| full_or(e, map_names::ENDPOINTS_HASH))
+                self.endpoints_hash.insert(i, ep, 0).map_err(|e| self.full_or(e, map_names::ENDPOINTS_HASH))
             }
             EndpointKey::Cgroup(id) => {
-                self.cgroups.insert(id, ep, 0).map_err(|e| full_or(e, map_names::CGROUPS))
+                self.cgroups.insert(id, ep, 0).map_err(|e| self.full_or(e, map_names::CGROUPS))
             }
         }
     }
@@ -439,6 +442,31 @@ impl Writer {
         self.config.set(0, cfg, 0).map_err(Error::map(map_names::CONFIG))
     }
 
+    /// A map update's error: [`Error::MapFull`] when the map had no room (`E2BIG`).
+    fn full_or(&self, e: aya::maps::MapError, name: &'static str) -> Error {
+        match e {
+            aya::maps::MapError::SyscallError(ref s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                Error::MapFull { map: name, capacity: capacity(&self.pin_dir, name).unwrap_or(0), needed: 1 }
+            }
+            other => Error::Map { name, source: Box::new(other) },
+        }
+    }
+
+    /// Move the conntrack generation (`Config::ct_epoch`): every established flow is judged
+    /// against current policy again on its next packet, and keeps going only if something
+    /// still admits it. Called after every change that can deny what a live rule admits, once
+    /// that change is in force.
+    fn rejudge_flows(&mut self) -> Result<(), Error> {
+        let mut cfg = self.config()?;
+        cfg.ct_epoch = cfg.ct_epoch.wrapping_add(1);
+        self.set_config(cfg)
+    }
+
+    /// The conntrack generation in force (see [`Self::rejudge_flows`]).
+    pub fn ct_epoch(&self) -> Result<u32, Error> {
+        Ok(self.config()?.ct_epoch)
+    }
+
     fn alloc_slot(&mut self) -> Result<u32, Error> {
         if let Some(s) = self.free_slots.pop() {
             return Ok(s);
@@ -513,6 +541,9 @@ impl Writer {
             cookie,
             Record { slot, action: rule.action, expires_at, keys: rule.keys.clone(), admin: None },
         );
+        if rule.action == Action::Deny {
+            self.rejudge_flows()?;
+        }
         Ok(RuleHandle { cookie, slot, expires_at })
     }
 
@@ -632,6 +663,9 @@ impl Writer {
         for k in &kept {
             self.policy.insert(k, value, 0).map_err(Error::map(map_names::POLICY))?;
         }
+        if rule.action == Action::Deny {
+            self.rejudge_flows()?;
+        }
         for k in &rule.keys {
             self.owners.insert(*k, cookie);
         }
@@ -701,6 +735,9 @@ impl Writer {
         self.activate(slot, cookie, expires_at)?;
         let value = AdminValue { cookie, slot, action: rule.action.code(), priority: rule.priority };
         self.admin.insert(rule.key, value, 0).map_err(Error::map(map_names::ADMIN))?;
+        if rule.action != Action::Allow {
+            self.rejudge_flows()?;
+        }
         self.clear_slot(rec.slot)?;
         self.records.remove(&old);
         self.free_slots.push(rec.slot);
@@ -745,6 +782,11 @@ impl Writer {
             return Err(Error::Map { name: map_names::ADMIN, source: Box::new(e) });
         }
         self.activate(slot, cookie, expires_at)?;
+        // A deny, or a pass that hands a tenant pair back to the tenant tier, can end flows
+        // an allow of lower priority admitted.
+        if rule.action != Action::Allow {
+            self.rejudge_flows()?;
+        }
         Ok(self.record_admin(rule, cookie, slot, expires_at))
     }
 
@@ -832,8 +874,15 @@ impl Writer {
         self.put_identity(key, IdentityInfo { identity, tenant, flags })
     }
 
+    /// Write an identity entry; if it gives an address another identity or tenant, flows
+    /// admitted for the old one are judged again.
     fn put_identity(&mut self, key: enforcer_common::Addr, info: IdentityInfo) -> Result<(), Error> {
-        self.identity.insert(key, info, 0).map_err(|e| full_or(e, map_names::IDENTITY))
+        let old = self.identity.get(&key, 0).ok();
+        self.identity.insert(key, info, 0).map_err(|e| self.full_or(e, map_names::IDENTITY))?;
+        match old {
+            Some(o) if (o.identity, o.tenant) != (info.identity, info.tenant) => self.rejudge_flows(),
+            _ => Ok(()),
+        }
     }
 
     /// The identity entry of an exact address.
@@ -842,44 +891,71 @@ impl Writer {
         self.identity.get(&addr::key(ip), 0).ok()
     }
 
+    /// Forget an exact address's identity (it falls back to CIDR peers, then world); flows
+    /// admitted for it are judged again.
     pub fn remove_identity(&mut self, ip: IpAddr) -> Result<(), Error> {
         match self.identity.remove(&addr::key(ip)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => self.rejudge_flows(),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(Error::Map { name: map_names::IDENTITY, source: Box::new(e) }),
         }
     }
 
-    /// Map a CIDR peer to an identity (host bits are masked).
+    /// Map a CIDR peer to an identity (host bits are masked). A prefix that is new or changes
+    /// identity changes what addresses it covers resolve to (the longest prefix wins), so
+    /// established flows are judged again.
     pub fn set_cidr(&mut self, ip: IpAddr, len: u8, identity: u32, tenant: u32) -> Result<(), Error> {
         let key = LpmKey::new(addr::lpm_len(ip, len), CidrAddr { addr: addr::key(addr::mask(ip, len)) });
+        let info = IdentityInfo { identity, tenant, flags: 0 };
+        let unchanged = self.cidr.get(&key, 0).is_ok_and(|o| o == info);
         let mut cfg = self.config()?;
         cfg.cidr_count += 1;
         self.set_config(cfg)?;
-        let r = self.cidr.insert(&key, IdentityInfo { identity, tenant, flags: 0 }, 0);
+        let r = self.cidr.insert(&key, info, 0);
         if let Err(e) = r {
             self.recount()?;
-            return Err(full_or(e, map_names::CIDR));
+            return Err(self.full_or(e, map_names::CIDR));
         }
-        self.recount()
+        self.recount()?;
+        if unchanged { Ok(()) } else { self.rejudge_flows() }
     }
 
+    /// Forget a CIDR peer; established flows are judged again.
     pub fn remove_cidr(&mut self, ip: IpAddr, len: u8) -> Result<(), Error> {
         let key = LpmKey::new(addr::lpm_len(ip, len), CidrAddr { addr: addr::key(addr::mask(ip, len)) });
-        let _ = self.cidr.remove(&key);
-        self.recount()
+        let removed = self.cidr.remove(&key).is_ok();
+        self.recount()?;
+        if removed { self.rejudge_flows() } else { Ok(()) }
     }
 
     /// Register a workload behind the interface `ifindex` (TC attachment) and map its
     /// addresses to its identity.
+    /// All or nothing: if a map is full, the addresses keep what they had.
     pub fn set_interface_workload(&mut self, ifindex: u32, w: &Workload) -> Result<(), Error> {
-        self.set_workload_addrs(w, IDENTITY_F_LOCAL)?;
-        self.set_endpoint(EndpointKey::Interface(ifindex), w)
+        self.set_workload(EndpointKey::Interface(ifindex), w, IDENTITY_F_LOCAL)
     }
 
-    /// Register a workload by cgroup id (cgroup attachment).
+    /// Register a workload by cgroup id (cgroup attachment); all or nothing, as
+    /// [`Self::set_interface_workload`].
     pub fn set_cgroup_workload(&mut self, cgroup_id: u64, w: &Workload) -> Result<(), Error> {
-        self.set_workload_addrs(w, 0)?;
-        self.set_endpoint(EndpointKey::Cgroup(cgroup_id), w)
+        self.set_workload(EndpointKey::Cgroup(cgroup_id), w, 0)
+    }
+
+    fn set_workload(&mut self, key: EndpointKey, w: &Workload, flags: u32) -> Result<(), Error> {
+        let addrs: Vec<enforcer_common::Addr> =
+            w.ipv4.map(IpAddr::V4).into_iter().chain(w.ipv6.map(IpAddr::V6)).map(addr::key).collect();
+        let before: Vec<Option<IdentityInfo>> = addrs.iter().map(|a| self.identity.get(a, 0).ok()).collect();
+        let r = self.set_workload_addrs(w, flags).and_then(|()| self.set_endpoint(key, w));
+        if r.is_err() {
+            // Put back what the addresses had (overwriting or removing needs no room).
+            for (a, old) in addrs.iter().zip(before) {
+                let _ = match old {
+                    Some(info) => self.put_identity(*a, info),
+                    None => self.identity.remove(a).map_err(Error::map(map_names::IDENTITY)),
+                };
+            }
+        }
+        r
     }
 
     /// Forget the workload registered by cgroup id: cgroup programs drop its traffic (no
@@ -951,7 +1027,12 @@ impl Writer {
             cfg.failsafe[i] = Failsafe { port: *port, proto: *proto, pad: 0 };
         }
         cfg.failsafe_count = u32::try_from(ports.len()).unwrap_or(0);
-        self.set_config(cfg)
+        // Flows a removed failsafe port admitted are judged again (by policy) from their next
+        // packet; the new list is in force before that.
+        let old = self.config()?;
+        let changed = (old.failsafe, old.failsafe_count) != (cfg.failsafe, cfg.failsafe_count);
+        self.set_config(cfg)?;
+        if changed { self.rejudge_flows() } else { Ok(()) }
     }
 
     /// Report every new allowed flow as an event (drops and audits are always reported).
@@ -1149,10 +1230,6 @@ fn key_shape(k: &PolicyKey) -> Option<usize> {
         return None;
     }
     policy_shape(peer == IDENTITY_ANY, k.proto, k.dport)
-}
-
-fn full_or(e: aya::maps::MapError, name: &'static str) -> Error {
-    Error::Map { name, source: Box::new(e) }
 }
 
 /// An event rate limit (see [`Writer::set_event_rate_limit`]).

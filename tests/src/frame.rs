@@ -52,6 +52,13 @@ pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, ext: &[u8], payload: &[u8]) 
     h
 }
 
+/// `frame` (Ethernet + IPv6) with its hop limit set to `hops`.
+#[must_use]
+pub fn hop_limit(mut frame: Vec<u8>, hops: u8) -> Vec<u8> {
+    frame[14 + 7] = hops;
+    frame
+}
+
 /// An 8-byte IPv6 options-style extension header (hop-by-hop 0, dest-opts 60, routing 43).
 #[must_use]
 pub fn ext8(next: u8) -> Vec<u8> {

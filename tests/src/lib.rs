@@ -135,6 +135,19 @@ pub fn ip(s: &str) -> IpAddr {
     s.parse().expect("address")
 }
 
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` on a pure cgroup v2 host,
+/// `/sys/fs/cgroup/unified` on a hybrid one).
+#[must_use]
+pub fn cgroup2_root() -> std::path::PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| std::path::PathBuf::from(f[1]))
+        .expect("cgroup v2 mounted")
+}
+
 /// A free TCP port on loopback (bound and released; good enough for tests).
 #[must_use]
 pub fn free_port() -> u16 {

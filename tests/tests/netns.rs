@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use enforcer::{AdminRule, Rule, Workload, events::Verdict, writer::Action};
-use enforcer_common::{AdminKey, DIR_EGRESS, PORT_ANY, PROTO_ANY, Reason};
+use enforcer_common::{AdminKey, DIR_EGRESS, DIR_INGRESS, PORT_ANY, PROTO_ANY, Reason};
 use ztseg_integration::{
     TestDatapath,
     frame::{TCP, UDP},
@@ -141,25 +141,35 @@ fn audit_mode_passes_and_reports() {
     assert!(s.dp.writer().counters().unwrap()[&Reason::Audit] >= 2);
 }
 
-/// Removes a test cgroup directory on drop.
-struct Rmdir(std::path::PathBuf);
+/// A test cgroup v2 directory with the data plane's cgroup programs attached; removed on drop.
+struct TestCgroup {
+    path: std::path::PathBuf,
+    id: u64,
+}
 
-impl Drop for Rmdir {
+impl TestCgroup {
+    fn new(dp: &mut TestDatapath) -> Self {
+        ztseg_integration::require_root();
+        let path = ztseg_integration::cgroup2_root().join(ztseg_integration::unique("ztseg-test-"));
+        std::fs::create_dir(&path).expect("create a cgroup v2 directory");
+        let mut cg = Self { path, id: 0 };
+        cg.id = dp.attach_cgroup(&cg.path).unwrap();
+        cg
+    }
+}
+
+impl Drop for TestCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
+        let _ = std::fs::remove_dir(&self.path);
     }
 }
 
 #[test]
 fn cgroup_process_gets_eperm_on_denied_connect() {
     use std::process::Command;
-    ztseg_integration::require_root();
     let mut dp = TestDatapath::new("cgroup");
-    let cg =
-        std::path::PathBuf::from("/sys/fs/cgroup/unified").join(ztseg_integration::unique("ztseg-test-"));
-    std::fs::create_dir(&cg).expect("create cgroup (cgroup v2 at /sys/fs/cgroup/unified)");
-    let _guard = Rmdir(cg.clone());
-    let cgid = dp.attach_cgroup(&cg).unwrap();
+    let cgroup = TestCgroup::new(&mut dp);
+    let (cg, cgid) = (&cgroup.path, cgroup.id);
     let local = Workload { identity: 600, tenant: 1, ipv4: None, ipv6: None, audit: false };
     dp.writer().set_cgroup_workload(cgid, &local).unwrap();
     dp.writer().set_identity("127.0.0.1".parse().unwrap(), 601, 1).unwrap();
@@ -190,4 +200,66 @@ fn cgroup_process_gets_eperm_on_denied_connect() {
     assert!(took < Duration::from_secs(1), "EPERM at once, took {took:?}");
     // The same process outside the cgroup is not affected.
     assert!(std::net::TcpStream::connect(("127.0.0.1", pd)).is_ok());
+}
+
+/// A UDP server in a managed cgroup answers the requests its ingress policy admitted (the
+/// sendmsg check finds the flow it answers), while a datagram it sends unasked to a peer its
+/// egress policy does not allow fails with EPERM. Served twice: bound to its address, and
+/// bound to the wildcard address with the workload's address registered.
+#[test]
+fn cgroup_udp_server_answers_admitted_requests() {
+    use std::process::{Command, Stdio};
+    let mut dp = TestDatapath::new("cgudp");
+    let cgroup = TestCgroup::new(&mut dp);
+    let (cg, cgid) = (&cgroup.path, cgroup.id);
+    for (bind, registered) in [("127.0.0.1", None), ("0.0.0.0", Some("127.0.0.1"))] {
+        let server = Workload {
+            identity: 610,
+            tenant: 1,
+            ipv4: registered.map(|a| a.parse().unwrap()),
+            ipv6: None,
+            audit: false,
+        };
+        dp.writer().set_cgroup_workload(cgid, &server).unwrap();
+        dp.writer().set_identity("127.0.0.1".parse().unwrap(), 611, 1).unwrap();
+        let port = ztseg_integration::free_port();
+        let rule = dp
+            .writer()
+            .install(&Rule {
+                keys: vec![Rule::key(DIR_INGRESS, 610, Some(611), UDP, port)],
+                action: Action::Allow,
+                ttl: None,
+            })
+            .unwrap();
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec {} udp-serve {bind}:{port}",
+            cg.display(),
+            env!("CARGO_BIN_EXE_zt-sockprobe")
+        );
+        let child = Command::new("sh").args(["-c", &script]).stdout(Stdio::piped()).spawn().unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut buf = [0u8; 64];
+        let mut answer = None;
+        let start = Instant::now();
+        while answer.is_none() && start.elapsed() < Duration::from_secs(5) {
+            client.send_to(b"request", ("127.0.0.1", port)).unwrap();
+            if let Ok((n, _)) = client.recv_from(&mut buf) {
+                answer = Some(buf[..n].to_vec());
+            }
+        }
+        let out = child.wait_with_output().unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            answer.as_deref(),
+            Some(&b"answer"[..]),
+            "bound to {bind}: no answer; server said {report}"
+        );
+        assert!(report.contains("reply ok"), "bound to {bind}: {report}");
+        assert!(
+            report.contains(&format!("unsolicited err {}", libc::EPERM)),
+            "bound to {bind}: an unasked datagram must fail with EPERM: {report}"
+        );
+        dp.writer().revoke(rule.cookie).unwrap();
+    }
 }
