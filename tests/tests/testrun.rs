@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use enforcer::{AdminRule, Rule, events::Verdict, writer::Action};
 use enforcer_common::{
-    AdminKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_WORLD, PORT_ANY, PROTO_ANY, Reason, TENANT_ANY, icmp_port,
+    AdminKey, DIR_EGRESS, DIR_INGRESS, PORT_ANY, PROTO_ANY, Reason, TENANT_ANY, icmp_port,
     program_names::{TC_FROM_WORKLOAD, TC_TO_WORKLOAD},
 };
 use ztseg_integration::{
