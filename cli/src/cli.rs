@@ -1050,12 +1050,7 @@ fn lab_cmd(cmd: LabCommands, output: Output) -> Result<ExitCode> {
     let exe = std::env::current_exe()?;
     match cmd {
         LabCommands::Up(a) => {
-            let state = lab::up(&a.file, &exe).inspect_err(|_| {
-                // Leave nothing half-built behind.
-                if let Ok(l) = lab::spec::LabFile::load(&a.file) {
-                    let _ = lab::down(l.name());
-                }
-            })?;
+            let state = lab::up(&a.file, &exe)?;
             println!(
                 "lab {} up: {} hosts (one enforcer each), {} pods; enforcer sockets: {}",
                 state.name,

@@ -229,29 +229,38 @@ pub fn up(lab_path: &Path, exe: &Path) -> Result<LabState> {
     {
         state.namespaces.push(NamespaceSpec { name: "default".into(), labels: BTreeMap::new() });
     }
-    // Save early so `lab down` can clean up a half-built lab.
+    // Save early so `lab down` can clean up a half-built lab, which it does if anything
+    // below fails (a lab that was already up is left alone above).
     drop(policies);
     state.save()?;
-    build(&lab, &mut state)?;
+    if let Err(e) = build_and_start(&lab, lab_path, &mut state, exe) {
+        let _ = down(&name);
+        return Err(e);
+    }
+    Ok(state)
+}
+
+fn build_and_start(lab: &LabFile, lab_path: &Path, state: &mut LabState, exe: &Path) -> Result<()> {
+    let name = state.name.clone();
+    build(lab, state)?;
     state.save()?;
     std::fs::create_dir_all(policy_dir(&name))?;
     if lab.controller {
-        start_controller(&mut state, exe)?;
+        start_controller(state, exe)?;
         state.save()?;
         for h in 0..state.hosts.len() {
-            enroll_host(&state, h)?;
+            enroll_host(state, h)?;
         }
-        controller_apply(&state, &lab, lab_path)?;
+        controller_apply(state, lab, lab_path)?;
     } else {
-        publish_files_only(&state, &lab, lab_path)?;
+        publish_files_only(state, lab, lab_path)?;
     }
     for h in 0..state.hosts.len() {
-        start_daemon(&mut state, h, exe)?;
+        start_daemon(state, h, exe)?;
         state.save()?;
     }
-    start_servers(&mut state, exe)?;
-    state.save()?;
-    Ok(state)
+    start_servers(state, exe)?;
+    state.save()
 }
 
 /// Initial copy of the policies, before any daemon runs (nothing to wait for).
