@@ -624,6 +624,12 @@ fn daemon_status(socket: &Path) -> Result<ztseg_api::enforcer::StatusResponse> {
 
 /// Start host `h`'s daemon and wait until it is ready.
 fn start_daemon(state: &mut LabState, h: usize, exe: &Path) -> Result<()> {
+    spawn_daemon(state, h, exe)?;
+    wait_daemon_ready(state, h)
+}
+
+/// Start host `h`'s daemon with a freshly written configuration.
+fn spawn_daemon(state: &mut LabState, h: usize, exe: &Path) -> Result<()> {
     let dir = lab_dir(&state.name);
     std::fs::create_dir_all(&dir)?;
     let cfg = dir.join(format!("{}.toml", state.hosts[h].name));
@@ -642,6 +648,10 @@ fn start_daemon(state: &mut LabState, h: usize, exe: &Path) -> Result<()> {
         .spawn()
         .context("starting a host enforcer")?;
     state.hosts[h].daemon_pid = Some(child.id());
+    Ok(())
+}
+
+fn wait_daemon_ready(state: &LabState, h: usize) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         if let Ok(st) = daemon_status(&state.hosts[h].socket)
@@ -653,7 +663,7 @@ fn start_daemon(state: &mut LabState, h: usize, exe: &Path) -> Result<()> {
             bail!(
                 "enforcer of host {} did not become ready; log: {}",
                 state.hosts[h].name,
-                dir.join(format!("{}.log", state.hosts[h].name)).display()
+                lab_dir(&state.name).join(format!("{}.log", state.hosts[h].name)).display()
             );
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -801,14 +811,16 @@ pub fn apply(lab_path: &Path, exe: &Path) -> Result<LabState> {
     Ok(state)
 }
 
-/// Restart every host's daemon with a regenerated configuration (labels changed). Pinned
-/// enforcement stays in force throughout.
+/// Restart every host's daemon with a regenerated configuration (labels changed), all hosts
+/// at once. Pinned enforcement stays in force throughout.
 fn restart_daemons(state: &mut LabState, exe: &Path) -> Result<()> {
     for h in 0..state.hosts.len() {
         stop_daemon(state, h);
-        start_daemon(state, h, exe)?;
     }
-    Ok(())
+    for h in 0..state.hosts.len() {
+        spawn_daemon(state, h, exe)?;
+    }
+    (0..state.hosts.len()).try_for_each(|h| wait_daemon_ready(state, h))
 }
 
 /// `ztseg lab label -f LAB.yaml [ns/]pod|ns:NAME key=value|key- ...`: change labels of a pod
