@@ -12,6 +12,7 @@
 //! no enforcement gap).
 
 pub mod probe;
+pub mod sctp;
 pub mod serve;
 pub mod spec;
 
@@ -51,6 +52,10 @@ pub struct LabState {
     pub tenants: BTreeMap<String, u32>,
     #[serde(default)]
     pub controller: Option<ControllerState>,
+    /// Why SCTP is served and probed nowhere in this lab although `protocols` lists it: the
+    /// kernel has no SCTP.
+    #[serde(default)]
+    pub sctp_unavailable: Option<String>,
 }
 
 /// The lab's controller: its own network namespace with a management bridge
@@ -142,19 +147,36 @@ impl LabState {
     /// Every pod serves every lab port over every lab protocol; the container ports are named
     /// `serve-<port>-<proto>` (as in the upstream network-policy e2e model).
     fn container_ports(&self) -> Vec<ztseg_policy::ContainerPort> {
-        let mut out = Vec::new();
-        for port in &self.ports {
-            for proto in &self.protocols {
-                let p =
-                    if proto == "UDP" { ztseg_policy::Protocol::Udp } else { ztseg_policy::Protocol::Tcp };
-                out.push(ztseg_policy::ContainerPort {
-                    name: Some(format!("serve-{port}-{}", proto.to_lowercase())),
+        self.ports
+            .iter()
+            .flat_map(|port| {
+                self.protocols.iter().map(move |proto| ztseg_policy::ContainerPort {
+                    name: Some(spec::serve_port_name(*port, proto)),
                     port: *port,
-                    protocol: p,
-                });
-            }
-        }
-        out
+                    protocol: protocol(proto),
+                })
+            })
+            .collect()
+    }
+
+    /// Why `protocol` is not served or probed in this lab, if it is not.
+    #[must_use]
+    pub fn unavailable(&self, protocol: &str) -> Option<&str> {
+        if protocol == "SCTP" { self.sctp_unavailable.as_deref() } else { None }
+    }
+
+    /// The lab's protocols that its pods really serve.
+    fn served_protocols(&self) -> Vec<String> {
+        self.protocols.iter().filter(|p| self.unavailable(p).is_none()).cloned().collect()
+    }
+}
+
+/// A lab protocol name (validated by the lab file) as the policy model's protocol.
+fn protocol(name: &str) -> ztseg_policy::Protocol {
+    match name {
+        "UDP" => ztseg_policy::Protocol::Udp,
+        "SCTP" => ztseg_policy::Protocol::Sctp,
+        _ => ztseg_policy::Protocol::Tcp,
     }
 }
 
@@ -223,7 +245,11 @@ pub fn up(lab_path: &Path, exe: &Path) -> Result<LabState> {
         protocols: lab.protocols.clone(),
         tenants: BTreeMap::new(),
         controller: None,
+        sctp_unavailable: None,
     };
+    if state.protocols.iter().any(|p| p == "SCTP") {
+        state.sctp_unavailable = sctp::available().err();
+    }
     if !state.namespaces.iter().any(|n| n.name == "default")
         && lab.pods.iter().any(|p| p.namespace == "default")
     {
@@ -743,12 +769,13 @@ fn start_servers(state: &mut LabState, exe: &Path) -> Result<()> {
     let ports: Vec<String> = state.ports.iter().map(ToString::to_string).collect();
     let log_dir = Path::new(STATE_DIR).join(&state.name);
     std::fs::create_dir_all(&log_dir)?;
+    let served = state.served_protocols();
     for pod in &mut state.pods {
         let log = std::fs::File::create(log_dir.join(format!("{}.log", pod.netns)))?;
         let child = Command::new("setsid")
             .arg(exe)
             .args(["lab", "serve", "--netns", &pod.netns, "--ports", &ports.join(","), "--protocols"])
-            .arg(state.protocols.join(","))
+            .arg(served.join(","))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

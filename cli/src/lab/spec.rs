@@ -44,7 +44,7 @@ pub struct LabFile {
     pub pods: Vec<PodSpec>,
     /// Ports every pod serves, over every protocol in `protocols`.
     pub ports: Vec<u16>,
-    /// Protocols served and probed (TCP, UDP). Default: both.
+    /// Protocols served and probed (TCP, UDP, SCTP). Default: TCP and UDP.
     #[serde(default = "default_protocols")]
     pub protocols: Vec<String>,
     /// Policy files or directories (relative to the lab file).
@@ -88,6 +88,13 @@ pub struct PodSpec {
     /// Tenant name; pods of different tenants are isolated unless an admin rule allows it.
     #[serde(default)]
     pub tenant: Option<String>,
+}
+
+/// The name of the container port every pod declares for a served port and protocol, as in
+/// the upstream network-policy e2e model.
+#[must_use]
+pub fn serve_port_name(port: u16, protocol: &str) -> String {
+    format!("serve-{port}-{}", protocol.to_lowercase())
 }
 
 fn default_namespace() -> String {
@@ -161,8 +168,8 @@ impl LabFile {
             bail!("{}: pods: at most 250 pods per host", path.display());
         }
         for (i, proto) in self.protocols.iter().enumerate() {
-            if !matches!(proto.as_str(), "TCP" | "UDP") {
-                bail!("{}: protocols[{i}]: {proto:?} is not probed (TCP, UDP)", path.display());
+            if !matches!(proto.as_str(), "TCP" | "UDP" | "SCTP") {
+                bail!("{}: protocols[{i}]: {proto:?} is not probed (TCP, UDP, SCTP)", path.display());
             }
         }
         if self.ports.contains(&0) {
