@@ -138,23 +138,26 @@ impl LabState {
                     namespace: p.spec.namespace.clone(),
                     labels: p.spec.labels.clone(),
                     ips: vec![IpAddr::V4(p.ipv4)],
-                    ports: self.container_ports(),
+                    ports: self.container_ports(p),
                 })
                 .collect(),
         }
     }
 
     /// Every pod serves every lab port over every lab protocol; the container ports are named
-    /// `serve-<port>-<proto>` (as in the upstream network-policy e2e model).
-    fn container_ports(&self) -> Vec<ztseg_policy::ContainerPort> {
-        self.ports
-            .iter()
-            .flat_map(|port| {
-                self.protocols.iter().map(move |proto| ztseg_policy::ContainerPort {
-                    name: Some(spec::serve_port_name(*port, proto)),
-                    port: *port,
-                    protocol: protocol(proto),
-                })
+    /// `serve-<port>-<proto>` (as in the upstream network-policy e2e model), followed by the
+    /// pod's own named ports from the lab file.
+    fn container_ports(&self, pod: &PodState) -> Vec<ztseg_policy::ContainerPort> {
+        let generated = self.ports.iter().flat_map(|port| {
+            self.protocols.iter().map(move |proto| (spec::serve_port_name(*port, proto), *port, proto))
+        });
+        let declared = pod.spec.container_ports.iter().map(|cp| (cp.name.clone(), cp.port, &cp.protocol));
+        generated
+            .chain(declared)
+            .map(|(name, port, proto)| ztseg_policy::ContainerPort {
+                name: Some(name),
+                port,
+                protocol: protocol(proto),
             })
             .collect()
     }
@@ -469,7 +472,7 @@ fn host_config(state: &LabState, h: usize) -> String {
             let _ = writeln!(c, "tenant = {t:?}");
         }
         let ports: Vec<String> = state
-            .container_ports()
+            .container_ports(p)
             .into_iter()
             .map(|cp| {
                 format!(
@@ -807,7 +810,7 @@ pub fn apply(lab_path: &Path, exe: &Path) -> Result<LabState> {
     let mut state = LabState::load(lab.name())?;
     // Check locally first: a bad file is reported here and nothing changes.
     read_policies(&lab, lab_path)?;
-    let old_labels: Vec<_> = state.pods.iter().map(|p| p.spec.labels.clone()).collect();
+    let old_pods: Vec<_> = state.pods.iter().map(|p| p.spec.clone()).collect();
     let old_ns = state.namespaces.clone();
     if lab.pods.len() != state.pods.len() {
         bail!("{}: pods: adding or removing pods needs `lab down` and `lab up`", lab_path.display());
@@ -822,6 +825,7 @@ pub fn apply(lab_path: &Path, exe: &Path) -> Result<LabState> {
             );
         }
         pod.spec.labels.clone_from(&spec.labels);
+        pod.spec.container_ports.clone_from(&spec.container_ports);
     }
     for ns in &lab.namespaces {
         if let Some(s) = state.namespaces.iter_mut().find(|n| n.name == ns.name) {
@@ -829,7 +833,7 @@ pub fn apply(lab_path: &Path, exe: &Path) -> Result<LabState> {
         }
     }
     let relabelled =
-        old_ns != state.namespaces || state.pods.iter().zip(&old_labels).any(|(p, l)| p.spec.labels != *l);
+        old_ns != state.namespaces || state.pods.iter().zip(&old_pods).any(|(p, old)| p.spec != *old);
     publish_policies(&state, &lab, lab_path)?;
     if relabelled {
         restart_daemons(&mut state, exe)?;
