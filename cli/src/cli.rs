@@ -135,7 +135,12 @@ enum LabCommands {
     /// Build the lab: namespaces, enforcers, servers, policies.
     Up(LabFileArgs),
     /// Probe every pod pair, port and protocol; print the reachability matrix.
-    Probe(LabFileArgs),
+    Probe {
+        #[command(flatten)]
+        file: LabFileArgs,
+        #[command(flatten)]
+        select: MatrixArgs,
+    },
     /// Re-apply the lab file's policies and labels.
     Apply(LabFileArgs),
     /// Change labels of a pod (`ns/pod`) or namespace (`ns:NAME`) and re-apply policies.
@@ -149,9 +154,9 @@ enum LabCommands {
         changes: Vec<String>,
     },
     /// The enforcers' own account of a flow between two pods (`--from`, `--to`): each check,
-    /// probe by probe. Without a pair: every cell for every port and protocol, from the data
-    /// plane's maps instead of traffic, in the probe's matrix form (and against its
-    /// expectations).
+    /// probe by probe. Without a pair: every cell for every port and protocol (or those given
+    /// with `--port`/`--protocol`), from the data plane's maps instead of traffic, in the
+    /// probe's matrix form (and against its expectations).
     Explain {
         #[command(flatten)]
         file: LabFileArgs,
@@ -161,12 +166,14 @@ enum LabCommands {
         /// Receiving pod.
         #[arg(long, requires = "from")]
         to: Option<String>,
-        /// TCP, UDP, SCTP or ICMP.
-        #[arg(long, default_value = "TCP")]
-        protocol: String,
-        /// Destination port (ICMP: the message type).
+        /// TCP, UDP, SCTP or ICMP (default TCP). Without a pair: only this protocol's
+        /// matrices (repeatable).
         #[arg(long)]
-        port: Option<u32>,
+        protocol: Vec<String>,
+        /// Destination port (ICMP: the message type). Without a pair: only this port's
+        /// matrices (repeatable).
+        #[arg(long)]
+        port: Vec<u32>,
     },
     /// Remove the lab: servers, enforcement, namespaces.
     Down(LabFileArgs),
@@ -312,6 +319,33 @@ struct LabFileArgs {
     /// Lab file.
     #[arg(short = 'f', long = "file")]
     file: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct MatrixArgs {
+    /// Only this port's matrices (repeatable; default: every lab port).
+    #[arg(long)]
+    port: Vec<u16>,
+    /// Only this protocol's matrices (repeatable; default: every lab protocol).
+    #[arg(long)]
+    protocol: Vec<String>,
+}
+
+impl MatrixArgs {
+    fn selection(self) -> lab::probe::Selection {
+        lab::probe::Selection {
+            ports: self.port,
+            protocols: self.protocol.iter().map(|p| p.to_uppercase()).collect(),
+        }
+    }
+}
+
+/// The lab file's expectations for the selected matrices.
+fn selected_expectations(
+    lab_file: &lab::spec::LabFile,
+    selection: &lab::probe::Selection,
+) -> Vec<lab::spec::Expectation> {
+    lab_file.expect.iter().filter(|e| selection.includes(e.port, &e.protocol)).cloned().collect()
 }
 
 #[derive(Subcommand)]
@@ -1050,12 +1084,7 @@ fn lab_cmd(cmd: LabCommands, output: Output) -> Result<ExitCode> {
     let exe = std::env::current_exe()?;
     match cmd {
         LabCommands::Up(a) => {
-            let state = lab::up(&a.file, &exe).inspect_err(|_| {
-                // Leave nothing half-built behind.
-                if let Ok(l) = lab::spec::LabFile::load(&a.file) {
-                    let _ = lab::down(l.name());
-                }
-            })?;
+            let state = lab::up(&a.file, &exe)?;
             println!(
                 "lab {} up: {} hosts (one enforcer each), {} pods; enforcer sockets: {}",
                 state.name,
@@ -1063,27 +1092,42 @@ fn lab_cmd(cmd: LabCommands, output: Output) -> Result<ExitCode> {
                 state.pods.len(),
                 state.hosts.iter().map(|h| h.socket.display().to_string()).collect::<Vec<_>>().join(", ")
             );
+            if let Some(why) = &state.sctp_unavailable {
+                println!("SCTP is neither served nor probed ({why}); its matrices will have no cells");
+            }
             Ok(ExitCode::SUCCESS)
         }
-        LabCommands::Probe(a) => {
-            let lab_file = lab::spec::LabFile::load(&a.file)?;
+        LabCommands::Probe { file, select } => {
+            let lab_file = lab::spec::LabFile::load(&file.file)?;
             let state = lab::LabState::load(lab_file.name())?;
             let timeout = Duration::from_millis(lab_file.timeout_ms.unwrap_or(1000));
-            let mut matrices = lab::probe::probe(&state, timeout)?;
-            let mismatches = lab::probe::compare(&mut matrices, &lab_file.expect)?;
+            let selection = select.selection();
+            let mut matrices = lab::probe::probe(&state, timeout, &selection)?;
+            let mismatches =
+                lab::probe::compare(&mut matrices, &selected_expectations(&lab_file, &selection))?;
             print_matrices(&matrices, mismatches, output)?;
             Ok(if mismatches > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         LabCommands::Explain { file, from, to, protocol, port } => {
             let lab_file = lab::spec::LabFile::load(&file.file)?;
             let state = lab::LabState::load(lab_file.name())?;
-            if let (Some(from), Some(to), Some(port)) = (from, to, port) {
-                let checks = lab::probe::explain_pair(&state, &from, &to, &protocol, port)?;
+            if let (Some(from), Some(to)) = (from, to) {
+                let ([port], [] | [_]) = (&port[..], &protocol[..]) else {
+                    anyhow::bail!("explain --from --to: one --port and at most one --protocol");
+                };
+                let protocol = protocol.first().map_or("TCP", String::as_str);
+                let checks = lab::probe::explain_pair(&state, &from, &to, protocol, *port)?;
                 print_explain(checks, output)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let mut matrices = lab::probe::explain_matrices(&state)?;
-            let mismatches = lab::probe::compare(&mut matrices, &lab_file.expect)?;
+            let ports = port
+                .iter()
+                .map(|p| u16::try_from(*p).with_context(|| format!("--port {p}: not a port")))
+                .collect::<Result<_>>()?;
+            let selection = MatrixArgs { port: ports, protocol }.selection();
+            let mut matrices = lab::probe::explain_matrices(&state, &selection)?;
+            let mismatches =
+                lab::probe::compare(&mut matrices, &selected_expectations(&lab_file, &selection))?;
             print_matrices(&matrices, mismatches, output)?;
             Ok(if mismatches > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }

@@ -390,7 +390,7 @@ fn check_tenant(tenant: &str) -> Result<(), String> {
 }
 
 /// IANA service name syntax (`IsValidPortName` upstream).
-fn check_port_name(name: &str) -> Result<(), String> {
+pub fn check_port_name(name: &str) -> Result<(), String> {
     let bad = |why: &str| Err(format!("invalid port name `{name}`: {why}"));
     if name.is_empty() || name.len() > 15 {
         return bad("must be 1 to 15 characters long");

@@ -37,6 +37,9 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-client",
     // openssl, to show an encrypted CA key opens with standard tooling.
     "openssl",
+    // modprobe, which loads the sctp module for the lab's SCTP servers and probes (the
+    // kernel's own module autoload runs it too).
+    "kmod",
 ];
 /// Toolchain that compiles the eBPF crate (aya-build runs `rustup run nightly cargo ...`).
 const EBPF_TOOLCHAIN: &str = "nightly";

@@ -12,6 +12,7 @@
 //! no enforcement gap).
 
 pub mod probe;
+pub mod sctp;
 pub mod serve;
 pub mod spec;
 
@@ -51,6 +52,10 @@ pub struct LabState {
     pub tenants: BTreeMap<String, u32>,
     #[serde(default)]
     pub controller: Option<ControllerState>,
+    /// Why SCTP is served and probed nowhere in this lab although `protocols` lists it: the
+    /// kernel has no SCTP.
+    #[serde(default)]
+    pub sctp_unavailable: Option<String>,
 }
 
 /// The lab's controller: its own network namespace with a management bridge
@@ -133,28 +138,48 @@ impl LabState {
                     namespace: p.spec.namespace.clone(),
                     labels: p.spec.labels.clone(),
                     ips: vec![IpAddr::V4(p.ipv4)],
-                    ports: self.container_ports(),
+                    ports: self.container_ports(p),
                 })
                 .collect(),
         }
     }
 
     /// Every pod serves every lab port over every lab protocol; the container ports are named
-    /// `serve-<port>-<proto>` (as in the upstream network-policy e2e model).
-    fn container_ports(&self) -> Vec<ztseg_policy::ContainerPort> {
-        let mut out = Vec::new();
-        for port in &self.ports {
-            for proto in &self.protocols {
-                let p =
-                    if proto == "UDP" { ztseg_policy::Protocol::Udp } else { ztseg_policy::Protocol::Tcp };
-                out.push(ztseg_policy::ContainerPort {
-                    name: Some(format!("serve-{port}-{}", proto.to_lowercase())),
-                    port: *port,
-                    protocol: p,
-                });
-            }
-        }
-        out
+    /// `serve-<port>-<proto>` (as in the upstream network-policy e2e model), followed by the
+    /// pod's own named ports from the lab file.
+    fn container_ports(&self, pod: &PodState) -> Vec<ztseg_policy::ContainerPort> {
+        let generated = self.ports.iter().flat_map(|port| {
+            self.protocols.iter().map(move |proto| (spec::serve_port_name(*port, proto), *port, proto))
+        });
+        let declared = pod.spec.container_ports.iter().map(|cp| (cp.name.clone(), cp.port, &cp.protocol));
+        generated
+            .chain(declared)
+            .map(|(name, port, proto)| ztseg_policy::ContainerPort {
+                name: Some(name),
+                port,
+                protocol: protocol(proto),
+            })
+            .collect()
+    }
+
+    /// Why `protocol` is not served or probed in this lab, if it is not.
+    #[must_use]
+    pub fn unavailable(&self, protocol: &str) -> Option<&str> {
+        if protocol == "SCTP" { self.sctp_unavailable.as_deref() } else { None }
+    }
+
+    /// The lab's protocols that its pods really serve.
+    fn served_protocols(&self) -> Vec<String> {
+        self.protocols.iter().filter(|p| self.unavailable(p).is_none()).cloned().collect()
+    }
+}
+
+/// A lab protocol name (validated by the lab file) as the policy model's protocol.
+fn protocol(name: &str) -> ztseg_policy::Protocol {
+    match name {
+        "UDP" => ztseg_policy::Protocol::Udp,
+        "SCTP" => ztseg_policy::Protocol::Sctp,
+        _ => ztseg_policy::Protocol::Tcp,
     }
 }
 
@@ -223,35 +248,48 @@ pub fn up(lab_path: &Path, exe: &Path) -> Result<LabState> {
         protocols: lab.protocols.clone(),
         tenants: BTreeMap::new(),
         controller: None,
+        sctp_unavailable: None,
     };
+    if state.protocols.iter().any(|p| p == "SCTP") {
+        state.sctp_unavailable = sctp::available().err();
+    }
     if !state.namespaces.iter().any(|n| n.name == "default")
         && lab.pods.iter().any(|p| p.namespace == "default")
     {
         state.namespaces.push(NamespaceSpec { name: "default".into(), labels: BTreeMap::new() });
     }
-    // Save early so `lab down` can clean up a half-built lab.
+    // Save early so `lab down` can clean up a half-built lab, which it does if anything
+    // below fails (a lab that was already up is left alone above).
     drop(policies);
     state.save()?;
-    build(&lab, &mut state)?;
+    if let Err(e) = build_and_start(&lab, lab_path, &mut state, exe) {
+        let _ = down(&name);
+        return Err(e);
+    }
+    Ok(state)
+}
+
+fn build_and_start(lab: &LabFile, lab_path: &Path, state: &mut LabState, exe: &Path) -> Result<()> {
+    let name = state.name.clone();
+    build(lab, state)?;
     state.save()?;
     std::fs::create_dir_all(policy_dir(&name))?;
     if lab.controller {
-        start_controller(&mut state, exe)?;
+        start_controller(state, exe)?;
         state.save()?;
         for h in 0..state.hosts.len() {
-            enroll_host(&state, h)?;
+            enroll_host(state, h)?;
         }
-        controller_apply(&state, &lab, lab_path)?;
+        controller_apply(state, lab, lab_path)?;
     } else {
-        publish_files_only(&state, &lab, lab_path)?;
+        publish_files_only(state, lab, lab_path)?;
     }
     for h in 0..state.hosts.len() {
-        start_daemon(&mut state, h, exe)?;
+        start_daemon(state, h, exe)?;
         state.save()?;
     }
-    start_servers(&mut state, exe)?;
-    state.save()?;
-    Ok(state)
+    start_servers(state, exe)?;
+    state.save()
 }
 
 /// Initial copy of the policies, before any daemon runs (nothing to wait for).
@@ -434,7 +472,7 @@ fn host_config(state: &LabState, h: usize) -> String {
             let _ = writeln!(c, "tenant = {t:?}");
         }
         let ports: Vec<String> = state
-            .container_ports()
+            .container_ports(p)
             .into_iter()
             .map(|cp| {
                 format!(
@@ -615,6 +653,12 @@ fn daemon_status(socket: &Path) -> Result<ztseg_api::enforcer::StatusResponse> {
 
 /// Start host `h`'s daemon and wait until it is ready.
 fn start_daemon(state: &mut LabState, h: usize, exe: &Path) -> Result<()> {
+    spawn_daemon(state, h, exe)?;
+    wait_daemon_ready(state, h)
+}
+
+/// Start host `h`'s daemon with a freshly written configuration.
+fn spawn_daemon(state: &mut LabState, h: usize, exe: &Path) -> Result<()> {
     let dir = lab_dir(&state.name);
     std::fs::create_dir_all(&dir)?;
     let cfg = dir.join(format!("{}.toml", state.hosts[h].name));
@@ -633,6 +677,10 @@ fn start_daemon(state: &mut LabState, h: usize, exe: &Path) -> Result<()> {
         .spawn()
         .context("starting a host enforcer")?;
     state.hosts[h].daemon_pid = Some(child.id());
+    Ok(())
+}
+
+fn wait_daemon_ready(state: &LabState, h: usize) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         if let Ok(st) = daemon_status(&state.hosts[h].socket)
@@ -644,7 +692,7 @@ fn start_daemon(state: &mut LabState, h: usize, exe: &Path) -> Result<()> {
             bail!(
                 "enforcer of host {} did not become ready; log: {}",
                 state.hosts[h].name,
-                dir.join(format!("{}.log", state.hosts[h].name)).display()
+                lab_dir(&state.name).join(format!("{}.log", state.hosts[h].name)).display()
             );
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -724,12 +772,13 @@ fn start_servers(state: &mut LabState, exe: &Path) -> Result<()> {
     let ports: Vec<String> = state.ports.iter().map(ToString::to_string).collect();
     let log_dir = Path::new(STATE_DIR).join(&state.name);
     std::fs::create_dir_all(&log_dir)?;
+    let served = state.served_protocols();
     for pod in &mut state.pods {
         let log = std::fs::File::create(log_dir.join(format!("{}.log", pod.netns)))?;
         let child = Command::new("setsid")
             .arg(exe)
             .args(["lab", "serve", "--netns", &pod.netns, "--ports", &ports.join(","), "--protocols"])
-            .arg(state.protocols.join(","))
+            .arg(served.join(","))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -761,7 +810,7 @@ pub fn apply(lab_path: &Path, exe: &Path) -> Result<LabState> {
     let mut state = LabState::load(lab.name())?;
     // Check locally first: a bad file is reported here and nothing changes.
     read_policies(&lab, lab_path)?;
-    let old_labels: Vec<_> = state.pods.iter().map(|p| p.spec.labels.clone()).collect();
+    let old_pods: Vec<_> = state.pods.iter().map(|p| p.spec.clone()).collect();
     let old_ns = state.namespaces.clone();
     if lab.pods.len() != state.pods.len() {
         bail!("{}: pods: adding or removing pods needs `lab down` and `lab up`", lab_path.display());
@@ -776,6 +825,7 @@ pub fn apply(lab_path: &Path, exe: &Path) -> Result<LabState> {
             );
         }
         pod.spec.labels.clone_from(&spec.labels);
+        pod.spec.container_ports.clone_from(&spec.container_ports);
     }
     for ns in &lab.namespaces {
         if let Some(s) = state.namespaces.iter_mut().find(|n| n.name == ns.name) {
@@ -783,7 +833,7 @@ pub fn apply(lab_path: &Path, exe: &Path) -> Result<LabState> {
         }
     }
     let relabelled =
-        old_ns != state.namespaces || state.pods.iter().zip(&old_labels).any(|(p, l)| p.spec.labels != *l);
+        old_ns != state.namespaces || state.pods.iter().zip(&old_pods).any(|(p, old)| p.spec != *old);
     publish_policies(&state, &lab, lab_path)?;
     if relabelled {
         restart_daemons(&mut state, exe)?;
@@ -792,14 +842,16 @@ pub fn apply(lab_path: &Path, exe: &Path) -> Result<LabState> {
     Ok(state)
 }
 
-/// Restart every host's daemon with a regenerated configuration (labels changed). Pinned
-/// enforcement stays in force throughout.
+/// Restart every host's daemon with a regenerated configuration (labels changed), all hosts
+/// at once. Pinned enforcement stays in force throughout.
 fn restart_daemons(state: &mut LabState, exe: &Path) -> Result<()> {
     for h in 0..state.hosts.len() {
         stop_daemon(state, h);
-        start_daemon(state, h, exe)?;
     }
-    Ok(())
+    for h in 0..state.hosts.len() {
+        spawn_daemon(state, h, exe)?;
+    }
+    (0..state.hosts.len()).try_for_each(|h| wait_daemon_ready(state, h))
 }
 
 /// `ztseg lab label -f LAB.yaml [ns/]pod|ns:NAME key=value|key- ...`: change labels of a pod

@@ -1,7 +1,8 @@
 //! `ztseg lab probe`: try every ordered pod pair × port × protocol and build the reachability
-//! matrix. A TCP probe succeeds when the server's byte arrives, a UDP probe when the echo does.
-//! A pod reaching itself goes over its own loopback, which no network policy governs, so the
-//! diagonal is always allowed (as in the upstream e2e truth tables).
+//! matrix. A TCP or SCTP probe succeeds when the server's byte arrives, a UDP probe when the
+//! echo does. A pod reaching itself goes over its own loopback, which no network policy
+//! governs, so the diagonal is always allowed (as in the upstream e2e truth tables). A protocol
+//! the kernel lacks (SCTP) is not probed: its matrices carry the reason and no cells.
 
 use std::{
     collections::BTreeMap,
@@ -13,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
-use super::{LabState, in_netns, spec::Expectation};
+use super::{LabState, in_netns, sctp, spec::Expectation};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Matrix {
@@ -21,33 +22,75 @@ pub struct Matrix {
     pub protocol: String,
     /// Pod ids in row/column order.
     pub pods: Vec<String>,
-    /// `allowed[from][to]`.
+    /// `allowed[from][to]`; empty when the protocol could not be probed.
     pub allowed: Vec<Vec<bool>>,
+    /// Why this matrix was not probed (the kernel lacks the protocol); it then has no cells.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
     /// Cells that differ from the expectation: (from, to, expected).
     pub mismatches: Vec<(String, String, bool)>,
 }
 
-fn probe_one(proto: &str, addr: SocketAddr, timeout: Duration) -> bool {
-    if proto == "UDP" {
-        let Ok(s) = UdpSocket::bind("0.0.0.0:0") else { return false };
-        if s.set_read_timeout(Some(timeout)).is_err() || s.send_to(b"probe", addr).is_err() {
-            return false;
+/// The matrices to probe or explain: every lab port and protocol, or only those named.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub ports: Vec<u16>,
+    pub protocols: Vec<String>,
+}
+
+impl Selection {
+    #[must_use]
+    pub fn includes(&self, port: u16, protocol: &str) -> bool {
+        (self.ports.is_empty() || self.ports.contains(&port))
+            && (self.protocols.is_empty() || self.protocols.iter().any(|p| p.eq_ignore_ascii_case(protocol)))
+    }
+
+    /// (port, protocol) of every selected matrix, in the lab's order; naming a port or
+    /// protocol the lab does not serve is an error.
+    fn cases(&self, state: &LabState) -> Result<Vec<(u16, String)>> {
+        if let Some(p) = self.ports.iter().find(|p| !state.ports.contains(p)) {
+            bail!("port {p} is not served in lab {} (ports: {:?})", state.name, state.ports);
         }
-        let mut buf = [0u8; 16];
-        matches!(s.recv_from(&mut buf), Ok((5, _)))
-    } else {
-        let Ok(mut c) = TcpStream::connect_timeout(&addr, timeout) else { return false };
-        let _ = c.set_read_timeout(Some(timeout));
-        let mut b = [0u8; 1];
-        matches!(c.read(&mut b), Ok(1))
+        if let Some(p) =
+            self.protocols.iter().find(|p| !state.protocols.iter().any(|x| x.eq_ignore_ascii_case(p)))
+        {
+            bail!("protocol {p} is not served in lab {} (protocols: {:?})", state.name, state.protocols);
+        }
+        Ok(state
+            .ports
+            .iter()
+            .flat_map(|p| state.protocols.iter().map(move |pr| (*p, pr.clone())))
+            .filter(|(p, pr)| self.includes(*p, pr))
+            .collect())
     }
 }
 
-/// Probe everything; one thread per ordered pair.
-pub fn probe(state: &LabState, timeout: Duration) -> Result<Vec<Matrix>> {
+fn probe_one(proto: &str, addr: SocketAddr, timeout: Duration) -> bool {
+    let mut b = [0u8; 16];
+    match proto {
+        "UDP" => {
+            let Ok(s) = UdpSocket::bind("0.0.0.0:0") else { return false };
+            if s.set_read_timeout(Some(timeout)).is_err() || s.send_to(b"probe", addr).is_err() {
+                return false;
+            }
+            matches!(s.recv_from(&mut b), Ok((5, _)))
+        }
+        "SCTP" => sctp::connect(addr, timeout).is_ok_and(|mut c| matches!(c.read(&mut b[..1]), Ok(1))),
+        _ => {
+            let Ok(mut c) = TcpStream::connect_timeout(&addr, timeout) else { return false };
+            let _ = c.set_read_timeout(Some(timeout));
+            matches!(c.read(&mut b[..1]), Ok(1))
+        }
+    }
+}
+
+/// Probe the selected matrices; one thread per ordered pair.
+pub fn probe(state: &LabState, timeout: Duration, selection: &Selection) -> Result<Vec<Matrix>> {
     let n = state.pods.len();
-    let cases: Vec<(u16, String)> =
-        state.ports.iter().flat_map(|p| state.protocols.iter().map(move |pr| (*p, pr.clone()))).collect();
+    let pods: Vec<String> = state.pods.iter().map(super::PodState::id).collect();
+    let selected = selection.cases(state)?;
+    let cases: Vec<&(u16, String)> =
+        selected.iter().filter(|(_, proto)| state.unavailable(proto).is_none()).collect();
     let results: Vec<Vec<Vec<bool>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
             .flat_map(|from| (0..n).map(move |to| (from, to)))
@@ -73,16 +116,25 @@ pub fn probe(state: &LabState, timeout: Duration) -> Result<Vec<Matrix>> {
         }
         Ok::<_, anyhow::Error>(flat.chunks(n).map(<[Vec<bool>]>::to_vec).collect())
     })?;
-    let pods: Vec<String> = state.pods.iter().map(super::PodState::id).collect();
-    Ok(cases
+    // `results` holds the available cases' cells, in `selected` order.
+    let mut next = 0;
+    Ok(selected
         .iter()
-        .enumerate()
-        .map(|(c, (port, proto))| Matrix {
-            port: *port,
-            protocol: proto.clone(),
-            pods: pods.clone(),
-            allowed: (0..n).map(|f| (0..n).map(|t| results[f][t][c]).collect()).collect(),
-            mismatches: Vec::new(),
+        .map(|(port, proto)| {
+            let unavailable = state.unavailable(proto).map(str::to_owned);
+            let mut allowed = Vec::new();
+            if unavailable.is_none() {
+                allowed = (0..n).map(|f| (0..n).map(|t| results[f][t][next]).collect()).collect();
+                next += 1;
+            }
+            Matrix {
+                port: *port,
+                protocol: proto.clone(),
+                pods: pods.clone(),
+                allowed,
+                unavailable,
+                mismatches: Vec::new(),
+            }
         })
         .collect())
 }
@@ -130,6 +182,9 @@ pub fn compare(matrices: &mut [Matrix], expect: &[Expectation]) -> Result<usize>
         else {
             bail!("expect: {}/{} is not probed in this lab", e.protocol, e.port);
         };
+        if m.unavailable.is_some() {
+            continue;
+        }
         for ((from, to), want) in table {
             let f = m
                 .pods
@@ -151,6 +206,9 @@ pub fn compare(matrices: &mut [Matrix], expect: &[Expectation]) -> Result<usize>
 #[must_use]
 pub fn render(m: &Matrix) -> String {
     use std::fmt::Write as _;
+    if let Some(why) = &m.unavailable {
+        return format!("{} {}: not probed (no cells): {why}\n", m.protocol, m.port);
+    }
     let w = m.pods.iter().map(String::len).max().unwrap_or(1).max(4);
     let mut s = format!("{} {}\n{:w$}", m.protocol, m.port, "-");
     for p in &m.pods {
@@ -176,8 +234,9 @@ pub fn render(m: &Matrix) -> String {
 /// `ztseg lab explain` without a pair: every cell from the enforcers' `Explain` instead of
 /// traffic — what the data plane's maps decide for the first packet at both ends (a cell is
 /// allowed when no check drops it), in the probe's matrix shape, so the two can be compared.
-pub fn explain_matrices(state: &LabState) -> Result<Vec<Matrix>> {
+pub fn explain_matrices(state: &LabState, selection: &Selection) -> Result<Vec<Matrix>> {
     let n = state.pods.len();
+    let cases = selection.cases(state)?;
     let pods: Vec<String> = state.pods.iter().map(super::PodState::id).collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
@@ -186,26 +245,24 @@ pub fn explain_matrices(state: &LabState) -> Result<Vec<Matrix>> {
             clients.push(crate::client::connect(&h.socket).await?);
         }
         let mut out = Vec::new();
-        for port in &state.ports {
-            for proto in &state.protocols {
-                let mut allowed = vec![vec![true; n]; n];
-                for (f, row) in allowed.iter_mut().enumerate() {
-                    for (t, cell) in row.iter_mut().enumerate() {
-                        if f != t {
-                            let checks =
-                                explain_with(&mut clients, state, f, t, proto, u32::from(*port)).await?;
-                            *cell = checks.iter().all(|c| c.verdict != "DROP");
-                        }
+        for (port, proto) in cases {
+            let mut allowed = vec![vec![true; n]; n];
+            for (f, row) in allowed.iter_mut().enumerate() {
+                for (t, cell) in row.iter_mut().enumerate() {
+                    if f != t {
+                        let checks = explain_with(&mut clients, state, f, t, &proto, u32::from(port)).await?;
+                        *cell = checks.iter().all(|c| c.verdict != "DROP");
                     }
                 }
-                out.push(Matrix {
-                    port: *port,
-                    protocol: proto.clone(),
-                    pods: pods.clone(),
-                    allowed,
-                    mismatches: Vec::new(),
-                });
             }
+            out.push(Matrix {
+                port,
+                protocol: proto,
+                pods: pods.clone(),
+                allowed,
+                unavailable: None,
+                mismatches: Vec::new(),
+            });
         }
         Ok(out)
     })

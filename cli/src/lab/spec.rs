@@ -44,7 +44,7 @@ pub struct LabFile {
     pub pods: Vec<PodSpec>,
     /// Ports every pod serves, over every protocol in `protocols`.
     pub ports: Vec<u16>,
-    /// Protocols served and probed (TCP, UDP). Default: both.
+    /// Protocols served and probed (TCP, UDP, SCTP). Default: TCP and UDP.
     #[serde(default = "default_protocols")]
     pub protocols: Vec<String>,
     /// Policy files or directories (relative to the lab file).
@@ -88,6 +88,27 @@ pub struct PodSpec {
     /// Tenant name; pods of different tenants are isolated unless an admin rule allows it.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// Named container ports this pod declares besides the `serve-<port>-<proto>` ones every
+    /// pod has, for policies' named ports; each must be a port and protocol the lab serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub container_ports: Vec<ContainerPortSpec>,
+}
+
+/// A named container port of one pod.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerPortSpec {
+    pub name: String,
+    pub port: u16,
+    #[serde(default = "default_tcp")]
+    pub protocol: String,
+}
+
+/// The name of the container port every pod declares for a served port and protocol, as in
+/// the upstream network-policy e2e model.
+#[must_use]
+pub fn serve_port_name(port: u16, protocol: &str) -> String {
+    format!("serve-{port}-{}", protocol.to_lowercase())
 }
 
 fn default_namespace() -> String {
@@ -161,12 +182,48 @@ impl LabFile {
             bail!("{}: pods: at most 250 pods per host", path.display());
         }
         for (i, proto) in self.protocols.iter().enumerate() {
-            if !matches!(proto.as_str(), "TCP" | "UDP") {
-                bail!("{}: protocols[{i}]: {proto:?} is not probed (TCP, UDP)", path.display());
+            if !matches!(proto.as_str(), "TCP" | "UDP" | "SCTP") {
+                bail!("{}: protocols[{i}]: {proto:?} is not probed (TCP, UDP, SCTP)", path.display());
             }
         }
         if self.ports.contains(&0) {
             bail!("{}: ports: port 0 cannot be served", path.display());
+        }
+        for (i, p) in self.pods.iter().enumerate() {
+            self.validate_container_ports(p)
+                .map_err(|e| anyhow::anyhow!("{}: pods[{i}].{e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn validate_container_ports(&self, pod: &PodSpec) -> Result<()> {
+        let mut names = std::collections::BTreeSet::new();
+        for (j, cp) in pod.container_ports.iter().enumerate() {
+            ztseg_policy::check_port_name(&cp.name)
+                .map_err(|e| anyhow::anyhow!("containerPorts[{j}].name: {e}"))?;
+            if !self.protocols.contains(&cp.protocol) {
+                bail!(
+                    "containerPorts[{j}].protocol: {:?} is not served in this lab (protocols: {:?})",
+                    cp.protocol,
+                    self.protocols
+                );
+            }
+            if !self.ports.contains(&cp.port) {
+                bail!(
+                    "containerPorts[{j}].port: {} is not served in this lab (ports: {:?})",
+                    cp.port,
+                    self.ports
+                );
+            }
+            let generated =
+                self.ports.iter().any(|p| self.protocols.iter().any(|pr| serve_port_name(*p, pr) == cp.name));
+            if generated || !names.insert(&cp.name) {
+                bail!(
+                    "containerPorts[{j}].name: {:?} is already a port name of this pod (every pod has \
+                     serve-<port>-<protocol>)",
+                    cp.name
+                );
+            }
         }
         Ok(())
     }
@@ -181,5 +238,66 @@ impl LabFile {
     pub fn policy_files(&self, lab_path: &Path) -> Result<Vec<PathBuf>> {
         let base = lab_path.parent().unwrap_or(Path::new("."));
         yaml_files(&self.policies.iter().map(|p| base.join(p)).collect::<Vec<_>>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(pods: &str, protocols: &str) -> Result<LabFile> {
+        let text = format!(
+            "name: t\nnamespaces: [{{name: x}}]\npods:\n{pods}ports: [80, 81]\nprotocols: {protocols}\n"
+        );
+        let dir = std::env::temp_dir().join(format!("ztseg-labspec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir
+            .join(format!("{:016x}.yaml", text.bytes().fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b))));
+        std::fs::write(&path, text).unwrap();
+        let lab = LabFile::load(&path);
+        let _ = std::fs::remove_file(&path);
+        lab
+    }
+
+    #[test]
+    fn pods_declare_named_ports_of_served_ports() {
+        let lab = load(
+            "  - {name: a, namespace: x, containerPorts: [{name: web, port: 81}, {name: dns, port: 80, protocol: UDP}]}\n  - {name: b, namespace: x}\n",
+            "[TCP, UDP, SCTP]",
+        )
+        .unwrap();
+        let want = vec![
+            ContainerPortSpec { name: "web".into(), port: 81, protocol: "TCP".into() },
+            ContainerPortSpec { name: "dns".into(), port: 80, protocol: "UDP".into() },
+        ];
+        assert_eq!(lab.pods[0].container_ports, want);
+        assert!(lab.pods[1].container_ports.is_empty());
+        assert_eq!(serve_port_name(80, "SCTP"), "serve-80-sctp");
+    }
+
+    #[test]
+    fn named_ports_are_checked() {
+        for (ports, protocols, error) in [
+            ("[{name: Web, port: 80}]", "[TCP]", "pods[0].containerPorts[0].name: invalid port name `Web`"),
+            ("[{name: web, port: 82}]", "[TCP]", "pods[0].containerPorts[0].port: 82 is not served"),
+            (
+                "[{name: web, port: 80, protocol: UDP}]",
+                "[TCP]",
+                "pods[0].containerPorts[0].protocol: \"UDP\"",
+            ),
+            (
+                "[{name: web, port: 80}, {name: web, port: 81}]",
+                "[TCP]",
+                "pods[0].containerPorts[1].name: \"web\"",
+            ),
+            ("[{name: serve-80-tcp, port: 81}]", "[TCP]", "pods[0].containerPorts[0].name: \"serve-80-tcp\""),
+        ] {
+            let e = load(&format!("  - {{name: a, namespace: x, containerPorts: {ports}}}\n"), protocols)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(error), "{ports}: {e}");
+        }
+        let e = load("  - {name: a, namespace: x}\n", "[TCP, ICMP]").unwrap_err().to_string();
+        assert!(e.contains("protocols[1]: \"ICMP\" is not probed (TCP, UDP, SCTP)"), "{e}");
     }
 }
