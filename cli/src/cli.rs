@@ -819,12 +819,14 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                 ("controller_version", st.controller_version.to_string()),
                 ("controller_connected", st.controller_connected.to_string()),
                 ("policy_stale", st.policy_stale.to_string()),
+                ("controller_retry_ms", st.controller_retry_ms.to_string()),
                 ("local_delivery", st.local_delivery.to_string()),
                 ("event_rate_limit", st.event_rate_limit.to_string()),
                 ("event_burst", st.event_burst.to_string()),
                 ("event_rate_limit_total", st.event_rate_limit_total.to_string()),
                 ("event_burst_total", st.event_burst_total.to_string()),
                 ("policy_error", st.policy_error),
+                ("controller_error", st.controller_error),
             ]];
             print_rows(&rows, output)?;
         }

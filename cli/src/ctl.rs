@@ -282,8 +282,9 @@ pub struct RunArgs {
     #[arg(long, env = "ZTSEG_SIEM", value_delimiter = ',')]
     pub siem: Vec<String>,
     /// Failed TLS handshakes, and refused anonymous calls, audited in full per source address
-    /// and window; further ones are counted into one `tls.rejected.suppressed` /
-    /// `anonymous.suppressed` record when the window ends.
+    /// and window, and refused calls of callers with a valid certificate (wrong role, revoked)
+    /// per identity and window; further ones are counted into one `tls.rejected.suppressed` /
+    /// `anonymous.suppressed` / `api.denied.suppressed` record when the window ends.
     #[arg(long, env = "ZTSEG_AUDIT_REJECTED_PER_PEER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub audit_rejected_per_peer: u32,
     /// Length of that window in seconds.

@@ -53,7 +53,8 @@ pub struct Config {
     pub name: String,
     /// SIEM sinks (`file:PATH`, `syslog:HOST:PORT`, `http://HOST:PORT/PATH`).
     pub siem: Vec<String>,
-    /// How many rejected handshakes per source address and window are audited in full.
+    /// How many rejected handshakes and refused anonymous calls per source address, and
+    /// refused calls per identity, are audited in full per window.
     pub rejected_audit: crate::limit::RejectPolicy,
     /// How many `flow.denied` records per enforcer and window are audited in full.
     pub denied_flow_audit: crate::limit::RejectPolicy,
@@ -168,15 +169,15 @@ pub async fn run_with_ca(
             }
         }));
     }
-    // Summaries of refused anonymous calls and of denied flows counted but not recorded, as
-    // their windows end.
+    // Summaries of refused calls (anonymous, and of identities) and of denied flows counted but
+    // not recorded, as their windows end.
     {
         let ctl = ctl.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                let drafts = ctl.anonymous_summaries();
+                let drafts = ctl.suppressed_summaries();
                 if !drafts.is_empty()
                     && let Err(e) = ctl.audit(drafts).await
                 {

@@ -55,6 +55,9 @@ pub struct Ctl {
     /// Bounds audit records of refused anonymous calls (no or unusable certificate, failed
     /// enrollment) per source address; see [`crate::limit`].
     anonymous: Mutex<crate::limit::RejectLimiter>,
+    /// Bounds audit records of refused calls by callers with a valid certificate (wrong role,
+    /// revoked) per identity, with the same allowance and window.
+    refused: Mutex<crate::limit::RejectLimiter<String>>,
     /// Bounds `flow.denied` records per enforcer; see [`crate::limit::FlowLimiter`].
     denied_flows: Mutex<crate::limit::FlowLimiter>,
     /// Automatic retention: versions kept after each commit (0: all).
@@ -90,12 +93,13 @@ fn peer_addr<T>(req: &Request<T>) -> String {
 }
 
 impl Ctl {
-    /// `anonymous`: how many refused anonymous calls per source address and window are
-    /// audited in full.
+    /// `anonymous`: how many refused anonymous calls per source address and window, and how
+    /// many refused calls per authenticated identity and window, are audited in full.
     #[must_use]
     pub fn new(store: Arc<dyn Store>, ca: Ca, anonymous: crate::limit::RejectPolicy) -> Arc<Self> {
         Arc::new(Self {
             anonymous: Mutex::new(crate::limit::RejectLimiter::new(anonymous)),
+            refused: Mutex::new(crate::limit::RejectLimiter::for_identities(anonymous)),
             denied_flows: Mutex::new(crate::limit::FlowLimiter::new(crate::limit::FlowLimiter::DEFAULT)),
             keep_versions: std::sync::atomic::AtomicU64::new(0),
             rpc_calls: Mutex::new(std::collections::BTreeMap::new()),
@@ -112,7 +116,7 @@ impl Ctl {
     }
 
     /// Audit a refused anonymous call from `peer`, unless that address has used up its
-    /// allowance for the window (then it is only counted, see [`Ctl::anonymous_summaries`]).
+    /// allowance for the window (then it is only counted, see [`Ctl::suppressed_summaries`]).
     pub async fn audit_anonymous(&self, peer: &str, draft: audit::Draft) -> Result<(), Status> {
         let ip = peer
             .parse::<SocketAddr>()
@@ -128,16 +132,36 @@ impl Ctl {
         Ok(())
     }
 
-    /// One `anonymous.suppressed` record per source address whose window ended with refused
-    /// anonymous calls that were counted but not recorded, and one `flow.denied.suppressed`
-    /// record per enforcer whose window ended with denied flows counted but not recorded.
-    pub fn anonymous_summaries(&self) -> Vec<audit::Draft> {
+    /// Audit a refused call of `identity` (a valid certificate: wrong role, revoked), unless
+    /// that identity has used up its allowance for the window (then it is only counted, see
+    /// [`Ctl::suppressed_summaries`]). A revoked enforcer that keeps reconnecting thus adds a
+    /// bounded number of records per window, however often it tries.
+    pub async fn audit_refused(&self, identity: &str, draft: audit::Draft) -> Result<(), Status> {
+        let admit = self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(identity.to_owned(), std::time::Instant::now());
+        if admit {
+            self.audit(vec![draft]).await?;
+        }
+        Ok(())
+    }
+
+    /// The summaries of windows that ended with refusals or denied flows counted but not
+    /// recorded: one `anonymous.suppressed` record per source address, one
+    /// `api.denied.suppressed` record per identity, and one `flow.denied.suppressed` record per
+    /// enforcer.
+    pub fn suppressed_summaries(&self) -> Vec<audit::Draft> {
         let now = std::time::Instant::now();
         let mut out = self
             .anonymous
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .summaries("anonymous.suppressed", now);
+        out.extend(
+            self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).identity_summaries(now),
+        );
         out.extend(
             self.denied_flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner).summaries(now),
         );
@@ -245,7 +269,7 @@ impl Ctl {
             let recorded = if anonymous {
                 self.audit_anonymous(&addr, d).await
             } else {
-                self.audit(vec![d]).await.map(drop)
+                self.audit_refused(&d.actor.clone(), d).await
             };
             if let Err(e) = recorded {
                 eprintln!(

@@ -594,6 +594,67 @@ fn refused_anonymous_calls_are_audited_up_to_a_bound_per_peer() {
     });
 }
 
+/// Refused calls of callers with a valid certificate — a role that may not call the RPC, a
+/// revoked identity that keeps trying — are audited in full up to the allowance of a window
+/// per identity (the first one at once); the rest are counted into one `api.denied.suppressed`
+/// record from that identity when the window ends. Each identity has its own allowance.
+#[test]
+fn refused_calls_of_identities_are_audited_up_to_a_bound_per_identity() {
+    // A window long enough for every call below to fall into the first one.
+    let c = Controller::started_with(
+        "idlimit",
+        &["--audit-rejected-per-peer", "3", "--audit-rejected-window", "8"],
+    );
+    let operator = c.identity(Role::Operator, "op-flood");
+    let gone = c.identity(Role::Enforcer, "gone");
+    let out = c.cli(&["controller", "revoke", "--role", "enforcer", "--name", "gone"]);
+    assert!(out.ok(), "revoke: {out}");
+    let report = || {
+        call(&c.addr, &gone, |ch| async move {
+            DistributionClient::new(ch).report(pb::ReportRequest::default()).await
+        })
+    };
+    // The first refusal of an identity is recorded at once.
+    let e = call(&c.addr, &operator, audit_list).expect_err("operator Audit/List");
+    assert_eq!(e.code, Some(Code::PermissionDenied), "{e:?}");
+    c.wait_audit("the first refusal of operator/op-flood", |r| {
+        is(r, "api.denied", "operator/op-flood", "Audit/List")
+    });
+    for _ in 0..5 {
+        let e = call(&c.addr, &operator, audit_list).expect_err("operator Audit/List");
+        assert_eq!(e.code, Some(Code::PermissionDenied), "{e:?}");
+    }
+    for _ in 0..7 {
+        let e = report().expect_err("a revoked enforcer's Distribution/Report");
+        assert_eq!(e.code, Some(Code::Unauthenticated), "{e:?}");
+    }
+    let summary = |who: &str| {
+        c.wait_audit(&format!("api.denied.suppressed of {who}"), |r| {
+            r["action"] == "api.denied.suppressed" && r["actor"] == who
+        })
+    };
+    let op = summary("operator/op-flood");
+    let en = summary("enforcer/gone");
+    let recs = c.audit();
+    let full = |who: &str| recs.iter().filter(|r| r["action"] == "api.denied" && r["actor"] == who).count();
+    assert_eq!(full("operator/op-flood"), 3, "{recs:#?}");
+    assert_eq!(full("enforcer/gone"), 3, "{recs:#?}");
+    assert_eq!(op["detail"]["count"], 3, "{op}");
+    assert_eq!(en["detail"]["count"], 4, "{en}");
+    assert_eq!(en["detail"]["identity"], "enforcer/gone", "{en}");
+    assert_eq!(en["detail"]["window_s"], 8, "{en}");
+    assert_eq!(en["outcome"], "denied", "{en}");
+    // Summarised once; a new window records in full again.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(count(&c.audit(), "api.denied.suppressed"), 2);
+    report().expect_err("a revoked enforcer's Distribution/Report");
+    c.wait_audit("api.denied in a new window", |r| {
+        r["action"] == "api.denied"
+            && r["actor"] == "enforcer/gone"
+            && r["seq"].as_u64().unwrap_or(0) > en["seq"].as_u64().unwrap_or(0)
+    });
+}
+
 /// An enforcer's denied flows are audited in full up to its allowance per window; the rest
 /// are counted — records and the packets they stand for — into one `flow.denied.suppressed`
 /// record from that enforcer when the window ends. Another enforcer has its own allowance.

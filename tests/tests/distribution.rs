@@ -121,12 +121,14 @@ impl Drop for Lab {
     }
 }
 
+/// The lab's state file (`ztseg lab up` writes it).
+fn lab_state() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(format!("/run/ztseg/lab/{NAME}.json")).unwrap()).unwrap()
+}
+
 /// Network namespace of pod `i` (file order) of the lab.
 fn pod_netns(i: usize) -> String {
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("/run/ztseg/lab/{NAME}.json")).unwrap())
-            .unwrap();
-    state["pods"][i]["netns"].as_str().unwrap().to_owned()
+    lab_state()["pods"][i]["netns"].as_str().unwrap().to_owned()
 }
 
 /// A TCP connection from namespace `ns` that got the server's greeting byte.
@@ -268,6 +270,35 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     assert!(log.contains("\"from_version\":\"2\""), "h3 did not resume from version 2:\n{log}");
     // What h3 denied while it was cut off reached the controller's audit log after all.
     wait_for_isolated_denials();
+
+    revoked_host_backs_off("h2");
+}
+
+/// Revoking `host`'s identity ends its session: it shows why in its status and asks again
+/// ever more slowly (5 s, then 10 s, ... up to a minute), not every 2 s.
+fn revoked_host_backs_off(host: &str) {
+    let ctl = lab_state()["controller"].clone();
+    let admin = format!("{}/admin", ctl["data_dir"].as_str().unwrap());
+    let out = Command::new("ip")
+        .args(["netns", "exec", ctl["netns"].as_str().unwrap(), env!("CARGO_BIN_EXE_ztseg-t")])
+        .args(["controller", "revoke", "--role", "enforcer", "--name", host, "--controller"])
+        .arg(ctl["endpoint"].as_str().unwrap())
+        .args(["--identity-dir", &admin, "--identity", "admin"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "revoke {host}: {}", String::from_utf8_lossy(&out.stderr));
+    let took = Lab::wait(host, "refused as revoked", |s| {
+        s["policy_stale"] == "true"
+            && s["controller_error"].as_str().is_some_and(|e| e.contains("revoked"))
+            && s["controller_retry_ms"]
+                .as_str()
+                .and_then(|m| m.parse::<u64>().ok())
+                .is_some_and(|m| m >= 5000)
+    });
+    eprintln!("{host} noticed its revocation after {took:?}: {}", Lab::status(host));
+    Lab::wait(host, "a longer wait after the next refusal", |s| {
+        s["controller_retry_ms"].as_str().and_then(|m| m.parse::<u64>().ok()).is_some_and(|m| m >= 10_000)
+    });
 }
 
 /// Wait (10 s at most) for the flows h3 denied while isolated — x/b -> x/c:81 before its

@@ -87,6 +87,10 @@ pub struct Engine {
     /// Controller session state (controller mode).
     pub controller_connected: bool,
     pub controller_last_contact: Option<std::time::Instant>,
+    /// Why the last controller session ended or was refused (`None` while connected), and
+    /// the wait before the next attempt.
+    pub controller_error: Option<String>,
+    pub controller_retry: std::time::Duration,
     /// Called after each step of a policy change (`admin-deny`, `tenant`, `admin`) with the
     /// data plane as it is at that moment: a way to observe the transition (tests, tracing).
     pub after_step: Option<StepObserver>,
@@ -172,6 +176,8 @@ impl Engine {
             controller,
             controller_connected: false,
             controller_last_contact: None,
+            controller_error: None,
+            controller_retry: std::time::Duration::ZERO,
             after_step: None,
         })
     }
