@@ -922,20 +922,17 @@ impl Distribution for Services {
             let drafts: Vec<audit::Draft> = admitted
                 .into_iter()
                 .map(|d| {
-                    let mut dr = audit::Draft::new(
-                        who.to_string(),
-                        "flow.denied",
-                        "denied",
-                        serde_json::json!({
-                            "workload": d.workload, "peer": d.peer, "tenant": d.tenant,
-                            "direction": d.direction, "src": d.src, "dst": d.dst, "dport": d.dport,
-                            "protocol": d.protocol, "reason": d.reason, "count": d.count,
-                        }),
-                    );
+                    // The record's time is the controller's (when it was told); what the
+                    // enforcer says about when it first saw the flow is its claim, kept apart.
+                    let mut detail = serde_json::json!({
+                        "workload": d.workload, "peer": d.peer, "tenant": d.tenant,
+                        "direction": d.direction, "src": d.src, "dst": d.dst, "dport": d.dport,
+                        "protocol": d.protocol, "reason": d.reason, "count": d.count,
+                    });
                     if d.time_unix_ms > 0 {
-                        dr.time_ms = d.time_unix_ms;
+                        detail["first_seen_ms"] = d.time_unix_ms.into();
                     }
-                    dr
+                    audit::Draft::new(who.to_string(), "flow.denied", "denied", detail)
                 })
                 .collect();
             if !drafts.is_empty() {

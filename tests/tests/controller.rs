@@ -706,6 +706,49 @@ fn denied_flows_are_audited_up_to_a_bound_per_enforcer() {
     assert_eq!(count(&c.audit(), "flow.denied.suppressed"), 1, "summarised once");
 }
 
+/// A `flow.denied` record carries the controller's time, so an enforcer's clock (or its lie)
+/// cannot place it elsewhere in the log's timeline; when the enforcer says it first saw the
+/// flow is kept apart as `detail.first_seen_ms`, and the record names the reporting enforcer.
+#[test]
+fn denied_flow_records_carry_the_controllers_time() {
+    let c = Controller::started("flowtime");
+    let n1 = c.identity(Role::Enforcer, "n1");
+    let flow = |dport: u32, time_unix_ms: i64| pb::DeniedFlow {
+        time_unix_ms,
+        workload: "prod/b".into(),
+        peer: "world".into(),
+        direction: "ingress".into(),
+        src: "192.0.2.7".into(),
+        dst: "10.0.0.2".into(),
+        dport,
+        protocol: "TCP".into(),
+        reason: "drop_default".into(),
+        count: 1,
+        ..Default::default()
+    };
+    let before = ztseg_controller::now_ms();
+    call(&c.addr, &n1, |ch| async move {
+        let denied = vec![flow(1, 1_000), flow(2, 0)];
+        DistributionClient::new(ch).report(pb::ReportRequest { denied, ..Default::default() }).await
+    })
+    .expect("enforcer Distribution/Report");
+    let after = ztseg_controller::now_ms();
+    let recs = c.audit();
+    let denied: Vec<&Value> = recs.iter().filter(|r| r["action"] == "flow.denied").collect();
+    assert_eq!(denied.len(), 2, "{recs:#?}");
+    for r in &denied {
+        let t = r["time_ms"].as_i64().unwrap();
+        assert!(
+            (before..=after).contains(&t),
+            "record time {t} not the controller's ({before}..{after}): {r}"
+        );
+        assert_eq!(r["actor"], "enforcer/n1", "{r}");
+    }
+    assert_eq!(denied[0]["detail"]["dport"], 1);
+    assert_eq!(denied[0]["detail"]["first_seen_ms"], 1_000, "{}", denied[0]);
+    assert!(denied[1]["detail"].get("first_seen_ms").is_none(), "{}", denied[1]);
+}
+
 /// (c) A certificate from the right CA outside its validity period (expired, and not yet
 /// valid) is refused in the handshake and recorded as `tls.rejected`.
 #[test]
