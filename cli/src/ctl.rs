@@ -112,7 +112,18 @@ pub fn time_str(ms: i64) -> String {
 }
 
 pub async fn token(a: &CtlArgs, role: &str, name: &str, ttl: u64, cert_ttl: u64) -> Result<String> {
-    let r = pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
+    Ok(create_token(a, role, name, ttl, cert_ttl).await?.token)
+}
+
+/// A new join token and its id.
+pub async fn create_token(
+    a: &CtlArgs,
+    role: &str,
+    name: &str,
+    ttl: u64,
+    cert_ttl: u64,
+) -> Result<pb::CreateJoinTokenResponse> {
+    pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
         .create_join_token(pb::CreateJoinTokenRequest {
             role: role.into(),
             name: name.into(),
@@ -120,18 +131,37 @@ pub async fn token(a: &CtlArgs, role: &str, name: &str, ttl: u64, cert_ttl: u64)
             cert_ttl_seconds: cert_ttl,
         })
         .await
-        .map_err(st)?
-        .into_inner();
-    Ok(r.token)
+        .map_err(st)
+        .map(tonic::Response::into_inner)
 }
 
-pub async fn revoke(a: &CtlArgs, role: &str, name: &str) -> Result<i64> {
-    Ok(pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
+pub async fn revoke(a: &CtlArgs, role: &str, name: &str) -> Result<pb::RevokeResponse> {
+    pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
         .revoke(pb::RevokeRequest { role: role.into(), name: name.into() })
+        .await
+        .map_err(st)
+        .map(tonic::Response::into_inner)
+}
+
+/// The outstanding join tokens (never their secrets).
+pub async fn tokens(a: &CtlArgs) -> Result<Vec<pb::JoinTokenInfo>> {
+    Ok(pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
+        .list_join_tokens(pb::ListJoinTokensRequest {})
         .await
         .map_err(st)?
         .into_inner()
-        .revoked_at_unix_ms)
+        .tokens)
+}
+
+/// Delete one outstanding join token by its id (or a unique prefix of it).
+pub async fn revoke_token(a: &CtlArgs, id: &str) -> Result<pb::JoinTokenInfo> {
+    pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
+        .revoke_join_token(pb::RevokeJoinTokenRequest { id: id.into() })
+        .await
+        .map_err(st)?
+        .into_inner()
+        .token
+        .context("the controller named no token")
 }
 
 pub async fn apply(

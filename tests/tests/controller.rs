@@ -26,12 +26,12 @@ use serde_json::Value;
 use tonic::{Code, transport::Channel};
 use ztseg_api::controller::{
     self as pb, audit_client::AuditClient, distribution_client::DistributionClient,
-    policy_client::PolicyClient,
+    enrollment_client::EnrollmentClient, policy_client::PolicyClient,
 };
 use ztseg_controller::{
     auth::Role,
     pki::{Ca, ClientFiles},
-    store::embedded::{AUDIT, META},
+    store::embedded::{AUDIT, META, TOKENS},
 };
 use ztseg_integration::unique;
 
@@ -274,6 +274,23 @@ impl Controller {
     /// The CLI as the admin identity made by `controller init`.
     fn cli(&self, args: &[&str]) -> Out {
         self.spawn_cli(args).wait(Duration::from_mins(1)).0
+    }
+
+    /// `ztseg enroll` with `token` (trusting this controller's CA), writing the identity `stem`
+    /// to `dir`.
+    fn enroll(&self, token: &str, dir: &Path, stem: &str) -> Out {
+        let ca = self.data.join("ca.pem");
+        self.cli(&[
+            "enroll",
+            "--ca",
+            path_str(&ca),
+            "--token",
+            token,
+            "--out",
+            path_str(dir),
+            "--identity",
+            stem,
+        ])
     }
 
     /// Every audit record, parsed (`ztseg audit list` as admin).
@@ -564,20 +581,9 @@ fn refused_anonymous_calls_are_audited_up_to_a_bound_per_peer() {
         let e = call(&c.addr, &c.anonymous(), policy_get).expect_err("anonymous Policy/Get");
         assert_eq!(e.code, Some(Code::Unauthenticated), "{e:?}");
     }
-    let ca = c.data.join("ca.pem");
     let dir = c.root.join("nobody");
     for _ in 0..2 {
-        let out = c.cli(&[
-            "enroll",
-            "--ca",
-            path_str(&ca),
-            "--token",
-            "ztseg-join-guess",
-            "--out",
-            path_str(&dir),
-            "--identity",
-            "x",
-        ]);
+        let out = c.enroll("ztseg-join-guess", &dir, "x");
         assert!(!out.ok(), "a guessed token enrolled: {out}");
     }
     let summary = c.wait_audit("anonymous.suppressed", |r| r["action"] == "anonymous.suppressed");
@@ -1171,6 +1177,13 @@ fn controller_metrics_follow_policy_enforcers_and_refusals() {
     report(&c.identity(Role::Enforcer, "n2"), 0);
     let operator = c.identity(Role::Operator, "op-m");
     call(&c.addr, &operator, audit_list).expect_err("operator Audit/List");
+    // Enrollment is counted too: one refused (a guessed token), one let through.
+    let enroll = |tok: &str| c.enroll(tok, &c.root.join(unique("enroll-")), "m");
+    assert!(!enroll("ztseg-join-guess").ok());
+    let tok = c.cli(&["controller", "token", "--role", "enforcer", "--name", "n3"]);
+    assert!(tok.ok(), "{tok}");
+    let out = enroll(tok.stdout.trim());
+    assert!(out.ok(), "{out}");
     let (status, body) = http_get(&addr, "/metrics");
     assert_eq!(status, 200, "{body}");
     for line in [
@@ -1184,6 +1197,8 @@ fn controller_metrics_follow_policy_enforcers_and_refusals() {
         "ztseg_controller_enforcer_policy_version{enforcer=\"n2\"} 0",
         "ztseg_controller_rpc_requests_total{rpc=\"Audit/List\",outcome=\"denied\"} 1",
         "ztseg_controller_rpc_requests_total{rpc=\"Distribution/Report\",outcome=\"allowed\"} 2",
+        "ztseg_controller_rpc_requests_total{rpc=\"Enrollment/Enroll\",outcome=\"allowed\"} 1",
+        "ztseg_controller_rpc_requests_total{rpc=\"Enrollment/Enroll\",outcome=\"denied\"} 1",
         "ztseg_controller_subscriptions 0",
     ] {
         assert!(body.lines().any(|l| l == line), "missing {line:?} in:\n{body}");
@@ -1480,17 +1495,8 @@ fn set_base(data: &Path, seq: u64, hash: &str) {
 #[test]
 fn enrollment_tokens_are_single_use_and_carry_the_role() {
     let c = Controller::started("enroll");
-    let ca = c.data.join("ca.pem");
-    let token = |role: &str, name: &str, ttl: &str| {
-        let out = c.cli(&["controller", "token", "--role", role, "--name", name, "--ttl", ttl]);
-        assert!(out.ok(), "token: {out}");
-        let t = out.stdout.trim().to_owned();
-        assert!(t.starts_with("ztseg-join-"), "{out}");
-        t
-    };
-    let enroll = |tok: &str, dir: &Path, stem: &str| {
-        c.cli(&["enroll", "--ca", path_str(&ca), "--token", tok, "--out", path_str(dir), "--identity", stem])
-    };
+    let token = |role: &str, name: &str, ttl: &str| new_token(&c, role, name, ttl).0;
+    let enroll = |tok: &str, dir: &Path, stem: &str| c.enroll(tok, dir, stem);
 
     let t = token("enforcer", "host-a", "1h");
     let host_dir = c.root.join("host-a");
@@ -1545,6 +1551,148 @@ fn enrollment_tokens_are_single_use_and_carry_the_role() {
     let h = c.history();
     assert_eq!(h.len(), 1);
     assert_eq!(h[0].actor, "operator/op-a");
+}
+
+/// The CSR is checked before the join token is redeemed: a malformed request is refused as
+/// `INVALID_ARGUMENT` and leaves the token usable; the token then enrolls.
+#[test]
+fn a_malformed_csr_does_not_use_up_the_join_token() {
+    let c = Controller::started("badcsr");
+    let (token, _) = new_token(&c, "enforcer", "host-c", "1h");
+    for csr_der in [Vec::new(), b"not a certificate request".to_vec()] {
+        let token = token.clone();
+        let e = call(&c.addr, &c.anonymous(), |ch| async move {
+            EnrollmentClient::new(ch).enroll(pb::EnrollRequest { token, csr_der }).await
+        })
+        .expect_err("a malformed CSR was signed");
+        assert_eq!(e.code, Some(Code::InvalidArgument), "{e:?}");
+        assert!(e.message.contains("certificate signing request rejected"), "{e:?}");
+    }
+    let out = c.enroll(&token, &c.root.join("host-c"), "host-c");
+    assert!(out.ok(), "the token was used up by the malformed requests: {out}");
+    let recs = c.audit();
+    let enrolls: Vec<&Value> = recs.iter().filter(|r| r["action"] == "enroll").collect();
+    assert_eq!(enrolls.len(), 3, "{enrolls:#?}");
+    assert!(enrolls[..2].iter().all(|r| r["outcome"] == "failure"), "{enrolls:#?}");
+    assert_eq!(enrolls[2]["actor"], "enforcer/host-c", "{enrolls:#?}");
+}
+
+/// `controller token` prints the token (stdout) and its id (stderr).
+fn new_token(c: &Controller, role: &str, name: &str, ttl: &str) -> (String, String) {
+    let out = c.cli(&["controller", "token", "--role", role, "--name", name, "--ttl", ttl]);
+    assert!(out.ok(), "token: {out}");
+    let token = out.stdout.trim().to_owned();
+    assert!(token.starts_with("ztseg-join-"), "{out}");
+    let id = out
+        .stderr
+        .strip_prefix("join token ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no token id: {out}"))
+        .to_owned();
+    (token, id)
+}
+
+/// `controller tokens -o json`: the outstanding tokens.
+fn list_tokens(c: &Controller) -> Vec<Value> {
+    let out = c.cli(&["-o", "json", "controller", "tokens"]);
+    assert!(out.ok(), "tokens: {out}");
+    assert!(!out.stdout.contains("ztseg-join-"), "a token secret was listed: {out}");
+    serde_json::from_str::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+}
+
+/// Join tokens are listed (id, role, name, times, creator; never the secret) and revocable one
+/// by one; revoking an identity deletes its outstanding tokens, and a token created before a
+/// revocation that the revocation could not delete (one stored by an older controller) is
+/// refused at enrollment; a token created afterwards enrolls the identity again. Expired
+/// tokens are deleted by the controller, and that is audited.
+#[test]
+fn join_tokens_are_listed_revocable_and_die_with_their_identity() {
+    let mut c = Controller::started("tokens");
+    let enroll = |c: &Controller, tok: &str, stem: &str| c.enroll(tok, &c.root.join(unique("enroll-")), stem);
+    let (t1, id1) = new_token(&c, "enforcer", "node1", "1h");
+    let (t2, id2) = new_token(&c, "enforcer", "node2", "1h");
+    let (_, id3) = new_token(&c, "operator", "brief", "2s");
+    let listed = list_tokens(&c);
+    let ids: Vec<&str> = listed.iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [id1.as_str(), id2.as_str(), id3.as_str()], "{listed:#?}");
+    assert!(id1.len() == 16 && id1.bytes().all(|b| b.is_ascii_hexdigit()), "{id1}");
+    let hash1 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(t1.as_bytes()));
+    assert!(hash1.starts_with(&id1), "the id is the start of the token's SHA-256");
+    assert_eq!(
+        (&listed[0]["role"], &listed[0]["name"], &listed[0]["created_by"]),
+        (&Value::from("enforcer"), &Value::from("node1"), &Value::from("admin/admin")),
+        "{listed:#?}"
+    );
+    assert!(!listed[0]["created"].as_str().unwrap().is_empty(), "{listed:#?}");
+
+    // Revoking node1 deletes its token: it no longer enrolls.
+    let out = c.cli(&["controller", "revoke", "--role", "enforcer", "--name", "node1"]);
+    assert!(out.ok() && out.stdout.contains("1 outstanding join tokens deleted"), "{out}");
+    let out = enroll(&c, &t1, "node1");
+    assert!(
+        !out.ok() && out.stderr.contains("enrollment refused"),
+        "a revoked identity's token enrolled: {out}"
+    );
+    assert!(!list_tokens(&c).iter().any(|t| t["id"] == id1.as_str()));
+    let rec = c.wait_audit("identity.revoke of node1", |r| r["action"] == "identity.revoke");
+    assert_eq!(rec["detail"]["tokens_revoked"], 1, "{rec}");
+
+    // One token revoked by (a prefix of) its id.
+    let out = c.cli(&["controller", "revoke-token", &id2[..8]]);
+    assert!(
+        out.ok() && out.stdout.contains(&format!("revoked join token {id2} for enforcer/node2")),
+        "{out}"
+    );
+    let out = enroll(&c, &t2, "node2");
+    assert!(!out.ok() && out.stderr.contains("enrollment refused"), "a revoked token enrolled: {out}");
+    let out = c.cli(&["controller", "revoke-token", &id2]);
+    assert!(!out.ok() && out.stderr.contains("NotFound"), "{out}");
+    let out = c.cli(&["controller", "revoke-token", "abc"]);
+    assert!(!out.ok() && out.stderr.contains("InvalidArgument"), "{out}");
+    let rec = c.wait_audit("token.revoke", |r| r["action"] == "token.revoke");
+    assert_eq!(
+        (&rec["actor"], &rec["detail"]["id"]),
+        (&Value::from("admin/admin"), &Value::from(id2.as_str()))
+    );
+
+    // Expired tokens are deleted by the controller (audited), not left lying around.
+    let t0 = Instant::now();
+    while list_tokens(&c).iter().any(|t| t["id"] == id3.as_str()) {
+        assert!(t0.elapsed() < Duration::from_secs(15), "the expired token is still listed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rec = c.wait_audit("token.expire", |r| r["action"] == "token.expire");
+    assert_eq!(rec["actor"], "controller", "{rec}");
+    assert_eq!(rec["detail"]["tokens"][0]["id"], id3.as_str(), "{rec}");
+
+    // A token stored before its identity was revoked that Revoke could not delete (stored by
+    // a controller that recorded no creation time, or created elsewhere at that moment):
+    // refused at enrollment, and used up.
+    c.stop();
+    let secret = "ztseg-join-stored-by-an-older-controller";
+    {
+        let db = redb::Database::open(redb_path(&c.data)).unwrap();
+        let tx = db.begin_write().unwrap();
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(secret.as_bytes()));
+        let old = serde_json::json!({
+            "role": "enforcer", "name": "node1", "expires_ms": ztseg_controller::now_ms() + 3_600_000,
+            "cert_ttl_s": 3600, "created_by": "admin/admin",
+        });
+        tx.open_table(TOKENS).unwrap().insert(hash.as_str(), old.to_string().as_bytes()).unwrap();
+        tx.commit().unwrap();
+    }
+    c.start();
+    let out = enroll(&c, secret, "node1");
+    assert!(
+        !out.ok() && out.stderr.contains("created before enforcer/node1 was revoked"),
+        "a token older than the revocation enrolled: {out}"
+    );
+    assert!(list_tokens(&c).is_empty(), "{:#?}", list_tokens(&c));
+
+    // A token created after the revocation lifts it for new certificates.
+    let (t4, _) = new_token(&c, "enforcer", "node1", "1h");
+    let out = enroll(&c, &t4, "node1");
+    assert!(out.ok(), "a token created after the revocation: {out}");
 }
 
 /// Renewal gives the caller a new certificate for the same identity and lifetime (new key);
@@ -1618,18 +1766,7 @@ fn renewal_keeps_the_identity_and_revocation_cuts_it_off() {
     let tok = c.cli(&["controller", "token", "--role", "enforcer", "--name", "host-r"]);
     assert!(tok.ok(), "{tok}");
     let dir = c.root.join("host-r-again");
-    let ca = c.data.join("ca.pem");
-    let out = c.cli(&[
-        "enroll",
-        "--ca",
-        path_str(&ca),
-        "--token",
-        tok.stdout.trim(),
-        "--out",
-        path_str(&dir),
-        "--identity",
-        "host-r",
-    ]);
+    let out = c.enroll(tok.stdout.trim(), &dir, "host-r");
     assert!(out.ok(), "{out}");
     assert!(
         call(&c.addr, &ClientFiles::in_dir(&dir, "host-r"), |ch| async move {
@@ -1840,17 +1977,7 @@ fn an_encrypted_ca_key_needs_its_passphrase() {
     c.start();
     let out = c.cli(&["controller", "token", "--role", "enforcer", "--name", "host-e", "--ttl", "1h"]);
     assert!(out.ok(), "token: {out}");
-    let out = c.cli(&[
-        "enroll",
-        "--ca",
-        path_str(&c.data.join("ca.pem")),
-        "--token",
-        out.stdout.trim(),
-        "--out",
-        path_str(&c.root.join("host-e")),
-        "--identity",
-        "host-e",
-    ]);
+    let out = c.enroll(out.stdout.trim(), &c.root.join("host-e"), "host-e");
     assert!(out.ok() && out.stdout.contains("enrolled as spiffe://ztseg.local/enforcer/host-e"), "{out}");
     assert!(!c.log().contains("unencrypted"), "{}", c.log());
 }

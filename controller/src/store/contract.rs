@@ -55,17 +55,27 @@ pub async fn run(s: &dyn Store) {
         Err(bad) => panic!("audit chain broken: {bad}"),
     }
 
-    // Tokens are redeemable once.
+    // Tokens are listed and redeemable once.
     let tok = JoinToken {
         role: "enforcer".into(),
         name: "h".into(),
         expires_ms: 0,
         cert_ttl_s: 1,
         created_by: "x".into(),
+        created_ms: 7,
     };
+    let other = JoinToken { name: "g".into(), ..tok.clone() };
+    assert!(s.tokens().await.unwrap().is_empty());
     s.put_token("h1".into(), tok.clone()).await.unwrap();
+    s.put_token("h2".into(), other.clone()).await.unwrap();
+    let mut listed = s.tokens().await.unwrap();
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(listed, vec![("h1".to_owned(), tok.clone()), ("h2".to_owned(), other.clone())]);
     assert_eq!(s.take_token("h1".into()).await.unwrap(), Some(tok));
     assert_eq!(s.take_token("h1".into()).await.unwrap(), None);
+    assert_eq!(s.tokens().await.unwrap(), vec![("h2".to_owned(), other.clone())]);
+    assert_eq!(s.take_token("h2".into()).await.unwrap(), Some(other));
+    assert!(s.tokens().await.unwrap().is_empty());
 
     // Named values and enforcers.
     assert_eq!(s.get_meta("cursor".into()).await.unwrap(), None);
