@@ -410,6 +410,11 @@ enum AuditCommands {
         /// prints its first and last record, last hash and SHA-256.
         #[arg(long)]
         archive: Option<PathBuf>,
+        /// A record the chain must still hold, as `SEQ:HASH` (repeatable): kept outside the
+        /// controller, e.g. the `metadata.sequence` and `unmapped.hash` of a SIEM line. Catches
+        /// a log whose newest records were cut off and its head rewritten to match.
+        #[arg(long = "anchor", value_name = "SEQ:HASH")]
+        anchors: Vec<String>,
     },
     /// Move the records before `--before` into a new file (JSON lines, byte for byte as
     /// stored, chain checked, fsynced), then prune them from the controller (admin). The
@@ -674,11 +679,11 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
                 println!("{r}");
             }
         }
-        Commands::Audit { command: AuditCommands::Verify { archive: Some(f), .. } } => {
-            return crate::archive::verify(&f);
+        Commands::Audit { command: AuditCommands::Verify { archive: Some(f), anchors, .. } } => {
+            return crate::archive::verify(&f, &anchors);
         }
-        Commands::Audit { command: AuditCommands::Verify { ctl: a, data_dir, archive: None } } => {
-            return ctl::audit_verify(&a, data_dir.as_deref()).await;
+        Commands::Audit { command: AuditCommands::Verify { ctl: a, data_dir, archive: None, anchors } } => {
+            return ctl::audit_verify(&a, data_dir.as_deref(), &anchors).await;
         }
         Commands::Audit { command: AuditCommands::Archive { ctl: a, before, out } } => {
             let r = crate::archive::archive(&a, before, &out).await?;

@@ -247,14 +247,22 @@ pub async fn audit_list(a: &CtlArgs, from: u64, limit: u32) -> Result<Vec<String
         .records)
 }
 
-/// Verify the audit chain through the controller, or offline in an embedded store file.
-pub async fn audit_verify(a: &CtlArgs, data_dir: Option<&Path>) -> Result<ExitCode> {
+/// Verify the audit chain through the controller, or offline in an embedded store file; each
+/// anchor (`SEQ:HASH`) must be in the chain with that hash.
+pub async fn audit_verify(a: &CtlArgs, data_dir: Option<&Path>, anchors: &[String]) -> Result<ExitCode> {
+    let anchors = anchors
+        .iter()
+        .map(|s| ztseg_controller::audit::parse_anchor(s).map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
     let r = if let Some(dir) = data_dir {
         let store = ztseg_controller::store::embedded::EmbeddedStore::open_existing(&dir.join("ztseg.redb"))?;
-        ztseg_controller::service::verify_response(&ztseg_controller::service::verify_chain(&store).await?)
+        ztseg_controller::service::verify_response(
+            &ztseg_controller::service::verify_chain_anchored(&store, anchors).await?,
+        )
     } else {
+        let anchors = anchors.into_iter().map(|(seq, hash)| pb::AuditAnchor { seq, hash }).collect();
         pb::audit_client::AuditClient::new(a.channel().await?)
-            .verify(pb::AuditVerifyRequest {})
+            .verify(pb::AuditVerifyRequest { anchors })
             .await
             .map_err(st)?
             .into_inner()
@@ -268,7 +276,9 @@ pub async fn audit_verify(a: &CtlArgs, data_dir: Option<&Path>) -> Result<ExitCo
         } else {
             String::new()
         };
-        println!("audit log intact: {} records, hash chain verified{pruned}", r.records);
+        let anchored =
+            if r.anchors > 0 { format!("; {} anchors found in the chain", r.anchors) } else { String::new() };
+        println!("audit log intact: {} records, hash chain verified{pruned}{anchored}", r.records);
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!("audit log FAILED verification: {}", r.error);

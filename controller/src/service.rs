@@ -1153,8 +1153,17 @@ impl Distribution for Services {
 pub async fn verify_chain(
     store: &dyn Store,
 ) -> Result<Result<audit::Verified, audit::BadRecord>, StoreError> {
+    verify_chain_anchored(store, Vec::new()).await
+}
+
+/// [`verify_chain`], also requiring the chain to hold each anchor (sequence, hash): see
+/// [`audit::Verifier::anchored`].
+pub async fn verify_chain_anchored(
+    store: &dyn Store,
+    anchors: Vec<(u64, String)>,
+) -> Result<Result<audit::Verified, audit::BadRecord>, StoreError> {
     let base = store.audit_base().await?;
-    let mut v = audit::Verifier::after(base.as_ref());
+    let mut v = audit::Verifier::after(base.as_ref()).anchored(anchors);
     let mut from = v.next();
     loop {
         let page = store.audit_records(from, 1000).await?;
@@ -1179,6 +1188,7 @@ pub fn verify_response(r: &Result<audit::Verified, audit::BadRecord>) -> pb::Aud
             records: v.records,
             first_seq: v.first,
             last_seq: v.last,
+            anchors: v.anchors,
             ..Default::default()
         },
         Err(b) => {
@@ -1212,7 +1222,13 @@ impl Audit for Services {
         req: Request<pb::AuditVerifyRequest>,
     ) -> Result<Response<pb::AuditVerifyResponse>, Status> {
         self.0.authorize(&req, "Audit/Verify").await?;
-        let r = verify_chain(self.0.store.as_ref()).await.map_err(|e| store_status(&e))?;
+        let anchors = req
+            .into_inner()
+            .anchors
+            .into_iter()
+            .map(|a| audit::parse_anchor(&format!("{}:{}", a.seq, a.hash)).map_err(Status::invalid_argument))
+            .collect::<Result<Vec<_>, _>>()?;
+        let r = verify_chain_anchored(self.0.store.as_ref(), anchors).await.map_err(|e| store_status(&e))?;
         Ok(Response::new(verify_response(&r)))
     }
 

@@ -157,7 +157,7 @@ pub async fn prune(s: &dyn Store) {
     assert_eq!(p.detail["last_hash"], h3);
     assert_eq!(s.audit_head().await.unwrap(), audit::Head { seq: 6, hash: p.hash.clone() });
     assert_eq!(s.audit_base().await.unwrap(), Some(audit::Head { seq: 3, hash: h3.clone() }));
-    assert_eq!(verified(s).await, audit::Verified { records: 3, first: 4, last: 6, base: 3 });
+    assert_eq!(verified(s).await, audit::Verified { records: 3, first: 4, last: 6, base: 3, anchors: 0 });
 
     // Appends continue on the chain; an already pruned range cannot be pruned again.
     assert_eq!(s.append_audit(vec![draft()]).await.unwrap(), 7);
@@ -171,7 +171,7 @@ pub async fn prune(s: &dyn Store) {
     assert_eq!(s.audit_records(1, 100).await.unwrap().iter().map(|r| r.0).collect::<Vec<_>>(), vec![7, 8]);
     assert_eq!(s.audit_base().await.unwrap(), Some(audit::Head { seq: 6, hash: h6 }));
     assert_eq!(s.append_audit(vec![draft()]).await.unwrap(), 9);
-    assert_eq!(verified(s).await, audit::Verified { records: 3, first: 7, last: 9, base: 6 });
+    assert_eq!(verified(s).await, audit::Verified { records: 3, first: 7, last: 9, base: 6, anchors: 0 });
 }
 
 /// The draft of a `policy.prune` record, as the controller makes it.
@@ -252,7 +252,7 @@ pub async fn prune_history(s: &dyn Store) {
     assert_eq!(s.commit(6, version(&[("a", "y")]), draft()).await.unwrap(), (7, 11));
     assert_eq!(kept(s).await, vec![7, 6]);
     assert_eq!(s.version(7).await.unwrap().unwrap().documents["a"], "y");
-    assert_eq!(verified(s).await, audit::Verified { records: 11, first: 1, last: 11, base: 0 });
+    assert_eq!(verified(s).await, audit::Verified { records: 11, first: 1, last: 11, base: 0, anchors: 0 });
 }
 
 /// What a reopened store must still hold after [`run`].
