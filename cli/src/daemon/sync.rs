@@ -578,6 +578,7 @@ async fn apply_update(engine: &Arc<Mutex<Engine>>, u: pb::PolicyUpdate) -> Resul
             }
             docs
         };
+        e.controller_last_update = Some((u.snapshot, u.base_version));
         match e.apply_controller(u.version, u.history, docs) {
             Ok(()) => Ok(()),
             // A version that cannot be enforced is reported (status and controller); the
