@@ -833,6 +833,130 @@ fn mtls_wrong_role_is_permission_denied_and_audited() {
     assert_eq!(count(&c.audit(), "api.denied"), 5, "allowed calls are not recorded as denied");
 }
 
+/// Who may call each controller RPC, as documented (docs/api.md, docs/controller.md): the
+/// roles, or `None` for `Enrollment/Enroll`, which anyone may call (the token is the
+/// credential). Kept here, apart from `auth.rs`, so that the test checks the table rather
+/// than repeating it.
+const WHO_MAY_CALL: &[(&str, Option<&[&str]>)] = &[
+    ("Enrollment/Enroll", None),
+    ("Enrollment/CreateJoinToken", Some(&["admin"])),
+    ("Enrollment/Renew", Some(&["admin", "operator", "auditor", "enforcer"])),
+    ("Enrollment/Revoke", Some(&["admin"])),
+    ("Enrollment/ListJoinTokens", Some(&["admin"])),
+    ("Enrollment/RevokeJoinToken", Some(&["admin"])),
+    ("Policy/Apply", Some(&["admin", "operator"])),
+    ("Policy/Diff", Some(&["admin", "operator", "auditor"])),
+    ("Policy/Get", Some(&["admin", "operator", "auditor"])),
+    ("Policy/History", Some(&["admin", "operator", "auditor"])),
+    ("Policy/Rollback", Some(&["admin", "operator"])),
+    ("Policy/Prune", Some(&["admin"])),
+    ("Distribution/Subscribe", Some(&["enforcer"])),
+    ("Distribution/Report", Some(&["enforcer"])),
+    ("Distribution/ListEnforcers", Some(&["admin", "operator", "auditor"])),
+    ("Audit/List", Some(&["admin", "auditor"])),
+    ("Audit/Verify", Some(&["admin", "auditor"])),
+    ("Audit/Prune", Some(&["admin"])),
+];
+
+/// `Service/Method` of every RPC in the controller's .proto files.
+fn proto_rpcs() -> Vec<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../api/proto");
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        let text = fs::read_to_string(&path).unwrap();
+        if !text.contains("package ztseg.controller.v1;") {
+            continue;
+        }
+        let mut service = None;
+        for line in text.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("service ") {
+                service = rest.split_whitespace().next().map(str::to_owned);
+            } else if let Some(rest) = line.strip_prefix("rpc ") {
+                let method = rest.split('(').next().unwrap().trim();
+                out.push(format!("{}/{method}", service.as_deref().expect("rpc outside a service")));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Call `rpc` with an empty request (valid protobuf for any message) as whoever `ch` is, and
+/// return how the controller answered: the status of a refused call, `Ok` otherwise (a
+/// stream is dropped once it started).
+async fn call_raw(ch: Channel, rpc: &str) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(format!("{RPC_PREFIX}{rpc}")).unwrap();
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    grpc.server_streaming(tonic::Request::new(()), path, codec).await.map(drop)
+}
+
+/// Every RPC of the controller's .proto files, called by each role (admin, operator, auditor,
+/// enforcer, the controller's own role) and without a certificate, against a live controller:
+/// each caller is let through exactly where the documented table says so and refused
+/// everywhere else — a handler that forgets its role check, or a new RPC missing from the
+/// table, fails here.
+#[test]
+fn every_rpc_admits_exactly_the_documented_roles() {
+    let c = Controller::started("matrix");
+    let mut table: Vec<String> = WHO_MAY_CALL.iter().map(|(r, _)| (*r).to_owned()).collect();
+    table.sort();
+    assert_eq!(proto_rpcs(), table, "the .proto files and this test's table name different RPCs");
+    let callers: Vec<(&str, ClientFiles)> = vec![
+        ("admin", c.admin_files()),
+        ("operator", c.identity(Role::Operator, "m-op")),
+        ("auditor", c.identity(Role::Auditor, "m-aud")),
+        ("enforcer", c.identity(Role::Enforcer, "m-enf")),
+        ("controller", c.identity(Role::Controller, "m-ctl")),
+        ("anonymous", c.anonymous()),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut wrong = Vec::new();
+    for (who, files) in &callers {
+        let ch = rt.block_on(ztseg_controller::server::connect(&c.addr, files)).expect("connect");
+        for (rpc, roles) in WHO_MAY_CALL {
+            let r = rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(20), call_raw(ch.clone(), rpc)).await
+            });
+            let r = r.unwrap_or_else(|_| panic!("{who} {rpc}: no answer in 20 s"));
+            let may = roles.is_none_or(|roles| roles.contains(who));
+            let refused = match &r {
+                Err(s) if s.code() == Code::PermissionDenied => {
+                    assert!(
+                        s.message().contains(&format!("role {who} may not call {rpc}")),
+                        "{who} {rpc}: {s:?}"
+                    );
+                    true
+                }
+                Err(s) if s.code() == Code::Unauthenticated => {
+                    assert_eq!(*who, "anonymous", "{who} {rpc}: {s:?}");
+                    assert!(s.message().contains("a client certificate is required"), "{who} {rpc}: {s:?}");
+                    true
+                }
+                _ => false,
+            };
+            let answer =
+                r.as_ref().map_or_else(|s| format!("{:?}: {}", s.code(), s.message()), |()| "Ok".into());
+            eprintln!("{who:>10} {rpc:<28} {answer}");
+            if refused == may {
+                wrong
+                    .push(format!("{who} {rpc}: {} ({answer})", if may { "refused" } else { "let through" }));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "callers answered against the documented table:\n{}", wrong.join("\n"));
+    // Each refusal of a caller with a certificate is an api.denied record naming it and the RPC.
+    let recs = c.audit();
+    for (who, name) in [("operator", "m-op"), ("enforcer", "m-enf")] {
+        let actor = format!("{who}/{name}");
+        let first =
+            WHO_MAY_CALL.iter().find(|(_, roles)| roles.is_some_and(|r| !r.contains(&who))).unwrap().0;
+        assert!(recs.iter().any(|r| is(r, "api.denied", &actor, first)), "no api.denied of {actor} {first}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Embedded store crash safety
 // ---------------------------------------------------------------------------------------
