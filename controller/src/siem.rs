@@ -95,9 +95,12 @@ fn class_of(action: &str) -> (u32, &'static str, u32, &'static str, u32, &'stati
             (3002, "Authentication", 3, "Identity & Access Management", 1, "Logon")
         }
         "identity.revoke" => (3001, "Account Change", 3, "Identity & Access Management", 5, "Disable"),
-        "api.denied" => (6003, "API Activity", 6, "Application Activity", 0, "Unknown"),
+        "api.denied" | "api.denied.suppressed" => {
+            (6003, "API Activity", 6, "Application Activity", 0, "Unknown")
+        }
         "policy.apply" | "policy.rollback" => (6003, "API Activity", 6, "Application Activity", 3, "Update"),
         "token.create" => (6003, "API Activity", 6, "Application Activity", 1, "Create"),
+        "token.revoke" | "token.expire" => (6003, "API Activity", 6, "Application Activity", 4, "Delete"),
         _ => (6003, "API Activity", 6, "Application Activity", 99, "Other"),
     }
 }
@@ -387,5 +390,11 @@ mod tests {
         assert!(v.get("api").is_none(), "{v}");
         assert_eq!(v["src_endpoint"]["ip"], "192.0.2.1:5001", "{v}");
         assert_eq!(v["class_uid"], 3002, "{v}");
+        let v = seal("token.revoke", json!({"id": "0123456789abcdef", "role": "enforcer", "name": "n1"}));
+        assert_eq!(
+            (v["class_uid"].as_u64(), v["activity_name"].as_str()),
+            (Some(6003), Some("Delete")),
+            "{v}"
+        );
     }
 }
