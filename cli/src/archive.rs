@@ -19,12 +19,14 @@ use ztseg_api::controller::{self as pb};
 use ztseg_controller::audit::{Record, Verifier};
 
 /// Records of an archive checked in order: the chain inside it, from its first record (record
-/// 1 must follow the genesis hash; a later first record starts where an earlier archive ended).
+/// 1 must follow the genesis hash; a later first record starts where an earlier archive ended),
+/// and the anchors it must hold.
 #[derive(Debug, Default)]
 struct Chain {
     v: Option<Verifier>,
     first: u64,
     records: u64,
+    anchors: Vec<(u64, String)>,
 }
 
 impl Chain {
@@ -45,7 +47,8 @@ impl Chain {
         };
         let v = self.v.get_or_insert_with(|| {
             self.first = r.seq;
-            if r.seq == 1 { Verifier::default() } else { Verifier::starting_at(r.seq, &r.prev) }
+            let v = if r.seq == 1 { Verifier::default() } else { Verifier::starting_at(r.seq, &r.prev) };
+            v.anchored(std::mem::take(&mut self.anchors))
         });
         v.feed(r.seq, line.as_bytes()).map_err(|b| anyhow::anyhow!("{b} ({})", at()))?;
         self.records += 1;
@@ -167,12 +170,17 @@ pub(crate) fn sync_dir(file: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
 }
 
-/// `ztseg audit verify --archive FILE`: the chain inside an archive, its range, last hash and
-/// SHA-256 (to compare with the `audit.prune` record that names it).
-pub fn verify(path: &Path) -> Result<ExitCode> {
+/// `ztseg audit verify --archive FILE [--anchor SEQ:HASH]...`: the chain inside an archive,
+/// its range, last hash and SHA-256 (to compare with the `audit.prune` record that names it);
+/// each anchor must be a record of the archive with that hash.
+pub fn verify(path: &Path, anchors: &[String]) -> Result<ExitCode> {
+    let anchors = anchors
+        .iter()
+        .map(|s| ztseg_controller::audit::parse_anchor(s).map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
     let f = File::open(path).with_context(|| format!("opening the archive {}", path.display()))?;
     let mut sha = Sha256::new();
-    let mut chain = Chain::default();
+    let mut chain = Chain { anchors, ..Chain::default() };
     let mut reader = BufReader::new(f);
     let mut line = String::new();
     let mut n = 0u64;
@@ -197,8 +205,18 @@ pub fn verify(path: &Path) -> Result<ExitCode> {
         eprintln!("archive {} FAILED verification: it holds no records", path.display());
         return Ok(ExitCode::FAILURE);
     };
+    let anchored = match chain.v.as_ref().map(|v| {
+        v.check_anchors("it is in an earlier archive", "it is in a later archive or the retained log")
+    }) {
+        Some(Err(e)) => {
+            eprintln!("archive {} FAILED verification: {e}", path.display());
+            return Ok(ExitCode::FAILURE);
+        }
+        Some(Ok(n)) if n > 0 => format!("; {n} anchors found in it"),
+        _ => String::new(),
+    };
     println!(
-        "archive {} intact: records {}..{} ({} records), hash chain verified; last hash {last_hash}; sha256 {}",
+        "archive {} intact: records {}..{} ({} records), hash chain verified; last hash {last_hash}; sha256 {}{anchored}",
         path.display(),
         chain.first,
         next - 1,

@@ -392,10 +392,20 @@ enum ControllerCommands {
     },
     /// Enforcers known to the controller and the policy version each enforces.
     Enforcers(crate::ctl::CtlArgs),
-    /// Revoke every certificate issued so far to an identity (admin).
+    /// Revoke every certificate issued so far to an identity, and its outstanding join tokens
+    /// (admin). A token created afterwards enrolls it again.
     Revoke {
         #[command(flatten)]
         id: IdentityArgs,
+    },
+    /// Outstanding join tokens: id, role, name, creation, expiry, creator (never the token).
+    Tokens(crate::ctl::CtlArgs),
+    /// Delete an outstanding join token by its id (from `controller tokens`; a unique prefix
+    /// of at least 8 digits will do) (admin).
+    RevokeToken {
+        #[command(flatten)]
+        ctl: crate::ctl::CtlArgs,
+        id: String,
     },
 }
 
@@ -434,6 +444,11 @@ enum AuditCommands {
         /// prints its first and last record, last hash and SHA-256.
         #[arg(long)]
         archive: Option<PathBuf>,
+        /// A record the chain must still hold, as `SEQ:HASH` (repeatable): kept outside the
+        /// controller, e.g. the `metadata.sequence` and `unmapped.hash` of a SIEM line. Catches
+        /// a log whose newest records were cut off and its head rewritten to match.
+        #[arg(long = "anchor", value_name = "SEQ:HASH")]
+        anchors: Vec<String>,
     },
     /// Move the records before `--before` into a new file (JSON lines, byte for byte as
     /// stored, chain checked, fsynced), then prune them from the controller (admin). The
@@ -616,8 +631,44 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
         Commands::Controller {
             command: ControllerCommands::Token { id: IdentityArgs { ctl: a, role, name }, ttl, cert_days },
         } => {
-            // The token is a secret: printed once, to stdout only.
-            println!("{}", ctl::token(&a, &role, &name, ttl, cert_days * 86_400).await?);
+            // The token is a secret: printed once, to stdout only. Its id (for `controller
+            // tokens` and `revoke-token`) goes to stderr.
+            let t = ctl::create_token(&a, &role, &name, ttl, cert_days * 86_400).await?;
+            println!("{}", t.token);
+            eprintln!(
+                "join token {} for {role}/{name}, expires {}",
+                t.id,
+                ctl::time_str(t.expires_unix * 1000)
+            );
+        }
+        Commands::Controller { command: ControllerCommands::Tokens(a) } => {
+            let rows = ctl::tokens(&a)
+                .await?
+                .into_iter()
+                .map(|t| {
+                    vec![
+                        ("id", t.id),
+                        ("role", t.role),
+                        ("name", t.name),
+                        (
+                            "created",
+                            if t.created_unix_ms == 0 {
+                                String::new()
+                            } else {
+                                ctl::time_str(t.created_unix_ms)
+                            },
+                        ),
+                        ("expires", ctl::time_str(t.expires_unix_ms)),
+                        ("created_by", t.created_by),
+                        ("cert_days", (t.cert_ttl_seconds / 86_400).to_string()),
+                    ]
+                })
+                .collect();
+            print_rows(&rows, output)?;
+        }
+        Commands::Controller { command: ControllerCommands::RevokeToken { ctl: a, id } } => {
+            let t = ctl::revoke_token(&a, &id).await?;
+            println!("revoked join token {} for {}/{}", t.id, t.role, t.name);
         }
         Commands::Controller { command: ControllerCommands::Enforcers(a) } => {
             let r = ctl::enforcers(&a).await?;
@@ -650,19 +701,23 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
         Commands::Controller {
             command: ControllerCommands::Revoke { id: IdentityArgs { ctl: a, role, name } },
         } => {
-            let at = ctl::revoke(&a, &role, &name).await?;
-            println!("revoked every certificate of {role}/{name} issued up to {}", ctl::time_str(at));
+            let r = ctl::revoke(&a, &role, &name).await?;
+            println!(
+                "revoked every certificate of {role}/{name} issued up to {}; {} outstanding join tokens deleted",
+                ctl::time_str(r.revoked_at_unix_ms),
+                r.tokens_revoked
+            );
         }
         Commands::Audit { command: AuditCommands::List { ctl: a, from, limit } } => {
             for r in ctl::audit_list(&a, from, limit).await? {
                 println!("{r}");
             }
         }
-        Commands::Audit { command: AuditCommands::Verify { archive: Some(f), .. } } => {
-            return crate::archive::verify(&f);
+        Commands::Audit { command: AuditCommands::Verify { archive: Some(f), anchors, .. } } => {
+            return crate::archive::verify(&f, &anchors);
         }
-        Commands::Audit { command: AuditCommands::Verify { ctl: a, data_dir, archive: None } } => {
-            return ctl::audit_verify(&a, data_dir.as_deref()).await;
+        Commands::Audit { command: AuditCommands::Verify { ctl: a, data_dir, archive: None, anchors } } => {
+            return ctl::audit_verify(&a, data_dir.as_deref(), &anchors).await;
         }
         Commands::Audit { command: AuditCommands::Archive { ctl: a, before, out } } => {
             let r = crate::archive::archive(&a, before, &out).await?;
@@ -853,12 +908,14 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                 ("controller_version", st.controller_version.to_string()),
                 ("controller_connected", st.controller_connected.to_string()),
                 ("policy_stale", st.policy_stale.to_string()),
+                ("controller_retry_ms", st.controller_retry_ms.to_string()),
                 ("local_delivery", st.local_delivery.to_string()),
                 ("event_rate_limit", st.event_rate_limit.to_string()),
                 ("event_burst", st.event_burst.to_string()),
                 ("event_rate_limit_total", st.event_rate_limit_total.to_string()),
                 ("event_burst_total", st.event_burst_total.to_string()),
                 ("policy_error", st.policy_error),
+                ("controller_error", st.controller_error),
             ]];
             print_rows(&rows, output)?;
         }

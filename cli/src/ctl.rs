@@ -112,7 +112,18 @@ pub fn time_str(ms: i64) -> String {
 }
 
 pub async fn token(a: &CtlArgs, role: &str, name: &str, ttl: u64, cert_ttl: u64) -> Result<String> {
-    let r = pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
+    Ok(create_token(a, role, name, ttl, cert_ttl).await?.token)
+}
+
+/// A new join token and its id.
+pub async fn create_token(
+    a: &CtlArgs,
+    role: &str,
+    name: &str,
+    ttl: u64,
+    cert_ttl: u64,
+) -> Result<pb::CreateJoinTokenResponse> {
+    pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
         .create_join_token(pb::CreateJoinTokenRequest {
             role: role.into(),
             name: name.into(),
@@ -120,18 +131,37 @@ pub async fn token(a: &CtlArgs, role: &str, name: &str, ttl: u64, cert_ttl: u64)
             cert_ttl_seconds: cert_ttl,
         })
         .await
-        .map_err(st)?
-        .into_inner();
-    Ok(r.token)
+        .map_err(st)
+        .map(tonic::Response::into_inner)
 }
 
-pub async fn revoke(a: &CtlArgs, role: &str, name: &str) -> Result<i64> {
-    Ok(pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
+pub async fn revoke(a: &CtlArgs, role: &str, name: &str) -> Result<pb::RevokeResponse> {
+    pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
         .revoke(pb::RevokeRequest { role: role.into(), name: name.into() })
+        .await
+        .map_err(st)
+        .map(tonic::Response::into_inner)
+}
+
+/// The outstanding join tokens (never their secrets).
+pub async fn tokens(a: &CtlArgs) -> Result<Vec<pb::JoinTokenInfo>> {
+    Ok(pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
+        .list_join_tokens(pb::ListJoinTokensRequest {})
         .await
         .map_err(st)?
         .into_inner()
-        .revoked_at_unix_ms)
+        .tokens)
+}
+
+/// Delete one outstanding join token by its id (or a unique prefix of it).
+pub async fn revoke_token(a: &CtlArgs, id: &str) -> Result<pb::JoinTokenInfo> {
+    pb::enrollment_client::EnrollmentClient::new(a.channel().await?)
+        .revoke_join_token(pb::RevokeJoinTokenRequest { id: id.into() })
+        .await
+        .map_err(st)?
+        .into_inner()
+        .token
+        .context("the controller named no token")
 }
 
 pub async fn apply(
@@ -217,14 +247,22 @@ pub async fn audit_list(a: &CtlArgs, from: u64, limit: u32) -> Result<Vec<String
         .records)
 }
 
-/// Verify the audit chain through the controller, or offline in an embedded store file.
-pub async fn audit_verify(a: &CtlArgs, data_dir: Option<&Path>) -> Result<ExitCode> {
+/// Verify the audit chain through the controller, or offline in an embedded store file; each
+/// anchor (`SEQ:HASH`) must be in the chain with that hash.
+pub async fn audit_verify(a: &CtlArgs, data_dir: Option<&Path>, anchors: &[String]) -> Result<ExitCode> {
+    let anchors = anchors
+        .iter()
+        .map(|s| ztseg_controller::audit::parse_anchor(s).map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
     let r = if let Some(dir) = data_dir {
         let store = ztseg_controller::store::embedded::EmbeddedStore::open_existing(&dir.join("ztseg.redb"))?;
-        ztseg_controller::service::verify_response(&ztseg_controller::service::verify_chain(&store).await?)
+        ztseg_controller::service::verify_response(
+            &ztseg_controller::service::verify_chain_anchored(&store, anchors).await?,
+        )
     } else {
+        let anchors = anchors.into_iter().map(|(seq, hash)| pb::AuditAnchor { seq, hash }).collect();
         pb::audit_client::AuditClient::new(a.channel().await?)
-            .verify(pb::AuditVerifyRequest {})
+            .verify(pb::AuditVerifyRequest { anchors })
             .await
             .map_err(st)?
             .into_inner()
@@ -238,7 +276,9 @@ pub async fn audit_verify(a: &CtlArgs, data_dir: Option<&Path>) -> Result<ExitCo
         } else {
             String::new()
         };
-        println!("audit log intact: {} records, hash chain verified{pruned}", r.records);
+        let anchored =
+            if r.anchors > 0 { format!("; {} anchors found in the chain", r.anchors) } else { String::new() };
+        println!("audit log intact: {} records, hash chain verified{pruned}{anchored}", r.records);
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!("audit log FAILED verification: {}", r.error);
@@ -282,8 +322,9 @@ pub struct RunArgs {
     #[arg(long, env = "ZTSEG_SIEM", value_delimiter = ',')]
     pub siem: Vec<String>,
     /// Failed TLS handshakes, and refused anonymous calls, audited in full per source address
-    /// and window; further ones are counted into one `tls.rejected.suppressed` /
-    /// `anonymous.suppressed` record when the window ends.
+    /// and window, and refused calls of callers with a valid certificate (wrong role, revoked)
+    /// per identity and window; further ones are counted into one `tls.rejected.suppressed` /
+    /// `anonymous.suppressed` / `api.denied.suppressed` record when the window ends.
     #[arg(long, env = "ZTSEG_AUDIT_REJECTED_PER_PEER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub audit_rejected_per_peer: u32,
     /// Length of that window in seconds.

@@ -15,6 +15,16 @@
 //! [`PRUNE`] record of the chain, whose detail names `before` (base sequence + 1) and
 //! `last_hash` (the base hash). So an altered base, further deleted records or an altered
 //! prune record are all named, just as without pruning.
+//!
+//! # Anchors
+//!
+//! The head and the chain live in the same store and the hash is unkeyed SHA-256, so whoever
+//! can write the store can cut off the newest records and rewrite the head to match: the
+//! shortened log verifies. An *anchor* — a record's sequence number and hash kept outside the
+//! controller (every SIEM line carries both) — catches that: [`Verifier::anchored`] requires
+//! the log to still hold that record with that hash. Anchors prove nothing about records after
+//! the newest one held outside; the sooner they leave the controller (the SIEM export takes
+//! each record within seconds), the less can go unnoticed.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -132,12 +142,32 @@ pub struct Verifier {
     base: Option<Head>,
     /// The latest successful [`PRUNE`] record fed: (its sequence, its `before`, `last_hash`).
     last_prune: Option<(u64, Option<u64>, String)>,
+    /// The first record expected, and the hash it must follow.
+    start: (u64, String),
+    /// Records that must be in the chain with these hashes (see [`Verifier::anchored`]).
+    anchors: std::collections::BTreeMap<u64, String>,
 }
 
 impl Default for Verifier {
     fn default() -> Self {
-        Self { next: 1, prev: GENESIS.to_owned(), base: None, last_prune: None }
+        Self::starting_at(1, GENESIS)
     }
+}
+
+/// A record held outside the controller: `SEQ:HASH` (see [`Verifier::anchored`]).
+///
+/// # Errors
+/// A malformed anchor, saying why.
+pub fn parse_anchor(s: &str) -> Result<(u64, String), String> {
+    let (seq, hash) = s.split_once(':').ok_or_else(|| format!("anchor {s:?}: expected SEQ:HASH"))?;
+    let seq: u64 = seq.parse().map_err(|_| format!("anchor {s:?}: {seq:?} is not a sequence number"))?;
+    if seq == 0 {
+        return Err(format!("anchor {s:?}: records are numbered from 1"));
+    }
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(format!("anchor {s:?}: the hash is 64 lowercase hex digits"));
+    }
+    Ok((seq, hash.to_owned()))
 }
 
 /// What a verified chain holds: records `first..=last`, `records` of them.
@@ -148,6 +178,8 @@ pub struct Verified {
     pub last: u64,
     /// The last pruned sequence number (0 if nothing was ever pruned).
     pub base: u64,
+    /// Anchors the chain was found to hold.
+    pub anchors: u64,
 }
 
 impl Verifier {
@@ -157,9 +189,7 @@ impl Verifier {
     pub fn after(base: Option<&Head>) -> Self {
         match base {
             None => Self::default(),
-            Some(b) => {
-                Self { next: b.seq + 1, prev: b.hash.clone(), base: Some(b.clone()), last_prune: None }
-            }
+            Some(b) => Self { base: Some(b.clone()), ..Self::starting_at(b.seq + 1, &b.hash) },
         }
     }
 
@@ -167,7 +197,25 @@ impl Verifier {
     /// `prev`; nothing confirms that start.
     #[must_use]
     pub fn starting_at(seq: u64, prev: &str) -> Self {
-        Self { next: seq, prev: prev.to_owned(), base: None, last_prune: None }
+        Self {
+            next: seq,
+            prev: prev.to_owned(),
+            base: None,
+            last_prune: None,
+            start: (seq, prev.to_owned()),
+            anchors: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// Also require each anchor (sequence → hash, e.g. taken from the SIEM export) to be in
+    /// the chain with that hash. One beyond the end of the chain means records were cut off
+    /// (and the head rewritten to match); one before its start — pruned, or outside an
+    /// archive — cannot be checked here and fails, naming where to check it, unless it is
+    /// the record just before the start, whose hash the first record names.
+    #[must_use]
+    pub fn anchored(mut self, anchors: impl IntoIterator<Item = (u64, String)>) -> Self {
+        self.anchors.extend(anchors);
+        self
     }
 
     /// The sequence number the next record must have.
@@ -220,6 +268,17 @@ impl Verifier {
         if h != r.hash {
             return bad(key, "contents do not match its hash: modified".into());
         }
+        if let Some(want) = self.anchors.get(&key)
+            && *want != r.hash
+        {
+            return bad(
+                key,
+                format!(
+                    "its hash {} is not the anchor's {want}: the log was rewritten from this record on",
+                    r.hash
+                ),
+            );
+        }
         if r.action == PRUNE && r.outcome == "success" {
             let before = r.detail["before"].as_u64();
             let last_hash = r.detail["last_hash"].as_str().unwrap_or_default().to_owned();
@@ -230,8 +289,34 @@ impl Verifier {
         Ok(r)
     }
 
-    /// Check the end of the chain against the store's head, and the base (if any) against the
-    /// latest prune record.
+    /// The anchors the records fed did not check: one just before the start against the hash
+    /// the first record follows; any other is outside the records fed, before them (`before`
+    /// says where to look) or after them (`after` says what that means). Returns how many
+    /// anchors were checked.
+    pub fn check_anchors(&self, before: &str, after: &str) -> Result<u64, BadRecord> {
+        let (start, start_prev) = (self.start.0, self.start.1.as_str());
+        let last = self.next - 1;
+        for (seq, hash) in &self.anchors {
+            let bad = |message: String| Err(BadRecord { seq: *seq, message });
+            if *seq + 1 == start {
+                if hash != start_prev {
+                    return bad(format!(
+                        "the anchor's hash {hash} is not the one record {start} follows ({start_prev}): the log was rewritten"
+                    ));
+                }
+            } else if *seq < start {
+                return bad(format!("not in this log, which starts at record {start}: {before}"));
+            } else if *seq > last {
+                return bad(format!(
+                    "missing: an anchor holds it (hash {hash}), but the records here end at {last}: {after}"
+                ));
+            }
+        }
+        Ok(self.anchors.len() as u64)
+    }
+
+    /// Check the end of the chain against the store's head, the base (if any) against the
+    /// latest prune record, and the anchors ([`Verifier::anchored`]).
     pub fn finish(&self, head: &Head) -> Result<Verified, BadRecord> {
         let last = self.next - 1;
         if head.seq > last {
@@ -278,7 +363,12 @@ impl Verifier {
                 Some(_) => {}
             }
         }
-        Ok(Verified { records: last - base_seq, first: base_seq + 1, last, base: base_seq })
+        let anchors = self.check_anchors(
+            "it was pruned; check the anchor against the archive that holds it \
+             (`ztseg audit verify --archive FILE --anchor SEQ:HASH`)",
+            "records were cut off the log and its head rewritten",
+        )?;
+        Ok(Verified { records: last - base_seq, first: base_seq + 1, last, base: base_seq, anchors })
     }
 
     /// Check, before a prune, that the records fed are exactly those before `before` and that
@@ -398,6 +488,86 @@ mod tests {
         assert_eq!(e.seq, 5);
     }
 
+    fn feed_all(v: &mut Verifier, records: &[(u64, Vec<u8>)]) {
+        for (k, b) in records {
+            v.feed(*k, b).unwrap();
+        }
+    }
+
+    fn hash_of(c: &[Vec<u8>], seq: u64) -> String {
+        serde_json::from_slice::<Record>(&c[usize::try_from(seq - 1).unwrap()]).unwrap().hash
+    }
+
+    /// A log cut short with its head rewritten to match verifies on its own; an anchor taken
+    /// before the cut names the missing record. A rewritten record with a fresh chain after it
+    /// is caught by an anchor on it or after it.
+    #[test]
+    fn anchors_catch_a_cut_off_tail_with_a_rewritten_head() {
+        let (c, _) = chain(6);
+        let anchor = (5, hash_of(&c, 5));
+        let cut = keyed(&c[..3]);
+        let cut_head = Head { seq: 3, hash: hash_of(&c, 3) };
+        let mut v = Verifier::default();
+        feed_all(&mut v, &cut);
+        assert!(v.finish(&cut_head).is_ok(), "without an anchor the cut is invisible");
+        let mut v = Verifier::default().anchored([anchor.clone()]);
+        feed_all(&mut v, &cut);
+        let e = v.finish(&cut_head).unwrap_err();
+        assert_eq!(e.seq, 5, "{e}");
+        assert!(e.message.contains("cut off the log and its head rewritten"), "{e}");
+
+        // The intact log holds the anchor; so does a check anchored at record 1.
+        let mut v = Verifier::default().anchored([anchor, (1, hash_of(&c, 1))]);
+        feed_all(&mut v, &keyed(&c));
+        let head = Head { seq: 6, hash: hash_of(&c, 6) };
+        assert_eq!(v.finish(&head).unwrap().anchors, 2);
+
+        // Records 4.. rewritten (a new, self-consistent chain from record 3 on).
+        let mut forged = keyed(&c[..3]);
+        let mut prev = hash_of(&c, 3);
+        for seq in 4..=6 {
+            let d = Draft::new("admin/mallory", "policy.apply", "success", serde_json::json!({}));
+            let (bytes, hash) = seal(&d, seq, &prev);
+            forged.push((seq, bytes));
+            prev = hash;
+        }
+        let forged_head = Head { seq: 6, hash: prev };
+        let mut v = Verifier::default().anchored([(5, hash_of(&c, 5))]);
+        let e = forged.iter().try_for_each(|(k, b)| v.feed(*k, b).map(drop)).unwrap_err();
+        assert_eq!(e.seq, 5, "{e}");
+        assert!(e.message.contains("not the anchor's"), "{e}");
+        let mut v = Verifier::default().anchored([(3, hash_of(&c, 3))]);
+        feed_all(&mut v, &forged);
+        assert!(v.finish(&forged_head).is_ok(), "an anchor before the rewrite cannot see it");
+    }
+
+    #[test]
+    fn anchors_before_the_start_are_checked_at_the_base_or_refused() {
+        let (k, base, head) = pruned(6, 4, None);
+        // Record 3 is the base: its hash is what record 4 follows.
+        let v = |anchors: Vec<(u64, String)>| {
+            let mut v = Verifier::after(Some(&base)).anchored(anchors);
+            feed_all(&mut v, &k);
+            v.finish(&head)
+        };
+        assert_eq!(v(vec![(3, base.hash.clone())]).unwrap().anchors, 1);
+        let e = v(vec![(3, GENESIS.into())]).unwrap_err();
+        assert_eq!(e.seq, 3, "{e}");
+        let e = v(vec![(2, base.hash.clone())]).unwrap_err();
+        assert_eq!(e.seq, 2, "{e}");
+        assert!(e.message.contains("pruned") && e.message.contains("--archive"), "{e}");
+    }
+
+    #[test]
+    fn anchors_parse_as_seq_and_hash() {
+        let h = "ab".repeat(32);
+        assert_eq!(parse_anchor(&format!("12:{h}")), Ok((12, h.clone())));
+        for bad in ["12", &format!("0:{h}"), &format!("x:{h}"), "12:abc", &format!("12:{}", h.to_uppercase())]
+        {
+            assert!(parse_anchor(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn a_rehashed_record_breaks_the_next_link() {
         // Rewriting record 2 and recomputing its own hash still breaks record 3's prev.
@@ -442,7 +612,7 @@ mod tests {
     fn a_pruned_chain_verifies_from_its_base() {
         let (k, base, head) = pruned(6, 4, None);
         let v = verify_after(&base, &k, &head).unwrap();
-        assert_eq!(v, Verified { records: 4, first: 4, last: 7, base: 3 });
+        assert_eq!(v, Verified { records: 4, first: 4, last: 7, base: 3, anchors: 0 });
         // From record 1 the same records are a gap: the base is what makes them verifiable.
         let e = verify(&k, &head).unwrap_err();
         assert_eq!(e.seq, 1, "{e}");

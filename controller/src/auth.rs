@@ -65,15 +65,21 @@ impl fmt::Display for Identity {
     }
 }
 
-/// RPCs callable without a client certificate.
-pub const UNAUTHENTICATED: &[&str] = &["/ztseg.controller.v1.Enrollment/Enroll"];
-
-/// Roles allowed to call the RPC at gRPC `path`; empty for unknown paths.
+/// Roles allowed to call the RPC at gRPC `path`; empty for unknown paths. Every handler
+/// checks its caller against this table, except `Enrollment/Enroll`, which needs no
+/// certificate (the join token is the credential).
 #[must_use]
 pub fn roles_for(path: &str) -> &'static [Role] {
     use Role::{Admin, Auditor, Enforcer, Operator};
     match path.strip_prefix("/ztseg.controller.v1.") {
-        Some("Enrollment/CreateJoinToken" | "Enrollment/Revoke" | "Audit/Prune" | "Policy/Prune") => &[Admin],
+        Some(
+            "Enrollment/CreateJoinToken"
+            | "Enrollment/ListJoinTokens"
+            | "Enrollment/RevokeJoinToken"
+            | "Enrollment/Revoke"
+            | "Audit/Prune"
+            | "Policy/Prune",
+        ) => &[Admin],
         Some("Enrollment/Renew") => &[Admin, Operator, Auditor, Enforcer],
         Some("Policy/Apply" | "Policy/Rollback") => &[Admin, Operator],
         Some("Policy/Diff" | "Policy/Get" | "Policy/History" | "Distribution/ListEnforcers") => {
@@ -97,6 +103,9 @@ mod tests {
         assert!(roles_for("/ztseg.controller.v1.Nope/Nope").is_empty());
         assert_eq!(roles_for("/ztseg.controller.v1.Audit/Prune"), &[Role::Admin], "only admins prune");
         assert_eq!(roles_for("/ztseg.controller.v1.Policy/Prune"), &[Role::Admin], "only admins prune");
+        for p in ["ListJoinTokens", "RevokeJoinToken"] {
+            assert_eq!(roles_for(&format!("/ztseg.controller.v1.Enrollment/{p}")), &[Role::Admin], "{p}");
+        }
         assert!(roles_for("/other.Service/Apply").is_empty());
     }
 
@@ -110,6 +119,9 @@ mod tests {
             "Policy/Prune",
             "Distribution/Subscribe",
             "Enrollment/CreateJoinToken",
+            "Enrollment/ListJoinTokens",
+            "Enrollment/RevokeJoinToken",
+            "Enrollment/Revoke",
         ] {
             assert!(!roles_for(&format!("/ztseg.controller.v1.{p}")).contains(&Role::Controller), "{p}");
         }

@@ -1,14 +1,17 @@
-//! Bounds on what unauthenticated peers, and enforcers reporting denied flows, can make the
-//! controller do.
+//! Bounds on what unauthenticated peers, callers refused at the API, and enforcers reporting
+//! denied flows can make the controller do.
 //!
-//! Every failed TLS handshake is audited, and the audit log is append-only: without a bound,
-//! anyone who can reach the port could grow it without limit. [`RejectLimiter`] records the
-//! first `per_peer` rejections of each source address in a window in full and counts the rest;
-//! when the window ends, one summary record carries the count. Handshakes in progress are
-//! capped too ([`MAX_PENDING_HANDSHAKES`]), so slow or idle connections cannot pin tasks.
+//! Every failed TLS handshake and every refused call is audited, and the audit log is
+//! append-only: without a bound, anyone who can reach the port could grow it without limit.
+//! [`RejectLimiter`] records the first `per_peer` rejections of each key (a source address for
+//! anonymous peers, an identity for callers with a valid certificate) in a window in full and
+//! counts the rest; when the window ends, one summary record carries the count. Handshakes in
+//! progress are capped too ([`MAX_PENDING_HANDSHAKES`]), so slow or idle connections cannot
+//! pin tasks.
 
 use std::{
     collections::HashMap,
+    hash::Hash,
     net::{IpAddr, Ipv6Addr},
     time::{Duration, Instant},
 };
@@ -17,11 +20,12 @@ use std::{
 /// rejection is audited like the others).
 pub const MAX_PENDING_HANDSHAKES: usize = 512;
 
-/// Source addresses tracked at once; rejections from further addresses share one bucket
-/// (reported with the unspecified address `::`), so the table itself stays bounded.
+/// Keys (source addresses, identities) tracked at once; rejections of further keys share one
+/// bucket (reported with the unspecified address `::`, or the identity `*`), so the table
+/// itself stays bounded.
 pub const MAX_TRACKED_PEERS: usize = 4096;
 
-/// How many rejected handshakes per source address and window are audited in full.
+/// How many rejections per key and window are audited in full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RejectPolicy {
     pub per_peer: u32,
@@ -41,59 +45,31 @@ struct Window {
     suppressed: u64,
 }
 
-/// Per-source-address window counters for rejected handshakes.
+/// Per-key window counters for rejections: keyed by source address (`IpAddr`, the default)
+/// or by identity (`String`).
 #[derive(Debug)]
-pub struct RejectLimiter {
+pub struct RejectLimiter<K = IpAddr> {
     policy: RejectPolicy,
-    peers: HashMap<IpAddr, Window>,
+    peers: HashMap<K, Window>,
+    /// The bucket shared by the keys past [`MAX_TRACKED_PEERS`].
+    overflow: K,
 }
 
-/// Rejections of one source address that were counted but not recorded in full.
+/// Rejections of one key that were counted but not recorded in full.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Suppressed {
-    pub peer: IpAddr,
+pub struct Suppressed<K = IpAddr> {
+    pub peer: K,
     pub count: u64,
 }
 
-impl RejectLimiter {
+/// The overflow bucket of a limiter keyed by identity.
+pub const OTHER_IDENTITIES: &str = "*";
+
+impl RejectLimiter<IpAddr> {
+    /// A limiter keyed by source address.
     #[must_use]
     pub fn new(policy: RejectPolicy) -> Self {
-        Self { policy, peers: HashMap::new() }
-    }
-
-    /// Whether a rejection from `peer` at `now` is recorded in full (else it is counted).
-    pub fn admit(&mut self, peer: IpAddr, now: Instant) -> bool {
-        let key = if self.peers.contains_key(&peer) || self.peers.len() < MAX_TRACKED_PEERS {
-            peer
-        } else {
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-        };
-        let w = self.peers.entry(key).or_insert(Window { start: now, recorded: 0, suppressed: 0 });
-        if w.recorded < self.policy.per_peer {
-            w.recorded += 1;
-            true
-        } else {
-            w.suppressed += 1;
-            false
-        }
-    }
-
-    /// End the windows that are over at `now`: their addresses are forgotten, and those with
-    /// counted rejections are returned for one summary record each.
-    pub fn flush(&mut self, now: Instant) -> Vec<Suppressed> {
-        let window = self.policy.window;
-        let mut out = Vec::new();
-        self.peers.retain(|peer, w| {
-            if now.duration_since(w.start) < window {
-                return true;
-            }
-            if w.suppressed > 0 {
-                out.push(Suppressed { peer: *peer, count: w.suppressed });
-            }
-            false
-        });
-        out.sort_by_key(|s| s.peer);
-        out
+        Self::keyed(policy, IpAddr::V6(Ipv6Addr::UNSPECIFIED))
     }
 
     /// [`Self::flush`] as audit records: one `action` record per address with `peer`, `count`
@@ -111,6 +87,76 @@ impl RejectLimiter {
                 )
             })
             .collect()
+    }
+}
+
+impl RejectLimiter<String> {
+    /// A limiter keyed by caller identity (`role/name`).
+    #[must_use]
+    pub fn for_identities(policy: RejectPolicy) -> Self {
+        Self::keyed(policy, OTHER_IDENTITIES.to_owned())
+    }
+
+    /// [`Self::flush`] as audit records: one `api.denied.suppressed` record per identity with
+    /// `count` and `window_s`, from that identity (the shared bucket of identities past
+    /// [`MAX_TRACKED_PEERS`]: from `controller`, with `identity` `*`).
+    pub fn identity_summaries(&mut self, now: Instant) -> Vec<crate::audit::Draft> {
+        let window_s = self.policy.window.as_secs();
+        self.flush(now)
+            .into_iter()
+            .map(|s| {
+                let actor = if s.peer == OTHER_IDENTITIES { "controller" } else { s.peer.as_str() };
+                crate::audit::Draft::new(
+                    actor,
+                    "api.denied.suppressed",
+                    "denied",
+                    serde_json::json!({ "identity": s.peer, "count": s.count, "window_s": window_s }),
+                )
+            })
+            .collect()
+    }
+}
+
+impl<K: Clone + Eq + Hash + Ord> RejectLimiter<K> {
+    /// A limiter whose keys past [`MAX_TRACKED_PEERS`] share the bucket `overflow`.
+    #[must_use]
+    pub fn keyed(policy: RejectPolicy, overflow: K) -> Self {
+        Self { policy, peers: HashMap::new(), overflow }
+    }
+
+    /// Whether a rejection of `peer` at `now` is recorded in full (else it is counted).
+    pub fn admit(&mut self, peer: K, now: Instant) -> bool {
+        let key = if self.peers.contains_key(&peer) || self.peers.len() < MAX_TRACKED_PEERS {
+            peer
+        } else {
+            self.overflow.clone()
+        };
+        let w = self.peers.entry(key).or_insert(Window { start: now, recorded: 0, suppressed: 0 });
+        if w.recorded < self.policy.per_peer {
+            w.recorded += 1;
+            true
+        } else {
+            w.suppressed += 1;
+            false
+        }
+    }
+
+    /// End the windows that are over at `now`: their keys are forgotten, and those with
+    /// counted rejections are returned for one summary record each.
+    pub fn flush(&mut self, now: Instant) -> Vec<Suppressed<K>> {
+        let window = self.policy.window;
+        let mut out = Vec::new();
+        self.peers.retain(|peer, w| {
+            if now.duration_since(w.start) < window {
+                return true;
+            }
+            if w.suppressed > 0 {
+                out.push(Suppressed { peer: peer.clone(), count: w.suppressed });
+            }
+            false
+        });
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        out
     }
 }
 
@@ -225,6 +271,33 @@ mod tests {
         assert_eq!(s[0].detail, serde_json::json!({"records": 3, "packets": 12, "window_s": 10}));
         assert!(l.summaries(t0 + Duration::from_secs(11)).is_empty(), "summarised once");
         assert!(l.admit("enforcer:n1", 1, t0 + Duration::from_secs(12)), "a new window records again");
+    }
+
+    #[test]
+    fn refusals_of_identities_are_bounded_per_identity_and_summarised_from_it() {
+        let mut l =
+            RejectLimiter::for_identities(RejectPolicy { per_peer: 2, window: Duration::from_secs(10) });
+        let t0 = Instant::now();
+        let a: Vec<bool> = (0..5).map(|_| l.admit("enforcer/n1".to_owned(), t0)).collect();
+        assert_eq!(a, [true, true, false, false, false]);
+        assert!(l.admit("operator/o1".to_owned(), t0), "each identity has its own allowance");
+        assert!(l.identity_summaries(t0 + Duration::from_secs(9)).is_empty(), "window not over yet");
+        let s = l.identity_summaries(t0 + Duration::from_secs(10));
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!((s[0].actor.as_str(), s[0].action.as_str()), ("enforcer/n1", "api.denied.suppressed"));
+        assert_eq!(s[0].detail, serde_json::json!({"identity": "enforcer/n1", "count": 3, "window_s": 10}));
+        assert!(l.identity_summaries(t0 + Duration::from_secs(11)).is_empty(), "summarised once");
+        // Past the table's bound identities share one bucket, summarised by the controller.
+        for i in 0..MAX_TRACKED_PEERS {
+            l.admit(format!("enforcer/x{i}"), t0);
+        }
+        assert!(l.admit("enforcer/late".to_owned(), t0));
+        assert!(l.admit("enforcer/later".to_owned(), t0));
+        assert!(!l.admit("enforcer/latest".to_owned(), t0));
+        let s = l.identity_summaries(t0 + Duration::from_secs(10));
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].actor, "controller");
+        assert_eq!(s[0].detail["identity"], OTHER_IDENTITIES);
     }
 
     #[test]

@@ -286,14 +286,26 @@ impl Ca {
         name: &str,
         ttl: Duration,
     ) -> Result<(String, OffsetDateTime)> {
-        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
-            .map_err(|e| anyhow::anyhow!("certificate signing request rejected: {e}"))?;
+        let csr = parse_csr(csr_der)?;
         let not_before = OffsetDateTime::now_utc() - BACKDATE;
         let params = self.client_params(role, name, not_before, ttl)?;
         let not_after = params.not_after;
         let cert = params.signed_by(&csr.public_key, &self.issuer()?)?;
         Ok((cert.pem(), not_after))
     }
+}
+
+/// A PKCS#10 request (DER) whose signature verifies: the key it asks a certificate for is held
+/// by the sender. Only its public key is used.
+fn parse_csr(csr_der: &[u8]) -> Result<CertificateSigningRequestParams> {
+    CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+        .map_err(|e| anyhow::anyhow!("certificate signing request rejected: {e}"))
+}
+
+/// Check a certificate signing request as [`Ca::sign_csr`] would, without signing anything
+/// (enrollment checks it before it redeems the join token).
+pub fn check_csr(csr_der: &[u8]) -> Result<()> {
+    parse_csr(csr_der).map(drop)
 }
 
 /// Names (trust domain, identity names): lowercase letters, digits, `.` and `-`, 1..=63

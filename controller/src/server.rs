@@ -53,7 +53,8 @@ pub struct Config {
     pub name: String,
     /// SIEM sinks (`file:PATH`, `syslog:HOST:PORT`, `http://HOST:PORT/PATH`).
     pub siem: Vec<String>,
-    /// How many rejected handshakes per source address and window are audited in full.
+    /// How many rejected handshakes and refused anonymous calls per source address, and
+    /// refused calls per identity, are audited in full per window.
     pub rejected_audit: crate::limit::RejectPolicy,
     /// How many `flow.denied` records per enforcer and window are audited in full.
     pub denied_flow_audit: crate::limit::RejectPolicy,
@@ -168,23 +169,7 @@ pub async fn run_with_ca(
             }
         }));
     }
-    // Summaries of refused anonymous calls and of denied flows counted but not recorded, as
-    // their windows end.
-    {
-        let ctl = ctl.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let drafts = ctl.anonymous_summaries();
-                if !drafts.is_empty()
-                    && let Err(e) = ctl.audit(drafts).await
-                {
-                    eprintln!("{}", log_line("error", "audit append failed", &[("error", e.message())]));
-                }
-            }
-        });
-    }
+    spawn_housekeeping(&ctl);
     let (rej_tx, rej_rx) = mpsc::unbounded_channel::<(SocketAddr, String)>();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&cfg.data_dir)?));
     let listener =
@@ -250,6 +235,55 @@ pub async fn run_with_ca(
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), shutdown)
         .await?;
     Ok(())
+}
+
+/// Periodic work of a running controller: the summaries of refusals and denied flows counted
+/// but not recorded, as their windows end (every second), and, on the leader, the deletion of
+/// expired join tokens (every [`crate::service::TOKEN_SWEEP`]).
+fn spawn_housekeeping(ctl: &Arc<Ctl>) {
+    // Summaries of refused calls (anonymous, and of identities) and of denied flows counted but
+    // not recorded, as their windows end.
+    {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let drafts = ctl.suppressed_summaries();
+                if !drafts.is_empty()
+                    && let Err(e) = ctl.audit(drafts).await
+                {
+                    eprintln!("{}", log_line("error", "audit append failed", &[("error", e.message())]));
+                }
+            }
+        });
+    }
+    // Expired join tokens are deleted by the leader.
+    {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let leader = ctl.store.leadership();
+            let mut tick = tokio::time::interval(crate::service::TOKEN_SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !*leader.borrow() {
+                    continue;
+                }
+                match ctl.expire_tokens(crate::now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => eprintln!(
+                        "{}",
+                        log_line("info", "expired join tokens deleted", &[("tokens", &n.to_string())])
+                    ),
+                    Err(e) => eprintln!(
+                        "{}",
+                        log_line("error", "deleting expired join tokens failed", &[("error", e.message())])
+                    ),
+                }
+            }
+        });
+    }
 }
 
 /// Audit rejected handshakes: batched, at most `policy.per_peer` records per source address

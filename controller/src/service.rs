@@ -55,6 +55,9 @@ pub struct Ctl {
     /// Bounds audit records of refused anonymous calls (no or unusable certificate, failed
     /// enrollment) per source address; see [`crate::limit`].
     anonymous: Mutex<crate::limit::RejectLimiter>,
+    /// Bounds audit records of refused calls by callers with a valid certificate (wrong role,
+    /// revoked) per identity, with the same allowance and window.
+    refused: Mutex<crate::limit::RejectLimiter<String>>,
     /// Bounds `flow.denied` records per enforcer; see [`crate::limit::FlowLimiter`].
     denied_flows: Mutex<crate::limit::FlowLimiter>,
     /// Automatic retention: versions kept after each commit (0: all).
@@ -90,12 +93,13 @@ fn peer_addr<T>(req: &Request<T>) -> String {
 }
 
 impl Ctl {
-    /// `anonymous`: how many refused anonymous calls per source address and window are
-    /// audited in full.
+    /// `anonymous`: how many refused anonymous calls per source address and window, and how
+    /// many refused calls per authenticated identity and window, are audited in full.
     #[must_use]
     pub fn new(store: Arc<dyn Store>, ca: Ca, anonymous: crate::limit::RejectPolicy) -> Arc<Self> {
         Arc::new(Self {
             anonymous: Mutex::new(crate::limit::RejectLimiter::new(anonymous)),
+            refused: Mutex::new(crate::limit::RejectLimiter::for_identities(anonymous)),
             denied_flows: Mutex::new(crate::limit::FlowLimiter::new(crate::limit::FlowLimiter::DEFAULT)),
             keep_versions: std::sync::atomic::AtomicU64::new(0),
             rpc_calls: Mutex::new(std::collections::BTreeMap::new()),
@@ -112,7 +116,7 @@ impl Ctl {
     }
 
     /// Audit a refused anonymous call from `peer`, unless that address has used up its
-    /// allowance for the window (then it is only counted, see [`Ctl::anonymous_summaries`]).
+    /// allowance for the window (then it is only counted, see [`Ctl::suppressed_summaries`]).
     pub async fn audit_anonymous(&self, peer: &str, draft: audit::Draft) -> Result<(), Status> {
         let ip = peer
             .parse::<SocketAddr>()
@@ -128,16 +132,36 @@ impl Ctl {
         Ok(())
     }
 
-    /// One `anonymous.suppressed` record per source address whose window ended with refused
-    /// anonymous calls that were counted but not recorded, and one `flow.denied.suppressed`
-    /// record per enforcer whose window ended with denied flows counted but not recorded.
-    pub fn anonymous_summaries(&self) -> Vec<audit::Draft> {
+    /// Audit a refused call of `identity` (a valid certificate: wrong role, revoked), unless
+    /// that identity has used up its allowance for the window (then it is only counted, see
+    /// [`Ctl::suppressed_summaries`]). A revoked enforcer that keeps reconnecting thus adds a
+    /// bounded number of records per window, however often it tries.
+    pub async fn audit_refused(&self, identity: &str, draft: audit::Draft) -> Result<(), Status> {
+        let admit = self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(identity.to_owned(), std::time::Instant::now());
+        if admit {
+            self.audit(vec![draft]).await?;
+        }
+        Ok(())
+    }
+
+    /// The summaries of windows that ended with refusals or denied flows counted but not
+    /// recorded: one `anonymous.suppressed` record per source address, one
+    /// `api.denied.suppressed` record per identity, and one `flow.denied.suppressed` record per
+    /// enforcer.
+    pub fn suppressed_summaries(&self) -> Vec<audit::Draft> {
         let now = std::time::Instant::now();
         let mut out = self
             .anonymous
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .summaries("anonymous.suppressed", now);
+        out.extend(
+            self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).identity_summaries(now),
+        );
         out.extend(
             self.denied_flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner).summaries(now),
         );
@@ -200,13 +224,18 @@ impl Ctl {
         rpc: &str,
     ) -> Result<(Identity, (i64, i64)), Status> {
         let r = self.check_caller(req, rpc).await;
+        self.count_call(rpc, r.is_ok());
+        r
+    }
+
+    /// Count a call of `rpc` for the metrics: let through (`allowed`) or refused.
+    fn count_call(&self, rpc: &str, allowed: bool) {
         *self
             .rpc_calls
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry((rpc.to_owned(), r.is_ok()))
+            .entry((rpc.to_owned(), allowed))
             .or_default() += 1;
-        r
     }
 
     /// Calls by RPC and whether the caller was let through, since start.
@@ -245,7 +274,7 @@ impl Ctl {
             let recorded = if anonymous {
                 self.audit_anonymous(&addr, d).await
             } else {
-                self.audit(vec![d]).await.map(drop)
+                self.audit_refused(&d.actor.clone(), d).await
             };
             if let Err(e) = recorded {
                 eprintln!(
@@ -544,6 +573,71 @@ fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// Hex digits of a token's hash that name it (`JoinTokenInfo.id`).
+const TOKEN_ID_LEN: usize = 16;
+/// The shortest prefix of a token id `RevokeJoinToken` accepts.
+const TOKEN_ID_MIN: usize = 8;
+
+/// How a stored token is shown: its id, never its secret.
+fn token_info(hash: &str, t: &JoinToken) -> pb::JoinTokenInfo {
+    pb::JoinTokenInfo {
+        id: hash.chars().take(TOKEN_ID_LEN).collect(),
+        role: t.role.clone(),
+        name: t.name.clone(),
+        created_unix_ms: t.created_ms,
+        expires_unix_ms: t.expires_ms,
+        created_by: t.created_by.clone(),
+        cert_ttl_seconds: t.cert_ttl_s,
+    }
+}
+
+/// How often the leader deletes expired join tokens.
+pub const TOKEN_SWEEP: Duration = Duration::from_secs(5);
+
+impl Ctl {
+    /// Delete the join tokens that expired by `now_ms` (leader-only work, every
+    /// [`TOKEN_SWEEP`]), recorded in one `token.expire` audit record by `controller` naming
+    /// them. Returns how many were deleted.
+    pub async fn expire_tokens(&self, now_ms: i64) -> Result<usize, Status> {
+        let tokens = self.store.tokens().await.map_err(|e| store_status(&e))?;
+        let mut gone = Vec::new();
+        for (hash, t) in tokens.into_iter().filter(|(_, t)| t.expires_ms <= now_ms) {
+            // Taken by an enrollment meanwhile: not ours to record.
+            if self.store.take_token(hash.clone()).await.map_err(|e| store_status(&e))?.is_some() {
+                let i = token_info(&hash, &t);
+                gone.push(serde_json::json!({ "id": i.id, "role": i.role, "name": i.name, "expires_ms": i.expires_unix_ms }));
+            }
+        }
+        if !gone.is_empty() {
+            let n = gone.len();
+            self.audit(vec![audit::Draft::new(
+                "controller",
+                "token.expire",
+                "success",
+                serde_json::json!({ "tokens": gone }),
+            )])
+            .await?;
+            return Ok(n);
+        }
+        Ok(0)
+    }
+
+    /// Delete the outstanding join tokens for `id` (its revocation); returns how many.
+    async fn revoke_tokens_of(&self, id: &Identity) -> Result<u32, Status> {
+        let tokens = self.store.tokens().await.map_err(|e| store_status(&e))?;
+        let mut n = 0;
+        for (hash, t) in tokens {
+            if t.role == id.role.as_str()
+                && t.name == id.name
+                && self.store.take_token(hash).await.map_err(|e| store_status(&e))?.is_some()
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
 /// The gRPC services, all sharing one [`Ctl`].
 #[derive(Debug, Clone)]
 pub struct Services(pub Arc<Ctl>);
@@ -551,33 +645,9 @@ pub struct Services(pub Arc<Ctl>);
 #[tonic::async_trait]
 impl Enrollment for Services {
     async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
-        let addr = peer_addr(&req);
-        let r = req.into_inner();
-        let fail = |why: &str| {
-            audit::Draft::new(
-                "anonymous",
-                "enroll",
-                "failure",
-                serde_json::json!({ "peer": addr, "reason": why }),
-            )
-        };
-        let tok = self.0.store.take_token(token_hash(&r.token)).await.map_err(|e| store_status(&e))?;
-        let Some(tok) = tok.filter(|t| t.expires_ms > crate::now_ms()) else {
-            self.0.audit_anonymous(&addr, fail("unknown, used or expired join token")).await?;
-            return Err(Status::unauthenticated("join token unknown, already used or expired"));
-        };
-        let role: Role = tok.role.parse().map_err(|e| Status::internal(format!("{e}")))?;
-        let signed = self.0.ca.sign_csr(&r.csr_der, role, &tok.name, Duration::from_secs(tok.cert_ttl_s));
-        let (cert, not_after) = match signed {
-            Ok(x) => x,
-            Err(e) => {
-                self.0.audit(vec![fail(&format!("{e:#}"))]).await?;
-                return Err(Status::invalid_argument(format!("{e:#}")));
-            }
-        };
-        let id = Identity { role, name: tok.name };
-        let detail = serde_json::json!({ "peer": addr, "token_created_by": tok.created_by });
-        self.issued(&id, "enroll", detail, cert, not_after).await
+        let r = self.enroll_impl(req).await;
+        self.0.count_call("Enrollment/Enroll", r.is_ok());
+        r
     }
 
     async fn create_join_token(
@@ -602,17 +672,21 @@ impl Enrollment for Services {
             "ztseg-join-{}",
             base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, secret)
         );
-        let expires_ms = crate::now_ms() + i64::try_from(ttl * 1000).unwrap_or(i64::MAX);
+        let created_ms = crate::now_ms();
+        let expires_ms = created_ms + i64::try_from(ttl * 1000).unwrap_or(i64::MAX);
+        let hash = token_hash(&token);
+        let id: String = hash.chars().take(TOKEN_ID_LEN).collect();
         self.0
             .store
             .put_token(
-                token_hash(&token),
+                hash,
                 JoinToken {
                     role: r.role.clone(),
                     name: r.name.clone(),
                     expires_ms,
                     cert_ttl_s: cert_ttl,
                     created_by: who.to_string(),
+                    created_ms,
                 },
             )
             .await
@@ -622,10 +696,10 @@ impl Enrollment for Services {
                 who.to_string(),
                 "token.create",
                 "success",
-                serde_json::json!({ "role": r.role, "name": r.name, "expires_ms": expires_ms }),
+                serde_json::json!({ "id": id, "role": r.role, "name": r.name, "expires_ms": expires_ms }),
             )])
             .await?;
-        Ok(Response::new(pb::CreateJoinTokenResponse { token, expires_unix: expires_ms / 1000 }))
+        Ok(Response::new(pb::CreateJoinTokenResponse { token, expires_unix: expires_ms / 1000, id }))
     }
 
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
@@ -635,9 +709,136 @@ impl Enrollment for Services {
     async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Result<Response<pb::RevokeResponse>, Status> {
         self.revoke_impl(req).await
     }
+
+    async fn list_join_tokens(
+        &self,
+        req: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+        self.list_join_tokens_impl(req).await
+    }
+
+    async fn revoke_join_token(
+        &self,
+        req: Request<pb::RevokeJoinTokenRequest>,
+    ) -> Result<Response<pb::RevokeJoinTokenResponse>, Status> {
+        self.revoke_join_token_impl(req).await
+    }
 }
 
 impl Services {
+    /// Enrollment: the CSR is checked first (a malformed one leaves the token usable), then
+    /// the token redeemed (once), then refused if its identity was revoked after the token
+    /// was created.
+    async fn enroll_impl(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let addr = peer_addr(&req);
+        let r = req.into_inner();
+        let fail = |why: &str| {
+            audit::Draft::new(
+                "anonymous",
+                "enroll",
+                "failure",
+                serde_json::json!({ "peer": addr, "reason": why }),
+            )
+        };
+        if let Err(e) = crate::pki::check_csr(&r.csr_der) {
+            let msg = format!("{e:#}");
+            self.0.audit_anonymous(&addr, fail(&msg)).await?;
+            return Err(Status::invalid_argument(msg));
+        }
+        let tok = self.0.store.take_token(token_hash(&r.token)).await.map_err(|e| store_status(&e))?;
+        let Some(tok) = tok.filter(|t| t.expires_ms > crate::now_ms()) else {
+            self.0.audit_anonymous(&addr, fail("unknown, used or expired join token")).await?;
+            return Err(Status::unauthenticated("join token unknown, already used or expired"));
+        };
+        let role: Role = tok.role.parse().map_err(|e| Status::internal(format!("{e}")))?;
+        let id = Identity { role, name: tok.name.clone() };
+        // Revoke deletes the identity's outstanding tokens; this also voids one it could not
+        // see (created at the same time elsewhere, or stored without a creation time).
+        if let Some(t) = self.0.revoked_at(&id).await?
+            && tok.created_ms <= t
+        {
+            let msg = format!("the join token was created before {id} was revoked");
+            let mut d = fail(&msg);
+            d.detail["identity"] = id.to_string().into();
+            // At most once per token: it is redeemed (deleted) by now.
+            self.0.audit(vec![d]).await?;
+            return Err(Status::unauthenticated(msg));
+        }
+        let signed = self.0.ca.sign_csr(&r.csr_der, role, &tok.name, Duration::from_secs(tok.cert_ttl_s));
+        let (cert, not_after) = match signed {
+            Ok(x) => x,
+            Err(e) => {
+                self.0.audit(vec![fail(&format!("{e:#}"))]).await?;
+                return Err(Status::internal(format!("{e:#}")));
+            }
+        };
+        let detail = serde_json::json!({ "peer": addr, "token_created_by": tok.created_by });
+        self.issued(&id, "enroll", detail, cert, not_after).await
+    }
+
+    async fn list_join_tokens_impl(
+        &self,
+        req: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+        self.0.authorize(&req, "Enrollment/ListJoinTokens").await?;
+        let mut tokens: Vec<pb::JoinTokenInfo> = self
+            .0
+            .store
+            .tokens()
+            .await
+            .map_err(|e| store_status(&e))?
+            .iter()
+            .map(|(h, t)| token_info(h, t))
+            .collect();
+        tokens.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+        Ok(Response::new(pb::ListJoinTokensResponse { tokens }))
+    }
+
+    async fn revoke_join_token_impl(
+        &self,
+        req: Request<pb::RevokeJoinTokenRequest>,
+    ) -> Result<Response<pb::RevokeJoinTokenResponse>, Status> {
+        let who = self.0.authorize(&req, "Enrollment/RevokeJoinToken").await?;
+        let id = req.into_inner().id;
+        if id.len() < TOKEN_ID_MIN
+            || id.len() > 64
+            || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(Status::invalid_argument(format!(
+                "id: a token id from ListJoinTokens (at least {TOKEN_ID_MIN} lowercase hex digits), got {id:?}"
+            )));
+        }
+        let tokens = self.0.store.tokens().await.map_err(|e| store_status(&e))?;
+        let matching: Vec<&(String, JoinToken)> = tokens.iter().filter(|(h, _)| h.starts_with(&id)).collect();
+        let (hash, _) = match matching.as_slice() {
+            [] => return Err(Status::not_found(format!("no outstanding join token {id}"))),
+            [one] => *one,
+            more => {
+                return Err(Status::invalid_argument(format!(
+                    "id {id} names {} tokens: give more digits",
+                    more.len()
+                )));
+            }
+        };
+        // Redeemed or expired meanwhile: gone either way, but not by this call.
+        let Some(tok) = self.0.store.take_token(hash.clone()).await.map_err(|e| store_status(&e))? else {
+            return Err(Status::not_found(format!("no outstanding join token {id}")));
+        };
+        let info = token_info(hash, &tok);
+        self.0
+            .audit(vec![audit::Draft::new(
+                who.to_string(),
+                "token.revoke",
+                "success",
+                serde_json::json!({ "id": info.id, "role": info.role, "name": info.name }),
+            )])
+            .await?;
+        Ok(Response::new(pb::RevokeJoinTokenResponse { token: Some(info) }))
+    }
+
     async fn renew_impl(
         &self,
         req: Request<pb::RenewRequest>,
@@ -683,15 +884,20 @@ impl Services {
         let now = crate::now_ms();
         self.0.store.put_meta(revocation_key(&id), now.to_string()).await.map_err(|e| store_status(&e))?;
         self.0.revocations.send_modify(|n| *n += 1);
+        // After the revocation is stored: a token created from now on is the admin's new
+        // decision, one created before is deleted here or refused at enrollment.
+        let tokens_revoked = self.0.revoke_tokens_of(&id).await?;
         self.0
             .audit(vec![audit::Draft::new(
                 who.to_string(),
                 "identity.revoke",
                 "success",
-                serde_json::json!({ "identity": id.to_string(), "revoked_at_ms": now }),
+                serde_json::json!({
+                    "identity": id.to_string(), "revoked_at_ms": now, "tokens_revoked": tokens_revoked,
+                }),
             )])
             .await?;
-        Ok(Response::new(pb::RevokeResponse { revoked_at_unix_ms: now }))
+        Ok(Response::new(pb::RevokeResponse { revoked_at_unix_ms: now, tokens_revoked }))
     }
 }
 
@@ -898,20 +1104,17 @@ impl Distribution for Services {
             let drafts: Vec<audit::Draft> = admitted
                 .into_iter()
                 .map(|d| {
-                    let mut dr = audit::Draft::new(
-                        who.to_string(),
-                        "flow.denied",
-                        "denied",
-                        serde_json::json!({
-                            "workload": d.workload, "peer": d.peer, "tenant": d.tenant,
-                            "direction": d.direction, "src": d.src, "dst": d.dst, "dport": d.dport,
-                            "protocol": d.protocol, "reason": d.reason, "count": d.count,
-                        }),
-                    );
+                    // The record's time is the controller's (when it was told); what the
+                    // enforcer says about when it first saw the flow is its claim, kept apart.
+                    let mut detail = serde_json::json!({
+                        "workload": d.workload, "peer": d.peer, "tenant": d.tenant,
+                        "direction": d.direction, "src": d.src, "dst": d.dst, "dport": d.dport,
+                        "protocol": d.protocol, "reason": d.reason, "count": d.count,
+                    });
                     if d.time_unix_ms > 0 {
-                        dr.time_ms = d.time_unix_ms;
+                        detail["first_seen_ms"] = d.time_unix_ms.into();
                     }
-                    dr
+                    audit::Draft::new(who.to_string(), "flow.denied", "denied", detail)
                 })
                 .collect();
             if !drafts.is_empty() {
@@ -950,8 +1153,17 @@ impl Distribution for Services {
 pub async fn verify_chain(
     store: &dyn Store,
 ) -> Result<Result<audit::Verified, audit::BadRecord>, StoreError> {
+    verify_chain_anchored(store, Vec::new()).await
+}
+
+/// [`verify_chain`], also requiring the chain to hold each anchor (sequence, hash): see
+/// [`audit::Verifier::anchored`].
+pub async fn verify_chain_anchored(
+    store: &dyn Store,
+    anchors: Vec<(u64, String)>,
+) -> Result<Result<audit::Verified, audit::BadRecord>, StoreError> {
     let base = store.audit_base().await?;
-    let mut v = audit::Verifier::after(base.as_ref());
+    let mut v = audit::Verifier::after(base.as_ref()).anchored(anchors);
     let mut from = v.next();
     loop {
         let page = store.audit_records(from, 1000).await?;
@@ -976,6 +1188,7 @@ pub fn verify_response(r: &Result<audit::Verified, audit::BadRecord>) -> pb::Aud
             records: v.records,
             first_seq: v.first,
             last_seq: v.last,
+            anchors: v.anchors,
             ..Default::default()
         },
         Err(b) => {
@@ -1009,7 +1222,13 @@ impl Audit for Services {
         req: Request<pb::AuditVerifyRequest>,
     ) -> Result<Response<pb::AuditVerifyResponse>, Status> {
         self.0.authorize(&req, "Audit/Verify").await?;
-        let r = verify_chain(self.0.store.as_ref()).await.map_err(|e| store_status(&e))?;
+        let anchors = req
+            .into_inner()
+            .anchors
+            .into_iter()
+            .map(|a| audit::parse_anchor(&format!("{}:{}", a.seq, a.hash)).map_err(Status::invalid_argument))
+            .collect::<Result<Vec<_>, _>>()?;
+        let r = verify_chain_anchored(self.0.store.as_ref(), anchors).await.map_err(|e| store_status(&e))?;
         Ok(Response::new(verify_response(&r)))
     }
 

@@ -95,9 +95,12 @@ fn class_of(action: &str) -> (u32, &'static str, u32, &'static str, u32, &'stati
             (3002, "Authentication", 3, "Identity & Access Management", 1, "Logon")
         }
         "identity.revoke" => (3001, "Account Change", 3, "Identity & Access Management", 5, "Disable"),
-        "api.denied" => (6003, "API Activity", 6, "Application Activity", 0, "Unknown"),
+        "api.denied" | "api.denied.suppressed" => {
+            (6003, "API Activity", 6, "Application Activity", 0, "Unknown")
+        }
         "policy.apply" | "policy.rollback" => (6003, "API Activity", 6, "Application Activity", 3, "Update"),
         "token.create" => (6003, "API Activity", 6, "Application Activity", 1, "Create"),
+        "token.revoke" | "token.expire" => (6003, "API Activity", 6, "Application Activity", 4, "Delete"),
         _ => (6003, "API Activity", 6, "Application Activity", 99, "Other"),
     }
 }
@@ -143,6 +146,10 @@ pub fn ocsf(r: &Record) -> Value {
         v["dst_endpoint"] = json!({ "ip": d["dst"], "port": d["dport"], "name": d["peer"] });
         v["connection_info"] = json!({ "protocol_name": d["protocol"], "direction": d["direction"] });
         v["count"] = d["count"].clone();
+        if let Some(t) = d["first_seen_ms"].as_i64() {
+            // When the reporting enforcer says it first saw the flow (`time` is the controller's).
+            v["start_time"] = t.into();
+        }
     }
     if r.action == "flow.denied.suppressed" {
         // Denied flows of one enforcer counted but not recorded one by one: their packets.
@@ -152,9 +159,13 @@ pub fn ocsf(r: &Record) -> Value {
         v["disposition_id"] = 2.into();
         v["count"] = r.detail["packets"].clone();
     }
-    if r.action == "api.denied" || r.action == "tls.rejected" {
+    if r.action == "api.denied" {
         v["src_endpoint"] = json!({ "ip": r.detail["peer"] });
         v["api"] = json!({ "operation": r.detail["rpc"] });
+    }
+    if r.action == "tls.rejected" {
+        // A failed handshake never reached an RPC: the peer only.
+        v["src_endpoint"] = json!({ "ip": r.detail["peer"] });
     }
     v
 }
@@ -352,5 +363,38 @@ mod tests {
         assert_eq!(v["metadata"]["sequence"], 7);
         assert_eq!(v["actor"]["user"]["type"], "enforcer");
         assert_eq!(v["status"], "Failure");
+        assert!(v.get("start_time").is_none(), "no first-seen time reported: {v}");
+        let mut d = d;
+        d.detail["first_seen_ms"] = 1_700_000_000_000_i64.into();
+        let (bytes, _) = crate::audit::seal(&d, 8, crate::audit::GENESIS);
+        let v = ocsf(&serde_json::from_slice(&bytes).unwrap());
+        assert_eq!(v["start_time"], 1_700_000_000_000_i64, "{v}");
+        assert_eq!(v["time"], d.time_ms, "the record's time stays the controller's: {v}");
+    }
+
+    /// Refused calls name their RPC and peer; failed handshakes, which never reached an RPC,
+    /// name only the peer (no `api` object).
+    #[test]
+    fn refusals_map_rpc_and_peer() {
+        let seal = |action: &str, detail: serde_json::Value| {
+            let d = crate::audit::Draft::new("anonymous", action, "denied", detail);
+            ocsf(&serde_json::from_slice(&crate::audit::seal(&d, 1, crate::audit::GENESIS).0).unwrap())
+        };
+        let v = seal(
+            "api.denied",
+            json!({"rpc": "/ztseg.controller.v1.Audit/List", "peer": "192.0.2.1:5000", "reason": "x"}),
+        );
+        assert_eq!(v["api"]["operation"], "/ztseg.controller.v1.Audit/List", "{v}");
+        assert_eq!(v["src_endpoint"]["ip"], "192.0.2.1:5000", "{v}");
+        let v = seal("tls.rejected", json!({"peer": "192.0.2.1:5001", "reason": "UnknownIssuer"}));
+        assert!(v.get("api").is_none(), "{v}");
+        assert_eq!(v["src_endpoint"]["ip"], "192.0.2.1:5001", "{v}");
+        assert_eq!(v["class_uid"], 3002, "{v}");
+        let v = seal("token.revoke", json!({"id": "0123456789abcdef", "role": "enforcer", "name": "n1"}));
+        assert_eq!(
+            (v["class_uid"].as_u64(), v["activity_name"].as_str()),
+            (Some(6003), Some("Delete")),
+            "{v}"
+        );
     }
 }

@@ -26,12 +26,12 @@ use serde_json::Value;
 use tonic::{Code, transport::Channel};
 use ztseg_api::controller::{
     self as pb, audit_client::AuditClient, distribution_client::DistributionClient,
-    policy_client::PolicyClient,
+    enrollment_client::EnrollmentClient, policy_client::PolicyClient,
 };
 use ztseg_controller::{
     auth::Role,
     pki::{Ca, ClientFiles},
-    store::embedded::{AUDIT, META},
+    store::embedded::{AUDIT, META, TOKENS},
 };
 use ztseg_integration::unique;
 
@@ -274,6 +274,23 @@ impl Controller {
     /// The CLI as the admin identity made by `controller init`.
     fn cli(&self, args: &[&str]) -> Out {
         self.spawn_cli(args).wait(Duration::from_mins(1)).0
+    }
+
+    /// `ztseg enroll` with `token` (trusting this controller's CA), writing the identity `stem`
+    /// to `dir`.
+    fn enroll(&self, token: &str, dir: &Path, stem: &str) -> Out {
+        let ca = self.data.join("ca.pem");
+        self.cli(&[
+            "enroll",
+            "--ca",
+            path_str(&ca),
+            "--token",
+            token,
+            "--out",
+            path_str(dir),
+            "--identity",
+            stem,
+        ])
     }
 
     /// Every audit record, parsed (`ztseg audit list` as admin).
@@ -564,20 +581,9 @@ fn refused_anonymous_calls_are_audited_up_to_a_bound_per_peer() {
         let e = call(&c.addr, &c.anonymous(), policy_get).expect_err("anonymous Policy/Get");
         assert_eq!(e.code, Some(Code::Unauthenticated), "{e:?}");
     }
-    let ca = c.data.join("ca.pem");
     let dir = c.root.join("nobody");
     for _ in 0..2 {
-        let out = c.cli(&[
-            "enroll",
-            "--ca",
-            path_str(&ca),
-            "--token",
-            "ztseg-join-guess",
-            "--out",
-            path_str(&dir),
-            "--identity",
-            "x",
-        ]);
+        let out = c.enroll("ztseg-join-guess", &dir, "x");
         assert!(!out.ok(), "a guessed token enrolled: {out}");
     }
     let summary = c.wait_audit("anonymous.suppressed", |r| r["action"] == "anonymous.suppressed");
@@ -591,6 +597,67 @@ fn refused_anonymous_calls_are_audited_up_to_a_bound_per_peer() {
     call(&c.addr, &c.anonymous(), policy_get).expect_err("anonymous Policy/Get");
     c.wait_audit("api.denied in a new window", |r| {
         r["action"] == "api.denied" && r["seq"].as_u64().unwrap_or(0) > summary["seq"].as_u64().unwrap_or(0)
+    });
+}
+
+/// Refused calls of callers with a valid certificate — a role that may not call the RPC, a
+/// revoked identity that keeps trying — are audited in full up to the allowance of a window
+/// per identity (the first one at once); the rest are counted into one `api.denied.suppressed`
+/// record from that identity when the window ends. Each identity has its own allowance.
+#[test]
+fn refused_calls_of_identities_are_audited_up_to_a_bound_per_identity() {
+    // A window long enough for every call below to fall into the first one.
+    let c = Controller::started_with(
+        "idlimit",
+        &["--audit-rejected-per-peer", "3", "--audit-rejected-window", "8"],
+    );
+    let operator = c.identity(Role::Operator, "op-flood");
+    let gone = c.identity(Role::Enforcer, "gone");
+    let out = c.cli(&["controller", "revoke", "--role", "enforcer", "--name", "gone"]);
+    assert!(out.ok(), "revoke: {out}");
+    let report = || {
+        call(&c.addr, &gone, |ch| async move {
+            DistributionClient::new(ch).report(pb::ReportRequest::default()).await
+        })
+    };
+    // The first refusal of an identity is recorded at once.
+    let e = call(&c.addr, &operator, audit_list).expect_err("operator Audit/List");
+    assert_eq!(e.code, Some(Code::PermissionDenied), "{e:?}");
+    c.wait_audit("the first refusal of operator/op-flood", |r| {
+        is(r, "api.denied", "operator/op-flood", "Audit/List")
+    });
+    for _ in 0..5 {
+        let e = call(&c.addr, &operator, audit_list).expect_err("operator Audit/List");
+        assert_eq!(e.code, Some(Code::PermissionDenied), "{e:?}");
+    }
+    for _ in 0..7 {
+        let e = report().expect_err("a revoked enforcer's Distribution/Report");
+        assert_eq!(e.code, Some(Code::Unauthenticated), "{e:?}");
+    }
+    let summary = |who: &str| {
+        c.wait_audit(&format!("api.denied.suppressed of {who}"), |r| {
+            r["action"] == "api.denied.suppressed" && r["actor"] == who
+        })
+    };
+    let op = summary("operator/op-flood");
+    let en = summary("enforcer/gone");
+    let recs = c.audit();
+    let full = |who: &str| recs.iter().filter(|r| r["action"] == "api.denied" && r["actor"] == who).count();
+    assert_eq!(full("operator/op-flood"), 3, "{recs:#?}");
+    assert_eq!(full("enforcer/gone"), 3, "{recs:#?}");
+    assert_eq!(op["detail"]["count"], 3, "{op}");
+    assert_eq!(en["detail"]["count"], 4, "{en}");
+    assert_eq!(en["detail"]["identity"], "enforcer/gone", "{en}");
+    assert_eq!(en["detail"]["window_s"], 8, "{en}");
+    assert_eq!(en["outcome"], "denied", "{en}");
+    // Summarised once; a new window records in full again.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(count(&c.audit(), "api.denied.suppressed"), 2);
+    report().expect_err("a revoked enforcer's Distribution/Report");
+    c.wait_audit("api.denied in a new window", |r| {
+        r["action"] == "api.denied"
+            && r["actor"] == "enforcer/gone"
+            && r["seq"].as_u64().unwrap_or(0) > en["seq"].as_u64().unwrap_or(0)
     });
 }
 
@@ -643,6 +710,49 @@ fn denied_flows_are_audited_up_to_a_bound_per_enforcer() {
     assert_eq!(summary["detail"]["window_s"], 2, "{summary}");
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(count(&c.audit(), "flow.denied.suppressed"), 1, "summarised once");
+}
+
+/// A `flow.denied` record carries the controller's time, so an enforcer's clock (or its lie)
+/// cannot place it elsewhere in the log's timeline; when the enforcer says it first saw the
+/// flow is kept apart as `detail.first_seen_ms`, and the record names the reporting enforcer.
+#[test]
+fn denied_flow_records_carry_the_controllers_time() {
+    let c = Controller::started("flowtime");
+    let n1 = c.identity(Role::Enforcer, "n1");
+    let flow = |dport: u32, time_unix_ms: i64| pb::DeniedFlow {
+        time_unix_ms,
+        workload: "prod/b".into(),
+        peer: "world".into(),
+        direction: "ingress".into(),
+        src: "192.0.2.7".into(),
+        dst: "10.0.0.2".into(),
+        dport,
+        protocol: "TCP".into(),
+        reason: "drop_default".into(),
+        count: 1,
+        ..Default::default()
+    };
+    let before = ztseg_controller::now_ms();
+    call(&c.addr, &n1, |ch| async move {
+        let denied = vec![flow(1, 1_000), flow(2, 0)];
+        DistributionClient::new(ch).report(pb::ReportRequest { denied, ..Default::default() }).await
+    })
+    .expect("enforcer Distribution/Report");
+    let after = ztseg_controller::now_ms();
+    let recs = c.audit();
+    let denied: Vec<&Value> = recs.iter().filter(|r| r["action"] == "flow.denied").collect();
+    assert_eq!(denied.len(), 2, "{recs:#?}");
+    for r in &denied {
+        let t = r["time_ms"].as_i64().unwrap();
+        assert!(
+            (before..=after).contains(&t),
+            "record time {t} not the controller's ({before}..{after}): {r}"
+        );
+        assert_eq!(r["actor"], "enforcer/n1", "{r}");
+    }
+    assert_eq!(denied[0]["detail"]["dport"], 1);
+    assert_eq!(denied[0]["detail"]["first_seen_ms"], 1_000, "{}", denied[0]);
+    assert!(denied[1]["detail"].get("first_seen_ms").is_none(), "{}", denied[1]);
 }
 
 /// (c) A certificate from the right CA outside its validity period (expired, and not yet
@@ -721,6 +831,130 @@ fn mtls_wrong_role_is_permission_denied_and_audited() {
     assert_eq!(h.len(), 1, "{h:?}");
     assert_eq!(h[0].actor, "operator/op-1");
     assert_eq!(count(&c.audit(), "api.denied"), 5, "allowed calls are not recorded as denied");
+}
+
+/// Who may call each controller RPC, as documented (docs/api.md, docs/controller.md): the
+/// roles, or `None` for `Enrollment/Enroll`, which anyone may call (the token is the
+/// credential). Kept here, apart from `auth.rs`, so that the test checks the table rather
+/// than repeating it.
+const WHO_MAY_CALL: &[(&str, Option<&[&str]>)] = &[
+    ("Enrollment/Enroll", None),
+    ("Enrollment/CreateJoinToken", Some(&["admin"])),
+    ("Enrollment/Renew", Some(&["admin", "operator", "auditor", "enforcer"])),
+    ("Enrollment/Revoke", Some(&["admin"])),
+    ("Enrollment/ListJoinTokens", Some(&["admin"])),
+    ("Enrollment/RevokeJoinToken", Some(&["admin"])),
+    ("Policy/Apply", Some(&["admin", "operator"])),
+    ("Policy/Diff", Some(&["admin", "operator", "auditor"])),
+    ("Policy/Get", Some(&["admin", "operator", "auditor"])),
+    ("Policy/History", Some(&["admin", "operator", "auditor"])),
+    ("Policy/Rollback", Some(&["admin", "operator"])),
+    ("Policy/Prune", Some(&["admin"])),
+    ("Distribution/Subscribe", Some(&["enforcer"])),
+    ("Distribution/Report", Some(&["enforcer"])),
+    ("Distribution/ListEnforcers", Some(&["admin", "operator", "auditor"])),
+    ("Audit/List", Some(&["admin", "auditor"])),
+    ("Audit/Verify", Some(&["admin", "auditor"])),
+    ("Audit/Prune", Some(&["admin"])),
+];
+
+/// `Service/Method` of every RPC in the controller's .proto files.
+fn proto_rpcs() -> Vec<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../api/proto");
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        let text = fs::read_to_string(&path).unwrap();
+        if !text.contains("package ztseg.controller.v1;") {
+            continue;
+        }
+        let mut service = None;
+        for line in text.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("service ") {
+                service = rest.split_whitespace().next().map(str::to_owned);
+            } else if let Some(rest) = line.strip_prefix("rpc ") {
+                let method = rest.split('(').next().unwrap().trim();
+                out.push(format!("{}/{method}", service.as_deref().expect("rpc outside a service")));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Call `rpc` with an empty request (valid protobuf for any message) as whoever `ch` is, and
+/// return how the controller answered: the status of a refused call, `Ok` otherwise (a
+/// stream is dropped once it started).
+async fn call_raw(ch: Channel, rpc: &str) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(format!("{RPC_PREFIX}{rpc}")).unwrap();
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    grpc.server_streaming(tonic::Request::new(()), path, codec).await.map(drop)
+}
+
+/// Every RPC of the controller's .proto files, called by each role (admin, operator, auditor,
+/// enforcer, the controller's own role) and without a certificate, against a live controller:
+/// each caller is let through exactly where the documented table says so and refused
+/// everywhere else — a handler that forgets its role check, or a new RPC missing from the
+/// table, fails here.
+#[test]
+fn every_rpc_admits_exactly_the_documented_roles() {
+    let c = Controller::started("matrix");
+    let mut table: Vec<String> = WHO_MAY_CALL.iter().map(|(r, _)| (*r).to_owned()).collect();
+    table.sort();
+    assert_eq!(proto_rpcs(), table, "the .proto files and this test's table name different RPCs");
+    let callers: Vec<(&str, ClientFiles)> = vec![
+        ("admin", c.admin_files()),
+        ("operator", c.identity(Role::Operator, "m-op")),
+        ("auditor", c.identity(Role::Auditor, "m-aud")),
+        ("enforcer", c.identity(Role::Enforcer, "m-enf")),
+        ("controller", c.identity(Role::Controller, "m-ctl")),
+        ("anonymous", c.anonymous()),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut wrong = Vec::new();
+    for (who, files) in &callers {
+        let ch = rt.block_on(ztseg_controller::server::connect(&c.addr, files)).expect("connect");
+        for (rpc, roles) in WHO_MAY_CALL {
+            let r = rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(20), call_raw(ch.clone(), rpc)).await
+            });
+            let r = r.unwrap_or_else(|_| panic!("{who} {rpc}: no answer in 20 s"));
+            let may = roles.is_none_or(|roles| roles.contains(who));
+            let refused = match &r {
+                Err(s) if s.code() == Code::PermissionDenied => {
+                    assert!(
+                        s.message().contains(&format!("role {who} may not call {rpc}")),
+                        "{who} {rpc}: {s:?}"
+                    );
+                    true
+                }
+                Err(s) if s.code() == Code::Unauthenticated => {
+                    assert_eq!(*who, "anonymous", "{who} {rpc}: {s:?}");
+                    assert!(s.message().contains("a client certificate is required"), "{who} {rpc}: {s:?}");
+                    true
+                }
+                _ => false,
+            };
+            let answer =
+                r.as_ref().map_or_else(|s| format!("{:?}: {}", s.code(), s.message()), |()| "Ok".into());
+            eprintln!("{who:>10} {rpc:<28} {answer}");
+            if refused == may {
+                wrong
+                    .push(format!("{who} {rpc}: {} ({answer})", if may { "refused" } else { "let through" }));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "callers answered against the documented table:\n{}", wrong.join("\n"));
+    // Each refusal of a caller with a certificate is an api.denied record naming it and the RPC.
+    let recs = c.audit();
+    for (who, name) in [("operator", "m-op"), ("enforcer", "m-enf")] {
+        let actor = format!("{who}/{name}");
+        let first =
+            WHO_MAY_CALL.iter().find(|(_, roles)| roles.is_some_and(|r| !r.contains(&who))).unwrap().0;
+        assert!(recs.iter().any(|r| is(r, "api.denied", &actor, first)), "no api.denied of {actor} {first}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1033,6 +1267,67 @@ fn audit_tampering_is_detected_and_named() {
     assert!(out.stderr.contains(&format!("audit record {n}: missing")), "must name record {n}: {out}");
 }
 
+/// Cut the newest records off the audit log in the store file and rewrite its head to the
+/// last one kept: what someone who can write the store can do without breaking the chain.
+fn cut_log(data: &Path, keep: u64) {
+    let last: Value = serde_json::from_slice(&record_bytes(data, keep)).unwrap();
+    let db = redb::Database::open(redb_path(data)).unwrap();
+    let tx = db.begin_write().unwrap();
+    tx.open_table(AUDIT).unwrap().retain(|k, _| k <= keep).unwrap();
+    let head = serde_json::json!({ "seq": keep, "hash": last["hash"] }).to_string();
+    tx.open_table(META).unwrap().insert("audit_head", head.as_str()).unwrap();
+    tx.commit().unwrap();
+}
+
+/// A log whose newest records were cut off and whose head was rewritten to match verifies on
+/// its own; an anchor taken from the SIEM export (a record's sequence and hash) catches it, and
+/// `verify` names the missing record — offline, and through a controller on that store.
+#[test]
+fn an_anchor_from_the_siem_export_catches_a_cut_off_log() {
+    let mut c = Controller::init("anchor");
+    let sink = c.root.join("siem.jsonl");
+    c.siem = Some(sink.clone());
+    c.start();
+    for name in ["a1", "a2", "a3", "a4"] {
+        let out = c.cli(&["controller", "token", "--role", "enforcer", "--name", name]);
+        assert!(out.ok(), "{out}");
+    }
+    // The newest record as the SIEM export carries it: metadata.sequence and unmapped.hash.
+    let t0 = Instant::now();
+    let line = loop {
+        let text = fs::read_to_string(&sink).unwrap_or_default();
+        if let Some(v) = text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).next_back()
+            && v["metadata"]["sequence"] == 4
+        {
+            break v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "record 4 not exported:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let anchor = format!("{}:{}", line["metadata"]["sequence"], line["unmapped"]["hash"].as_str().unwrap());
+    let out = c.cli(&["audit", "verify", "--anchor", &anchor]);
+    assert!(out.ok() && out.stdout.contains("1 anchors found in the chain"), "{out}");
+
+    c.stop();
+    cut_log(&c.data, 2);
+    let out = verify_offline(&c, &c.data);
+    assert!(out.ok(), "without an anchor the shortened log verifies (the limit anchors address): {out}");
+    let out = c.cli(&["audit", "verify", "--data-dir", path_str(&c.data), "--anchor", &anchor]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("audit record 4: missing") && out.stderr.contains("cut off"), "{out}");
+    c.start();
+    let out = c.cli(&["audit", "verify", "--anchor", &anchor]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("audit record 4: missing"), "{out}");
+    // A wrong hash for a record that is there is named too; a malformed anchor is refused.
+    let wrong = format!("2:{}", "0".repeat(64));
+    let out = c.cli(&["audit", "verify", "--anchor", &wrong]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("audit record 2: its hash"), "{out}");
+    let out = c.cli(&["audit", "verify", "--anchor", "4"]);
+    assert!(!out.ok() && out.stderr.contains("SEQ:HASH"), "{out}");
+}
+
 /// GET `path` from `addr`: (status code, body).
 fn http_get(addr: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("metrics at {addr}: {e}"));
@@ -1067,6 +1362,13 @@ fn controller_metrics_follow_policy_enforcers_and_refusals() {
     report(&c.identity(Role::Enforcer, "n2"), 0);
     let operator = c.identity(Role::Operator, "op-m");
     call(&c.addr, &operator, audit_list).expect_err("operator Audit/List");
+    // Enrollment is counted too: one refused (a guessed token), one let through.
+    let enroll = |tok: &str| c.enroll(tok, &c.root.join(unique("enroll-")), "m");
+    assert!(!enroll("ztseg-join-guess").ok());
+    let tok = c.cli(&["controller", "token", "--role", "enforcer", "--name", "n3"]);
+    assert!(tok.ok(), "{tok}");
+    let out = enroll(tok.stdout.trim());
+    assert!(out.ok(), "{out}");
     let (status, body) = http_get(&addr, "/metrics");
     assert_eq!(status, 200, "{body}");
     for line in [
@@ -1080,6 +1382,8 @@ fn controller_metrics_follow_policy_enforcers_and_refusals() {
         "ztseg_controller_enforcer_policy_version{enforcer=\"n2\"} 0",
         "ztseg_controller_rpc_requests_total{rpc=\"Audit/List\",outcome=\"denied\"} 1",
         "ztseg_controller_rpc_requests_total{rpc=\"Distribution/Report\",outcome=\"allowed\"} 2",
+        "ztseg_controller_rpc_requests_total{rpc=\"Enrollment/Enroll\",outcome=\"allowed\"} 1",
+        "ztseg_controller_rpc_requests_total{rpc=\"Enrollment/Enroll\",outcome=\"denied\"} 1",
         "ztseg_controller_subscriptions 0",
     ] {
         assert!(body.lines().any(|l| l == line), "missing {line:?} in:\n{body}");
@@ -1376,17 +1680,8 @@ fn set_base(data: &Path, seq: u64, hash: &str) {
 #[test]
 fn enrollment_tokens_are_single_use_and_carry_the_role() {
     let c = Controller::started("enroll");
-    let ca = c.data.join("ca.pem");
-    let token = |role: &str, name: &str, ttl: &str| {
-        let out = c.cli(&["controller", "token", "--role", role, "--name", name, "--ttl", ttl]);
-        assert!(out.ok(), "token: {out}");
-        let t = out.stdout.trim().to_owned();
-        assert!(t.starts_with("ztseg-join-"), "{out}");
-        t
-    };
-    let enroll = |tok: &str, dir: &Path, stem: &str| {
-        c.cli(&["enroll", "--ca", path_str(&ca), "--token", tok, "--out", path_str(dir), "--identity", stem])
-    };
+    let token = |role: &str, name: &str, ttl: &str| new_token(&c, role, name, ttl).0;
+    let enroll = |tok: &str, dir: &Path, stem: &str| c.enroll(tok, dir, stem);
 
     let t = token("enforcer", "host-a", "1h");
     let host_dir = c.root.join("host-a");
@@ -1441,6 +1736,148 @@ fn enrollment_tokens_are_single_use_and_carry_the_role() {
     let h = c.history();
     assert_eq!(h.len(), 1);
     assert_eq!(h[0].actor, "operator/op-a");
+}
+
+/// The CSR is checked before the join token is redeemed: a malformed request is refused as
+/// `INVALID_ARGUMENT` and leaves the token usable; the token then enrolls.
+#[test]
+fn a_malformed_csr_does_not_use_up_the_join_token() {
+    let c = Controller::started("badcsr");
+    let (token, _) = new_token(&c, "enforcer", "host-c", "1h");
+    for csr_der in [Vec::new(), b"not a certificate request".to_vec()] {
+        let token = token.clone();
+        let e = call(&c.addr, &c.anonymous(), |ch| async move {
+            EnrollmentClient::new(ch).enroll(pb::EnrollRequest { token, csr_der }).await
+        })
+        .expect_err("a malformed CSR was signed");
+        assert_eq!(e.code, Some(Code::InvalidArgument), "{e:?}");
+        assert!(e.message.contains("certificate signing request rejected"), "{e:?}");
+    }
+    let out = c.enroll(&token, &c.root.join("host-c"), "host-c");
+    assert!(out.ok(), "the token was used up by the malformed requests: {out}");
+    let recs = c.audit();
+    let enrolls: Vec<&Value> = recs.iter().filter(|r| r["action"] == "enroll").collect();
+    assert_eq!(enrolls.len(), 3, "{enrolls:#?}");
+    assert!(enrolls[..2].iter().all(|r| r["outcome"] == "failure"), "{enrolls:#?}");
+    assert_eq!(enrolls[2]["actor"], "enforcer/host-c", "{enrolls:#?}");
+}
+
+/// `controller token` prints the token (stdout) and its id (stderr).
+fn new_token(c: &Controller, role: &str, name: &str, ttl: &str) -> (String, String) {
+    let out = c.cli(&["controller", "token", "--role", role, "--name", name, "--ttl", ttl]);
+    assert!(out.ok(), "token: {out}");
+    let token = out.stdout.trim().to_owned();
+    assert!(token.starts_with("ztseg-join-"), "{out}");
+    let id = out
+        .stderr
+        .strip_prefix("join token ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no token id: {out}"))
+        .to_owned();
+    (token, id)
+}
+
+/// `controller tokens -o json`: the outstanding tokens.
+fn list_tokens(c: &Controller) -> Vec<Value> {
+    let out = c.cli(&["-o", "json", "controller", "tokens"]);
+    assert!(out.ok(), "tokens: {out}");
+    assert!(!out.stdout.contains("ztseg-join-"), "a token secret was listed: {out}");
+    serde_json::from_str::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+}
+
+/// Join tokens are listed (id, role, name, times, creator; never the secret) and revocable one
+/// by one; revoking an identity deletes its outstanding tokens, and a token created before a
+/// revocation that the revocation could not delete (one stored by an older controller) is
+/// refused at enrollment; a token created afterwards enrolls the identity again. Expired
+/// tokens are deleted by the controller, and that is audited.
+#[test]
+fn join_tokens_are_listed_revocable_and_die_with_their_identity() {
+    let mut c = Controller::started("tokens");
+    let enroll = |c: &Controller, tok: &str, stem: &str| c.enroll(tok, &c.root.join(unique("enroll-")), stem);
+    let (t1, id1) = new_token(&c, "enforcer", "node1", "1h");
+    let (t2, id2) = new_token(&c, "enforcer", "node2", "1h");
+    let (_, id3) = new_token(&c, "operator", "brief", "2s");
+    let listed = list_tokens(&c);
+    let ids: Vec<&str> = listed.iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [id1.as_str(), id2.as_str(), id3.as_str()], "{listed:#?}");
+    assert!(id1.len() == 16 && id1.bytes().all(|b| b.is_ascii_hexdigit()), "{id1}");
+    let hash1 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(t1.as_bytes()));
+    assert!(hash1.starts_with(&id1), "the id is the start of the token's SHA-256");
+    assert_eq!(
+        (&listed[0]["role"], &listed[0]["name"], &listed[0]["created_by"]),
+        (&Value::from("enforcer"), &Value::from("node1"), &Value::from("admin/admin")),
+        "{listed:#?}"
+    );
+    assert!(!listed[0]["created"].as_str().unwrap().is_empty(), "{listed:#?}");
+
+    // Revoking node1 deletes its token: it no longer enrolls.
+    let out = c.cli(&["controller", "revoke", "--role", "enforcer", "--name", "node1"]);
+    assert!(out.ok() && out.stdout.contains("1 outstanding join tokens deleted"), "{out}");
+    let out = enroll(&c, &t1, "node1");
+    assert!(
+        !out.ok() && out.stderr.contains("enrollment refused"),
+        "a revoked identity's token enrolled: {out}"
+    );
+    assert!(!list_tokens(&c).iter().any(|t| t["id"] == id1.as_str()));
+    let rec = c.wait_audit("identity.revoke of node1", |r| r["action"] == "identity.revoke");
+    assert_eq!(rec["detail"]["tokens_revoked"], 1, "{rec}");
+
+    // One token revoked by (a prefix of) its id.
+    let out = c.cli(&["controller", "revoke-token", &id2[..8]]);
+    assert!(
+        out.ok() && out.stdout.contains(&format!("revoked join token {id2} for enforcer/node2")),
+        "{out}"
+    );
+    let out = enroll(&c, &t2, "node2");
+    assert!(!out.ok() && out.stderr.contains("enrollment refused"), "a revoked token enrolled: {out}");
+    let out = c.cli(&["controller", "revoke-token", &id2]);
+    assert!(!out.ok() && out.stderr.contains("NotFound"), "{out}");
+    let out = c.cli(&["controller", "revoke-token", "abc"]);
+    assert!(!out.ok() && out.stderr.contains("InvalidArgument"), "{out}");
+    let rec = c.wait_audit("token.revoke", |r| r["action"] == "token.revoke");
+    assert_eq!(
+        (&rec["actor"], &rec["detail"]["id"]),
+        (&Value::from("admin/admin"), &Value::from(id2.as_str()))
+    );
+
+    // Expired tokens are deleted by the controller (audited), not left lying around.
+    let t0 = Instant::now();
+    while list_tokens(&c).iter().any(|t| t["id"] == id3.as_str()) {
+        assert!(t0.elapsed() < Duration::from_secs(15), "the expired token is still listed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rec = c.wait_audit("token.expire", |r| r["action"] == "token.expire");
+    assert_eq!(rec["actor"], "controller", "{rec}");
+    assert_eq!(rec["detail"]["tokens"][0]["id"], id3.as_str(), "{rec}");
+
+    // A token stored before its identity was revoked that Revoke could not delete (stored by
+    // a controller that recorded no creation time, or created elsewhere at that moment):
+    // refused at enrollment, and used up.
+    c.stop();
+    let secret = "ztseg-join-stored-by-an-older-controller";
+    {
+        let db = redb::Database::open(redb_path(&c.data)).unwrap();
+        let tx = db.begin_write().unwrap();
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(secret.as_bytes()));
+        let old = serde_json::json!({
+            "role": "enforcer", "name": "node1", "expires_ms": ztseg_controller::now_ms() + 3_600_000,
+            "cert_ttl_s": 3600, "created_by": "admin/admin",
+        });
+        tx.open_table(TOKENS).unwrap().insert(hash.as_str(), old.to_string().as_bytes()).unwrap();
+        tx.commit().unwrap();
+    }
+    c.start();
+    let out = enroll(&c, secret, "node1");
+    assert!(
+        !out.ok() && out.stderr.contains("created before enforcer/node1 was revoked"),
+        "a token older than the revocation enrolled: {out}"
+    );
+    assert!(list_tokens(&c).is_empty(), "{:#?}", list_tokens(&c));
+
+    // A token created after the revocation lifts it for new certificates.
+    let (t4, _) = new_token(&c, "enforcer", "node1", "1h");
+    let out = enroll(&c, &t4, "node1");
+    assert!(out.ok(), "a token created after the revocation: {out}");
 }
 
 /// Renewal gives the caller a new certificate for the same identity and lifetime (new key);
@@ -1514,18 +1951,7 @@ fn renewal_keeps_the_identity_and_revocation_cuts_it_off() {
     let tok = c.cli(&["controller", "token", "--role", "enforcer", "--name", "host-r"]);
     assert!(tok.ok(), "{tok}");
     let dir = c.root.join("host-r-again");
-    let ca = c.data.join("ca.pem");
-    let out = c.cli(&[
-        "enroll",
-        "--ca",
-        path_str(&ca),
-        "--token",
-        tok.stdout.trim(),
-        "--out",
-        path_str(&dir),
-        "--identity",
-        "host-r",
-    ]);
+    let out = c.enroll(tok.stdout.trim(), &dir, "host-r");
     assert!(out.ok(), "{out}");
     assert!(
         call(&c.addr, &ClientFiles::in_dir(&dir, "host-r"), |ch| async move {
@@ -1736,17 +2162,7 @@ fn an_encrypted_ca_key_needs_its_passphrase() {
     c.start();
     let out = c.cli(&["controller", "token", "--role", "enforcer", "--name", "host-e", "--ttl", "1h"]);
     assert!(out.ok(), "token: {out}");
-    let out = c.cli(&[
-        "enroll",
-        "--ca",
-        path_str(&c.data.join("ca.pem")),
-        "--token",
-        out.stdout.trim(),
-        "--out",
-        path_str(&c.root.join("host-e")),
-        "--identity",
-        "host-e",
-    ]);
+    let out = c.enroll(out.stdout.trim(), &c.root.join("host-e"), "host-e");
     assert!(out.ok() && out.stdout.contains("enrolled as spiffe://ztseg.local/enforcer/host-e"), "{out}");
     assert!(!c.log().contains("unencrypted"), "{}", c.log());
 }

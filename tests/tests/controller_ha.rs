@@ -299,19 +299,49 @@ fn policy_dir(dir: &Path, docs: &[(&str, &str)]) -> PathBuf {
 
 /// Index of the etcd member that is the raft leader (`etcdctl endpoint status`), if etcdctl
 /// can tell.
-fn raft_leader(etcd: &EtcdCluster) -> Option<usize> {
+fn raft_leader(etcd: &EtcdCluster) -> Result<usize, String> {
     let etcdctl = etcd_cluster::etcd_binary().with_file_name("etcdctl");
     let etcdctl = if etcdctl.exists() { etcdctl } else { PathBuf::from("etcdctl") };
-    let out = Command::new(etcdctl)
+    let out = Command::new(&etcdctl)
         .env("ETCDCTL_API", "3")
         .args(["--endpoints", &etcd.endpoints().join(","), "endpoint", "status", "-w", "json"])
         .output()
-        .ok()?;
-    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-    let leader = v.as_array()?.iter().find(|s| {
-        s["Status"]["leader"].as_u64().is_some_and(|l| Some(l) == s["Status"]["header"]["member_id"].as_u64())
-    })?;
-    etcd.members.iter().position(|m| leader["Endpoint"].as_str() == Some(m.client_url.as_str()))
+        .map_err(|e| format!("running {}: {e}", etcdctl.display()))?;
+    let said = || {
+        format!(
+            "etcdctl said: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}; {}", said()))?;
+    let leader = v
+        .as_array()
+        .and_then(|a| {
+            a.iter().find(|s| {
+                s["Status"]["leader"]
+                    .as_u64()
+                    .is_some_and(|l| Some(l) == s["Status"]["header"]["member_id"].as_u64())
+            })
+        })
+        .ok_or_else(|| format!("no member reports itself as the leader; {}", said()))?;
+    etcd.members
+        .iter()
+        .position(|m| leader["Endpoint"].as_str() == Some(m.client_url.as_str()))
+        .ok_or_else(|| format!("the leader's endpoint is no member's; {}", said()))
+}
+
+/// The member that is the raft leader: etcdctl is asked again (an election may be under way)
+/// for up to `limit`, and the test fails if it never names one.
+fn wait_raft_leader(etcd: &EtcdCluster, limit: Duration) -> usize {
+    let t0 = Instant::now();
+    loop {
+        match raft_leader(etcd) {
+            Ok(i) => return i,
+            Err(e) => assert!(t0.elapsed() < limit, "no raft leader found in {limit:?}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 #[test]
@@ -431,10 +461,7 @@ fn two_controllers_survive_losing_an_etcd_member_and_a_controller() {
     }
 
     // Kill -9 the etcd raft leader and the leading controller.
-    let member = raft_leader(&etcd.0).unwrap_or_else(|| {
-        eprintln!("etcdctl could not name the raft leader; killing member 0");
-        0
-    });
+    let member = wait_raft_leader(&etcd.0, Duration::from_secs(15));
     let survivor = 1 - leader;
     let killed_ms = now_ms();
     let kill_time = Instant::now();

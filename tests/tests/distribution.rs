@@ -121,12 +121,46 @@ impl Drop for Lab {
     }
 }
 
+/// The lab's state file (`ztseg lab up` writes it).
+fn lab_state() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(format!("/run/ztseg/lab/{NAME}.json")).unwrap()).unwrap()
+}
+
 /// Network namespace of pod `i` (file order) of the lab.
 fn pod_netns(i: usize) -> String {
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("/run/ztseg/lab/{NAME}.json")).unwrap())
-            .unwrap();
-    state["pods"][i]["netns"].as_str().unwrap().to_owned()
+    lab_state()["pods"][i]["netns"].as_str().unwrap().to_owned()
+}
+
+/// IPv4 address of pod `i` (file order) of the lab.
+fn pod_ip(i: usize) -> String {
+    lab_state()["pods"][i]["ipv4"].as_str().unwrap().to_owned()
+}
+
+/// The enforcer metrics of host `i` (file order): its daemon serves them on 127.0.0.1:9464
+/// inside the host's namespace. Metric name (with labels) → value.
+fn host_metrics(i: usize) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read as _, Write as _};
+    let ns = lab_state()["hosts"][i]["netns"].as_str().unwrap().to_owned();
+    let text = ztseg::lab::in_netns(&ns, || {
+        let mut c = std::net::TcpStream::connect("127.0.0.1:9464")?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut s = String::new();
+        c.read_to_string(&mut s)?;
+        Ok(s)
+    })
+    .unwrap_or_else(|e| panic!("scraping host {i}'s metrics: {e:#}"));
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        .collect()
+}
+
+/// Whether `metrics` has `name` with `value` (a missing metric is a mismatch).
+fn metric_is(metrics: &std::collections::BTreeMap<String, f64>, name: &str, value: f64) -> bool {
+    #[expect(clippy::float_cmp, reason = "gauges of small integers, exactly representable")]
+    metrics.get(name).is_some_and(|v| *v == value)
 }
 
 /// A TCP connection from namespace `ns` that got the server's greeting byte.
@@ -171,29 +205,8 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
         assert_eq!(version(&s), 1, "{s}");
         assert_eq!(s["policy_stale"], "false", "{s}");
     }
-    let probe_started = std::time::SystemTime::now();
+    denied_attempt_reaches_the_siem_sink_within_5s();
     assert_eq!(lab.reachable(), Vec::<String>::new());
-    // The denied probes reach the controller's SIEM sink (as OCSF network activity) within 5 s.
-    let probed = Instant::now();
-    let since_ms =
-        i64::try_from(probe_started.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap();
-    let siem = format!("/run/ztseg/lab/{NAME}/siem.jsonl");
-    let found = loop {
-        let text = std::fs::read_to_string(&siem).unwrap_or_default();
-        let hit = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| {
-            v["class_uid"] == 4001
-                && v["disposition"] == "Blocked"
-                && v["dst_endpoint"]["port"] == 80
-                && v["time"].as_i64().is_some_and(|t| t >= since_ms - 1000)
-        });
-        if let Some(v) = hit {
-            break v;
-        }
-        assert!(probed.elapsed() < Duration::from_secs(5), "no denied flow in {siem} within 5 s:\n{text}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    eprintln!("denied flow in the SIEM sink {:?} after the probe: {found}", probed.elapsed());
-    assert!(found["actor"]["user"]["type"] == "enforcer", "{found}");
 
     // Version 2: ingress from a. Every host enforces it (ingress is decided at b's and c's hosts).
     lab.set_allow(&["a"]);
@@ -207,6 +220,12 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     assert!(ok, "{err}");
     let took = Lab::wait("h3", "stale", |s| s["policy_stale"] == "true");
     eprintln!("h3 noticed the lost controller after {took:?}");
+    let m = host_metrics(2);
+    assert!(
+        metric_is(&m, "ztseg_policy_stale", 1.0) && metric_is(&m, "ztseg_controller_connected", 0.0),
+        "h3's metrics while it is cut off: {m:?}"
+    );
+    assert!(metric_is(&m, "ztseg_controller_policy_version", 2.0), "{m:?}");
     // A flow only this moment has: x/b -> x/c on port 81, which h3 denies while cut off; then
     // h3's enforcer restarts (SIGTERM) while still cut off, and denies x/b -> x/c:82; then it
     // is killed (SIGKILL) 1.5 s later — its checkpoint keeps :82 — and denies :83.
@@ -263,11 +282,89 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     let took = Lab::wait("h3", "version 4", |s| version(s) == 4 && s["policy_stale"] == "false");
     eprintln!("h3 converged {took:?} after reconnecting");
     assert_eq!(lab.reachable(), vec!["x/b->x/a", "x/b->x/c"]);
-    // It resumed with a delta from its own version, not from scratch.
+    // It resumed from its own version with a delta (2 -> 4), not a snapshot: the restarted
+    // daemon's first update since it started.
     let log = std::fs::read_to_string(format!("/run/ztseg/lab/{NAME}/h3.log")).unwrap();
     assert!(log.contains("\"from_version\":\"2\""), "h3 did not resume from version 2:\n{log}");
+    let m = host_metrics(2);
+    assert!(
+        metric_is(&m, "ztseg_policy_stale", 0.0) && metric_is(&m, "ztseg_controller_connected", 1.0),
+        "h3's metrics after it rejoined: {m:?}"
+    );
+    assert!(metric_is(&m, "ztseg_controller_policy_version", 4.0), "{m:?}");
+    assert!(
+        metric_is(&m, "ztseg_controller_last_update_snapshot", 0.0)
+            && metric_is(&m, "ztseg_controller_last_update_base_version", 2.0),
+        "h3's update after rejoining was not a delta from version 2: {m:?}"
+    );
     // What h3 denied while it was cut off reached the controller's audit log after all.
     wait_for_isolated_denials();
+
+    revoked_host_backs_off("h2", 1);
+}
+
+/// One denied connection attempt, x/a -> x/b:80 (h2 denies it at b's ingress): the record of
+/// that very flow reaches the controller's SIEM sink (as OCSF network activity) within 5 s of
+/// the attempt.
+fn denied_attempt_reaches_the_siem_sink_within_5s() {
+    let (a_ip, b_ip) = (pod_ip(0), pod_ip(1));
+    let attempt_ms = ztseg_controller::now_ms();
+    let attempted = Instant::now();
+    assert!(
+        connect_from(&pod_netns(0), &format!("{b_ip}:80")).is_none(),
+        "x/a -> x/b:80 denied by version 1"
+    );
+    let siem = format!("/run/ztseg/lab/{NAME}/siem.jsonl");
+    let found = loop {
+        let text = std::fs::read_to_string(&siem).unwrap_or_default();
+        let hit = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| {
+            v["class_uid"] == 4001
+                && v["disposition"] == "Blocked"
+                && v["actor"]["user"]["uid"] == "enforcer/h2"
+                && v["src_endpoint"]["ip"] == a_ip.as_str()
+                && v["dst_endpoint"]["ip"] == b_ip.as_str()
+                && v["dst_endpoint"]["port"] == 80
+                && v["time"].as_i64().is_some_and(|t| t >= attempt_ms)
+        });
+        if let Some(v) = hit {
+            break v;
+        }
+        assert!(
+            attempted.elapsed() < Duration::from_secs(5),
+            "no record of the denied x/a -> x/b:80 in {siem} within 5 s of the attempt:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("denied flow in the SIEM sink {:?} after the attempt: {found}", attempted.elapsed());
+}
+
+/// Revoking host `host`'s (index `i`) identity ends its session: it shows why in its status
+/// and asks again ever more slowly (5 s, then 10 s, ... up to a minute), not every 2 s.
+fn revoked_host_backs_off(host: &str, i: usize) {
+    let ctl = lab_state()["controller"].clone();
+    let admin = format!("{}/admin", ctl["data_dir"].as_str().unwrap());
+    let out = Command::new("ip")
+        .args(["netns", "exec", ctl["netns"].as_str().unwrap(), env!("CARGO_BIN_EXE_ztseg-t")])
+        .args(["controller", "revoke", "--role", "enforcer", "--name", host, "--controller"])
+        .arg(ctl["endpoint"].as_str().unwrap())
+        .args(["--identity-dir", &admin, "--identity", "admin"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "revoke {host}: {}", String::from_utf8_lossy(&out.stderr));
+    let took = Lab::wait(host, "refused as revoked", |s| {
+        s["policy_stale"] == "true"
+            && s["controller_error"].as_str().is_some_and(|e| e.contains("revoked"))
+            && s["controller_retry_ms"]
+                .as_str()
+                .and_then(|m| m.parse::<u64>().ok())
+                .is_some_and(|m| m >= 5000)
+    });
+    eprintln!("{host} noticed its revocation after {took:?}: {}", Lab::status(host));
+    Lab::wait(host, "a longer wait after the next refusal", |s| {
+        s["controller_retry_ms"].as_str().and_then(|m| m.parse::<u64>().ok()).is_some_and(|m| m >= 10_000)
+    });
+    let m = host_metrics(i);
+    assert!(metric_is(&m, "ztseg_controller_connected", 0.0), "{m:?}");
 }
 
 /// Wait (10 s at most) for the flows h3 denied while isolated — x/b -> x/c:81 before its

@@ -191,6 +191,8 @@ impl enforcer_server::Enforcer for Api {
             event_burst: events.map_or(0, |l| l.burst),
             event_rate_limit_total: events.map_or(0, |l| l.total_per_cpu_per_sec),
             event_burst_total: events.map_or(0, |l| l.total_burst),
+            controller_error: e.controller_error.clone().unwrap_or_default(),
+            controller_retry_ms: u64::try_from(e.controller_retry.as_millis()).unwrap_or(u64::MAX),
         };
         drop(e);
         self.timed("Status", t, Ok(r))

@@ -87,6 +87,12 @@ pub struct Engine {
     /// Controller session state (controller mode).
     pub controller_connected: bool,
     pub controller_last_contact: Option<std::time::Instant>,
+    /// Why the last controller session ended or was refused (`None` while connected), and
+    /// the wait before the next attempt.
+    pub controller_error: Option<String>,
+    pub controller_retry: std::time::Duration,
+    /// The last update received from the controller since start: (snapshot, base version).
+    pub controller_last_update: Option<(bool, u64)>,
     /// Called after each step of a policy change (`admin-deny`, `tenant`, `admin`) with the
     /// data plane as it is at that moment: a way to observe the transition (tests, tracing).
     pub after_step: Option<StepObserver>,
@@ -120,6 +126,50 @@ fn proto_number(p: &str) -> Result<u8> {
     })
 }
 
+/// File in the state directory holding the controller policy last enforced.
+const CONTROLLER_POLICY_FILE: &str = "controller-policy.json";
+
+/// Write the controller policy durably: a temporary file, fsynced, renamed over the old one,
+/// and the directory fsynced — after a crash or power loss the file holds the old version or
+/// the new one, whole.
+fn save_controller_policy(state_dir: &Path, policy: &ControllerPolicy) -> Result<()> {
+    use std::io::Write as _;
+    let p = state_dir.join(CONTROLLER_POLICY_FILE);
+    let tmp = p.with_extension("tmp");
+    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&serde_json::to_vec(policy)?)?;
+    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))?;
+    crate::archive::sync_dir(&p)
+}
+
+/// The controller policy a previous run persisted; none (version 0: the controller sends a
+/// snapshot) if there is no file. A file that cannot be read is logged, never passed over
+/// silently.
+fn load_controller_policy(state_dir: &Path) -> ControllerPolicy {
+    let p = state_dir.join(CONTROLLER_POLICY_FILE);
+    let bytes = match std::fs::read(&p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return ControllerPolicy::default(),
+        Err(e) => {
+            log::error(
+                "cannot read the persisted controller policy; starting from version 0 (the controller sends a snapshot)",
+                &[("file", &p.display().to_string()), ("error", &e.to_string())],
+            );
+            return ControllerPolicy::default();
+        }
+    };
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        log::error(
+            "the persisted controller policy is unreadable; starting from version 0 (the controller sends a snapshot)",
+            &[("file", &p.display().to_string()), ("error", &e.to_string())],
+        );
+        ControllerPolicy::default()
+    })
+}
+
 impl Engine {
     /// Open the data plane (reusing pinned state). Attaching happens in [`Self::try_attach`],
     /// which the daemon retries until every local workload's interface exists.
@@ -149,10 +199,7 @@ impl Engine {
         let identities = workloads.iter().map(|w| identity_of(&w.id())).collect();
         let tenants = workloads.iter().map(|w| tenant_of(w.tenant.as_deref())).collect();
         let own = Self::load_ownership(&cfg.state_dir, &dp);
-        let controller: ControllerPolicy = std::fs::read(cfg.state_dir.join("controller-policy.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let controller = load_controller_policy(&cfg.state_dir);
         Ok(Self {
             cfg,
             dp,
@@ -172,6 +219,9 @@ impl Engine {
             controller,
             controller_connected: false,
             controller_last_contact: None,
+            controller_error: None,
+            controller_retry: std::time::Duration::ZERO,
+            controller_last_update: None,
             after_step: None,
         })
     }
@@ -523,8 +573,9 @@ impl Engine {
         }
     }
 
-    /// Enforce controller policy `version` (complete document set). It is persisted first,
-    /// so a restart resumes from it; on error the previous version stays in force.
+    /// Enforce controller policy `version` (complete document set). Once it is in force it is
+    /// persisted, so a restart resumes from it; on error the previous version stays in force
+    /// (and persisted). Before attaching it is only persisted, and applied right after.
     pub fn apply_controller(
         &mut self,
         version: u64,
@@ -558,12 +609,7 @@ impl Engine {
     }
 
     fn save_controller_policy(&self) -> Result<()> {
-        let p = self.cfg.state_dir.join("controller-policy.json");
-        let tmp = p.with_extension("tmp");
-        std::fs::create_dir_all(&self.cfg.state_dir)?;
-        std::fs::write(&tmp, serde_json::to_vec(&self.controller)?)?;
-        std::fs::rename(&tmp, &p)?;
-        Ok(())
+        save_controller_policy(&self.cfg.state_dir, &self.controller)
     }
 
     fn apply_steps(
@@ -828,5 +874,39 @@ impl Engine {
     #[must_use]
     pub fn ready(&self) -> bool {
         self.attached && self.policy_loaded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The persisted controller policy round-trips; a replaced one leaves no temporary file; a
+    /// missing or damaged one (e.g. cut short by a power loss before this was fsynced) means
+    /// version 0, so the controller sends a snapshot.
+    #[test]
+    fn the_controller_policy_is_persisted_whole_or_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("ztseg-ctl-policy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(load_controller_policy(&dir).version, 0, "nothing persisted yet");
+        let mut p = ControllerPolicy {
+            version: 3,
+            history: "h".into(),
+            documents: BTreeMap::from([("a.yaml".to_owned(), "x".to_owned())]),
+        };
+        save_controller_policy(&dir, &p).unwrap();
+        p.version = 4;
+        save_controller_policy(&dir, &p).unwrap();
+        let back = load_controller_policy(&dir);
+        assert_eq!((back.version, back.history.as_str(), back.documents.len()), (4, "h", 1));
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(files, [CONTROLLER_POLICY_FILE], "no temporary file left behind");
+        let file = dir.join(CONTROLLER_POLICY_FILE);
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+        assert_eq!(load_controller_policy(&dir).version, 0, "a damaged file is not trusted");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(load_controller_policy(&dir).version, 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

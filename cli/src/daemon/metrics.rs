@@ -164,6 +164,20 @@ impl Metrics {
             );
             let _ = writeln!(out, "# TYPE ztseg_policy_stale gauge");
             let _ = writeln!(out, "ztseg_policy_stale {}", u8::from(engine.policy_stale()));
+            if let Some((snapshot, base)) = engine.controller_last_update {
+                let _ = writeln!(
+                    out,
+                    "# HELP ztseg_controller_last_update_snapshot 1 if the last policy update from the controller was a full snapshot, 0 if a delta."
+                );
+                let _ = writeln!(out, "# TYPE ztseg_controller_last_update_snapshot gauge");
+                let _ = writeln!(out, "ztseg_controller_last_update_snapshot {}", u8::from(snapshot));
+                let _ = writeln!(
+                    out,
+                    "# HELP ztseg_controller_last_update_base_version Version the last delta from the controller applied to (0 for a snapshot)."
+                );
+                let _ = writeln!(out, "# TYPE ztseg_controller_last_update_base_version gauge");
+                let _ = writeln!(out, "ztseg_controller_last_update_base_version {base}");
+            }
         }
         let _ = writeln!(out, "# HELP ztseg_policy_load_errors_total Policy loads rejected.");
         let _ = writeln!(out, "# TYPE ztseg_policy_load_errors_total counter");

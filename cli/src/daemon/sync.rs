@@ -208,7 +208,7 @@ pub async fn run(
         &cfg.identity_dir,
         cfg.identity.as_deref().unwrap_or(&node),
     );
-    let mut backoff = Duration::from_millis(200);
+    let mut wait = Duration::ZERO;
     tokio::spawn(pending.clone().checkpoints());
     // Denied flows are folded by their own task, so those seen while the controller is
     // unreachable (between sessions, or while a connection attempt hangs) are kept too.
@@ -243,19 +243,76 @@ pub async fn run(
     }
     loop {
         let started = Instant::now();
-        match session(&cfg, &files, &engine, &pending).await {
-            Ok(()) => {}
-            Err(e) => log::error(
+        let ended = session(&cfg, &files, &engine, &pending).await;
+        let refused = ended.as_ref().is_err_and(|e| e.downcast_ref::<Refused>().is_some());
+        wait = next_wait(wait, started.elapsed(), refused);
+        {
+            let mut e = lock(&engine);
+            e.controller_connected = false;
+            e.controller_error = ended.as_ref().err().map(|e| format!("{e:#}"));
+            e.controller_retry = wait;
+        }
+        if let Err(e) = ended {
+            log::error(
                 "controller session ended; the last-known policy stays in force",
-                &[("endpoint", &cfg.endpoint), ("error", &format!("{e:#}"))],
-            ),
+                &[
+                    ("endpoint", &cfg.endpoint),
+                    ("error", &format!("{e:#}")),
+                    ("retry_ms", &wait.as_millis().to_string()),
+                ],
+            );
         }
-        lock(&engine).controller_connected = false;
-        if started.elapsed() > Duration::from_secs(10) {
-            backoff = Duration::from_millis(200);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// A call the controller refused because of who this enforcer is — its certificate revoked,
+/// or an identity that may not subscribe — rather than because it could not answer: trying
+/// again soon will not change the answer.
+#[derive(Debug)]
+pub struct Refused {
+    what: &'static str,
+    code: tonic::Code,
+    message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} refused by the controller ({:?}): {}", self.what, self.code, self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The error of a failed controller call: [`Refused`] for `UNAUTHENTICATED` and
+/// `PERMISSION_DENIED`, which name the caller, not the controller's state.
+fn call_error(what: &'static str, s: &tonic::Status) -> anyhow::Error {
+    match s.code() {
+        code @ (tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => {
+            anyhow::Error::new(Refused { what, code, message: s.message().to_owned() })
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        code => anyhow::anyhow!("{what} failed ({code:?}): {}", s.message()),
+    }
+}
+
+/// First wait before reconnecting after a failed session, doubled up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// First wait after a refusal ([`Refused`]), doubled up to [`REFUSED_RETRY_MAX`]: a revoked
+/// enforcer asks again at most once a minute instead of every 2 s.
+const REFUSED_RETRY_FIRST: Duration = Duration::from_secs(5);
+const REFUSED_RETRY_MAX: Duration = Duration::from_mins(1);
+
+/// The wait before the next session, after one that lasted `lasted` and ended (refused or
+/// not) when the wait before it was `previous`.
+fn next_wait(previous: Duration, lasted: Duration, refused: bool) -> Duration {
+    if refused {
+        (previous * 2).clamp(REFUSED_RETRY_FIRST, REFUSED_RETRY_MAX)
+    } else if lasted > Duration::from_secs(10) {
+        // A session that held for a while: the next failure starts the backoff over.
+        RETRY_FIRST
+    } else {
+        (previous * 2).clamp(RETRY_FIRST, RETRY_MAX)
     }
 }
 
@@ -430,12 +487,14 @@ async fn session(
     let mut stream = client
         .subscribe(pb::SubscribeRequest { from_version: from, history })
         .await
-        .map_err(|s| anyhow::anyhow!("subscribe refused ({:?}): {}", s.code(), s.message()))?
+        .map_err(|s| call_error("subscribe", &s))?
         .into_inner();
     {
         let mut e = lock(engine);
         e.controller_connected = true;
         e.controller_last_contact = Some(Instant::now());
+        e.controller_error = None;
+        e.controller_retry = Duration::ZERO;
     }
     log::info("controller connected", &[("endpoint", &cfg.endpoint), ("from_version", &from.to_string())]);
     report(&mut client, engine, Vec::new()).await?;
@@ -445,7 +504,7 @@ async fn session(
     loop {
         tokio::select! {
             msg = stream.message() => {
-                let u = msg.map_err(|s| anyhow::anyhow!("policy stream: {}", s.message()))?
+                let u = msg.map_err(|s| call_error("policy stream", &s))?
                     .context("the controller closed the policy stream")?;
                 apply_update(engine, u).await?;
                 report(&mut client, engine, Vec::new()).await?;
@@ -489,7 +548,7 @@ async fn report(
     client
         .report(pb::ReportRequest { enforced_version, policy_error, denied })
         .await
-        .map_err(|s| anyhow::anyhow!("report refused ({:?}): {}", s.code(), s.message()))?;
+        .map_err(|s| call_error("report", &s))?;
     lock(engine).controller_last_contact = Some(Instant::now());
     Ok(())
 }
@@ -519,6 +578,7 @@ async fn apply_update(engine: &Arc<Mutex<Engine>>, u: pb::PolicyUpdate) -> Resul
             }
             docs
         };
+        e.controller_last_update = Some((u.snapshot, u.base_version));
         match e.apply_controller(u.version, u.history, docs) {
             Ok(()) => Ok(()),
             // A version that cannot be enforced is reported (status and controller); the
@@ -602,6 +662,41 @@ mod tests {
         }
         let taken: u64 = first.iter().map(|f| u64::from(f.count)).sum();
         assert_eq!(left + taken, u64::from(total) + 2);
+    }
+
+    /// Failures back off from 200 ms to 2 s and start over after a session that held; refusals
+    /// (revoked, wrong role) back off from 5 s to a minute, whatever came before.
+    #[test]
+    fn refusals_back_off_to_a_minute_and_failures_to_two_seconds() {
+        let ms = Duration::from_millis;
+        let short = ms(50);
+        let mut w = Duration::ZERO;
+        let mut failures = Vec::new();
+        for _ in 0..6 {
+            w = next_wait(w, short, false);
+            failures.push(w);
+        }
+        assert_eq!(failures, [ms(200), ms(400), ms(800), ms(1600), ms(2000), ms(2000)]);
+        assert_eq!(next_wait(w, Duration::from_secs(11), false), ms(200), "a session that held");
+        let mut refusals = Vec::new();
+        for _ in 0..6 {
+            w = next_wait(w, short, true);
+            refusals.push(w.as_secs());
+        }
+        assert_eq!(refusals, [5, 10, 20, 40, 60, 60]);
+        assert_eq!(next_wait(w, Duration::from_secs(11), true), Duration::from_mins(1), "still refused");
+        assert_eq!(next_wait(Duration::ZERO, short, true), Duration::from_secs(5));
+        // A refusal is told apart from a controller that cannot answer.
+        for (status, refused) in [
+            (tonic::Status::unauthenticated("the certificate of enforcer/n1 was revoked"), true),
+            (tonic::Status::permission_denied("role operator may not call Distribution/Subscribe"), true),
+            (tonic::Status::unavailable("store down"), false),
+            (tonic::Status::internal("bug"), false),
+        ] {
+            let e = call_error("subscribe", &status);
+            assert_eq!(e.downcast_ref::<Refused>().is_some(), refused, "{status:?}");
+            assert!(format!("{e:#}").contains(status.message()), "{e:#}");
+        }
     }
 
     fn scratch(name: &str) -> PathBuf {

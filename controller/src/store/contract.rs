@@ -55,17 +55,27 @@ pub async fn run(s: &dyn Store) {
         Err(bad) => panic!("audit chain broken: {bad}"),
     }
 
-    // Tokens are redeemable once.
+    // Tokens are listed and redeemable once.
     let tok = JoinToken {
         role: "enforcer".into(),
         name: "h".into(),
         expires_ms: 0,
         cert_ttl_s: 1,
         created_by: "x".into(),
+        created_ms: 7,
     };
+    let other = JoinToken { name: "g".into(), ..tok.clone() };
+    assert!(s.tokens().await.unwrap().is_empty());
     s.put_token("h1".into(), tok.clone()).await.unwrap();
+    s.put_token("h2".into(), other.clone()).await.unwrap();
+    let mut listed = s.tokens().await.unwrap();
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(listed, vec![("h1".to_owned(), tok.clone()), ("h2".to_owned(), other.clone())]);
     assert_eq!(s.take_token("h1".into()).await.unwrap(), Some(tok));
     assert_eq!(s.take_token("h1".into()).await.unwrap(), None);
+    assert_eq!(s.tokens().await.unwrap(), vec![("h2".to_owned(), other.clone())]);
+    assert_eq!(s.take_token("h2".into()).await.unwrap(), Some(other));
+    assert!(s.tokens().await.unwrap().is_empty());
 
     // Named values and enforcers.
     assert_eq!(s.get_meta("cursor".into()).await.unwrap(), None);
@@ -147,7 +157,7 @@ pub async fn prune(s: &dyn Store) {
     assert_eq!(p.detail["last_hash"], h3);
     assert_eq!(s.audit_head().await.unwrap(), audit::Head { seq: 6, hash: p.hash.clone() });
     assert_eq!(s.audit_base().await.unwrap(), Some(audit::Head { seq: 3, hash: h3.clone() }));
-    assert_eq!(verified(s).await, audit::Verified { records: 3, first: 4, last: 6, base: 3 });
+    assert_eq!(verified(s).await, audit::Verified { records: 3, first: 4, last: 6, base: 3, anchors: 0 });
 
     // Appends continue on the chain; an already pruned range cannot be pruned again.
     assert_eq!(s.append_audit(vec![draft()]).await.unwrap(), 7);
@@ -161,7 +171,7 @@ pub async fn prune(s: &dyn Store) {
     assert_eq!(s.audit_records(1, 100).await.unwrap().iter().map(|r| r.0).collect::<Vec<_>>(), vec![7, 8]);
     assert_eq!(s.audit_base().await.unwrap(), Some(audit::Head { seq: 6, hash: h6 }));
     assert_eq!(s.append_audit(vec![draft()]).await.unwrap(), 9);
-    assert_eq!(verified(s).await, audit::Verified { records: 3, first: 7, last: 9, base: 6 });
+    assert_eq!(verified(s).await, audit::Verified { records: 3, first: 7, last: 9, base: 6, anchors: 0 });
 }
 
 /// The draft of a `policy.prune` record, as the controller makes it.
@@ -242,7 +252,7 @@ pub async fn prune_history(s: &dyn Store) {
     assert_eq!(s.commit(6, version(&[("a", "y")]), draft()).await.unwrap(), (7, 11));
     assert_eq!(kept(s).await, vec![7, 6]);
     assert_eq!(s.version(7).await.unwrap().unwrap().documents["a"], "y");
-    assert_eq!(verified(s).await, audit::Verified { records: 11, first: 1, last: 11, base: 0 });
+    assert_eq!(verified(s).await, audit::Verified { records: 11, first: 1, last: 11, base: 0, anchors: 0 });
 }
 
 /// What a reopened store must still hold after [`run`].

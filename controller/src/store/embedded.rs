@@ -109,6 +109,24 @@ fn read_audit_base<T: redb::ReadableTable<&'static str, &'static str>>(
         .transpose()
 }
 
+/// Every entry of a table of JSON values, in key order.
+fn json_table<T: serde::de::DeserializeOwned>(
+    db: &Database,
+    table: TableDefinition<&str, &[u8]>,
+) -> Result<Vec<(String, T)>, StoreError> {
+    let rtx = db.begin_read().map_err(be)?;
+    let t = rtx.open_table(table).map_err(be)?;
+    let mut out = Vec::new();
+    for e in t.iter().map_err(be)? {
+        let (k, v) = e.map_err(be)?;
+        out.push((
+            k.value().to_owned(),
+            serde_json::from_slice(v.value()).map_err(|e| corrupt(k.value(), e))?,
+        ));
+    }
+    Ok(out)
+}
+
 /// Append drafts inside an open write transaction.
 fn append(tx: &redb::WriteTransaction, drafts: &[audit::Draft]) -> Result<u64, StoreError> {
     let mut meta = tx.open_table(META).map_err(be)?;
@@ -479,6 +497,10 @@ impl Store for EmbeddedStore {
         })
     }
 
+    fn tokens(&self) -> BoxFut<'_, Vec<(String, JoinToken)>> {
+        self.blocking(|db| json_table(db, TOKENS))
+    }
+
     fn put_enforcer(&self, rec: EnforcerRecord) -> BoxFut<'_, ()> {
         self.blocking(move |db| {
             let tx = db.begin_write().map_err(be)?;
@@ -489,16 +511,7 @@ impl Store for EmbeddedStore {
     }
 
     fn enforcers(&self) -> BoxFut<'_, Vec<EnforcerRecord>> {
-        self.blocking(|db| {
-            let rtx = db.begin_read().map_err(be)?;
-            let t = rtx.open_table(ENFORCERS).map_err(be)?;
-            let mut out = Vec::new();
-            for e in t.iter().map_err(be)? {
-                let (k, v) = e.map_err(be)?;
-                out.push(serde_json::from_slice(v.value()).map_err(|e| corrupt(k.value(), e))?);
-            }
-            Ok(out)
-        })
+        self.blocking(|db| Ok(json_table(db, ENFORCERS)?.into_iter().map(|(_, e)| e).collect()))
     }
 
     fn get_meta(&self, key: String) -> BoxFut<'_, Option<String>> {

@@ -311,6 +311,11 @@ fn parse_u64(kv: &KeyValue) -> Result<u64, StoreError> {
         .ok_or_else(|| corrupt(String::from_utf8_lossy(kv.key()), "not a number"))
 }
 
+/// The rest of `kv`'s key after `base` (a key prefix), if it is UTF-8.
+fn key_below<'a>(kv: &'a KeyValue, base: &str) -> Option<&'a str> {
+    kv.key().strip_prefix(base.as_bytes()).and_then(|s| std::str::from_utf8(s).ok())
+}
+
 fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
@@ -1137,14 +1142,9 @@ impl EtcdStore {
         r.kvs()
             .iter()
             .map(|kv| {
-                let seq = kv
-                    .key()
-                    .strip_prefix(base.as_bytes())
-                    .and_then(|s| std::str::from_utf8(s).ok())
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| {
-                        corrupt(String::from_utf8_lossy(kv.key()), "not an audit sequence number")
-                    })?;
+                let seq = key_below(kv, &base).and_then(|s| s.parse().ok()).ok_or_else(|| {
+                    corrupt(String::from_utf8_lossy(kv.key()), "not an audit sequence number")
+                })?;
                 Ok((seq, kv.value().to_vec()))
             })
             .collect()
@@ -1173,6 +1173,19 @@ impl EtcdStore {
             .first()
             .map(|kv| serde_json::from_slice(kv.value()).map_err(|e| corrupt("join token", e)))
             .transpose()
+    }
+
+    async fn tokens_inner(&self) -> Result<Vec<(String, JoinToken)>, StoreError> {
+        let base = self.keys.token("");
+        let r = self.get("read tokens", base.clone(), Some(GetOptions::new().with_prefix())).await?;
+        r.kvs()
+            .iter()
+            .map(|kv| {
+                let hash = key_below(kv, &base)
+                    .ok_or_else(|| corrupt(String::from_utf8_lossy(kv.key()), "not a token key"))?;
+                Ok((hash.to_owned(), parse(kv)?))
+            })
+            .collect()
     }
 
     async fn enforcers_inner(&self) -> Result<Vec<EnforcerRecord>, StoreError> {
@@ -1245,6 +1258,10 @@ impl Store for EtcdStore {
 
     fn take_token(&self, hash: String) -> BoxFut<'_, Option<JoinToken>> {
         Box::pin(self.take_token_inner(hash))
+    }
+
+    fn tokens(&self) -> BoxFut<'_, Vec<(String, JoinToken)>> {
+        Box::pin(self.tokens_inner())
     }
 
     fn put_enforcer(&self, rec: EnforcerRecord) -> BoxFut<'_, ()> {

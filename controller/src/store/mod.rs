@@ -106,6 +106,10 @@ pub struct JoinToken {
     pub expires_ms: i64,
     pub cert_ttl_s: u64,
     pub created_by: String,
+    /// When it was created (ms; 0 for tokens stored before this was recorded, which count as
+    /// older than any revocation).
+    #[serde(default)]
+    pub created_ms: i64,
 }
 
 /// What an enforcer last reported.
@@ -162,6 +166,8 @@ pub trait Store: Send + Sync + 'static {
     fn put_token(&self, hash: String, token: JoinToken) -> BoxFut<'_, ()>;
     /// Remove and return a join token (atomically: a token is redeemed at most once).
     fn take_token(&self, hash: String) -> BoxFut<'_, Option<JoinToken>>;
+    /// Every stored join token with the hash it is stored under.
+    fn tokens(&self) -> BoxFut<'_, Vec<(String, JoinToken)>>;
 
     fn put_enforcer(&self, rec: EnforcerRecord) -> BoxFut<'_, ()>;
     fn enforcers(&self) -> BoxFut<'_, Vec<EnforcerRecord>>;
@@ -170,8 +176,9 @@ pub trait Store: Send + Sync + 'static {
     fn get_meta(&self, key: String) -> BoxFut<'_, Option<String>>;
     fn put_meta(&self, key: String, value: String) -> BoxFut<'_, ()>;
 
-    /// `true` while this controller holds leadership (leader-only work: SIEM export, token
-    /// expiry). The embedded store is always its controller's leader.
+    /// `true` while this controller holds leadership (leader-only work: SIEM export, deleting
+    /// expired join tokens, etcd compaction). The embedded store is always its controller's
+    /// leader.
     fn leadership(&self) -> watch::Receiver<bool>;
 }
 
