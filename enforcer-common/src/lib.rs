@@ -115,10 +115,13 @@ pub struct Endpoint {
     /// [`EVENT_SLOT_FIRST`] to below [`EVENT_SLOTS`]), assigned by userspace;
     /// [`EVENT_SLOT_SHARED`] serves endpoints registered while every other slot is taken.
     pub event_slot: u32,
+    /// The conntrack generation ([`Config::ct_epoch`]) this endpoint's entries must carry to
+    /// be live, mirrored here by userspace so the packet path reads it with the endpoint.
+    pub ct_epoch: u32,
     pub addr_v4: Addr,
     pub addr_v6: Addr,
 }
-const _: () = assert!(core::mem::size_of::<Endpoint>() == 48);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 52);
 
 /// Slots of the event rate limiter (`ZT_EVENT_BUDGET`): each registered endpoint has its own
 /// budget on each CPU, so one workload's flood cannot use up another's events; slot
@@ -307,10 +310,11 @@ pub struct Config {
     /// Written by userspace on creation: [`ABI_VERSION`] of the maps in this pin directory.
     pub abi_version: u32,
     /// Conntrack generation: every entry records the generation it was created under
-    /// ([`CtValue::epoch`]), and an entry of an older one is re-judged against current policy
+    /// ([`CtValue::epoch`]), and an entry of another one is re-judged against current policy
     /// on its next packet (kept, under the rule that now admits it, or removed). Userspace
-    /// moves it on every change that can deny what a live rule still admits: a deny added at
-    /// either tier, an identity or workload changed or removed, the failsafe list changed.
+    /// moves it on every change that can deny what a live rule still admits (a deny added at
+    /// either tier, an identity changed or removed, the failsafe list changed) and then
+    /// mirrors it into every endpoint ([`Endpoint::ct_epoch`]), which the programs compare.
     pub ct_epoch: u32,
     pub failsafe: [Failsafe; MAX_FAILSAFE],
 }
@@ -418,18 +422,18 @@ pub const CT_CLOSING_IDLE_NS: u64 = 10_000_000_000;
 pub struct CtValue {
     pub created_ns: u64,
     pub last_seen_ns: u64,
-    pub packets: u64,
+    /// Packets seen (wraps at 2^32).
+    pub packets: u32,
+    /// [`Config::ct_epoch`] when the entry was created or last re-judged.
+    pub epoch: u32,
     pub cookie: u32,
     pub slot: u32,
     /// The local workload's identity when the entry was created: an entry only serves the
     /// workload it was created for.
     pub local_identity: u32,
     pub flags: u32,
-    /// [`Config::ct_epoch`] when the entry was created or last re-judged.
-    pub epoch: u32,
-    pub pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtValue>() == 48);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
 
 // ---- events and counters -----------------------------------------------------------------------
 

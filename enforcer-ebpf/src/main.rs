@@ -227,8 +227,8 @@ fn failsafe(cfg: &Config, proto: u8, port: u16) -> bool {
 /// Whether a conntrack entry still admits its flow: created for this workload under the
 /// current generation (see `Config::ct_epoch`), and backed by what admitted it.
 #[inline(always)]
-fn ct_live(ct: &CtValue, ep: &Endpoint, epoch: u32) -> bool {
-    if ct.epoch != epoch || ct.local_identity != ep.identity {
+fn ct_live(ct: &CtValue, ep: &Endpoint) -> bool {
+    if ct.epoch != ep.ct_epoch || ct.local_identity != ep.identity {
         return false;
     }
     if ct.flags & CT_F_AUDIT != 0 {
@@ -341,14 +341,17 @@ const CT_DEAD: u32 = 1;
 /// [`ct_check`]: still backed by its rule, pass; the entry's flags are in bits 8 and up.
 const CT_LIVE: u32 = 2;
 
-/// Conntrack lookup of `key`, updating or removing the entry it finds.
+/// Conntrack lookup of `key`, updating the entry it finds if it is live. A dead one (its
+/// rule no longer admits it) is removed if `own` (the packet travels in the entry's
+/// orientation: its flow is judged again as new and re-created if admitted); as a reply's
+/// entry it stays for the flow's own next packet, and garbage collection.
 #[inline(always)]
-fn ct_check<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending, epoch: u32) -> u32 {
+fn ct_check<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending, own: bool) -> u32 {
     let Some(p) = K::map().get_ptr_mut(key) else { return CT_MISS };
     // SAFETY: the value stays valid for this program run; races on the statistics fields with
     // other CPUs are benign.
     let ct = unsafe { &mut *p };
-    if ct_live(ct, ep, epoch) {
+    if ct_live(ct, ep) {
         let flags = ct.flags;
         match end {
             Ending::No => {
@@ -366,8 +369,10 @@ fn ct_check<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending, epoch: u32)
         }
         CT_LIVE | (flags << 8)
     } else {
-        let _ = K::map().remove(key);
-        count(Reason::CtInvalidated);
+        if own {
+            let _ = K::map().remove(key);
+            count(Reason::CtInvalidated);
+        }
         CT_DEAD
     }
 }
@@ -382,7 +387,7 @@ const TRACK_REPLY: u32 = 2;
 /// [`track`]: a packet of a tracked flow in its own orientation, pass; flags as above.
 const TRACK_ESTABLISHED: u32 = 3;
 /// [`track`]: this check point admitted the flow this packet answers (the other orientation),
-/// but its rule no longer does (the entry was removed): that flow is judged again.
+/// but its rule no longer does: that flow is judged again.
 const TRACK_REJUDGE: u32 = 4;
 
 /// Conntrack lookups of a packet in its own orientation and as a reply. `reply_first`: the
@@ -390,20 +395,20 @@ const TRACK_REJUDGE: u32 = 4;
 /// looked up first and usually alone; the outcome is the same either way, only the number of
 /// lookups differs.
 #[inline(always)]
-fn track<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending, reply_first: bool, epoch: u32) -> u32 {
+fn track<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending, reply_first: bool) -> u32 {
     let mut reply = CT_MISS;
     if reply_first {
-        reply = ct_check(&key.swapped(), ep, now, end, epoch);
+        reply = ct_check(&key.swapped(), ep, now, end, false);
         if reply & 0xff == CT_LIVE {
             return (reply & !0xff) | TRACK_REPLY;
         }
     }
-    let own = ct_check(key, ep, now, end, epoch);
+    let own = ct_check(key, ep, now, end, true);
     if own & 0xff == CT_LIVE {
         return (own & !0xff) | TRACK_ESTABLISHED;
     }
     if !reply_first {
-        reply = ct_check(&key.swapped(), ep, now, end, epoch);
+        reply = ct_check(&key.swapped(), ep, now, end, false);
         if reply & 0xff == CT_LIVE {
             return (reply & !0xff) | TRACK_REPLY;
         }
@@ -417,67 +422,25 @@ fn track<K: Tuple>(key: &K, ep: &Endpoint, now: u64, end: Ending, reply_first: b
     }
 }
 
-/// What policy says about a packet no live conntrack entry passes: who the peer is, and
-/// the decision.
-struct Judged {
-    peer: IdentityInfo,
-    d: policy::Decision,
-    /// The first probe allowed.
-    first: bool,
-}
-
-/// The peer behind `peer_addr`, then failsafe ports and policy: the decision for a new flow of
-/// `ep` with that peer, checked in direction `dir` for `proto` and `port` (packed by
-/// [`probe`]), into `out`. With `first` (not [`NO_PROBE`]), that probe is decided first and
-/// kept if it allows (`Judged::first`); `probe` is decided only otherwise. Its own call, and
-/// [`admit`] another: the decision's working state and the admission's (which emits events)
-/// would otherwise share one stack frame.
-#[inline(never)]
-fn judge(
-    ep: &Endpoint,
-    peer_addr: &enforcer_common::Addr,
-    first: u32,
-    probe: u32,
-    out: &mut MaybeUninit<Judged>,
-) {
-    let cfg = config();
-    let peer = peer_identity(cfg, peer_addr);
-    let local = Local { identity: ep.identity, tenant: ep.tenant };
-    let mut d = policy::Decision { allow: false, reason: Reason::DropDefault, cookie: 0, slot: 0 };
-    let mut first_allowed = false;
-    let mut p = if first == NO_PROBE { probe } else { first };
-    let mut round = 0;
-    while round < 2 {
-        let (dir, proto, port) = (p as u8, (p >> 8) as u8, (p >> 16) as u16);
-        d = if cfg.failsafe_count != 0
-            && proto != IPPROTO_ICMP
-            && proto != IPPROTO_ICMPV6
-            && failsafe(cfg, proto, port)
-        {
-            policy::Decision { allow: true, reason: Reason::AllowFailsafe, cookie: 0, slot: SLOT_NONE }
-        } else {
-            decide(cfg, &local, &peer, dir, proto, port)
-        };
-        if first == NO_PROBE || round == 1 {
-            break;
-        }
-        if d.allow {
-            first_allowed = true;
-            break;
-        }
-        p = probe;
-        round += 1;
-    }
-    out.write(Judged { peer, d, first: first_allowed });
-}
-
-/// [`judge`] without a first probe.
-const NO_PROBE: u32 = u32::MAX;
-
-/// [`judge`]'s packed direction, protocol and port.
+/// Failsafe ports, then policy: the decision for a new flow of `ep` with `peer`.
 #[inline(always)]
-fn probe(dir: u8, proto: u8, port: u16) -> u32 {
-    u32::from(dir) | (u32::from(proto) << 8) | (u32::from(port) << 16)
+fn judge(
+    cfg: &Config,
+    ep: &Endpoint,
+    peer: &IdentityInfo,
+    dir: u8,
+    proto: u8,
+    port: u16,
+) -> policy::Decision {
+    if cfg.failsafe_count != 0
+        && proto != IPPROTO_ICMP
+        && proto != IPPROTO_ICMPV6
+        && failsafe(cfg, proto, port)
+    {
+        return policy::Decision { allow: true, reason: Reason::AllowFailsafe, cookie: 0, slot: SLOT_NONE };
+    }
+    let local = Local { identity: ep.identity, tenant: ep.tenant };
+    decide(cfg, &local, peer, dir, proto, port)
 }
 
 /// The policy port of the flow a packet answers: the packet's source port, or for an echo
@@ -504,76 +467,57 @@ const PASS_NEW: u32 = 3;
 /// The verdict for one parsed packet of the workload `ep`, checked in direction `dir`:
 /// [`DROP`], [`PASS`], [`PASS_LOCAL`] or [`PASS_NEW`]. (Whether the packet goes on by local
 /// delivery is not an argument: the verifier would walk this function once per value.)
-/// Conntrack first ([`tracked`]), then, for a packet no live entry passes, policy
-/// ([`admit`]); two calls, so that neither's stack frame adds to the other's.
 #[inline(never)]
 fn verdict(flow: &Flow, ep: &Endpoint, dir: u8, ifindex: u32) -> u32 {
     if flow.link_local {
         count(Reason::PassLinkLocal);
         return PASS;
     }
+    let ts = coarse_now();
     // A pure TCP SYN opens a new connection: it is never a packet or a reply of a tracked
     // flow, so it goes straight to policy (which then replaces any stale entry). ICMP other
     // than echo is never tracked: policy judges each such packet.
-    let mut t = TRACK_MISS;
+    // `reinstate`: this check point admitted the flow in this orientation before, but its
+    // rule no longer does; if policy still allows it, the entry is re-created under the rule
+    // that does (make-before-break policy changes keep live flows).
+    // `rejudge`: this check point admitted the flow this packet answers, but its rule no
+    // longer does: that flow is judged again in its own direction, and this packet passes as
+    // its reply if policy still admits it, or is dropped as the reply of a flow no longer
+    // admitted (the flow's own next packet re-creates or removes the entry).
+    let mut reinstate = false;
+    let mut rejudge = false;
     if !flow.syn_only && !flow.untracked {
-        t = tracked(flow, ep, dir);
-        let kind = t & 0xff;
-        if kind == TRACK_REPLY || kind == TRACK_ESTABLISHED {
-            count(if kind == TRACK_REPLY { Reason::AllowReply } else { Reason::AllowEstablished });
-            return if (t >> 8) & CT_F_LOCAL != 0 { PASS_LOCAL } else { PASS };
+        let reply_first = flow.syn_ack || flow.answer;
+        let t = if flow.family == 4 {
+            track(&key4(flow), ep, ts, ending(flow, dir), reply_first)
+        } else {
+            track(flow.key6(), ep, ts, ending(flow, dir), reply_first)
+        };
+        match t & 0xff {
+            TRACK_MISS => {}
+            TRACK_REINSTATE => reinstate = true,
+            TRACK_REJUDGE => rejudge = true,
+            kind => {
+                count(if kind == TRACK_REPLY { Reason::AllowReply } else { Reason::AllowEstablished });
+                return if (t >> 8) & CT_F_LOCAL != 0 { PASS_LOCAL } else { PASS };
+            }
         }
     }
-    let track = t & 0xff;
-    let peer_addr = if dir == DIR_EGRESS { &flow.daddr } else { &flow.saddr };
-    // `TRACK_REJUDGE`: the flow this packet answers lost the rule that admitted it at this
-    // check point (its entry was removed). That flow is judged again in its own direction: if
-    // policy still admits it, its entry is re-created under the rule that does and this packet
-    // passes as its reply (make-before-break policy changes keep live flows whichever end
-    // speaks first); if not, this packet is judged as a flow of its own.
-    let first = if track == TRACK_REJUDGE {
-        probe(if dir == DIR_EGRESS { DIR_INGRESS } else { DIR_EGRESS }, flow.proto(), answered_port(flow))
-    } else {
-        NO_PROBE
-    };
-    let mut j = MaybeUninit::<Judged>::uninit();
-    judge(ep, peer_addr, first, probe(dir, flow.proto(), flow.policy_port), &mut j);
-    // SAFETY: `judge` always initialises it.
-    let j = unsafe { j.assume_init_ref() };
-    let track = if track == TRACK_REJUDGE && !j.first { TRACK_MISS } else { track };
-    admit(flow, ep, j, u64::from(dir) | (u64::from(track) << 8) | (u64::from(ifindex) << 32))
-}
 
-/// Conntrack lookups of a parsed packet (see [`track`]).
-#[inline(never)]
-fn tracked(flow: &Flow, ep: &Endpoint, dir: u8) -> u32 {
-    let ts = coarse_now();
-    let reply_first = flow.syn_ack || flow.answer;
-    let epoch = config().ct_epoch;
-    if flow.family == 4 {
-        track(&key4(flow), ep, ts, ending(flow, dir), reply_first, epoch)
-    } else {
-        track(flow.key6(), ep, ts, ending(flow, dir), reply_first, epoch)
-    }
-}
-
-/// The verdict for a packet no live conntrack entry passes, by what [`judge`] found (`j`);
-/// `how` packs the check direction (bits 0-7), what [`tracked`] found (bits 8-15:
-/// [`TRACK_MISS`], [`TRACK_REINSTATE`] or [`TRACK_REJUDGE`]) and the interface index (bits
-/// 32-63).
-/// `TRACK_REINSTATE`: this check point admitted the flow in this orientation before, but its
-/// rule no longer does; if policy still allows it, the entry is re-created under the rule
-/// that does (make-before-break policy changes keep live flows).
-#[inline(never)]
-fn admit(flow: &Flow, ep: &Endpoint, j: &Judged, how: u64) -> u32 {
-    let (dir, track, ifindex) = (how as u8, (how >> 8) as u32 & 0xff, (how >> 32) as u32);
-    let reinstate = track == TRACK_REINSTATE;
-    let ts = coarse_now();
     let cfg = config();
-    let (peer, d) = (&j.peer, &j.d);
-    // The flow this packet answers is admitted again (see `verdict`).
-    let answered = track == TRACK_REJUDGE && d.allow;
+    let peer_addr = if dir == DIR_EGRESS { &flow.daddr } else { &flow.saddr };
+    let peer = peer_identity(cfg, peer_addr);
+    let (jdir, jport) = if rejudge {
+        (if dir == DIR_EGRESS { DIR_INGRESS } else { DIR_EGRESS }, answered_port(flow))
+    } else {
+        (dir, flow.policy_port)
+    };
+    let d = judge(cfg, ep, &peer, jdir, flow.proto(), jport);
     let (allow, reason, cookie, slot) = (d.allow, d.reason, d.cookie, d.slot);
+    if rejudge && allow {
+        count(Reason::AllowReply);
+        return PASS;
+    }
     let flags = if reason == Reason::AllowFailsafe { CT_F_FAILSAFE } else { 0 };
 
     let audit = !allow && ep.flags & ENDPOINT_F_AUDIT != 0;
@@ -582,12 +526,11 @@ fn admit(flow: &Flow, ep: &Endpoint, j: &Judged, how: u64) -> u32 {
     // can never become its initiator — which would let the real initiator's packets pass as
     // "replies" after its grant was revoked. Untracked ICMP and echo replies never start
     // state either.
-    let stateful = answered
-        || if flow.proto() == IPPROTO_TCP {
-            flow.syn_only || reinstate || audit
-        } else {
-            !flow.untracked && !flow.answer
-        };
+    let stateful = if flow.proto() == IPPROTO_TCP {
+        flow.syn_only || reinstate || audit
+    } else {
+        !flow.untracked && !flow.answer
+    };
     if allow && !stateful {
         count(reason);
         return PASS;
@@ -596,45 +539,37 @@ fn admit(flow: &Flow, ep: &Endpoint, j: &Judged, how: u64) -> u32 {
         // A flow between two workloads of this host, checked where local delivery is decided,
         // is created marked for it; the delivery program clears the mark if this packet does
         // not take that path after all (see `local::deliver`).
-        let local =
-            !answered && flow.deliver && cfg.local_delivery != 0 && peer.flags & IDENTITY_F_LOCAL != 0;
+        let local = flow.deliver && cfg.local_delivery != 0 && peer.flags & IDENTITY_F_LOCAL != 0;
         let value = CtValue {
             created_ns: ts,
             last_seen_ns: ts,
             packets: 1,
+            epoch: ep.ct_epoch,
             cookie,
             slot: if audit { SLOT_NONE } else { slot },
             local_identity: ep.identity,
             flags: if audit { CT_F_AUDIT } else { flags } | if local { CT_F_LOCAL } else { 0 },
-            epoch: cfg.ct_epoch,
-            pad: 0,
         };
         // (Audited untracked ICMP and echo replies get no entry: each such packet is audited.)
         let mut tracked = false;
         if stateful {
             let inserted = if flow.family == 4 {
-                let k = key4(flow);
-                ZT_CT4.insert(&if answered { k.swapped() } else { k }, &value, 0)
+                ZT_CT4.insert(&key4(flow), &value, 0)
             } else {
-                let k = if answered { flow.key6().swapped() } else { *flow.key6() };
-                ZT_CT6.insert(&k, &value, 0)
+                ZT_CT6.insert(flow.key6(), &value, 0)
             };
             tracked = inserted.is_ok();
             if !tracked {
                 count(Reason::CtFull);
             }
         }
-        if answered {
-            count(Reason::AllowReply);
-            return PASS;
-        }
         if audit {
             count(Reason::Audit);
-            emit(flow, ep, peer, meta(VERDICT_AUDIT, reason, dir, ifindex), cookie);
+            emit(flow, ep, &peer, meta(VERDICT_AUDIT, reason, dir, ifindex), cookie);
         } else {
             count(reason);
             if cfg.flow_events != 0 {
-                emit(flow, ep, peer, meta(VERDICT_ALLOW, reason, dir, ifindex), cookie);
+                emit(flow, ep, &peer, meta(VERDICT_ALLOW, reason, dir, ifindex), cookie);
             }
         }
         // Only a flow between two workloads of this host can take local delivery: others do
@@ -642,7 +577,7 @@ fn admit(flow: &Flow, ep: &Endpoint, j: &Judged, how: u64) -> u32 {
         return if tracked && peer.flags & IDENTITY_F_LOCAL != 0 { PASS_NEW } else { PASS };
     }
     count(reason);
-    emit(flow, ep, peer, meta(VERDICT_DROP, reason, dir, ifindex), cookie);
+    emit(flow, ep, &peer, meta(VERDICT_DROP, reason, dir, ifindex), cookie);
     DROP
 }
 
@@ -896,17 +831,16 @@ fn answers_tracked(
         ]
     };
     let [bound, chosen, registered] = candidates;
-    let epoch = config().ct_epoch;
     // The entry's key: the answered flow as it arrived (peer → local), checked at ingress.
     let ports = u32::from(peer_port) | (u32::from(local_port) << 16);
     let proto_dir = u32::from(proto) | (u32::from(DIR_INGRESS) << 8);
     let key = [ports, proto_dir];
-    live_reply_entry(ep, peer, &bound, key, v4, epoch)
-        || live_reply_entry(ep, peer, &chosen, key, v4, epoch)
-        || live_reply_entry(ep, peer, &registered, key, v4, epoch)
+    live_reply_entry(ep, peer, &bound, key, v4)
+        || live_reply_entry(ep, peer, &chosen, key, v4)
+        || live_reply_entry(ep, peer, &registered, key, v4)
 }
 
-/// Whether conntrack holds a live entry (for `ep`, of generation `epoch`) of the flow from
+/// Whether conntrack holds a live entry (for `ep`) of the flow from
 /// `peer` to `local` with the key words `ports_proto` (an unknown, all-zero `local` has none).
 #[inline(always)]
 fn live_reply_entry(
@@ -915,7 +849,6 @@ fn live_reply_entry(
     local: &enforcer_common::Addr,
     ports_proto: [u32; 2],
     v4: bool,
-    epoch: u32,
 ) -> bool {
     let [ports, proto_dir] = ports_proto;
     // IPv4: the last word (for an IPv4 socket the other words of a bound address are not an
@@ -940,7 +873,7 @@ fn live_reply_entry(
         // SAFETY: read-only access to a map value the kernel keeps alive for this run.
         unsafe { ZT_CT6.get(&key) }.copied()
     };
-    found.is_some_and(|ct| ct_live(&ct, ep, epoch))
+    found.is_some_and(|ct| ct_live(&ct, ep))
 }
 
 /// connect()/sendmsg() check: 1 lets the call proceed, 0 fails it with EPERM. No conntrack

@@ -282,11 +282,15 @@ impl Writer {
             let (k, ep) = item.map_err(Error::map(map_names::CGROUPS))?;
             found.push((EndpointKey::Cgroup(k), ep));
         }
+        let epoch = self.config()?.ct_epoch;
         for (key, mut ep) in found {
             let slot = self.event_slots.restore(key, ep.event_slot);
             if slot != ep.event_slot {
                 ep.event_slot = slot;
                 self.reset_event_budget(slot)?;
+                self.put_endpoint(key, ep)?;
+            } else if ep.ct_epoch != epoch {
+                // A generation move that a crash interrupted before it reached every endpoint.
                 self.put_endpoint(key, ep)?;
             }
         }
@@ -302,7 +306,9 @@ impl Writer {
         self.event_budget.set(slot, zero, 0).map_err(Error::map(map_names::EVENT_BUDGET))
     }
 
-    fn put_endpoint(&mut self, key: EndpointKey, ep: Endpoint) -> Result<(), Error> {
+    /// Write an endpoint, with the conntrack generation in force.
+    fn put_endpoint(&mut self, key: EndpointKey, mut ep: Endpoint) -> Result<(), Error> {
+        ep.ct_epoch = self.config()?.ct_epoch;
         match key {
             EndpointKey::Interface(i) if i < ENDPOINT_ARRAY_SIZE => {
                 self.endpoints.set(i, ep, 0).map_err(|e| self.full_or(e, map_names::ENDPOINTS))
@@ -459,7 +465,26 @@ impl Writer {
     fn rejudge_flows(&mut self) -> Result<(), Error> {
         let mut cfg = self.config()?;
         cfg.ct_epoch = cfg.ct_epoch.wrapping_add(1);
-        self.set_config(cfg)
+        self.set_config(cfg)?;
+        // The programs compare entries with their endpoint's copy (no extra lookup per packet).
+        let keys: Vec<EndpointKey> = self.event_slots.endpoints().collect();
+        for key in keys {
+            if let Some(ep) = self.registered_endpoint(key) {
+                self.put_endpoint(key, ep)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The endpoint registered at `key`, if any.
+    fn registered_endpoint(&self, key: EndpointKey) -> Option<Endpoint> {
+        match key {
+            EndpointKey::Interface(i) if i < ENDPOINT_ARRAY_SIZE => {
+                self.endpoints.get(&i, 0).ok().filter(|ep| ep.flags & ENDPOINT_F_VALID != 0)
+            }
+            EndpointKey::Interface(i) => self.endpoints_hash.get(&i, 0).ok(),
+            EndpointKey::Cgroup(id) => self.cgroups.get(&id, 0).ok(),
+        }
     }
 
     /// The conntrack generation in force (see [`Self::rejudge_flows`]).

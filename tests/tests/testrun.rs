@@ -758,13 +758,18 @@ fn answering_side_never_becomes_initiator() {
     assert_eq!(dp.run(TC_FROM_WORKLOAD, &a_ack).unwrap(), TC_ACT_OK, "reply");
     assert_eq!(dp.run(TC_TO_WORKLOAD, &b_ack).unwrap(), TC_ACT_OK, "established");
     dp.writer().revoke(grant.cookie).unwrap();
-    // A's next packet is allowed by its open egress, but creates no state...
+    // A's next packet answers a flow no rule admits any more: dropped.
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &a_ack).unwrap(), TC_ACT_SHOT, "reply of a revoked flow");
+    // B's packet is judged by A's ingress policy: cut (and the flow's dead entry goes).
+    assert_eq!(dp.run(TC_TO_WORKLOAD, &b_ack).unwrap(), TC_ACT_SHOT);
+    // From then on A's packets are flows of their own: allowed by its open egress, but a
+    // mid-stream packet creates no state...
     assert_eq!(dp.run(TC_FROM_WORKLOAD, &a_ack).unwrap(), TC_ACT_OK);
     assert!(
         dp.writer().conntrack().unwrap().iter().all(|(k, _)| k.dir != DIR_EGRESS),
         "no egress state from a mid-stream packet"
     );
-    // ...so B's packets are judged by A's ingress policy: cut.
+    // ...so B's packets stay cut.
     assert_eq!(dp.run(TC_TO_WORKLOAD, &b_ack).unwrap(), TC_ACT_SHOT);
 }
 
@@ -1073,9 +1078,9 @@ fn establish(dp: &mut TestDatapath, c: &[Vec<u8>; 4]) {
     assert_eq!(dp.run(TC_FROM_WORKLOAD, &c[2]).unwrap(), TC_ACT_OK, "ack");
 }
 
-/// A replaced rule keeps its flows even when the peer speaks first: the peer's packet, a reply
-/// to a flow whose entry lost its rule, re-judges that flow and re-creates its entry under the
-/// new rule.
+/// A replaced rule keeps its flows even when the peer speaks first: the peer's packets,
+/// replies to a flow whose entry lost its rule, re-judge that flow and pass while policy admits
+/// it; the flow's own next packet re-creates its entry under the new rule.
 #[test]
 fn replace_keeps_flows_when_the_peer_speaks_first() {
     let mut dp = setup("peerfirst");
@@ -1098,13 +1103,15 @@ fn replace_keeps_flows_when_the_peer_speaks_first() {
         .unwrap();
     let before = dp.writer().counters().unwrap()[&Reason::AllowReply];
     assert_eq!(dp.run(TC_TO_WORKLOAD, &c[3]).unwrap(), TC_ACT_OK, "the peer's packet first");
-    assert_eq!(dp.writer().counters().unwrap()[&Reason::AllowReply], before + 1);
+    assert_eq!(dp.run(TC_TO_WORKLOAD, &c[3]).unwrap(), TC_ACT_OK, "and again");
+    assert_eq!(dp.writer().counters().unwrap()[&Reason::AllowReply], before + 2);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &c[2]).unwrap(), TC_ACT_OK, "A's side carries on");
     let ct = dp.writer().conntrack().unwrap();
     assert!(
         ct.iter().any(|(k, v)| k.dport == 80 && k.dir == DIR_EGRESS && v.cookie == new.cookie),
-        "entry re-created under the new rule: {ct:?}"
+        "A's packet re-created the entry under the new rule: {ct:?}"
     );
-    assert_eq!(dp.run(TC_FROM_WORKLOAD, &c[2]).unwrap(), TC_ACT_OK, "A's side carries on");
+    assert_eq!(dp.run(TC_TO_WORKLOAD, &c[3]).unwrap(), TC_ACT_OK, "a reply of the re-created entry");
     // A replacement without the key cuts the flow from either end.
     let c2 = connection("10.0.0.2", 81);
     establish(&mut dp, &c2);

@@ -38,6 +38,11 @@ impl EventSlots {
         self.assign(key).0
     }
 
+    /// Every registered endpoint.
+    pub(super) fn endpoints(&self) -> impl Iterator<Item = EndpointKey> + '_ {
+        self.by_endpoint.keys().copied()
+    }
+
     /// The slot of `key`, assigning the lowest free one if it has none; `true` if newly
     /// assigned (its budget must be reset: a previous holder may have spent it).
     pub(super) fn assign(&mut self, key: EndpointKey) -> (u32, bool) {
