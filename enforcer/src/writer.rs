@@ -869,6 +869,21 @@ impl Writer {
         self.recount()
     }
 
+    /// Every CIDR peer entry as the LPM map holds it: (network address, prefix length in the
+    /// address's own family, identity info). Read from the pinned map, so it also lists what an
+    /// earlier run of the enforcer installed.
+    pub fn cidrs(&self) -> Result<Vec<(IpAddr, u8, IdentityInfo)>, Error> {
+        let mut out = Vec::new();
+        for item in &self.cidr {
+            let (k, v) = item.map_err(Error::map(map_names::CIDR))?;
+            let ip = addr::from_key(k.data().addr);
+            let bits = k.prefix_len();
+            let len = if ip.is_ipv4() { bits.saturating_sub(96) } else { bits };
+            out.push((ip, u8::try_from(len).unwrap_or(u8::MAX), v));
+        }
+        Ok(out)
+    }
+
     /// Register a workload behind the interface `ifindex` (TC attachment) and map its
     /// addresses to its identity.
     pub fn set_interface_workload(&mut self, ifindex: u32, w: &Workload) -> Result<(), Error> {

@@ -149,6 +149,31 @@ fn metric(body: &str, name_and_labels: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Wait until the daemon has applied one more policy version than `before` times (its log).
+fn wait_applied(d: &Daemon, before: usize) {
+    let start = Instant::now();
+    while d.log().matches("\"policy applied\"").count() <= before {
+        assert!(start.elapsed() < Duration::from_secs(10), "policy not applied:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Write `text` as the daemon's only policy file and wait until it is applied.
+fn set_policy(d: &Daemon, text: &str) {
+    let before = d.log().matches("\"policy applied\"").count();
+    let tmp = d.dir.join("policies/.p.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, d.dir.join("policies/b.yaml")).unwrap();
+    wait_applied(d, before);
+}
+
+/// b's ingress: UDP 9999 from `block` (an ipBlock with optional excepts).
+fn b_from_block(block: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: b-from-block}}\nspec:\n  podSelector: {{matchLabels: {{app: b}}}}\n  ingress:\n  - from:\n    - ipBlock: {block}\n    ports:\n    - {{protocol: UDP, port: 9999}}\n"
+    )
+}
+
 const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-from-a}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {app: a}}\n    ports:\n    - {port: 8080}\n";
 
 #[test]
@@ -570,4 +595,51 @@ fn workloads_registered_at_run_time() {
     assert!(tcp_connect(a, "10.77.0.2:8080", Duration::from_millis(400)).is_none());
     let (ok, out) = d.cli(&["workload", "remove", "default/a"]);
     assert!(!ok && out.contains("configuration"), "{out}");
+}
+
+/// Traffic from addresses outside every pod across policy versions and a restart: an address
+/// a version no longer allows is dropped (the old prefix is gone, and its CIDR identity was
+/// never handed to another prefix), an `except` that goes away stops blocking, and a daemon
+/// restarted on a changed policy removes the prefixes the pins still hold.
+#[test]
+fn cidr_peers_follow_policy_versions() {
+    ztseg_integration::require_root();
+    let lab = Lab::routed(2);
+    let ext = lab.external(0, &["10.99.0.2", "192.168.77.2"]);
+    let mut d = write_config(&lab, "zcidr");
+    std::fs::write(d.dir.join("policies/b.yaml"), b_from_block("{cidr: 10.99.0.0/16}")).unwrap();
+    d.start();
+    wait_ready(&lab.host, &d);
+    udp_echo(&lab.pods[1], "10.77.0.2:9999");
+    let passes = |src: &str| {
+        ztseg_integration::traffic::udp_roundtrip_from(&ext, src, "10.77.0.2:9999", Duration::from_secs(2))
+    };
+    let dropped = |src: &str| {
+        !ztseg_integration::traffic::udp_roundtrip_from(
+            &ext,
+            src,
+            "10.77.0.2:9999",
+            Duration::from_millis(400),
+        )
+    };
+    assert!(passes("10.99.0.2"), "v1 allows 10.99.0.0/16:\n{}", d.log());
+    assert!(dropped("192.168.77.2"), "v1 does not allow 192.168.0.0/16");
+
+    set_policy(&d, &b_from_block("{cidr: 192.168.0.0/16}"));
+    assert!(passes("192.168.77.2"), "v2 allows 192.168.0.0/16");
+    assert!(dropped("10.99.0.2"), "v2 no longer allows 10.99.0.0/16");
+
+    set_policy(&d, &b_from_block("{cidr: 10.0.0.0/8, except: [10.99.0.0/16]}"));
+    assert!(dropped("10.99.0.2"), "v3 excepts 10.99.0.0/16");
+    assert!(dropped("192.168.77.2"), "v3 no longer allows 192.168.0.0/16");
+    set_policy(&d, &b_from_block("{cidr: 10.0.0.0/8}"));
+    assert!(passes("10.99.0.2"), "v4 drops the except: 10.99.0.2 is in 10.0.0.0/8");
+
+    // Changed while the daemon is down: the restarted daemon finds 10.0.0.0/8 in the pins.
+    d.stop("-TERM");
+    std::fs::write(d.dir.join("policies/b.yaml"), b_from_block("{cidr: 192.168.0.0/16}")).unwrap();
+    d.start();
+    wait_ready(&lab.host, &d);
+    assert!(passes("192.168.77.2"), "after the restart 192.168.0.0/16 is allowed");
+    assert!(dropped("10.99.0.2"), "after the restart 10.0.0.0/8 is gone");
 }

@@ -502,7 +502,7 @@ pub fn tenant_of(name: Option<&str>) -> u32 {
     name.map_or(0, |t| 1 + fnv1a(t) % (1 << 30))
 }
 
-fn fnv1a(s: &str) -> u32 {
+pub(crate) fn fnv1a(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 

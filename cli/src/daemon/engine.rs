@@ -599,7 +599,8 @@ impl Engine {
     fn apply(&mut self, policies: &[ztseg_policy::NetworkPolicy]) -> Result<()> {
         let cluster = self.cluster();
         let eval = ztseg_policy::evaluate(&cluster, policies);
-        let compiled = compile::compile(&cluster, &eval, &self.identities)?;
+        let installed = compile::installed_cidrs(&self.dp.writer())?;
+        let compiled = compile::compile(&cluster, &eval, &self.identities, &installed)?;
         let local: Vec<bool> = self.workloads.iter().map(|w| self.cfg.is_local(w)).collect();
         let grant_cookies: std::collections::BTreeSet<u32> = self.own.grants.keys().copied().collect();
         let ids: Vec<String> = self.workloads.iter().map(WorkloadConfig::id).collect();
@@ -704,7 +705,8 @@ impl Engine {
     ) -> Result<()> {
         let cluster = self.cluster();
         let eval = ztseg_policy::evaluate(&cluster, &self.policies);
-        let compiled = compile::compile(&cluster, &eval, &self.identities)?;
+        let installed = compile::installed_cidrs(&self.dp.writer())?;
+        let compiled = compile::compile(&cluster, &eval, &self.identities, &installed)?;
         let local: Vec<bool> = self.workloads.iter().map(|w| self.cfg.is_local(w)).collect();
         let mut w = self.dp.writer();
         let ids: Vec<String> = self.workloads.iter().map(WorkloadConfig::id).collect();
