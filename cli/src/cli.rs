@@ -496,6 +496,25 @@ enum PolicyCommands {
     },
 }
 
+/// Every environment variable an argument of the `ztseg` CLI reads (`ZTSEG_CONTROLLER`,
+/// `ZTSEG_IDENTITY_DIR`, ...).
+#[must_use]
+pub fn client_env_vars() -> std::collections::BTreeSet<String> {
+    fn walk(cmd: &clap::Command, out: &mut std::collections::BTreeSet<String>) {
+        for arg in cmd.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                out.insert(env.to_string_lossy().into_owned());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&Cli::command(), &mut out);
+    out
+}
+
 /// Parse the process arguments and run; the binary's whole `main`.
 #[must_use]
 pub fn main() -> ExitCode {

@@ -80,7 +80,7 @@ impl Daemon {
     fn start(&mut self) {
         let log = std::fs::File::create(self.dir.join("daemon.log")).unwrap();
         self.child = Some(
-            Command::new(ZTSEG)
+            ztseg_integration::clean_command(ZTSEG)
                 .args(["enforcer", "run", "--config"])
                 .arg(&self.config)
                 .envs(self.env.iter().copied())
@@ -96,7 +96,11 @@ impl Daemon {
     }
 
     fn cli(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(ZTSEG).args(args).env("ZTSEG_SOCKET", &self.socket).output().unwrap();
+        let out = ztseg_integration::clean_command(ZTSEG)
+            .args(args)
+            .env("ZTSEG_SOCKET", &self.socket)
+            .output()
+            .unwrap();
         (
             out.status.success(),
             format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
@@ -186,12 +190,16 @@ fn config_error_exits_64_naming_the_field() {
         "[[workloads]]\nname = \"a\"\nipv4 = \"10.0.0.1\"\ninterface = \"v0\"\nmode = \"watch\"\n",
     )
     .unwrap();
-    let out = Command::new(ZTSEG).args(["enforcer", "run", "--config"]).arg(&cfg).output().unwrap();
+    let out = ztseg_integration::clean_command(ZTSEG)
+        .args(["enforcer", "run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("workloads[0].mode"), "{err}");
     std::fs::write(&cfg, "pin_dir = \"/sys/fs/bpf/x\"\n").unwrap();
-    let out = Command::new(ZTSEG)
+    let out = ztseg_integration::clean_command(ZTSEG)
         .args(["enforcer", "run", "--config"])
         .arg(&cfg)
         .env("ZTSEG_POLICY_POLL_MS", "often")
@@ -207,6 +215,13 @@ fn readyz_waits_for_attachment_and_socket_is_root_only() {
     ztseg_integration::require_root();
     let lab = Lab::new(1); // hv1 (workload b) does not exist yet
     let mut d = write_config(&lab, "zrdy");
+    // A shell set up for the CLI, and a variable nobody knows: neither stops the daemon; the
+    // unknown one is named in a warning.
+    d.env = vec![
+        ("ZTSEG_CONTROLLER", "ctl.example:7443"),
+        ("ZTSEG_IDENTITY_DIR", "/nonexistent/admin"),
+        ("ZTSEG_BOGUS", "1"),
+    ];
     d.start();
     let start = Instant::now();
     while http(&lab.host, "/healthz").map(|r| r.0) != Some(200) {
@@ -215,6 +230,14 @@ fn readyz_waits_for_attachment_and_socket_is_root_only() {
     }
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(http(&lab.host, "/readyz").map(|r| r.0), Some(503), "not ready while hv1 is missing");
+    let warning = d
+        .log()
+        .lines()
+        .find(|l| l.contains("unknown environment variable ignored"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(warning.contains("\"level\":\"warn\"") && warning.contains("ZTSEG_BOGUS"), "{}", d.log());
+    assert!(!d.log().contains("ZTSEG_CONTROLLER") && !d.log().contains("ZTSEG_IDENTITY_DIR"), "{}", d.log());
     let (ok, out) = d.cli(&["enforcer", "status", "-o", "json"]);
     assert!(ok, "{out}");
     assert!(out.contains("\"attached\": \"false\""), "{out}");

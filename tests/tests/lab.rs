@@ -35,7 +35,16 @@ struct TestLab {
 }
 
 fn ztseg(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ztseg-t")).args(args).output().expect("run ztseg");
+    ztseg_env(args, &[])
+}
+
+/// `ztseg` with extra environment variables.
+fn ztseg_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ztseg-t"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run ztseg");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -54,6 +63,11 @@ impl TestLab {
     }
 
     fn with_pods(name: &str, pods: &str) -> Self {
+        Self::with_pods_env(name, pods, &[])
+    }
+
+    /// `lab up` with `env` added to its environment.
+    fn with_pods_env(name: &str, pods: &str, env: &[(&str, &str)]) -> Self {
         ztseg_integration::require_root();
         let dir = std::env::temp_dir().join(ztseg_integration::unique("ztseg-lab-"));
         std::fs::create_dir_all(dir.join("policies")).unwrap();
@@ -67,7 +81,7 @@ impl TestLab {
         .unwrap();
         let lab = Self { dir, file };
         let _ = ztseg(&["lab", "down", "-f", lab.path()]);
-        let (ok, out, err) = ztseg(&["lab", "up", "-f", lab.path()]);
+        let (ok, out, err) = ztseg_env(&["lab", "up", "-f", lab.path()], env);
         assert!(ok, "lab up failed: {out}{err}");
         lab
     }
@@ -358,7 +372,15 @@ fn tenant_policies() {
             "  - {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}, host: {host}, tenant: {tenant}}}"
         );
     }
-    let lab = TestLab::with_pods(&format!("tp{}", std::process::id() % 10_000), &pods);
+    // `lab up` from a shell set up for one enforcer: every simulated host still gets its own
+    // socket and pin directory.
+    let (sock, pins) = (format!("/tmp/ztseg-tp-{}.sock", std::process::id()), "/sys/fs/bpf/ztseg-tp-shell");
+    let lab = TestLab::with_pods_env(
+        &format!("tp{}", std::process::id() % 10_000),
+        &pods,
+        &[("ZTSEG_SOCKET", &sock), ("ZTSEG_PIN_DIR", pins), ("ZTSEG_CONTROLLER", "ctl.example:7443")],
+    );
+    assert!(!std::path::Path::new(&sock).exists() && !std::path::Path::new(pins).exists());
     lab.check("no policy: tenants isolated", |f, t, _, _| ns(f) == ns(t));
 
     // x denies all ingress (NetworkPolicy), yet the admin Allow acme -> globex on TCP 80 and

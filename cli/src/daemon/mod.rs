@@ -45,6 +45,9 @@ pub fn run(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    for var in &cfg.unknown_env {
+        log::warn("unknown environment variable ignored", &[("variable", var)]);
+    }
     match serve(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -158,6 +158,21 @@ impl LabState {
     }
 }
 
+/// A lab process (host daemon, controller, pod server) started detached with `setsid`,
+/// without the caller's `ZTSEG_*` variables: a shell set up for the CLI (`ZTSEG_SOCKET`,
+/// `ZTSEG_PIN_DIR`, ...) must not reach the simulated hosts, which would otherwise share that
+/// socket or pin directory.
+fn lab_process() -> Command {
+    let mut cmd = Command::new("setsid");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with(crate::daemon::config::ENV_PREFIX) {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
 /// Run a command, failing with its output.
 pub fn sh(args: &[&str]) -> Result<()> {
     let out =
@@ -485,14 +500,13 @@ fn start_controller(state: &mut LabState, exe: &Path) -> Result<()> {
     }
     let log_path = dir.join("controller.log");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-    let child = Command::new("setsid")
+    let child = lab_process()
         .args(["ip", "netns", "exec", &ctl.netns])
         .arg(exe)
         .args(["controller", "run", "--name", "lab", "--listen", &ctl.endpoint, "--data-dir"])
         .arg(&ctl.data_dir)
         .arg("--siem")
         .arg(format!("file:{}", dir.join("siem.jsonl").display()))
-        .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
@@ -623,11 +637,10 @@ fn start_daemon(state: &mut LabState, h: usize, exe: &Path) -> Result<()> {
         .create(true)
         .append(true)
         .open(dir.join(format!("{}.log", state.hosts[h].name)))?;
-    let child = Command::new("setsid")
+    let child = lab_process()
         .arg(exe)
         .args(["enforcer", "run", "--config"])
         .arg(&cfg)
-        .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
@@ -726,11 +739,10 @@ fn start_servers(state: &mut LabState, exe: &Path) -> Result<()> {
     std::fs::create_dir_all(&log_dir)?;
     for pod in &mut state.pods {
         let log = std::fs::File::create(log_dir.join(format!("{}.log", pod.netns)))?;
-        let child = Command::new("setsid")
+        let child = lab_process()
             .arg(exe)
             .args(["lab", "serve", "--netns", &pod.netns, "--ports", &ports.join(","), "--protocols"])
             .arg(state.protocols.join(","))
-            .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
