@@ -1040,28 +1040,25 @@ fn grant_row(g: ztseg_api::enforcer::Grant) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// `ztseg policy validate`: the files as one set, as an enforcer loading them would check it.
 fn validate(paths: &[PathBuf]) -> Result<ExitCode> {
     let files = lab::spec::yaml_files(paths)?;
-    let mut errors = 0;
-    let mut policies = 0;
+    let mut texts = Vec::new();
     for f in &files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        match ztseg_policy::parse_documents(f, &text) {
-            Ok(p) => policies += p.len(),
-            Err(es) => {
-                for e in &es {
-                    eprintln!("{e}");
-                }
-                errors += es.len();
-            }
-        }
+        texts.push(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?);
     }
-    if errors == 0 {
-        println!("{policies} policies in {} files: valid", files.len());
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("{errors} errors");
-        Ok(ExitCode::FAILURE)
+    match ztseg_policy::parse_set(files.iter().map(PathBuf::as_path).zip(texts.iter().map(String::as_str))) {
+        Ok(policies) => {
+            println!("{} policies in {} files: valid", policies.len(), files.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            eprintln!("{} errors", errors.len());
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 

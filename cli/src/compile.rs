@@ -27,8 +27,9 @@ use ztseg_policy::{Cluster, IpNetwork, Isolation, PeerMatch, PodPolicy, PortMatc
 pub const CIDR_IDENTITY_BASE: u32 = 1 << 31;
 /// CIDR identities are `CIDR_IDENTITY_BASE .. CIDR_IDENTITY_BASE + CIDR_IDENTITY_SPAN`.
 pub const CIDR_IDENTITY_SPAN: u32 = 1 << 30;
-/// Largest port range expanded into exact keys for one rule.
-pub const MAX_RANGE: u32 = 4096;
+/// Largest port range expanded into exact keys for one rule (`ztseg_policy::parse_set` refuses
+/// wider ones with the file and position).
+pub const MAX_RANGE: u32 = ztseg_policy::MAX_PORT_RANGE;
 
 /// The compiled form: per pod and direction the keys to allow, plus the CIDR identities.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -453,6 +453,23 @@ fn policy_reload_metrics_and_malformed_policy() {
     assert!(status.contains("bad.yaml"), "{status}");
     assert!(tcp_connect(a, "10.77.0.2:8080", Duration::from_secs(2)).is_some());
     assert!(tcp_connect(a, "10.77.0.2:8081", Duration::from_millis(400)).is_none());
+
+    // The same policy defined in a second file is refused as a set, with the second file's
+    // position (not silently merged into one policy allowing both files' ports).
+    std::fs::remove_file(d.dir.join("policies/bad.yaml")).unwrap();
+    let rejected = d.log().matches("policy rejected").count();
+    std::fs::write(d.dir.join("policies/dup.yaml"), POLICY.replace("port: 8080", "port: 8081")).unwrap();
+    let start = Instant::now();
+    while d.log().matches("policy rejected").count() == rejected {
+        assert!(start.elapsed() < Duration::from_secs(5), "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, status) = d.cli(&["enforcer", "status", "-o", "json"]);
+    assert!(
+        status.contains("dup.yaml:3:18: metadata.name: duplicate NetworkPolicy `default/b-from-a`"),
+        "{status}"
+    );
+    assert!(tcp_connect(a, "10.77.0.2:8081", Duration::from_millis(400)).is_none());
 }
 
 #[test]

@@ -466,22 +466,16 @@ impl Engine {
     pub fn apply_documents(&mut self, docs: &BTreeMap<String, String>) -> Result<(), String> {
         let mut policies = Vec::new();
         let mut tenant_policies = Vec::new();
-        let mut errors = Vec::new();
-        for (name, text) in docs {
-            match ztseg_policy::parse_documents(Path::new(name), text) {
-                Ok(parsed) => {
-                    for d in parsed {
-                        match d {
-                            ztseg_policy::Document::Network(p) => policies.push(p),
-                            ztseg_policy::Document::Tenant(t) => tenant_policies.push(t),
-                        }
+        match ztseg_policy::parse_set(docs.iter().map(|(name, text)| (Path::new(name), text.as_str()))) {
+            Ok(parsed) => {
+                for d in parsed {
+                    match d {
+                        ztseg_policy::Document::Network(p) => policies.push(p),
+                        ztseg_policy::Document::Tenant(t) => tenant_policies.push(t),
                     }
                 }
-                Err(es) => errors.extend(es.iter().map(ToString::to_string)),
             }
-        }
-        if !errors.is_empty() {
-            return Err(self.reject(&errors));
+            Err(es) => return Err(self.reject(&es.iter().map(ToString::to_string).collect::<Vec<_>>())),
         }
         // Admin DENYs first, then the tenant tier, then the rest of the admin tier (see
         // `compile::AdminSync`): never a moment that allows what neither version allows.

@@ -202,20 +202,17 @@ pub fn in_netns<R: Send>(ns: &str, f: impl FnOnce() -> Result<R> + Send) -> Resu
 }
 
 fn read_policies(lab: &LabFile, lab_path: &Path) -> Result<Vec<ztseg_policy::Document>> {
-    let mut all = Vec::new();
-    let mut errors = Vec::new();
-    for f in lab.policy_files(lab_path)? {
-        let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-        match ztseg_policy::parse_documents(&f, &text) {
-            Ok(p) => all.extend(p),
-            Err(e) => errors.extend(e),
-        }
+    let files = lab.policy_files(lab_path)?;
+    let mut texts = Vec::new();
+    for f in &files {
+        texts.push(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?);
     }
-    if !errors.is_empty() {
-        let msg: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        bail!("policy errors:\n{}", msg.join("\n"));
-    }
-    Ok(all)
+    ztseg_policy::parse_set(files.iter().map(PathBuf::as_path).zip(texts.iter().map(String::as_str))).map_err(
+        |errors| {
+            let msg: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("policy errors:\n{}", msg.join("\n"))
+        },
+    )
 }
 
 /// `ztseg lab up -f LAB.yaml`
