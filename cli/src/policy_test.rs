@@ -1053,16 +1053,16 @@ pub fn table(report: &Report) -> String {
         .iter()
         .map(|r| {
             vec![
-                ("result", if r.pass { "PASS" } else { "FAIL" }.to_owned()),
-                ("test", r.test.clone()),
-                ("case", r.case.clone()),
-                ("from", r.from.clone()),
-                ("to", r.to.clone()),
-                ("port", format!("{}/{}", r.protocol, r.port)),
-                ("expect", format!("{:?}", r.expect).to_lowercase()),
-                ("verdict", r.verdict.to_string()),
-                ("tier", r.tier.to_string()),
-                ("reason", r.reason.clone()),
+                ("result", if r.pass { "PASS" } else { "FAIL" }.into()),
+                ("test", r.test.clone().into()),
+                ("case", r.case.clone().into()),
+                ("from", r.from.clone().into()),
+                ("to", r.to.clone().into()),
+                ("port", format!("{}/{}", r.protocol, r.port).into()),
+                ("expect", format!("{:?}", r.expect).to_lowercase().into()),
+                ("verdict", r.verdict.to_string().into()),
+                ("tier", r.tier.to_string().into()),
+                ("reason", r.reason.clone().into()),
             ]
         })
         .collect();

@@ -124,6 +124,15 @@ impl Drop for Daemon {
     }
 }
 
+/// A daemon for `lab` enforcing `policy` (as `policies/b.yaml`), started and ready.
+fn started(lab: &Lab, name: &str, policy: &str) -> Daemon {
+    let mut d = write_config(lab, name);
+    std::fs::write(d.dir.join("policies/b.yaml"), policy).unwrap();
+    d.start();
+    wait_ready(&lab.host, &d);
+    d
+}
+
 /// GET `path` from the daemon's HTTP endpoint inside the host namespace: (status, body).
 fn http(host: &Netns, path: &str) -> Option<(u16, String)> {
     host.enter(|| {
@@ -240,8 +249,8 @@ fn readyz_waits_for_attachment_and_socket_is_root_only() {
     assert!(!d.log().contains("ZTSEG_CONTROLLER") && !d.log().contains("ZTSEG_IDENTITY_DIR"), "{}", d.log());
     let (ok, out) = d.cli(&["enforcer", "status", "-o", "json"]);
     assert!(ok, "{out}");
-    assert!(out.contains("\"attached\": \"false\""), "{out}");
-    assert!(out.contains("\"local_delivery\": \"true\""), "on by default: {out}");
+    assert!(out.contains("\"attached\": false"), "{out}");
+    assert!(out.contains("\"local_delivery\": true"), "on by default: {out}");
     // The interface appears: the daemon attaches and becomes ready.
     let pod = Netns::new("ztp");
     lab.host.sh(&format!("ip link add hv1 type veth peer name eth0 netns {} && ip link set hv1 master br0 && ip link set hv1 up", pod.name));
@@ -279,9 +288,9 @@ fn a_drop_flood_is_counted_exactly_and_its_events_bounded() {
     let (ok, status) = d.cli(&["enforcer", "status", "-o", "json"]);
     assert!(ok, "{status}");
     assert!(
-        status.contains("\"event_rate_limit\": \"100\"")
-            && status.contains("\"event_burst\": \"100\"")
-            && status.contains("\"event_rate_limit_total\": \"40000\""),
+        status.contains("\"event_rate_limit\": 100")
+            && status.contains("\"event_burst\": 100")
+            && status.contains("\"event_rate_limit_total\": 40000"),
         "{status}"
     );
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
@@ -329,10 +338,7 @@ fn a_drop_flood_is_counted_exactly_and_its_events_bounded() {
 fn explain_names_the_deciding_rule_at_both_ends() {
     ztseg_integration::require_root();
     let lab = Lab::routed(2);
-    let mut d = write_config(&lab, "zexpl");
-    std::fs::write(d.dir.join("policies/b.yaml"), POLICY).unwrap();
-    d.start();
-    wait_ready(&lab.host, &d);
+    let d = started(&lab, "zexpl", POLICY);
     let explain = |port: &str| {
         let (ok, out) =
             d.cli(&["-o", "json", "explain", "--from", "default/a", "--to", "10.77.0.2", "--port", port]);
@@ -392,10 +398,7 @@ fn policy_reload_metrics_and_malformed_policy() {
     ztseg_integration::require_root();
     // Routed pods: traffic between them takes local delivery (counted in its own metric).
     let lab = Lab::routed(2);
-    let mut d = write_config(&lab, "zpol");
-    std::fs::write(d.dir.join("policies/b.yaml"), POLICY).unwrap();
-    d.start();
-    wait_ready(&lab.host, &d);
+    let d = started(&lab, "zpol", POLICY);
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     tcp_echo(b, "10.77.0.2:8080");
     tcp_echo(b, "10.77.0.2:8081");
@@ -476,10 +479,7 @@ fn policy_reload_metrics_and_malformed_policy() {
 fn grants_through_the_cli() {
     ztseg_integration::require_root();
     let lab = Lab::new(2);
-    let mut d = write_config(&lab, "zgnt");
-    std::fs::write(d.dir.join("policies/b.yaml"), POLICY).unwrap();
-    d.start();
-    wait_ready(&lab.host, &d);
+    let d = started(&lab, "zgnt", POLICY);
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     tcp_echo(b, "10.77.0.2:9000");
     assert!(tcp_connect(a, "10.77.0.2:9000", Duration::from_millis(400)).is_none());
@@ -515,7 +515,7 @@ fn grants_through_the_cli() {
         d.cli(&["grants", "open", "default/a", "default/b", "--port", "9000", "--ttl", "1h", "-o", "json"]);
     assert!(ok, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let cookie = v[0]["cookie"].as_str().unwrap().to_owned();
+    let cookie = v[0]["cookie"].as_u64().expect("cookie is a number").to_string();
     let mut conn = tcp_connect(a, "10.77.0.2:9000", Duration::from_secs(2)).expect("granted");
     assert!(ztseg_integration::traffic::echo_once(&mut conn, Duration::from_secs(1)));
     let (ok, out) = d.cli(&["grants", "revoke", &cookie]);
@@ -530,10 +530,7 @@ fn grants_through_the_cli() {
 fn restarts_keep_enforcement_without_a_gap() {
     ztseg_integration::require_root();
     let lab = Lab::new(2);
-    let mut d = write_config(&lab, "zrst");
-    std::fs::write(d.dir.join("policies/b.yaml"), POLICY).unwrap();
-    d.start();
-    wait_ready(&lab.host, &d);
+    let mut d = started(&lab, "zrst", POLICY);
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     tcp_echo(b, "10.77.0.2:8080");
     tcp_echo(b, "10.77.0.2:8081");
@@ -646,10 +643,7 @@ fn cidr_peers_follow_policy_versions() {
     ztseg_integration::require_root();
     let lab = Lab::routed(2);
     let ext = lab.external(0, &["10.99.0.2", "192.168.77.2"]);
-    let mut d = write_config(&lab, "zcidr");
-    std::fs::write(d.dir.join("policies/b.yaml"), b_from_block("{cidr: 10.99.0.0/16}")).unwrap();
-    d.start();
-    wait_ready(&lab.host, &d);
+    let mut d = started(&lab, "zcidr", &b_from_block("{cidr: 10.99.0.0/16}"));
     udp_echo(&lab.pods[1], "10.77.0.2:9999");
     let passes = |src: &str| {
         ztseg_integration::traffic::udp_roundtrip_from(&ext, src, "10.77.0.2:9999", Duration::from_secs(2))
@@ -682,4 +676,69 @@ fn cidr_peers_follow_policy_versions() {
     wait_ready(&lab.host, &d);
     assert!(passes("192.168.77.2"), "after the restart 192.168.0.0/16 is allowed");
     assert!(dropped("10.99.0.2"), "after the restart 10.0.0.0/8 is gone");
+}
+
+/// `ztseg flows` in each output format: a table line, one JSON object per line, one YAML
+/// document per event; numbers and the like keep their types. Listings' JSON is typed too.
+#[test]
+fn flows_and_listings_in_every_output_format() {
+    ztseg_integration::require_root();
+    let lab = Lab::routed(2);
+    let d = started(&lab, "zout", POLICY);
+    let a = &lab.pods[0];
+    for format in ["table", "json", "yaml"] {
+        let mut child = ztseg_integration::clean_command(ZTSEG)
+            .args(["-o", format, "flows", "--verdict", "DROP", "--count", "1", "--socket"])
+            .arg(&d.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Until the follower is subscribed and an event arrives: denied datagrams from a to b.
+        let start = Instant::now();
+        let done = loop {
+            a.enter(|| UdpSocket::bind("10.77.0.1:0").unwrap().send_to(b"x", "10.77.0.2:9999").unwrap());
+            std::thread::sleep(Duration::from_millis(200));
+            if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                break child.wait_with_output().unwrap();
+            }
+        };
+        let out = String::from_utf8_lossy(&done.stdout).into_owned();
+        assert!(done.status.success(), "{format}: {out}{}", String::from_utf8_lossy(&done.stderr));
+        let event: serde_json::Value = match format {
+            "json" => {
+                serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("one JSON object: {e}: {out}"))
+            }
+            "yaml" => {
+                assert!(out.starts_with("---\n"), "a YAML document: {out}");
+                serde_yaml::from_str(&out).unwrap_or_else(|e| panic!("YAML: {e}: {out}"))
+            }
+            _ => {
+                assert!(
+                    out.contains("DROP") && out.contains("10.77.0.1:") && out.contains("-> 10.77.0.2:9999"),
+                    "{out}"
+                );
+                continue;
+            }
+        };
+        assert_eq!(
+            (&event["verdict"], &event["dport"], &event["workload"], &event["protocol"]),
+            (&"DROP".into(), &9999.into(), &"default/b".into(), &"UDP".into()),
+            "{format}: {out}"
+        );
+        assert!(event["cookie"].is_u64() && event["ts_ns"].is_u64(), "{format}: {out}");
+    }
+    // Listings: booleans and numbers keep their type in JSON and YAML.
+    let (ok, out) = d.cli(&["-o", "json", "enforcer", "status"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((&v[0]["ready"], &v[0]["event_burst"]), (&true.into(), &20_000.into()), "{out}");
+    let (ok, out) = d.cli(&["-o", "yaml", "workloads"]);
+    assert!(ok && out.contains("workload: default/b") && out.contains("identity: "), "{out}");
+    assert!(!out.contains("identity: '"), "a number, not a string: {out}");
+    let (ok, out) = d.cli(&["-o", "json", "rules"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v[0]["cookie"].is_u64() && v[0]["keys"].is_u64(), "{out}");
 }

@@ -158,7 +158,7 @@ fn alive(c: &mut std::net::TcpStream) -> bool {
 const DENY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
 
 fn version(s: &serde_json::Value) -> u64 {
-    s["controller_version"].as_str().unwrap().parse().unwrap()
+    s["controller_version"].as_u64().unwrap()
 }
 
 #[test]
@@ -169,7 +169,7 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
         let s = Lab::status(h);
         assert_eq!(s["policy_source"], "controller", "{s}");
         assert_eq!(version(&s), 1, "{s}");
-        assert_eq!(s["policy_stale"], "false", "{s}");
+        assert_eq!(s["policy_stale"], false, "{s}");
     }
     let probe_started = std::time::SystemTime::now();
     assert_eq!(lab.reachable(), Vec::<String>::new());
@@ -205,7 +205,7 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     // Cut h3 off; it notices and reports the policy as stale.
     let (ok, _, err) = ztseg(&["lab", "isolate", "-f", &lab.file, "h3"]);
     assert!(ok, "{err}");
-    let took = Lab::wait("h3", "stale", |s| s["policy_stale"] == "true");
+    let took = Lab::wait("h3", "stale", |s| s["policy_stale"] == true);
     eprintln!("h3 noticed the lost controller after {took:?}");
     // A flow only this moment has: x/b -> x/c on port 81, which h3 denies while cut off; then
     // h3's enforcer restarts (SIGTERM) while still cut off, and denies x/b -> x/c:82; then it
@@ -260,7 +260,7 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     // Reconnect: h3 resumes from version 2 and converges to 4.
     let (ok, _, err) = ztseg(&["lab", "rejoin", "-f", &lab.file, "h3"]);
     assert!(ok, "{err}");
-    let took = Lab::wait("h3", "version 4", |s| version(s) == 4 && s["policy_stale"] == "false");
+    let took = Lab::wait("h3", "version 4", |s| version(s) == 4 && s["policy_stale"] == false);
     eprintln!("h3 converged {took:?} after reconnecting");
     assert_eq!(lab.reachable(), vec!["x/b->x/a", "x/b->x/c"]);
     // It resumed with a delta from its own version, not from scratch.

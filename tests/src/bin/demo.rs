@@ -226,7 +226,7 @@ fn run(d: &Demo) -> Result<()> {
         &Demo::socket("node2"),
     ])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
-    let cookie = v[0]["cookie"].as_str().context("grant cookie")?.to_owned();
+    let cookie = v[0]["cookie"].as_u64().context("grant cookie")?.to_string();
     let mut conn =
         connect(2, "10.77.1.1:5432", Duration::from_secs(2)).context("granted connection did not open")?;
     conn.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -254,7 +254,7 @@ fn run(d: &Demo) -> Result<()> {
         d.run_ctl(&["policy", "apply", dir.to_str().unwrap_or_default(), "-m", "cache needs the db"])?
     );
     let _ = std::fs::remove_dir_all(&dir);
-    let enforced = |v: &str| -> Result<bool> {
+    let enforced = |v: u64| -> Result<bool> {
         Ok(["node1", "node2"].iter().all(|h| {
             d.run_quiet(&["-o", "json", "enforcer", "status", "--socket", &Demo::socket(h)])
                 .ok()
@@ -263,11 +263,11 @@ fn run(d: &Demo) -> Result<()> {
         }))
     };
     let t = Instant::now();
-    while !enforced("2")? && t.elapsed() < Duration::from_secs(10) {
+    while !enforced(2)? && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
     }
     check(
-        enforced("2")?,
+        enforced(2)?,
         &format!(
             "both enforcers enforce version 2 ({:.0} ms after the apply)",
             t.elapsed().as_secs_f64() * 1000.0
@@ -280,7 +280,7 @@ fn run(d: &Demo) -> Result<()> {
     print!("{}", d.run_ctl(&["policy", "history"])?);
     print!("{}", d.run_ctl(&["policy", "rollback", "1", "-m", "back to the reviewed version"])?);
     let t = Instant::now();
-    while !enforced("3")? && t.elapsed() < Duration::from_secs(10) {
+    while !enforced(3)? && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
     }
     check(
@@ -303,7 +303,7 @@ fn run(d: &Demo) -> Result<()> {
     let count = |r: &str| {
         v.as_array()
             .and_then(|a| a.iter().find(|c| c["reason"] == r))
-            .and_then(|c| c["packets"].as_str()?.parse::<u64>().ok())
+            .and_then(|c| c["packets"].as_u64())
             .unwrap_or(0)
     };
     println!(
