@@ -742,3 +742,40 @@ fn flows_and_listings_in_every_output_format() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v[0]["cookie"].is_u64() && v[0]["keys"].is_u64(), "{out}");
 }
+
+/// The API socket's directory: one that exists keeps its mode (a sticky, world-writable
+/// directory stays so); one the daemon creates, with its missing parents, is 0755.
+#[test]
+fn the_socket_directory_keeps_its_mode_unless_the_daemon_created_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    ztseg_integration::require_root();
+    let lab = Lab::new(2);
+    let mut d = write_config(&lab, "zsock");
+    let shared = std::env::temp_dir().join(unique("zsock-shared"));
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let created = std::env::temp_dir().join(unique("zsock-new"));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let (config, original) = (std::fs::read_to_string(&d.config).unwrap(), d.socket.display().to_string());
+    for socket in [shared.join("enforcer.sock"), created.join("run/ztseg/enforcer.sock")] {
+        d.stop("-TERM");
+        std::fs::write(
+            &d.config,
+            config
+                .replace(&format!("socket = \"{original}\""), &format!("socket = \"{}\"", socket.display())),
+        )
+        .unwrap();
+        d.socket.clone_from(&socket);
+        d.start();
+        wait_ready(&lab.host, &d);
+        let (ok, out) = d.cli(&["enforcer", "status"]);
+        assert!(ok, "{out}");
+        assert_eq!(mode(&socket), 0o600);
+    }
+    assert_eq!(mode(&shared), 0o1777, "an existing directory keeps its mode");
+    for dir in [created.join("run/ztseg"), created.join("run"), created.clone()] {
+        assert_eq!(mode(&dir), 0o755, "{}", dir.display());
+    }
+    let _ = std::fs::remove_dir_all(shared);
+    let _ = std::fs::remove_dir_all(created);
+}
