@@ -8,17 +8,28 @@
 //! configured prefix). Pods whose addresses fall in an allowed block are allowed by identity,
 //! because the data plane resolves pod addresses exactly before it looks at CIDRs.
 //!
+//! The host the enforcer runs on has identity `IDENTITY_HOST` (its addresses, registered by
+//! the daemon). As upstream `NetworkPolicy` requires, traffic from a pod's own node is
+//! allowed into the pod whatever its policies: every ingress-isolated pod's rule holds a key
+//! for `IDENTITY_HOST` on every protocol and port. An `ipBlock` that contains one of the
+//! host's addresses (and does not except it) allows `IDENTITY_HOST` as well, since those
+//! addresses resolve to it rather than to a CIDR identity.
+//!
 //! A prefix keeps its CIDR identity for as long as it is installed, and a new prefix never
 //! gets a number an installed one holds, so a number never changes meaning while a rule may
 //! refer to it. [`sync_rules`] installs new prefixes first, then the rules, and removes the
 //! prefixes the new version no longer names only once no rule refers to them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use anyhow::{Result, bail};
 use enforcer::Rule;
 use enforcer_common::{
-    DIR_EGRESS, DIR_INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PORT_ANY, PROTO_ANY, PolicyKey,
+    DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PORT_ANY, PROTO_ANY,
+    PolicyKey,
 };
 use ztseg_policy::{Cluster, IpNetwork, Isolation, PeerMatch, PodPolicy, PortMatch, Protocol};
 
@@ -65,16 +76,18 @@ fn proto(p: Protocol) -> u8 {
     }
 }
 
+/// What the compiler needs to know about the host and the data plane besides the policy.
+#[derive(Debug, Default)]
+pub struct Context {
+    /// CIDR prefixes the data plane holds now, with their identities ([`installed_cidrs`]):
+    /// prefixes that stay keep theirs, new ones get numbers none of them holds.
+    pub installed: BTreeMap<IpNetwork, u32>,
+    /// The host's own addresses (identity `IDENTITY_HOST`); none offline.
+    pub host: BTreeSet<IpAddr>,
+}
+
 /// Compile `eval` (from `ztseg_policy::evaluate`) for pods with identities `identity[i]`.
-/// `installed` holds the CIDR prefixes the data plane has now, with their identities
-/// ([`installed_cidrs`]): prefixes that stay keep theirs, new ones get numbers none of them
-/// holds.
-pub fn compile(
-    cluster: &Cluster,
-    eval: &[PodPolicy],
-    identity: &[u32],
-    installed: &BTreeMap<IpNetwork, u32>,
-) -> Result<Compiled> {
+pub fn compile(cluster: &Cluster, eval: &[PodPolicy], identity: &[u32], ctx: &Context) -> Result<Compiled> {
     let mut out = Compiled::default();
     // Every prefix any rule names gets an identity, in a stable order.
     let mut prefixes = BTreeSet::new();
@@ -92,7 +105,7 @@ pub fn compile(
             }
         }
     }
-    assign_cidr_identities(&mut out, &prefixes, installed)?;
+    assign_cidr_identities(&mut out, &prefixes, &ctx.installed)?;
     for (pod, pp) in eval.iter().enumerate() {
         let local = identity[pod];
         for (iso, dir) in [(&pp.ingress, DIR_INGRESS), (&pp.egress, DIR_EGRESS)] {
@@ -102,8 +115,12 @@ pub fn compile(
                     keys.insert(Rule::key(dir, local, None, PROTO_ANY, PORT_ANY));
                 }
                 Isolation::Isolated(rules) => {
+                    if dir == DIR_INGRESS {
+                        // Traffic from the pod's own node is always allowed in.
+                        keys.insert(Rule::key(dir, local, Some(IDENTITY_HOST), PROTO_ANY, PORT_ANY));
+                    }
                     for r in rules {
-                        let peers = peer_identities(cluster, identity, &out.cidrs, &r.peers);
+                        let peers = peer_identities(cluster, identity, &out.cidrs, &ctx.host, &r.peers);
                         for pm in &r.ports {
                             for (proto, lo, hi) in port_ranges(*pm)? {
                                 for peer in &peers {
@@ -168,6 +185,7 @@ fn peer_identities(
     cluster: &Cluster,
     identity: &[u32],
     cidrs: &BTreeMap<IpNetwork, u32>,
+    host: &BTreeSet<IpAddr>,
     peers: &[PeerMatch],
 ) -> BTreeSet<Option<u32>> {
     let mut out = BTreeSet::new();
@@ -185,10 +203,14 @@ fn peer_identities(
                         out.insert(Some(*id));
                     }
                 }
+                let inside = |ip: &IpAddr| net.contains(*ip) && !except.iter().any(|e| e.contains(*ip));
                 for (j, pod) in cluster.pods.iter().enumerate() {
-                    if pod.ips.iter().any(|ip| net.contains(*ip) && !except.iter().any(|e| e.contains(*ip))) {
+                    if pod.ips.iter().any(inside) {
                         out.insert(Some(identity[j]));
                     }
+                }
+                if host.iter().any(inside) {
+                    out.insert(Some(IDENTITY_HOST));
                 }
             }
         }
@@ -411,6 +433,46 @@ mod tests {
         let mut out = Compiled::default();
         assign_cidr_identities(&mut out, &nets(prefixes), installed).unwrap();
         out
+    }
+
+    #[test]
+    fn the_host_may_connect_to_every_ingress_isolated_pod() {
+        let pod = |name: &str, ip: &str| ztseg_policy::Pod {
+            name: name.into(),
+            namespace: "default".into(),
+            labels: [("app".to_owned(), name.to_owned())].into(),
+            ips: vec![ip.parse().unwrap()],
+            ports: Vec::new(),
+        };
+        let cluster = Cluster {
+            namespaces: vec![ztseg_policy::Namespace { name: "default".into(), labels: BTreeMap::new() }],
+            pods: vec![pod("a", "10.0.0.1"), pod("b", "10.0.0.2")],
+        };
+        let policies = ztseg_policy::parse_file(
+            std::path::Path::new("p.yaml"),
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec:\n  \
+             podSelector: {matchLabels: {app: a}}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {name: b}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Egress]\n  \
+             egress:\n  - to:\n    - ipBlock: {cidr: 192.168.0.0/16}\n",
+        )
+        .unwrap();
+        let eval = ztseg_policy::evaluate(&cluster, &policies);
+        let ids = [300, 301];
+        let host_key = |dir, local| Rule::key(dir, local, Some(IDENTITY_HOST), PROTO_ANY, PORT_ANY);
+        let ctx = Context { host: ["192.168.1.1".parse().unwrap()].into(), ..Context::default() };
+        let c = compile(&cluster, &eval, &ids, &ctx).unwrap();
+        // a: ingress-isolated with no rule, yet its node may connect; nothing else.
+        assert_eq!(c.keys[&(0, DIR_INGRESS)], [host_key(DIR_INGRESS, 300)].into());
+        // b: not ingress-isolated (any peer); its egress ipBlock holds a host address.
+        assert_eq!(
+            c.keys[&(1, DIR_INGRESS)],
+            [Rule::key(DIR_INGRESS, 301, None, PROTO_ANY, PORT_ANY)].into()
+        );
+        assert!(c.keys[&(1, DIR_EGRESS)].contains(&host_key(DIR_EGRESS, 301)));
+        // Not an egress allowance of its own: without a host address in the block, none.
+        let offline = compile(&cluster, &eval, &ids, &Context::default()).unwrap();
+        assert!(!offline.keys[&(1, DIR_EGRESS)].contains(&host_key(DIR_EGRESS, 301)));
+        assert!(offline.keys[&(0, DIR_INGRESS)].contains(&host_key(DIR_INGRESS, 300)));
     }
 
     #[test]

@@ -331,7 +331,7 @@ pub fn load(path: &Path, extra_policies: &[PathBuf]) -> Result<Suite, Vec<TestEr
     let eval = ztseg_policy::evaluate(&cluster, &network_policies);
     let identities: Vec<u32> =
         cluster.pods.iter().map(|p| identity_of(&format!("{}/{}", p.namespace, p.name))).collect();
-    if let Err(e) = compile::compile(&cluster, &eval, &identities, &BTreeMap::new()) {
+    if let Err(e) = compile::compile(&cluster, &eval, &identities, &compile::Context::default()) {
         checker.error(at, format!("the enforcer would reject these network policies: {e:#}"));
     }
     if !checker.errors.is_empty() {

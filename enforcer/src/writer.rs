@@ -884,6 +884,16 @@ impl Writer {
         Ok(out)
     }
 
+    /// Every exact-address identity entry.
+    pub fn identities(&self) -> Result<Vec<(IpAddr, IdentityInfo)>, Error> {
+        let mut out = Vec::new();
+        for item in &self.identity {
+            let (k, v) = item.map_err(Error::map(map_names::IDENTITY))?;
+            out.push((addr::from_key(k), v));
+        }
+        Ok(out)
+    }
+
     /// Register a workload behind the interface `ifindex` (TC attachment) and map its
     /// addresses to its identity.
     pub fn set_interface_workload(&mut self, ifindex: u32, w: &Workload) -> Result<(), Error> {

@@ -779,3 +779,80 @@ fn the_socket_directory_keeps_its_mode_unless_the_daemon_created_it() {
     let _ = std::fs::remove_dir_all(shared);
     let _ = std::fs::remove_dir_all(created);
 }
+
+/// b isolated in both directions, nothing allowed.
+const ISOLATE_B: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: isolate-b}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress, Egress]\n";
+
+/// Upstream `NetworkPolicy`: traffic into a pod is allowed "if the traffic source is the pod's
+/// local node". A pod isolated in both directions with nothing allowed still takes
+/// connections from its host (replies included); other pods and outside addresses are
+/// dropped. Addresses the host gains are the host's within a second; one it loses is not.
+#[test]
+fn the_pods_own_node_may_always_connect() {
+    ztseg_integration::require_root();
+    let lab = Lab::routed(2);
+    let ext = lab.external(0, &["10.99.0.2"]);
+    let d = started(&lab, "zhost", ISOLATE_B);
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    tcp_echo(b, "10.77.0.2:8080");
+    udp_echo(b, "10.77.0.2:9999");
+    // From the host: its address on hv1, 169.254.1.1.
+    let mut conn = tcp_connect(&lab.host, "10.77.0.2:8080", Duration::from_secs(2)).expect("host -> b");
+    assert!(ztseg_integration::traffic::echo_once(&mut conn, Duration::from_secs(1)), "replies pass");
+    assert!(tcp_connect(a, "10.77.0.2:8080", Duration::from_millis(400)).is_none(), "a -> b dropped");
+    assert!(
+        tcp_connect(&ext, "10.77.0.2:8080", Duration::from_millis(400)).is_none(),
+        "outside -> b dropped"
+    );
+    let (ok, out) =
+        d.cli(&["-o", "json", "explain", "--from", "169.254.1.1", "--to", "default/b", "--port", "8080"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&v[0]["peer_identity"], &v[0]["peer_source"], &v[0]["verdict"]),
+        (&1.into(), &"exact".into(), &"ALLOW".into()),
+        "{out}"
+    );
+    assert!(v[0]["steps"].as_str().unwrap().contains("peer 169.254.1.1: host"), "{out}");
+
+    // An address the host gains is the host's.
+    lab.host.sh("ip addr add 10.98.0.1/32 dev hv1");
+    let from_new = || {
+        ztseg_integration::traffic::udp_roundtrip_from(
+            &lab.host,
+            "10.98.0.1",
+            "10.77.0.2:9999",
+            Duration::from_millis(400),
+        )
+    };
+    let start = Instant::now();
+    while !from_new() {
+        assert!(start.elapsed() < Duration::from_secs(5), "10.98.0.1 never became the host's:\n{}", d.log());
+    }
+    // And one it loses is no longer.
+    lab.host.sh("ip addr del 10.98.0.1/32 dev hv1");
+    let start = Instant::now();
+    loop {
+        let (ok, out) = d.cli(&[
+            "-o",
+            "json",
+            "explain",
+            "--from",
+            "10.98.0.1",
+            "--to",
+            "default/b",
+            "--port",
+            "9999",
+            "--protocol",
+            "UDP",
+        ]);
+        assert!(ok, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if v[0]["peer_source"] == "world" {
+            assert_eq!(v[0]["verdict"], "DROP", "{out}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "10.98.0.1 still the host's: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

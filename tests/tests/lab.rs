@@ -30,6 +30,7 @@ struct Matrix {
 
 /// A lab in a temporary directory; `down` on drop.
 struct TestLab {
+    name: String,
     dir: PathBuf,
     file: PathBuf,
 }
@@ -79,11 +80,19 @@ impl TestLab {
             ),
         )
         .unwrap();
-        let lab = Self { dir, file };
+        let lab = Self { name: name.to_owned(), dir, file };
         let _ = ztseg(&["lab", "down", "-f", lab.path()]);
         let (ok, out, err) = ztseg_env(&["lab", "up", "-f", lab.path()], env);
         assert!(ok, "lab up failed: {out}{err}");
         lab
+    }
+
+    /// Whether a TCP connection from simulated host `h`'s own namespace to `addr` completes.
+    fn host_connects(&self, h: usize, addr: &str) -> bool {
+        let host = ztseg_integration::netns::Netns { name: format!("zl-{}-h{h}", self.name) };
+        let ok = ztseg_integration::traffic::tcp_connect(&host, addr, Duration::from_millis(500)).is_some();
+        std::mem::forget(host); // the lab owns that namespace
+        ok
     }
 
     fn path(&self) -> &str {
@@ -175,6 +184,10 @@ fn network_policy_scenarios() {
         "{NP}metadata: {{name: deny, namespace: x}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Ingress]\n"
     ));
     lab.check("default-deny ingress in x", |f, t, _, _| ns(t) != "x" || f == t);
+    // The pod's own node may still connect (x/a, 10.77.0.1, runs on node1); another node may
+    // not.
+    assert!(lab.host_connects(0, "10.77.0.1:80"), "node1 -> x/a");
+    assert!(!lab.host_connects(1, "10.77.0.1:80"), "node2 -> x/a");
 
     lab.apply(&format!(
         "{NP}metadata: {{name: deny, namespace: x}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n"

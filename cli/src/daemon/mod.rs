@@ -116,6 +116,9 @@ fn serve(cfg: config::Config) -> Result<()> {
                     }
                     tokio::time::sleep(poll.min(Duration::from_secs(1))).await;
                     let mut e = engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if let Err(err) = e.refresh_host_addresses() {
+                        log::error("host addresses", &[("error", &format!("{err:#}"))]);
+                    }
                     e.reload_policy(false);
                     if gc_tick.elapsed() >= Duration::from_secs(1) {
                         gc_tick = tokio::time::Instant::now();
