@@ -255,18 +255,44 @@ fn readyz_waits_for_attachment_and_socket_is_root_only() {
     let pod = Netns::new("ztp");
     lab.host.sh(&format!("ip link add hv1 type veth peer name eth0 netns {} && ip link set hv1 master br0 && ip link set hv1 up", pod.name));
     wait_ready(&lab.host, &d);
-    // Only root may use the API socket.
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", ZTSEG, "enforcer", "status", "--socket"])
-        .arg(&d.socket)
-        .output()
-        .unwrap();
+    // Only root may use the API socket: its mode keeps others from connecting at all ...
+    let as_nobody = || {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                ZTSEG,
+                "enforcer",
+                "status",
+                "--socket",
+            ])
+            .arg(&d.socket)
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody();
     assert!(!out.status.success(), "non-root caller was served");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("connecting to the enforcer"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // ... and should the mode be opened, the peer-credential check refuses the connection.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(d.socket.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = as_nobody();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !err.contains("Permission denied"), "uid 65534: {err}");
+    let start = Instant::now();
+    while !d.log().contains("refused non-root API caller") {
+        assert!(start.elapsed() < Duration::from_secs(5), "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.log().contains("\"uid\":\"65534\""), "{}", d.log());
     let (ok, out) = d.cli(&["enforcer", "status"]);
     assert!(ok && out.contains("true"), "{out}");
 }
@@ -434,6 +460,33 @@ fn policy_reload_metrics_and_malformed_policy() {
     std::thread::sleep(Duration::from_millis(300));
     let body = http(&lab.host, "/metrics").unwrap().1;
     assert_eq!(metric(&body, key), before + 5, "{body}");
+
+    // Exactly four new connections to the port b's policy allows: four new-flow events at
+    // each end (a's egress check, b's ingress check), each counted for its workload.
+    let allowed = |w: &str| {
+        format!(
+            "ztseg_flow_events_total{{workload=\"default/{w}\",tenant=\"\",verdict=\"ALLOW\",reason=\"allow_policy\"}}"
+        )
+    };
+    let (allow_a, allow_b) = (allowed("a"), allowed("b"));
+    let m0 = http(&lab.host, "/metrics").unwrap().1;
+    for _ in 0..4 {
+        let mut c = tcp_connect(a, "10.77.0.2:8080", Duration::from_secs(2)).expect("allowed");
+        assert!(ztseg_integration::traffic::echo_once(&mut c, Duration::from_secs(1)));
+    }
+    let delta = |body: &str, m: &str| metric(body, m) - metric(&m0, m);
+    let start = Instant::now();
+    let mut body = http(&lab.host, "/metrics").unwrap().1;
+    while (delta(&body, &allow_a) < 4 || delta(&body, &allow_b) < 4)
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        body = http(&lab.host, "/metrics").unwrap().1;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let body = http(&lab.host, "/metrics").unwrap().1;
+    assert_eq!((delta(&body, &allow_a), delta(&body, &allow_b)), (4, 4), "new flows by workload:\n{body}");
+    assert_eq!(metric(&body, key), before + 5, "no drop among them:\n{body}");
     assert!(metric(&body, "ztseg_packets_total{reason=\"drop_default\"}") >= 5);
     assert_eq!(metric(&body, "ztseg_ready"), 1);
     assert!(body.contains("ztseg_map_capacity{map=\"policy\"}"));
@@ -855,4 +908,30 @@ fn the_pods_own_node_may_always_connect() {
         assert!(start.elapsed() < Duration::from_secs(5), "10.98.0.1 still the host's: {out}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `ztseg enforcer uninstall` ends enforcement: the pin directory (maps and links) is removed
+/// and traffic the policy denied flows again.
+#[test]
+fn uninstall_removes_enforcement() {
+    ztseg_integration::require_root();
+    let lab = Lab::new(2);
+    let mut d = started(&lab, "zuni", POLICY);
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    tcp_echo(b, "10.77.0.2:8081");
+    assert!(tcp_connect(a, "10.77.0.2:8081", Duration::from_millis(400)).is_none(), "denied by policy");
+    // Stopped, the daemon leaves enforcement in place ...
+    d.stop("-TERM");
+    assert!(tcp_connect(a, "10.77.0.2:8081", Duration::from_millis(400)).is_none(), "still denied");
+    assert!(d.pin_dir.exists());
+    // ... until it is uninstalled.
+    let out = ztseg_integration::clean_command(ZTSEG)
+        .args(["enforcer", "uninstall", "--pin-dir"])
+        .arg(&d.pin_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!d.pin_dir.exists(), "pins removed");
+    let mut conn = tcp_connect(a, "10.77.0.2:8081", Duration::from_secs(2)).expect("no enforcement left");
+    assert!(ztseg_integration::traffic::echo_once(&mut conn, Duration::from_secs(1)));
 }
