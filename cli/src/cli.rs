@@ -138,7 +138,8 @@ enum LabCommands {
     Probe(LabFileArgs),
     /// Re-apply the lab file's policies and labels.
     Apply(LabFileArgs),
-    /// Change labels of a pod (`ns/pod`) or namespace (`ns:NAME`) and re-apply policies.
+    /// Change labels of a pod (`ns/pod`) or namespace (`ns:NAME`) and re-apply policies, until
+    /// the next `lab apply` (which sets the lab file's labels again).
     Label {
         #[command(flatten)]
         file: LabFileArgs,

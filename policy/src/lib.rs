@@ -53,4 +53,4 @@ pub use tenant::{
     TENANT_POLICY_API_VERSION, TENANT_POLICY_KIND, TenantAction, TenantPolicy, TenantPolicyMeta,
     TenantPolicySpec, TenantPort, TenantSelector, tenant_conflicts,
 };
-pub use validate::{FieldError, Seg, path_string};
+pub use validate::{FieldError, Seg, check_label, path_string};

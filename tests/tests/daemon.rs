@@ -670,6 +670,18 @@ fn workloads_registered_at_run_time() {
     // Bad input is refused with the field named; duplicates are refused.
     let (ok, out) = d.cli(&["workload", "add", "default/c", "--interface", "hv1", "--ipv4", "10.77.0.300"]);
     assert!(!ok && out.contains("workload.ipv4"), "{out}");
+    let (ok, out) = d.cli(&[
+        "workload",
+        "add",
+        "default/c",
+        "--label",
+        "app=-c",
+        "--interface",
+        "hv1",
+        "--ipv4",
+        "10.77.0.3",
+    ]);
+    assert!(!ok && out.contains(".labels.app: invalid label value `-c`"), "{out}");
     let (ok, out) = d.cli(&["workload", "add", "default/b", "--interface", "hv1", "--ipv4", "10.77.0.2"]);
     assert!(!ok && out.contains("already exists"), "{out}");
     // Kept across a restart.

@@ -450,6 +450,7 @@ impl Config {
                 ));
             }
         }
+        self.check_labels(name)?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let f = |s: &str| format!("workloads[{i}].{s}");
@@ -472,6 +473,24 @@ impl Config {
             }
             if w.namespace != "default" && !self.namespaces.iter().any(|n| n.name == w.namespace) {
                 return Err(err(f("namespace"), format!("namespace {:?} is not declared", w.namespace)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Namespace and workload labels follow Kubernetes label syntax.
+    fn check_labels(&self, name: &str) -> Result<(), ConfigError> {
+        let namespaces =
+            self.namespaces.iter().enumerate().map(|(i, n)| (format!("namespaces[{i}]"), &n.labels));
+        let workloads =
+            self.workloads.iter().enumerate().map(|(i, w)| (format!("workloads[{i}]"), &w.labels));
+        for (at, labels) in namespaces.chain(workloads) {
+            for (k, v) in labels {
+                ztseg_policy::check_label(k, v).map_err(|message| ConfigError {
+                    source_name: name.into(),
+                    field: format!("{at}.labels.{k}"),
+                    message,
+                })?;
             }
         }
         Ok(())
@@ -623,6 +642,24 @@ mod tests {
         assert!(load("", &[]).unwrap().local_delivery);
         assert!(!load("local_delivery = false\n", &[]).unwrap().local_delivery);
         assert!(!load("", &[("ZTSEG_LOCAL_DELIVERY", "false")]).unwrap().local_delivery);
+    }
+
+    #[test]
+    fn labels_follow_kubernetes_label_syntax() {
+        let w = |labels: &str| {
+            format!(
+                "[[workloads]]\nname = \"a\"\nipv4 = \"10.0.0.1\"\ninterface = \"v\"\nlabels = {{ {labels} }}\n"
+            )
+        };
+        assert!(load(&w("app = \"web\", \"example.com/tier\" = \"\""), &[]).is_ok());
+        let e = load(&w("\"bad key\" = \"x\""), &[]).unwrap_err();
+        assert_eq!(e.field, "workloads[0].labels.bad key", "{e}");
+        assert!(e.message.contains("invalid label key `bad key`"), "{e}");
+        let e = load(&w("app = \"-web\""), &[]).unwrap_err();
+        assert_eq!(e.field, "workloads[0].labels.app", "{e}");
+        assert!(e.message.contains("invalid label value `-web`"), "{e}");
+        let e = load("[[namespaces]]\nname = \"x\"\nlabels = { team = \"a b\" }\n", &[]).unwrap_err();
+        assert_eq!(e.field, "namespaces[0].labels.team", "{e}");
     }
 
     #[test]

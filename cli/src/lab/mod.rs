@@ -812,8 +812,18 @@ fn restart_daemons(state: &mut LabState, exe: &Path) -> Result<()> {
 }
 
 /// `ztseg lab label -f LAB.yaml [ns/]pod|ns:NAME key=value|key- ...`: change labels of a pod
-/// or namespace and re-apply the lab file's policies.
+/// or namespace and re-apply the lab file's policies. The change lasts until the next `lab
+/// apply`, which sets every label from the lab file again.
 pub fn label(lab_path: &Path, target: &str, changes: &[String], exe: &Path) -> Result<LabState> {
+    for c in changes {
+        let (k, v) = match c.strip_suffix('-') {
+            Some(k) if !c.contains('=') => (k, ""),
+            _ => c
+                .split_once('=')
+                .with_context(|| format!("label change {c:?}: expected key=value or key-"))?,
+        };
+        ztseg_policy::check_label(k, v).map_err(|m| anyhow::anyhow!("label change {c:?}: {m}"))?;
+    }
     let lab = LabFile::load(lab_path)?;
     let mut state = LabState::load(lab.name())?;
     let labels = if let Some(ns) = target.strip_prefix("ns:") {
@@ -834,12 +844,14 @@ pub fn label(lab_path: &Path, target: &str, changes: &[String], exe: &Path) -> R
             .labels
     };
     for c in changes {
-        if let Some(k) = c.strip_suffix('-') {
-            labels.remove(k);
-        } else if let Some((k, v)) = c.split_once('=') {
-            labels.insert(k.to_owned(), v.to_owned());
-        } else {
-            bail!("label change {c:?}: expected key=value or key-");
+        match (c.strip_suffix('-'), c.split_once('=')) {
+            (_, Some((k, v))) => {
+                labels.insert(k.to_owned(), v.to_owned());
+            }
+            (Some(k), None) => {
+                labels.remove(k);
+            }
+            (None, None) => bail!("label change {c:?}: expected key=value or key-"),
         }
     }
     restart_daemons(&mut state, exe)?;
@@ -882,4 +894,26 @@ pub fn down(name: &str) -> Result<()> {
     let _ = std::fs::remove_dir_all(Path::new(STATE_DIR).join(name));
     std::fs::remove_file(state_path(name))?;
     if errors.is_empty() { Ok(()) } else { bail!("lab {name} removed with errors:\n{}", errors.join("\n")) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_changes_are_checked_before_anything_happens() {
+        // No lab file and no lab: the change itself is refused first.
+        let nowhere = std::path::Path::new("/nonexistent/lab.yaml");
+        for (change, want) in [
+            ("bad key=x", "invalid label key `bad key`"),
+            ("app=-x", "invalid label value `-x`"),
+            ("tier=front-", "invalid label value `front-`"),
+            ("app", "expected key=value or key-"),
+        ] {
+            let e = super::label(nowhere, "x/a", &[change.to_owned()], nowhere).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains(change), "{change}: {e}");
+        }
+        // A valid change gets as far as the lab file.
+        let e =
+            super::label(nowhere, "x/a", &["app=web".to_owned(), "old-".to_owned()], nowhere).unwrap_err();
+        assert!(e.to_string().contains("reading /nonexistent/lab.yaml"), "{e}");
+    }
 }
