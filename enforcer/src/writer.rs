@@ -884,6 +884,18 @@ impl Writer {
         Ok(out)
     }
 
+    /// Number of CIDR peer entries.
+    #[must_use]
+    pub fn cidr_len(&self) -> usize {
+        self.cidr.keys().count()
+    }
+
+    /// Number of exact-address identity entries.
+    #[must_use]
+    pub fn identity_len(&self) -> usize {
+        self.identity.keys().count()
+    }
+
     /// Every exact-address identity entry.
     pub fn identities(&self) -> Result<Vec<(IpAddr, IdentityInfo)>, Error> {
         let mut out = Vec::new();
@@ -892,6 +904,12 @@ impl Writer {
             out.push((addr::from_key(k), v));
         }
         Ok(out)
+    }
+
+    /// Number of admin-tier entries.
+    #[must_use]
+    pub fn admin_len(&self) -> usize {
+        self.admin_owners.len()
     }
 
     /// Register a workload behind the interface `ifindex` (TC attachment) and map its

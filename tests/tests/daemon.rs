@@ -492,6 +492,14 @@ fn policy_reload_metrics_and_malformed_policy() {
     assert!(body.contains("ztseg_map_capacity{map=\"policy\"}"));
     // [maps] sizes the maps it creates: conntrack 4096 for each address family.
     assert_eq!(metric(&body, "ztseg_map_capacity{map=\"conntrack\"}"), 8192, "{body}");
+    // Map pressure covers the admin tier, identities and CIDR peers too: no tenant policy and
+    // no ipBlock here; a and b (and the host's addresses) have identities.
+    assert_eq!(metric(&body, "ztseg_map_capacity{map=\"identity\"}"), 65_536, "{body}");
+    assert!(metric(&body, "ztseg_map_entries{map=\"identity\"}") >= 2, "{body}");
+    for map in ["admin", "cidr"] {
+        assert!(body.contains(&format!("ztseg_map_entries{{map=\"{map}\"}} 0\n")), "{map}: {body}");
+        assert!(metric(&body, &format!("ztseg_map_capacity{{map=\"{map}\"}}")) > 0, "{map}: {body}");
+    }
 
     // A malformed file is rejected with file, position and field; the policy in force stays.
     std::fs::write(d.dir.join("policies/bad.yaml"), "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress:\n  - ports:\n    - {port: 70000}\n").unwrap();
@@ -728,11 +736,15 @@ fn cidr_peers_follow_policy_versions() {
     assert!(passes("192.168.77.2"), "v2 allows 192.168.0.0/16");
     assert!(dropped("10.99.0.2"), "v2 no longer allows 10.99.0.0/16");
 
+    let cidrs = || metric(&http(&lab.host, "/metrics").unwrap().1, "ztseg_map_entries{map=\"cidr\"}");
+    assert_eq!(cidrs(), 1, "only v2's prefix is installed");
     set_policy(&d, &b_from_block("{cidr: 10.0.0.0/8, except: [10.99.0.0/16]}"));
+    assert_eq!(cidrs(), 2, "v3: the block and its except");
     assert!(dropped("10.99.0.2"), "v3 excepts 10.99.0.0/16");
     assert!(dropped("192.168.77.2"), "v3 no longer allows 192.168.0.0/16");
     set_policy(&d, &b_from_block("{cidr: 10.0.0.0/8}"));
     assert!(passes("10.99.0.2"), "v4 drops the except: 10.99.0.2 is in 10.0.0.0/8");
+    assert_eq!(cidrs(), 1, "the except is gone from the map");
 
     // Changed while the daemon is down: the restarted daemon finds 10.0.0.0/8 in the pins.
     d.stop("-TERM");
@@ -741,6 +753,7 @@ fn cidr_peers_follow_policy_versions() {
     wait_ready(&lab.host, &d);
     assert!(passes("192.168.77.2"), "after the restart 192.168.0.0/16 is allowed");
     assert!(dropped("10.99.0.2"), "after the restart 10.0.0.0/8 is gone");
+    assert_eq!(cidrs(), 1, "after the restart");
 }
 
 /// `ztseg flows` in each output format: a table line, one JSON object per line, one YAML

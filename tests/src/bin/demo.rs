@@ -113,6 +113,7 @@ fn main() -> Result<()> {
     match (&result, down) {
         (Ok(()), Ok(_)) => {
             println!("\nztseg demo finished: every step held; lab, enforcers and pins removed.");
+            where_next(demo.lab_arg());
         }
         (Err(e), _) => eprintln!("\nztseg demo FAILED: {e:#}"),
         (Ok(()), Err(e)) => eprintln!("\nztseg demo: cleanup failed: {e:#}"),
@@ -321,7 +322,14 @@ fn run(d: &Demo) -> Result<()> {
         "same-host traffic (cache -> db) took local delivery, checks included",
     )?;
 
-    println!("\nWhere to look next (while a lab is up):");
+    Ok(())
+}
+
+/// What to try next. The demo has taken its lab down by now: the commands start with
+/// bringing it up again.
+fn where_next(lab: &str) {
+    println!("\nWhere to look next: the demo removed its lab; bring it up again first (as root):");
+    println!("  up:       ztseg lab up -f {lab}");
     println!("  metrics:  ip netns exec zl-demo-h1 curl -s 127.0.0.1:9464/metrics   (readiness: /readyz)");
     println!("  flows:    ztseg flows --socket {} --verdict DROP", Demo::socket("node2"));
     println!("  status:   ztseg enforcer status --socket {}", Demo::socket("node2"));
@@ -332,6 +340,6 @@ fn run(d: &Demo) -> Result<()> {
     println!("  policy:   ip netns exec zl-demo-ctl env ZTSEG_CONTROLLER=10.75.0.1:7443 \\");
     println!("              ZTSEG_IDENTITY_DIR=/run/ztseg/lab/demo/controller/admin ztseg policy history");
     println!("  audit:    /run/ztseg/lab/demo/siem.jsonl (OCSF JSON lines)   (docs/controller.md)");
+    println!("  down:     ztseg lab down -f {lab}");
     println!("  your own: ztseg lab up|probe|explain|apply|label|down -f YOUR-LAB.yaml   (docs/lab.md)");
-    Ok(())
 }
