@@ -19,7 +19,9 @@
 //! Above `NetworkPolicy` sits ztseg's admin tier, [`TenantPolicy`] (`ztseg.io/v1alpha1`): rules
 //! between tenants that `NetworkPolicy` cannot override, on top of a default cross-tenant deny.
 //! [`parse_documents`] reads files mixing both kinds; [`TenantPolicy::keys`] gives the admin-tier
-//! keys a policy compiles to and [`tenant_conflicts`] checks them across files.
+//! keys a policy compiles to and [`tenant_conflicts`] checks them across files. [`parse_set`]
+//! reads the files of a policy set (an enforcer's policy directory) with the checks across
+//! files, each error located in its file.
 
 #![forbid(unsafe_code)]
 
