@@ -143,7 +143,8 @@ enum LabCommands {
     },
     /// Re-apply the lab file's policies and labels.
     Apply(LabFileArgs),
-    /// Change labels of a pod (`ns/pod`) or namespace (`ns:NAME`) and re-apply policies.
+    /// Change labels of a pod (`ns/pod`) or namespace (`ns:NAME`) and re-apply policies, until
+    /// the next `lab apply` (which sets the lab file's labels again).
     Label {
         #[command(flatten)]
         file: LabFileArgs,
@@ -545,6 +546,25 @@ enum PolicyCommands {
     },
 }
 
+/// Every environment variable an argument of the `ztseg` CLI reads (`ZTSEG_CONTROLLER`,
+/// `ZTSEG_IDENTITY_DIR`, ...).
+#[must_use]
+pub fn client_env_vars() -> std::collections::BTreeSet<String> {
+    fn walk(cmd: &clap::Command, out: &mut std::collections::BTreeSet<String>) {
+        for arg in cmd.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                out.insert(env.to_string_lossy().into_owned());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&Cli::command(), &mut out);
+    out
+}
+
 /// Parse the process arguments and run; the binary's whole `main`.
 #[must_use]
 pub fn main() -> ExitCode {
@@ -647,20 +667,20 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
                 .into_iter()
                 .map(|t| {
                     vec![
-                        ("id", t.id),
-                        ("role", t.role),
-                        ("name", t.name),
+                        ("id", t.id.into()),
+                        ("role", t.role.into()),
+                        ("name", t.name.into()),
                         (
                             "created",
                             if t.created_unix_ms == 0 {
-                                String::new()
+                                serde_json::Value::Null
                             } else {
-                                ctl::time_str(t.created_unix_ms)
+                                ctl::time_str(t.created_unix_ms).into()
                             },
                         ),
-                        ("expires", ctl::time_str(t.expires_unix_ms)),
-                        ("created_by", t.created_by),
-                        ("cert_days", (t.cert_ttl_seconds / 86_400).to_string()),
+                        ("expires", ctl::time_str(t.expires_unix_ms).into()),
+                        ("created_by", t.created_by.into()),
+                        ("cert_days", (t.cert_ttl_seconds / 86_400).into()),
                     ]
                 })
                 .collect();
@@ -677,12 +697,12 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
                 .into_iter()
                 .map(|e| {
                     vec![
-                        ("enforcer", e.name),
-                        ("enforced_version", e.enforced_version.to_string()),
-                        ("current_version", r.current_version.to_string()),
-                        ("in_sync", (e.enforced_version == r.current_version).to_string()),
-                        ("last_seen", ctl::time_str(e.last_seen_unix_ms)),
-                        ("policy_error", e.policy_error),
+                        ("enforcer", e.name.into()),
+                        ("enforced_version", e.enforced_version.into()),
+                        ("current_version", r.current_version.into()),
+                        ("in_sync", (e.enforced_version == r.current_version).into()),
+                        ("last_seen", ctl::time_str(e.last_seen_unix_ms).into()),
+                        ("policy_error", e.policy_error.into()),
                     ]
                 })
                 .collect();
@@ -709,9 +729,7 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
             );
         }
         Commands::Audit { command: AuditCommands::List { ctl: a, from, limit } } => {
-            for r in ctl::audit_list(&a, from, limit).await? {
-                println!("{r}");
-            }
+            print_audit(&ctl::audit_list(&a, from, limit).await?, output)?;
         }
         Commands::Audit { command: AuditCommands::Verify { archive: Some(f), anchors, .. } } => {
             return crate::archive::verify(&f, &anchors);
@@ -786,16 +804,20 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
                 .into_iter()
                 .map(|v| {
                     vec![
-                        ("version", v.version.to_string()),
-                        ("time", ctl::time_str(v.time_unix_ms)),
-                        ("actor", v.actor),
-                        ("documents", v.documents.to_string()),
-                        ("change", v.summary),
+                        ("version", v.version.into()),
+                        ("time", ctl::time_str(v.time_unix_ms).into()),
+                        ("actor", v.actor.into()),
+                        ("documents", v.documents.into()),
+                        ("change", v.summary.into()),
                         (
                             "rolled_back_to",
-                            if v.rolled_back_to == 0 { String::new() } else { v.rolled_back_to.to_string() },
+                            if v.rolled_back_to == 0 {
+                                serde_json::Value::Null
+                            } else {
+                                v.rolled_back_to.into()
+                            },
                         ),
-                        ("message", v.message),
+                        ("message", v.message.into()),
                     ]
                 })
                 .collect();
@@ -823,6 +845,55 @@ async fn controller_cmd(command: Commands, output: Output) -> Result<ExitCode> {
         _ => unreachable!("dispatched by run()"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Audit records (JSON text, as stored): a table of their main fields; with `-o json` a JSON
+/// array holding each record byte for byte as stored (so its hash can be recomputed); with
+/// `-o yaml` the records as YAML.
+fn print_audit(records: &[String], output: Output) -> Result<()> {
+    match output {
+        Output::Json => {
+            println!("[");
+            for (i, r) in records.iter().enumerate() {
+                println!("{r}{}", if i + 1 < records.len() { "," } else { "" });
+            }
+            println!("]");
+            Ok(())
+        }
+        Output::Table | Output::Yaml => {
+            let parsed = records
+                .iter()
+                .map(|r| serde_json::from_str::<serde_json::Value>(r))
+                .collect::<Result<Vec<_>, _>>()
+                .context("the controller sent an audit record that is not JSON")?;
+            if output == Output::Yaml {
+                print!("{}", serde_yaml::to_string(&parsed)?);
+                return Ok(());
+            }
+            let rows = parsed
+                .into_iter()
+                .map(|r| {
+                    vec![
+                        ("seq", r["seq"].clone()),
+                        ("time", crate::ctl::time_str(r["time_ms"].as_i64().unwrap_or(0)).into()),
+                        ("actor", r["actor"].clone()),
+                        ("action", r["action"].clone()),
+                        ("outcome", r["outcome"].clone()),
+                        ("detail", shorten(&r["detail"].to_string(), 100).into()),
+                    ]
+                })
+                .collect();
+            print_rows(&rows, output)
+        }
+    }
+}
+
+/// `s`, cut to at most `max` characters (an ellipsis marks the cut).
+fn shorten(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_owned(),
+    }
 }
 
 fn print_rows(rows: &crate::client::Rows, output: Output) -> Result<()> {
@@ -865,17 +936,17 @@ fn print_explain(checks: Vec<ztseg_api::enforcer::CheckExplanation>, output: Out
         .into_iter()
         .map(|c| {
             vec![
-                ("workload", c.workload),
-                ("direction", c.direction),
-                ("peer", c.peer),
-                ("peer_identity", c.peer_identity.to_string()),
-                ("peer_tenant", c.peer_tenant.to_string()),
-                ("peer_source", c.peer_source),
-                ("verdict", c.verdict),
-                ("reason", c.reason),
-                ("cookie", c.cookie.to_string()),
-                ("owner", c.owner),
-                ("steps", c.steps.join("\n")),
+                ("workload", c.workload.into()),
+                ("direction", c.direction.into()),
+                ("peer", c.peer.into()),
+                ("peer_identity", c.peer_identity.into()),
+                ("peer_tenant", c.peer_tenant.into()),
+                ("peer_source", c.peer_source.into()),
+                ("verdict", c.verdict.into()),
+                ("reason", c.reason.into()),
+                ("cookie", c.cookie.into()),
+                ("owner", c.owner.into()),
+                ("steps", c.steps.join("\n").into()),
             ]
         })
         .collect();
@@ -895,27 +966,27 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
             let st =
                 crate::client::connect(&s.socket).await?.status(pb::StatusRequest {}).await?.into_inner();
             let rows = vec![vec![
-                ("node", st.node),
-                ("ready", st.ready.to_string()),
-                ("attached", st.attached.to_string()),
-                ("policy_loaded", st.policy_loaded.to_string()),
-                ("policy_version", st.policy_version.to_string()),
-                ("workloads", st.workloads.to_string()),
-                ("rules", st.rules.to_string()),
-                ("grants", st.grants.to_string()),
-                ("pin_dir", st.pin_dir),
-                ("policy_source", st.policy_source),
-                ("controller_version", st.controller_version.to_string()),
-                ("controller_connected", st.controller_connected.to_string()),
-                ("policy_stale", st.policy_stale.to_string()),
-                ("controller_retry_ms", st.controller_retry_ms.to_string()),
-                ("local_delivery", st.local_delivery.to_string()),
-                ("event_rate_limit", st.event_rate_limit.to_string()),
-                ("event_burst", st.event_burst.to_string()),
-                ("event_rate_limit_total", st.event_rate_limit_total.to_string()),
-                ("event_burst_total", st.event_burst_total.to_string()),
-                ("policy_error", st.policy_error),
-                ("controller_error", st.controller_error),
+                ("node", st.node.into()),
+                ("ready", st.ready.into()),
+                ("attached", st.attached.into()),
+                ("policy_loaded", st.policy_loaded.into()),
+                ("policy_version", st.policy_version.into()),
+                ("workloads", st.workloads.into()),
+                ("rules", st.rules.into()),
+                ("grants", st.grants.into()),
+                ("pin_dir", st.pin_dir.into()),
+                ("policy_source", st.policy_source.into()),
+                ("controller_version", st.controller_version.into()),
+                ("controller_connected", st.controller_connected.into()),
+                ("policy_stale", st.policy_stale.into()),
+                ("controller_retry_ms", st.controller_retry_ms.into()),
+                ("local_delivery", st.local_delivery.into()),
+                ("event_rate_limit", st.event_rate_limit.into()),
+                ("event_burst", st.event_burst.into()),
+                ("event_rate_limit_total", st.event_rate_limit_total.into()),
+                ("event_burst_total", st.event_burst_total.into()),
+                ("policy_error", st.policy_error.into()),
+                ("controller_error", st.controller_error.into()),
             ]];
             print_rows(&rows, output)?;
         }
@@ -932,14 +1003,14 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                     let mut labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     labels.sort();
                     vec![
-                        ("workload", format!("{}/{}", w.namespace, w.name)),
-                        ("identity", w.identity.to_string()),
-                        ("tenant", w.tenant),
-                        ("mode", w.mode),
-                        ("interface", w.interface),
-                        ("ipv4", w.ipv4),
-                        ("ipv6", w.ipv6),
-                        ("labels", labels.join(",")),
+                        ("workload", format!("{}/{}", w.namespace, w.name).into()),
+                        ("identity", w.identity.into()),
+                        ("tenant", w.tenant.into()),
+                        ("mode", w.mode.into()),
+                        ("interface", w.interface.into()),
+                        ("ipv4", w.ipv4.into()),
+                        ("ipv6", w.ipv6.into()),
+                        ("labels", labels.join(",").into()),
                     ]
                 })
                 .collect();
@@ -1004,11 +1075,11 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                 .into_iter()
                 .map(|r| {
                     vec![
-                        ("cookie", r.cookie.to_string()),
-                        ("owner", r.owner),
-                        ("action", r.action),
-                        ("keys", r.keys.to_string()),
-                        ("expires_in", ms(r.expires_in_ms)),
+                        ("cookie", r.cookie.into()),
+                        ("owner", r.owner.into()),
+                        ("action", r.action.into()),
+                        ("keys", r.keys.into()),
+                        ("expires_in", ms(r.expires_in_ms).into()),
                     ]
                 })
                 .collect();
@@ -1073,13 +1144,20 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                         ev.cookie,
                         ev.workload
                     ),
-                    _ => println!(
-                        "{}",
-                        serde_json::json!({"ts_ns": ev.ts_ns, "verdict": ev.verdict, "reason": ev.reason, "cookie": ev.cookie,
-                            "workload": ev.workload, "peer": ev.peer, "tenant": ev.tenant, "direction": ev.direction,
-                            "src": ev.src, "dst": ev.dst, "sport": ev.sport, "dport": ev.dport, "protocol": ev.protocol})
-                    ),
+                    Output::Json | Output::Yaml => {
+                        let v = serde_json::json!({"ts_ns": ev.ts_ns, "verdict": ev.verdict, "reason": ev.reason,
+                            "cookie": ev.cookie, "workload": ev.workload, "peer": ev.peer, "tenant": ev.tenant,
+                            "direction": ev.direction, "src": ev.src, "dst": ev.dst, "sport": ev.sport,
+                            "dport": ev.dport, "protocol": ev.protocol});
+                        // A stream: one JSON object per line, or one YAML document per event.
+                        if output == Output::Json {
+                            println!("{v}");
+                        } else {
+                            print!("---\n{}", serde_yaml::to_string(&v)?);
+                        }
+                    }
                 }
+                std::io::Write::flush(&mut std::io::stdout())?;
                 seen += 1;
                 if count.is_some_and(|c| seen >= c) {
                     break;
@@ -1091,7 +1169,7 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
             let rows = r
                 .counters
                 .into_iter()
-                .map(|c| vec![("reason", c.reason), ("packets", c.packets.to_string())])
+                .map(|c| vec![("reason", c.reason.into()), ("packets", c.packets.into())])
                 .collect();
             print_rows(&rows, output)?;
         }
@@ -1100,40 +1178,37 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn grant_row(g: ztseg_api::enforcer::Grant) -> Vec<(&'static str, String)> {
+fn grant_row(g: ztseg_api::enforcer::Grant) -> Vec<(&'static str, serde_json::Value)> {
     vec![
-        ("cookie", g.cookie.to_string()),
-        ("from", g.from),
-        ("to", g.to),
-        ("protocol", g.protocol),
-        ("port", g.port.to_string()),
-        ("expires_in", ms(g.expires_in_ms)),
-        ("reason", g.reason),
+        ("cookie", g.cookie.into()),
+        ("from", g.from.into()),
+        ("to", g.to.into()),
+        ("protocol", g.protocol.into()),
+        ("port", g.port.into()),
+        ("expires_in", ms(g.expires_in_ms).into()),
+        ("reason", g.reason.into()),
     ]
 }
 
+/// `ztseg policy validate`: the files as one set, as an enforcer loading them would check it.
 fn validate(paths: &[PathBuf]) -> Result<ExitCode> {
     let files = lab::spec::yaml_files(paths)?;
-    let mut errors = 0;
-    let mut policies = 0;
+    let mut texts = Vec::new();
     for f in &files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        match ztseg_policy::parse_documents(f, &text) {
-            Ok(p) => policies += p.len(),
-            Err(es) => {
-                for e in &es {
-                    eprintln!("{e}");
-                }
-                errors += es.len();
-            }
-        }
+        texts.push(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?);
     }
-    if errors == 0 {
-        println!("{policies} policies in {} files: valid", files.len());
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("{errors} errors");
-        Ok(ExitCode::FAILURE)
+    match ztseg_policy::parse_set(files.iter().map(PathBuf::as_path).zip(texts.iter().map(String::as_str))) {
+        Ok(policies) => {
+            println!("{} policies in {} files: valid", policies.len(), files.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            eprintln!("{} errors", errors.len());
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 

@@ -27,18 +27,29 @@ pub async fn connect(socket: &Path) -> Result<Client> {
     Ok(EnforcerClient::new(channel))
 }
 
-/// Rows of (column, value) in column order.
-pub type Rows = Vec<Vec<(&'static str, String)>>;
+/// Rows of (column, value) in column order. Values keep their type (numbers, booleans,
+/// strings; `null` for "none") in JSON and YAML; a table shows them as text.
+pub type Rows = Vec<Vec<(&'static str, serde_json::Value)>>;
+
+/// A value as a table shows it: strings as they are, `null` as nothing.
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
 
 /// Render rows as an aligned table.
 #[must_use]
 pub fn table(rows: &Rows) -> String {
     let Some(first) = rows.first() else { return "(none)\n".into() };
     let cols: Vec<&str> = first.iter().map(|(c, _)| *c).collect();
+    let cells: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|(_, v)| text(v)).collect()).collect();
     let widths: Vec<usize> = cols
         .iter()
         .enumerate()
-        .map(|(i, c)| rows.iter().map(|r| r[i].1.len()).max().unwrap_or(0).max(c.len()))
+        .map(|(i, c)| cells.iter().map(|r| r[i].len()).max().unwrap_or(0).max(c.len()))
         .collect();
     let mut out = String::new();
     let line = |cells: Vec<&str>| {
@@ -54,22 +65,18 @@ pub fn table(rows: &Rows) -> String {
     };
     let header: Vec<String> = cols.iter().map(|c| c.to_uppercase()).collect();
     out.push_str(&line(header.iter().map(String::as_str).collect()));
-    for r in rows {
-        out.push_str(&line(r.iter().map(|(_, v)| v.as_str()).collect()));
+    for r in &cells {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
     out
 }
 
-/// Rows as a JSON array of objects (values stay strings, as shown).
+/// Rows as a JSON array of objects.
 #[must_use]
 pub fn json_value(rows: &Rows) -> serde_json::Value {
     serde_json::Value::Array(
         rows.iter()
-            .map(|r| {
-                serde_json::Value::Object(
-                    r.iter().map(|(k, v)| ((*k).to_owned(), serde_json::Value::String(v.clone()))).collect(),
-                )
-            })
+            .map(|r| serde_json::Value::Object(r.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()))
             .collect(),
     )
 }

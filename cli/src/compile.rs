@@ -7,28 +7,52 @@
 //! inside the cidr that is not inside an except (the LPM lookup gives an address its longest
 //! configured prefix). Pods whose addresses fall in an allowed block are allowed by identity,
 //! because the data plane resolves pod addresses exactly before it looks at CIDRs.
+//!
+//! The host the enforcer runs on has identity `IDENTITY_HOST` (its addresses, registered by
+//! the daemon). As upstream `NetworkPolicy` requires, traffic from a pod's own node is
+//! allowed into the pod whatever its policies: every ingress-isolated pod's rule holds a key
+//! for `IDENTITY_HOST` on every protocol and port. An `ipBlock` that contains one of the
+//! host's addresses (and does not except it) allows `IDENTITY_HOST` as well, since those
+//! addresses resolve to it rather than to a CIDR identity.
+//!
+//! A prefix keeps its CIDR identity for as long as it is installed, and a new prefix never
+//! gets a number an installed one holds, so a number never changes meaning while a rule may
+//! refer to it. [`sync_rules`] installs new prefixes first, then the rules, and removes the
+//! prefixes the new version no longer names only once no rule refers to them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use anyhow::{Result, bail};
 use enforcer::Rule;
 use enforcer_common::{
-    DIR_EGRESS, DIR_INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PORT_ANY, PROTO_ANY, PolicyKey,
+    DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PORT_ANY, PROTO_ANY,
+    PolicyKey,
 };
 use ztseg_policy::{Cluster, IpNetwork, Isolation, PeerMatch, PodPolicy, PortMatch, Protocol};
 
-/// First identity number of CIDR peers.
-pub const CIDR_IDENTITY_BASE: u32 = 1_000_000;
-/// Largest port range expanded into exact keys for one rule.
-pub const MAX_RANGE: u32 = 4096;
+/// First identity number of CIDR peers: above every workload identity
+/// ([`crate::daemon::config::identity_of`] stays below 2^30 + 256).
+pub const CIDR_IDENTITY_BASE: u32 = 1 << 31;
+/// CIDR identities are `CIDR_IDENTITY_BASE .. CIDR_IDENTITY_BASE + CIDR_IDENTITY_SPAN`.
+pub const CIDR_IDENTITY_SPAN: u32 = 1 << 30;
+/// Largest port range expanded into exact keys for one rule (`ztseg_policy::parse_set` refuses
+/// wider ones with the file and position).
+pub const MAX_RANGE: u32 = ztseg_policy::MAX_PORT_RANGE;
 
 /// The compiled form: per pod and direction the keys to allow, plus the CIDR identities.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
     /// (pod index, direction) → keys. A missing entry means "allow nothing".
     pub keys: BTreeMap<(usize, u8), BTreeSet<PolicyKey>>,
-    /// Prefix → CIDR identity.
+    /// Prefix → CIDR identity: every prefix this version names.
     pub cidrs: BTreeMap<IpNetwork, u32>,
+    /// Prefixes of `cidrs` not installed yet.
+    pub new_cidrs: BTreeSet<IpNetwork>,
+    /// Installed prefixes this version no longer names: removed once the rules are replaced.
+    pub stale_cidrs: BTreeSet<IpNetwork>,
 }
 
 impl Compiled {
@@ -52,8 +76,18 @@ fn proto(p: Protocol) -> u8 {
     }
 }
 
+/// What the compiler needs to know about the host and the data plane besides the policy.
+#[derive(Debug, Default)]
+pub struct Context {
+    /// CIDR prefixes the data plane holds now, with their identities ([`installed_cidrs`]):
+    /// prefixes that stay keep theirs, new ones get numbers none of them holds.
+    pub installed: BTreeMap<IpNetwork, u32>,
+    /// The host's own addresses (identity `IDENTITY_HOST`); none offline.
+    pub host: BTreeSet<IpAddr>,
+}
+
 /// Compile `eval` (from `ztseg_policy::evaluate`) for pods with identities `identity[i]`.
-pub fn compile(cluster: &Cluster, eval: &[PodPolicy], identity: &[u32]) -> Result<Compiled> {
+pub fn compile(cluster: &Cluster, eval: &[PodPolicy], identity: &[u32], ctx: &Context) -> Result<Compiled> {
     let mut out = Compiled::default();
     // Every prefix any rule names gets an identity, in a stable order.
     let mut prefixes = BTreeSet::new();
@@ -71,9 +105,7 @@ pub fn compile(cluster: &Cluster, eval: &[PodPolicy], identity: &[u32]) -> Resul
             }
         }
     }
-    for (i, net) in prefixes.iter().enumerate() {
-        out.cidrs.insert(*net, CIDR_IDENTITY_BASE + u32::try_from(i)?);
-    }
+    assign_cidr_identities(&mut out, &prefixes, &ctx.installed)?;
     for (pod, pp) in eval.iter().enumerate() {
         let local = identity[pod];
         for (iso, dir) in [(&pp.ingress, DIR_INGRESS), (&pp.egress, DIR_EGRESS)] {
@@ -83,8 +115,12 @@ pub fn compile(cluster: &Cluster, eval: &[PodPolicy], identity: &[u32]) -> Resul
                     keys.insert(Rule::key(dir, local, None, PROTO_ANY, PORT_ANY));
                 }
                 Isolation::Isolated(rules) => {
+                    if dir == DIR_INGRESS {
+                        // Traffic from the pod's own node is always allowed in.
+                        keys.insert(Rule::key(dir, local, Some(IDENTITY_HOST), PROTO_ANY, PORT_ANY));
+                    }
                     for r in rules {
-                        let peers = peer_identities(cluster, identity, &out.cidrs, &r.peers);
+                        let peers = peer_identities(cluster, identity, &out.cidrs, &ctx.host, &r.peers);
                         for pm in &r.ports {
                             for (proto, lo, hi) in port_ranges(*pm)? {
                                 for peer in &peers {
@@ -105,11 +141,51 @@ pub fn compile(cluster: &Cluster, eval: &[PodPolicy], identity: &[u32]) -> Resul
     Ok(out)
 }
 
+/// Give every prefix of `prefixes` its identity in `out`: the installed one, or for a new
+/// prefix a number derived from the prefix that no installed prefix holds (the next free one
+/// after it when taken). Records which prefixes are new and which installed ones are stale.
+fn assign_cidr_identities(
+    out: &mut Compiled,
+    prefixes: &BTreeSet<IpNetwork>,
+    installed: &BTreeMap<IpNetwork, u32>,
+) -> Result<()> {
+    let mut used: BTreeSet<u32> = installed.values().copied().collect();
+    if prefixes.len() + used.len() >= CIDR_IDENTITY_SPAN as usize {
+        bail!("too many CIDR prefixes");
+    }
+    for net in prefixes {
+        let id = if let Some(id) = installed.get(net) {
+            *id
+        } else {
+            let mut slot = crate::daemon::config::fnv1a(&net.to_string()) % CIDR_IDENTITY_SPAN;
+            while used.contains(&(CIDR_IDENTITY_BASE + slot)) {
+                slot = (slot + 1) % CIDR_IDENTITY_SPAN;
+            }
+            out.new_cidrs.insert(*net);
+            CIDR_IDENTITY_BASE + slot
+        };
+        used.insert(id);
+        out.cidrs.insert(*net, id);
+    }
+    out.stale_cidrs = installed.keys().filter(|n| !prefixes.contains(n)).copied().collect();
+    Ok(())
+}
+
+/// The CIDR prefixes installed in `w`, with their identities.
+pub fn installed_cidrs(w: &enforcer::writer::Writer) -> Result<BTreeMap<IpNetwork, u32>> {
+    let mut out = BTreeMap::new();
+    for (ip, len, info) in w.cidrs()? {
+        out.insert(IpNetwork::new(ip, len)?, info.identity);
+    }
+    Ok(out)
+}
+
 /// `None` = any peer.
 fn peer_identities(
     cluster: &Cluster,
     identity: &[u32],
     cidrs: &BTreeMap<IpNetwork, u32>,
+    host: &BTreeSet<IpAddr>,
     peers: &[PeerMatch],
 ) -> BTreeSet<Option<u32>> {
     let mut out = BTreeSet::new();
@@ -127,10 +203,14 @@ fn peer_identities(
                         out.insert(Some(*id));
                     }
                 }
+                let inside = |ip: &IpAddr| net.contains(*ip) && !except.iter().any(|e| e.contains(*ip));
                 for (j, pod) in cluster.pods.iter().enumerate() {
-                    if pod.ips.iter().any(|ip| net.contains(*ip) && !except.iter().any(|e| e.contains(*ip))) {
+                    if pod.ips.iter().any(inside) {
                         out.insert(Some(identity[j]));
                     }
+                }
+                if host.iter().any(inside) {
+                    out.insert(Some(IDENTITY_HOST));
                 }
             }
         }
@@ -159,8 +239,15 @@ fn port_ranges(pm: PortMatch) -> Result<Vec<(u8, u16, u16)>> {
 
 /// Bring `w` to `compiled` for the pods `local` says this host enforces: install, replace
 /// (make-before-break) or revoke one rule per pod and direction. `ids` names the pods (stable
-/// across restarts); `rules` maps [`owner_id`] → cookie and is updated. Keys for which `reserved` is true (owned by a live
+/// across restarts); `rules` maps [`owner_id`] → cookie and is updated; rules of pods that are
+/// no longer local workloads are revoked. Keys for which `reserved` is true (owned by a live
 /// grant) are left out; re-run after the grant ends.
+///
+/// CIDR prefixes change around the rules: new prefixes first (an address they cover has an
+/// identity no old rule allows, so it is denied until the new rules are in), stale prefixes
+/// last, once every rule is replaced (an address only they cover keeps an identity no new
+/// rule allows until then). At no moment is a flow allowed that neither version allows, and
+/// nothing is removed when a step fails.
 pub fn sync_rules(
     w: &mut enforcer::writer::Writer,
     compiled: &Compiled,
@@ -169,12 +256,14 @@ pub fn sync_rules(
     rules: &mut BTreeMap<String, u32>,
     reserved: impl Fn(&PolicyKey) -> bool,
 ) -> Result<()> {
-    for (net, id) in &compiled.cidrs {
-        w.set_cidr(net.addr(), net.prefix(), *id, 0)?;
+    for net in &compiled.new_cidrs {
+        w.set_cidr(net.addr(), net.prefix(), compiled.cidrs[net], 0)?;
     }
+    let mut wanted = BTreeSet::new();
     for pod in (0..ids.len()).filter(|p| local(*p)) {
         for dir in [DIR_INGRESS, DIR_EGRESS] {
             let id = owner_id(&ids[pod], dir);
+            wanted.insert(id.clone());
             let old = rules.get(&id).copied();
             let mut want = compiled.rule(pod, dir);
             if let Some(r) = &mut want {
@@ -207,7 +296,25 @@ pub fn sync_rules(
             }
         }
     }
+    // Rules of workloads gone from the configuration (or no longer on this node).
+    let orphans: Vec<String> = rules.keys().filter(|o| !wanted.contains(*o)).cloned().collect();
+    for owner in orphans {
+        if let Some(cookie) = rules.remove(&owner) {
+            revoke_if_present(w, cookie)?;
+        }
+    }
+    for net in &compiled.stale_cidrs {
+        w.remove_cidr(net.addr(), net.prefix())?;
+    }
     Ok(())
+}
+
+/// Revoke `cookie`; a rule that is already gone is fine.
+fn revoke_if_present(w: &mut enforcer::writer::Writer, cookie: u32) -> Result<()> {
+    match w.revoke(cookie) {
+        Ok(()) | Err(enforcer::Error::UnknownCookie { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Owner id of a pod's rule in one direction (`"<namespace>/<name>:<direction>"`).
@@ -308,11 +415,98 @@ pub fn sync_admin(
     let gone: Vec<String> = current.keys().filter(|o| !desired.contains_key(*o)).cloned().collect();
     for owner in gone {
         if let Some((cookie, _)) = current.remove(&owner) {
-            match w.revoke(cookie) {
-                Ok(()) | Err(enforcer::Error::UnknownCookie { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            revoke_if_present(w, cookie)?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(v: &[&str]) -> BTreeSet<IpNetwork> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn assign(prefixes: &[&str], installed: &BTreeMap<IpNetwork, u32>) -> Compiled {
+        let mut out = Compiled::default();
+        assign_cidr_identities(&mut out, &nets(prefixes), installed).unwrap();
+        out
+    }
+
+    #[test]
+    fn the_host_may_connect_to_every_ingress_isolated_pod() {
+        let pod = |name: &str, ip: &str| ztseg_policy::Pod {
+            name: name.into(),
+            namespace: "default".into(),
+            labels: [("app".to_owned(), name.to_owned())].into(),
+            ips: vec![ip.parse().unwrap()],
+            ports: Vec::new(),
+        };
+        let cluster = Cluster {
+            namespaces: vec![ztseg_policy::Namespace { name: "default".into(), labels: BTreeMap::new() }],
+            pods: vec![pod("a", "10.0.0.1"), pod("b", "10.0.0.2")],
+        };
+        let policies = ztseg_policy::parse_file(
+            std::path::Path::new("p.yaml"),
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec:\n  \
+             podSelector: {matchLabels: {app: a}}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {name: b}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Egress]\n  \
+             egress:\n  - to:\n    - ipBlock: {cidr: 192.168.0.0/16}\n",
+        )
+        .unwrap();
+        let eval = ztseg_policy::evaluate(&cluster, &policies);
+        let ids = [300, 301];
+        let host_key = |dir, local| Rule::key(dir, local, Some(IDENTITY_HOST), PROTO_ANY, PORT_ANY);
+        let ctx = Context { host: ["192.168.1.1".parse().unwrap()].into(), ..Context::default() };
+        let c = compile(&cluster, &eval, &ids, &ctx).unwrap();
+        // a: ingress-isolated with no rule, yet its node may connect; nothing else.
+        assert_eq!(c.keys[&(0, DIR_INGRESS)], [host_key(DIR_INGRESS, 300)].into());
+        // b: not ingress-isolated (any peer); its egress ipBlock holds a host address.
+        assert_eq!(
+            c.keys[&(1, DIR_INGRESS)],
+            [Rule::key(DIR_INGRESS, 301, None, PROTO_ANY, PORT_ANY)].into()
+        );
+        assert!(c.keys[&(1, DIR_EGRESS)].contains(&host_key(DIR_EGRESS, 301)));
+        // Not an egress allowance of its own: without a host address in the block, none.
+        let offline = compile(&cluster, &eval, &ids, &Context::default()).unwrap();
+        assert!(!offline.keys[&(1, DIR_EGRESS)].contains(&host_key(DIR_EGRESS, 301)));
+        assert!(offline.keys[&(0, DIR_INGRESS)].contains(&host_key(DIR_INGRESS, 300)));
+    }
+
+    #[test]
+    fn a_cidr_identity_never_changes_meaning() {
+        let v1 = assign(&["10.0.0.0/8"], &BTreeMap::new());
+        let ten = v1.cidrs[&"10.0.0.0/8".parse().unwrap()];
+        assert!((CIDR_IDENTITY_BASE..CIDR_IDENTITY_BASE + CIDR_IDENTITY_SPAN).contains(&ten));
+        assert_eq!(v1.new_cidrs, nets(&["10.0.0.0/8"]));
+        // The next version names another prefix only: it gets a number of its own, and the
+        // old prefix is stale (removed after the rules).
+        let v2 = assign(&["192.168.0.0/16"], &v1.cidrs);
+        let other = v2.cidrs[&"192.168.0.0/16".parse().unwrap()];
+        assert_ne!(other, ten);
+        assert_eq!(v2.new_cidrs, nets(&["192.168.0.0/16"]));
+        assert_eq!(v2.stale_cidrs, nets(&["10.0.0.0/8"]));
+        // While both are installed (between the rules and the removal), a prefix that stays
+        // keeps its number and nothing is new.
+        let both: BTreeMap<IpNetwork, u32> =
+            v1.cidrs.iter().chain(&v2.cidrs).map(|(k, v)| (*k, *v)).collect();
+        let v3 = assign(&["10.0.0.0/8", "192.168.0.0/16"], &both);
+        assert_eq!(v3.cidrs, both);
+        assert!(v3.new_cidrs.is_empty() && v3.stale_cidrs.is_empty());
+    }
+
+    #[test]
+    fn a_new_prefix_skips_numbers_installed_prefixes_hold() {
+        let fresh = assign(&["172.16.0.0/12"], &BTreeMap::new());
+        let preferred = fresh.cidrs[&"172.16.0.0/12".parse().unwrap()];
+        // Another prefix already holds that number.
+        let installed: BTreeMap<IpNetwork, u32> = [("10.9.0.0/16".parse().unwrap(), preferred)].into();
+        let c = assign(&["172.16.0.0/12"], &installed);
+        let got = c.cidrs[&"172.16.0.0/12".parse().unwrap()];
+        assert_ne!(got, preferred);
+        assert!((CIDR_IDENTITY_BASE..CIDR_IDENTITY_BASE + CIDR_IDENTITY_SPAN).contains(&got));
+        assert_eq!(c.stale_cidrs, nets(&["10.9.0.0/16"]));
+    }
 }

@@ -18,9 +18,11 @@
 //! 3. The `NetworkPolicy` tier: [`ztseg_policy::evaluate`] and [`ztseg_policy::allowed`] (the
 //!    source's egress and the destination's ingress must both allow).
 //!
-//! A test file is also rejected when the enforcer would refuse its policy set: tenant policies
-//! that conflict across files ([`compile::compile_admin`]) or port ranges the data plane cannot
-//! expand ([`compile::compile`]).
+//! A test file is also rejected when the enforcer would refuse its policy set: the policy files
+//! are read as one set ([`ztseg_policy::parse_set`]: a `NetworkPolicy` defined twice, tenant
+//! policies of two files producing one admin key, port ranges the data plane cannot expand),
+//! each error located in its policy file; [`compile::compile_admin`] and [`compile::compile`]
+//! check the compiled form as well.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
@@ -297,21 +299,24 @@ pub fn load(path: &Path, extra_policies: &[PathBuf]) -> Result<Suite, Vec<TestEr
 
     let mut network_policies = Vec::new();
     let mut tenant_policies = Vec::new();
+    let mut texts = Vec::new();
     for file in &files {
         match std::fs::read_to_string(file) {
-            Ok(policy_text) => match ztseg_policy::parse_documents(file, &policy_text) {
-                Ok(documents) => {
-                    for document in documents {
-                        match document {
-                            Document::Network(p) => network_policies.push(p),
-                            Document::Tenant(p) => tenant_policies.push(p),
-                        }
-                    }
-                }
-                Err(es) => errors.extend(es.into_iter().map(TestError::from)),
-            },
+            Ok(policy_text) => texts.push((file.as_path(), policy_text)),
             Err(e) => errors.push(TestError::unplaced(file, format!("cannot read the policy file: {e}"))),
         }
+    }
+    // The policy files as one set, as the enforcer loads them.
+    match ztseg_policy::parse_set(texts.iter().map(|(f, t)| (*f, t.as_str()))) {
+        Ok(documents) => {
+            for document in documents {
+                match document {
+                    Document::Network(p) => network_policies.push(p),
+                    Document::Tenant(p) => tenant_policies.push(p),
+                }
+            }
+        }
+        Err(es) => errors.extend(es.into_iter().map(TestError::from)),
     }
     if !errors.is_empty() {
         return Err(errors);
@@ -326,7 +331,7 @@ pub fn load(path: &Path, extra_policies: &[PathBuf]) -> Result<Suite, Vec<TestEr
     let eval = ztseg_policy::evaluate(&cluster, &network_policies);
     let identities: Vec<u32> =
         cluster.pods.iter().map(|p| identity_of(&format!("{}/{}", p.namespace, p.name))).collect();
-    if let Err(e) = compile::compile(&cluster, &eval, &identities) {
+    if let Err(e) = compile::compile(&cluster, &eval, &identities, &compile::Context::default()) {
         checker.error(at, format!("the enforcer would reject these network policies: {e:#}"));
     }
     if !checker.errors.is_empty() {
@@ -1048,16 +1053,16 @@ pub fn table(report: &Report) -> String {
         .iter()
         .map(|r| {
             vec![
-                ("result", if r.pass { "PASS" } else { "FAIL" }.to_owned()),
-                ("test", r.test.clone()),
-                ("case", r.case.clone()),
-                ("from", r.from.clone()),
-                ("to", r.to.clone()),
-                ("port", format!("{}/{}", r.protocol, r.port)),
-                ("expect", format!("{:?}", r.expect).to_lowercase()),
-                ("verdict", r.verdict.to_string()),
-                ("tier", r.tier.to_string()),
-                ("reason", r.reason.clone()),
+                ("result", if r.pass { "PASS" } else { "FAIL" }.into()),
+                ("test", r.test.clone().into()),
+                ("case", r.case.clone().into()),
+                ("from", r.from.clone().into()),
+                ("to", r.to.clone().into()),
+                ("port", format!("{}/{}", r.protocol, r.port).into()),
+                ("expect", format!("{:?}", r.expect).to_lowercase().into()),
+                ("verdict", r.verdict.to_string().into()),
+                ("tier", r.tier.to_string().into()),
+                ("reason", r.reason.clone().into()),
             ]
         })
         .collect();
@@ -1311,8 +1316,12 @@ cases:
         assert_eq!(report.errors.len(), 1);
         let shown = report.errors[0].to_string();
         assert!(
-            shown.contains(":4:11: policies: the enforcer would reject these tenant policies"),
-            "{shown}"
+            shown.starts_with(&format!(
+                "{}:4:7: spec.ports: TenantPolicy `b` and TenantPolicy `a` ({}:1)",
+                dir.join("policies/b.yaml").display(),
+                dir.join("policies/a.yaml").display()
+            )),
+            "located in the second file, naming the first: {shown}"
         );
     }
 

@@ -7,8 +7,12 @@ pub const MAX_DOCUMENT_BYTES: usize = 8 << 20;
 
 /// Check every document's name and content; every error names the document, line, column
 /// and field (the policy parser's messages).
+/// The documents are checked as one set, the way every enforcer will load them
+/// ([`ztseg_policy::parse_set`]: a `NetworkPolicy` defined in two documents, tenant policies of
+/// two documents producing one admin key and port ranges the enforcer cannot expand are errors).
 pub fn validate(docs: &BTreeMap<String, String>) -> Result<(), Vec<String>> {
     let mut errors = Vec::new();
+    let mut set = Vec::new();
     for (name, text) in docs {
         if let Err(e) = check_doc_name(name) {
             errors.push(e);
@@ -18,9 +22,10 @@ pub fn validate(docs: &BTreeMap<String, String>) -> Result<(), Vec<String>> {
             errors.push(format!("{name}: {} bytes, more than the limit of {MAX_DOCUMENT_BYTES}", text.len()));
             continue;
         }
-        if let Err(es) = ztseg_policy::parse_documents(Path::new(name), text) {
-            errors.extend(es.iter().map(ToString::to_string));
-        }
+        set.push((Path::new(name.as_str()), text.as_str()));
+    }
+    if let Err(es) = ztseg_policy::parse_set(set) {
+        errors.extend(es.iter().map(ToString::to_string));
     }
     if errors.is_empty() { Ok(()) } else { Err(errors) }
 }

@@ -953,6 +953,49 @@ impl Writer {
         if removed { self.rejudge_flows() } else { Ok(()) }
     }
 
+    /// Every CIDR peer entry as the LPM map holds it: (network address, prefix length in the
+    /// address's own family, identity info). Read from the pinned map, so it also lists what an
+    /// earlier run of the enforcer installed.
+    pub fn cidrs(&self) -> Result<Vec<(IpAddr, u8, IdentityInfo)>, Error> {
+        let mut out = Vec::new();
+        for item in &self.cidr {
+            let (k, v) = item.map_err(Error::map(map_names::CIDR))?;
+            let ip = addr::from_key(k.data().addr);
+            let bits = k.prefix_len();
+            let len = if ip.is_ipv4() { bits.saturating_sub(96) } else { bits };
+            out.push((ip, u8::try_from(len).unwrap_or(u8::MAX), v));
+        }
+        Ok(out)
+    }
+
+    /// Number of CIDR peer entries.
+    #[must_use]
+    pub fn cidr_len(&self) -> usize {
+        self.cidr.keys().count()
+    }
+
+    /// Number of exact-address identity entries.
+    #[must_use]
+    pub fn identity_len(&self) -> usize {
+        self.identity.keys().count()
+    }
+
+    /// Every exact-address identity entry.
+    pub fn identities(&self) -> Result<Vec<(IpAddr, IdentityInfo)>, Error> {
+        let mut out = Vec::new();
+        for item in &self.identity {
+            let (k, v) = item.map_err(Error::map(map_names::IDENTITY))?;
+            out.push((addr::from_key(k), v));
+        }
+        Ok(out)
+    }
+
+    /// Number of admin-tier entries.
+    #[must_use]
+    pub fn admin_len(&self) -> usize {
+        self.admin_owners.len()
+    }
+
     /// Register a workload behind the interface `ifindex` (TC attachment) and map its
     /// addresses to its identity.
     /// All or nothing: if a map is full, the addresses keep what they had.

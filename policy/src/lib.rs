@@ -19,7 +19,9 @@
 //! Above `NetworkPolicy` sits ztseg's admin tier, [`TenantPolicy`] (`ztseg.io/v1alpha1`): rules
 //! between tenants that `NetworkPolicy` cannot override, on top of a default cross-tenant deny.
 //! [`parse_documents`] reads files mixing both kinds; [`TenantPolicy::keys`] gives the admin-tier
-//! keys a policy compiles to and [`tenant_conflicts`] checks them across files.
+//! keys a policy compiles to and [`tenant_conflicts`] checks them across files. [`parse_set`]
+//! reads the files of a policy set (an enforcer's policy directory) with the checks across
+//! files, each error located in its file.
 
 #![forbid(unsafe_code)]
 
@@ -46,9 +48,11 @@ pub use eval::{
     AllowRule, Direction, Endpoint, Isolation, PeerMatch, PodPolicy, PortMatch, allowed, evaluate,
 };
 pub use net::{IpNetwork, IpNetworkError};
-pub use parse::{Document, PolicyError, parse_documents, parse_file, yaml_position};
+pub use parse::{
+    Document, MAX_PORT_RANGE, PolicyError, parse_documents, parse_file, parse_set, yaml_position,
+};
 pub use tenant::{
     TENANT_POLICY_API_VERSION, TENANT_POLICY_KIND, TenantAction, TenantPolicy, TenantPolicyMeta,
     TenantPolicySpec, TenantPort, TenantSelector, tenant_conflicts,
 };
-pub use validate::{FieldError, Seg, check_port_name, path_string};
+pub use validate::{FieldError, Seg, check_label, check_port_name, path_string};

@@ -81,6 +81,152 @@ pub fn parse_documents(path: &Path, text: &str) -> Result<Vec<Document>, Vec<Pol
     FileParser { file: path, text, accept: &[Kind::Network, Kind::Tenant], errors: Vec::new() }.run()
 }
 
+/// Widest `port`..`endPort` range the ztseg enforcer accepts: it expands a range into one exact
+/// data-plane key per port. `port: 1, endPort: 65535` is the exception: it means every port.
+pub const MAX_PORT_RANGE: u32 = 4096;
+
+/// Parses a policy set as the ztseg enforcer loads it (a policy directory, a controller version):
+/// every file as [`parse_documents`] does, in the order given, then the checks that need the
+/// whole set, each error located in its file:
+///
+/// - `NetworkPolicy` names are unique per namespace across the set (two files defining the same
+///   policy are an error, not a union), and `TenantPolicy` names are unique;
+/// - no two `TenantPolicy` objects of different files produce the same admin key
+///   ([`TenantPolicy::keys`]);
+/// - every `port`..`endPort` range spans at most [`MAX_PORT_RANGE`] ports, or is exactly
+///   1..65535 (the enforcer's limit, not the API server's).
+///
+/// Errors in one file do not hide those of others; the set checks compare the files that parsed.
+pub fn parse_set<'a>(
+    files: impl IntoIterator<Item = (&'a Path, &'a str)>,
+) -> Result<Vec<Document>, Vec<PolicyError>> {
+    let files: Vec<(&Path, &str)> = files.into_iter().collect();
+    let mut errors = Vec::new();
+    // (file, document index in the file, document)
+    let mut all: Vec<(usize, usize, Document)> = Vec::new();
+    for (f, (path, text)) in files.iter().enumerate() {
+        let parser =
+            FileParser { file: path, text, accept: &[Kind::Network, Kind::Tenant], errors: Vec::new() };
+        match parser.run_indexed() {
+            Ok(docs) => all.extend(docs.into_iter().map(|(i, d)| (f, i, d))),
+            Err(es) => errors.extend(es),
+        }
+    }
+    let at = |f: usize, index: usize, path: &[Seg], message: String| {
+        let (line, column) = locate_in(files[f].1, index, path);
+        PolicyError { file: files[f].0.to_path_buf(), line, column, field: path_string(path), message }
+    };
+    let name_path = [Seg::Key("metadata".to_owned()), Seg::Key("name".to_owned())];
+    let mut seen: BTreeMap<(bool, String), (usize, usize)> = BTreeMap::new();
+    for (f, index, document) in &all {
+        for (path, message) in port_range_findings(document) {
+            errors.push(at(*f, *index, &path, message));
+        }
+        let (kind, name) = match document {
+            Document::Network(p) => (KIND, format!("{}/{}", p.metadata.namespace, p.metadata.name)),
+            Document::Tenant(p) => (TENANT_POLICY_KIND, p.metadata.name.clone()),
+        };
+        match seen.get(&(kind == KIND, name.clone())) {
+            Some(&(first_file, first_index)) => {
+                let (first_line, _) = locate_in(files[first_file].1, first_index, &[]);
+                errors.push(at(
+                    *f,
+                    *index,
+                    &name_path,
+                    format!(
+                        "duplicate {kind} `{name}` (already defined by {}:{first_line})",
+                        files[first_file].0.display()
+                    ),
+                ));
+            }
+            None => {
+                seen.insert((kind == KIND, name), (*f, *index));
+            }
+        }
+    }
+    let tenants: Vec<(usize, usize, &TenantPolicy)> = all
+        .iter()
+        .filter_map(|(f, i, d)| match d {
+            Document::Tenant(p) => Some((*f, *i, p)),
+            Document::Network(_) => None,
+        })
+        .collect();
+    for conflict in conflicts(tenants.iter().map(|(_, _, p)| *p)) {
+        let (f, index, policy) = tenants[conflict.policy];
+        let (first_file, first_index, first) = tenants[conflict.first];
+        let path = conflict_path(policy, &conflict);
+        let (first_line, _) = locate_in(files[first_file].1, first_index, &[]);
+        errors.push(at(
+            f,
+            index,
+            &path,
+            format!(
+                "TenantPolicy `{}` and TenantPolicy `{}` ({}:{first_line}) {}",
+                policy.metadata.name,
+                first.metadata.name,
+                files[first_file].0.display(),
+                conflict.describe()
+            ),
+        ));
+    }
+    if errors.is_empty() {
+        return Ok(all.into_iter().map(|(_, _, d)| d).collect());
+    }
+    let order: BTreeMap<&Path, usize> = files.iter().enumerate().map(|(i, (p, _))| (*p, i)).collect();
+    errors.sort_by_key(|e| (order.get(e.file.as_path()).copied(), e.line, e.column));
+    errors.dedup();
+    Err(errors)
+}
+
+/// `port`..`endPort` ranges of a `NetworkPolicy` wider than [`MAX_PORT_RANGE`] (other than
+/// 1..65535): the path of each `endPort` and what is wrong.
+fn port_range_findings(document: &Document) -> Vec<(Vec<Seg>, String)> {
+    let Document::Network(policy) = document else { return Vec::new() };
+    let rules = policy
+        .spec
+        .ingress
+        .iter()
+        .map(|r| ("ingress", &r.ports))
+        .enumerate()
+        .chain(policy.spec.egress.iter().map(|r| ("egress", &r.ports)).enumerate());
+    let mut out = Vec::new();
+    for (i, (direction, ports)) in rules {
+        for (j, port) in ports.iter().enumerate() {
+            let (Some(crate::IntOrString::Int(from)), Some(to)) = (&port.port, port.end_port) else {
+                continue;
+            };
+            let width = i64::from(to) - i64::from(*from) + 1;
+            if width > i64::from(MAX_PORT_RANGE) && !(*from == 1 && to == 65_535) {
+                out.push((
+                    vec![
+                        Seg::Key("spec".to_owned()),
+                        Seg::Key(direction.to_owned()),
+                        Seg::Index(i),
+                        Seg::Key("ports".to_owned()),
+                        Seg::Index(j),
+                        Seg::Key("endPort".to_owned()),
+                    ],
+                    format!(
+                        "port range {from}-{to} spans {width} ports; the enforcer expands a range into one \
+                         key per port and accepts at most {MAX_PORT_RANGE} (or exactly 1-65535, every port)"
+                    ),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Path of the `ports` entry of `policy` giving the (first) key of `conflict`.
+fn conflict_path(policy: &TenantPolicy, conflict: &crate::tenant::Conflict) -> Vec<Seg> {
+    let mut path = vec![Seg::Key("spec".to_owned()), Seg::Key("ports".to_owned())];
+    let (_, _, protocol, port) = &conflict.keys[0];
+    if let Some(i) = policy.spec.ports.iter().position(|p| Some(p.protocol) == *protocol && p.port == *port) {
+        path.push(Seg::Index(i));
+    }
+    path
+}
+
 /// The kinds of object a file may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -129,7 +275,12 @@ fn documents(text: &str) -> impl Iterator<Item = (usize, serde_yaml::Deserialize
 }
 
 impl FileParser<'_> {
-    fn run(mut self) -> Result<Vec<Document>, Vec<PolicyError>> {
+    fn run(self) -> Result<Vec<Document>, Vec<PolicyError>> {
+        self.run_indexed().map(|docs| docs.into_iter().map(|(_, d)| d).collect())
+    }
+
+    /// The documents with their index in the file.
+    fn run_indexed(mut self) -> Result<Vec<(usize, Document)>, Vec<PolicyError>> {
         // Pass 1: find the non-empty documents and the first syntax error. The document iterator
         // never ends once libyaml has failed, so stop there.
         let mut non_empty = Vec::new();
@@ -222,7 +373,7 @@ impl FileParser<'_> {
         self.check_tenant_keys(&tenants);
 
         if self.errors.is_empty() {
-            Ok(parsed.into_iter().map(|(_, document)| document).collect())
+            Ok(parsed)
         } else {
             self.errors.sort_by_key(|e| (e.line, e.column));
             Err(self.errors)
@@ -262,13 +413,7 @@ impl FileParser<'_> {
         for conflict in conflicts(tenants.iter().map(|(_, p)| *p)) {
             let (index, policy) = tenants[conflict.policy];
             let (first_index, first) = tenants[conflict.first];
-            let mut path = vec![Seg::Key("spec".to_owned()), Seg::Key("ports".to_owned())];
-            let (_, _, protocol, port) = &conflict.keys[0];
-            if let Some(i) =
-                policy.spec.ports.iter().position(|p| Some(p.protocol) == *protocol && p.port == *port)
-            {
-                path.push(Seg::Index(i));
-            }
+            let path = conflict_path(policy, &conflict);
             let (line, column) = self.locate(index, &path);
             let (first_line, _) = self.locate(first_index, &[]);
             let message = format!(
@@ -369,11 +514,17 @@ impl FileParser<'_> {
     /// Position of the node at `path` in document `index` (or of its nearest ancestor present in the
     /// text). Re-parses the text, which is fine for error reporting.
     fn locate(&self, index: usize, path: &[Seg]) -> (usize, usize) {
-        let Some((_, doc)) = documents(self.text).nth(index) else { return (1, 1) };
-        match Walk(path).deserialize(doc) {
-            Ok(()) => (1, 1),
-            Err(err) => err.location().map_or((1, 1), |l| (l.line(), l.column())),
-        }
+        locate_in(self.text, index, path)
+    }
+}
+
+/// Position of the node at `path` in document `index` of `text` (or of its nearest ancestor
+/// present in the text).
+fn locate_in(text: &str, index: usize, path: &[Seg]) -> (usize, usize) {
+    let Some((_, doc)) = documents(text).nth(index) else { return (1, 1) };
+    match Walk(path).deserialize(doc) {
+        Ok(()) => (1, 1),
+        Err(err) => err.location().map_or((1, 1), |l| (l.line(), l.column())),
     }
 }
 

@@ -467,6 +467,14 @@ fn check_qualified_name(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks one label as the API server does: the key is `[prefix/]name` (the prefix a DNS
+/// subdomain, the name at most 63 letters, digits, `-`, `_` or `.`, starting and ending with a
+/// letter or digit), the value empty or such a name. The error says which and why.
+pub fn check_label(key: &str, value: &str) -> Result<(), String> {
+    check_qualified_name(key).map_err(|m| format!("invalid label key `{key}`: {m}"))?;
+    check_label_value(value).map_err(|m| format!("invalid label value `{value}` (key `{key}`): {m}"))
+}
+
 fn check_label_value(value: &str) -> Result<(), String> {
     if value.is_empty() || is_label_name(value) {
         Ok(())

@@ -136,6 +136,27 @@ impl Lab {
         Self { host, pods: v }
     }
 
+    /// A namespace outside the lab's pods for a [`Self::routed`] lab: it holds `addrs` (IPv4,
+    /// none of them the host's or a pod's) on `eth0`, routes everything via the host's
+    /// link-local gateway, and the host routes `addrs` to its side `hx<n>`. Traffic from it is
+    /// traffic from non-pod, non-host addresses.
+    #[must_use]
+    pub fn external(&self, n: usize, addrs: &[&str]) -> Netns {
+        let ext = Netns::new("ztx");
+        self.host.sh(&format!(
+            "ip link add hx{n} type veth peer name eth0 netns {ext} && ip addr add 169.254.1.1/32 dev hx{n} && \
+             ip link set hx{n} up",
+            ext = ext.name
+        ));
+        for a in addrs {
+            self.host.sh(&format!("ip route add {a}/32 dev hx{n}"));
+            ext.sh(&format!("ip addr add {a}/32 dev eth0"));
+        }
+        ext.sh("ip link set eth0 up && ip route add 169.254.1.1 dev eth0 scope link && \
+             ip route add default via 169.254.1.1 dev eth0");
+        ext
+    }
+
     #[must_use]
     pub fn v4(i: usize) -> String {
         format!("10.77.0.{}", i + 1)

@@ -55,12 +55,12 @@ pub fn echo_once(s: &mut TcpStream, timeout: Duration) -> bool {
     s.read_exact(&mut buf).is_ok() && &buf == b"ping"
 }
 
-/// Send one datagram from inside `ns` and wait for its echo.
-pub fn udp_roundtrip(ns: &Netns, addr: &str, timeout: Duration) -> bool {
+/// Send one datagram from inside `ns`, from address `src`, and wait for its echo.
+pub fn udp_roundtrip_from(ns: &Netns, src: &str, addr: &str, timeout: Duration) -> bool {
     let addr: SocketAddr = addr.parse().expect("addr");
+    let src: std::net::IpAddr = src.parse().expect("source address");
     ns.enter(|| {
-        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("bind");
-        let s = UdpSocket::bind(bind).expect("bind");
+        let s = UdpSocket::bind(SocketAddr::new(src, 0)).expect("bind");
         s.set_read_timeout(Some(timeout)).expect("timeout");
         if s.send_to(b"hello", addr).is_err() {
             return false;
@@ -68,4 +68,10 @@ pub fn udp_roundtrip(ns: &Netns, addr: &str, timeout: Duration) -> bool {
         let mut buf = [0u8; 16];
         matches!(s.recv_from(&mut buf), Ok((5, _)))
     })
+}
+
+/// Send one datagram from inside `ns` and wait for its echo.
+pub fn udp_roundtrip(ns: &Netns, addr: &str, timeout: Duration) -> bool {
+    let any = if addr.parse::<SocketAddr>().expect("addr").is_ipv4() { "0.0.0.0" } else { "::" };
+    udp_roundtrip_from(ns, any, addr, timeout)
 }

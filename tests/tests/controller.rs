@@ -295,9 +295,9 @@ impl Controller {
 
     /// Every audit record, parsed (`ztseg audit list` as admin).
     fn audit(&self) -> Vec<Value> {
-        let out = self.cli(&["audit", "list", "--limit", "10000"]);
+        let out = self.cli(&["-o", "json", "audit", "list", "--limit", "10000"]);
         assert!(out.ok(), "audit list: {out}");
-        out.stdout.lines().map(|l| serde_json::from_str(l).expect("audit record JSON")).collect()
+        serde_json::from_str(&out.stdout).expect("audit records as a JSON array")
     }
 
     /// Poll the audit log (10 s at most) for a record matching `pred`.
@@ -350,9 +350,9 @@ impl Controller {
             .expect("history is a JSON array")
             .iter()
             .map(|r| HistoryRow {
-                version: r["version"].as_str().unwrap().parse().unwrap(),
+                version: r["version"].as_u64().unwrap(),
                 actor: r["actor"].as_str().unwrap().to_owned(),
-                documents: r["documents"].as_str().unwrap().parse().unwrap(),
+                documents: r["documents"].as_u64().unwrap().try_into().unwrap(),
             })
             .collect()
     }
@@ -1491,10 +1491,20 @@ fn audit_archive_and_prune_keep_the_log_verifiable() {
         let out = c.cli(&["policy", "apply", p, "-m", &format!("v{i}")]);
         assert!(out.ok(), "{out}");
     }
-    let listed = c.cli(&["audit", "list"]);
+    let listed = c.cli(&["-o", "json", "audit", "list"]);
     assert!(listed.ok(), "{listed}");
-    let lines: Vec<&str> = listed.stdout.lines().collect();
-    assert_eq!(lines.len(), 4, "one record per apply: {listed}");
+    let array: Vec<Value> = serde_json::from_str(&listed.stdout).expect("a JSON array");
+    // `-o json` holds each record on its own line, byte for byte as stored.
+    let lines: Vec<&str> = listed
+        .stdout
+        .lines()
+        .filter(|l| !matches!(*l, "[" | "]"))
+        .map(|l| l.strip_suffix(',').unwrap_or(l))
+        .collect();
+    assert_eq!((lines.len(), array.len()), (4, 4), "one record per apply: {listed}");
+    let table = c.cli(&["audit", "list"]);
+    assert!(table.ok() && table.stdout.starts_with("SEQ  TIME"), "a table by default: {table}");
+    assert_eq!(table.stdout.lines().count(), 5, "{table}");
     let rec = |i: usize| -> Value { serde_json::from_str(lines[i]).unwrap() };
     let h3 = rec(2)["hash"].as_str().unwrap().to_owned();
 

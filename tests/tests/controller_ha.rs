@@ -507,7 +507,7 @@ fn two_controllers_survive_losing_an_etcd_member_and_a_controller() {
         .iter()
         .map(|r| {
             let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
-            (s("version"), s("actor"), s("message"))
+            (r["version"].to_string(), s("actor"), s("message"))
         })
         .collect();
     let row = |v: &str, a: &str, m: &str| (v.to_owned(), a.to_owned(), m.to_owned());

@@ -192,7 +192,7 @@ fn alive(c: &mut std::net::TcpStream) -> bool {
 const DENY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
 
 fn version(s: &serde_json::Value) -> u64 {
-    s["controller_version"].as_str().unwrap().parse().unwrap()
+    s["controller_version"].as_u64().unwrap()
 }
 
 #[test]
@@ -203,7 +203,7 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
         let s = Lab::status(h);
         assert_eq!(s["policy_source"], "controller", "{s}");
         assert_eq!(version(&s), 1, "{s}");
-        assert_eq!(s["policy_stale"], "false", "{s}");
+        assert_eq!(s["policy_stale"], false, "{s}");
     }
     denied_attempt_reaches_the_siem_sink_within_5s();
     assert_eq!(lab.reachable(), Vec::<String>::new());
@@ -218,7 +218,7 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     // Cut h3 off; it notices and reports the policy as stale.
     let (ok, _, err) = ztseg(&["lab", "isolate", "-f", &lab.file, "h3"]);
     assert!(ok, "{err}");
-    let took = Lab::wait("h3", "stale", |s| s["policy_stale"] == "true");
+    let took = Lab::wait("h3", "stale", |s| s["policy_stale"] == true);
     eprintln!("h3 noticed the lost controller after {took:?}");
     let m = host_metrics(2);
     assert!(
@@ -279,7 +279,7 @@ fn controller_policy_reaches_every_host_and_an_isolated_host_converges() {
     // Reconnect: h3 resumes from version 2 and converges to 4.
     let (ok, _, err) = ztseg(&["lab", "rejoin", "-f", &lab.file, "h3"]);
     assert!(ok, "{err}");
-    let took = Lab::wait("h3", "version 4", |s| version(s) == 4 && s["policy_stale"] == "false");
+    let took = Lab::wait("h3", "version 4", |s| version(s) == 4 && s["policy_stale"] == false);
     eprintln!("h3 converged {took:?} after reconnecting");
     assert_eq!(lab.reachable(), vec!["x/b->x/a", "x/b->x/c"]);
     // It resumed from its own version with a delta (2 -> 4), not a snapshot: the restarted

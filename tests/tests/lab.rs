@@ -69,7 +69,16 @@ struct TestLab {
 }
 
 fn ztseg(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ztseg-t")).args(args).output().expect("run ztseg");
+    ztseg_env(args, &[])
+}
+
+/// `ztseg` with extra environment variables.
+fn ztseg_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ztseg-t"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run ztseg");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -95,6 +104,11 @@ impl TestLab {
     }
 
     fn with_pods(name: &str, pods: &str, protocols: &[&str]) -> Self {
+        Self::with_pods_env(name, pods, protocols, &[])
+    }
+
+    /// `lab up` with `env` added to its environment.
+    fn with_pods_env(name: &str, pods: &str, protocols: &[&str], env: &[(&str, &str)]) -> Self {
         ztseg_integration::require_root();
         let dir = std::env::temp_dir().join(ztseg_integration::unique("ztseg-lab-"));
         std::fs::create_dir_all(dir.join("policies")).unwrap();
@@ -109,9 +123,17 @@ impl TestLab {
         .unwrap();
         let lab = Self { name: name.to_owned(), dir, file, protocols: protocols.len() };
         let _ = ztseg(&["lab", "down", "-f", lab.path()]);
-        let (ok, out, err) = ztseg(&["lab", "up", "-f", lab.path()]);
+        let (ok, out, err) = ztseg_env(&["lab", "up", "-f", lab.path()], env);
         assert!(ok, "lab up failed: {out}{err}");
         lab
+    }
+
+    /// Whether a TCP connection from simulated host `h`'s own namespace to `addr` completes.
+    fn host_connects(&self, h: usize, addr: &str) -> bool {
+        let host = ztseg_integration::netns::Netns { name: format!("zl-{}-h{h}", self.name) };
+        let ok = ztseg_integration::traffic::tcp_connect(&host, addr, Duration::from_millis(500)).is_some();
+        std::mem::forget(host); // the lab owns that namespace
+        ok
     }
 
     fn path(&self) -> &str {
@@ -275,6 +297,10 @@ fn network_policy_scenarios() {
         "{NP}metadata: {{name: deny, namespace: x}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Ingress]\n"
     ));
     lab.check("default-deny ingress in x", |f, t, _, _| ns(t) != "x" || f == t);
+    // The pod's own node may still connect (x/a, 10.77.0.1, runs on node1); another node may
+    // not.
+    assert!(lab.host_connects(0, "10.77.0.1:80"), "node1 -> x/a");
+    assert!(!lab.host_connects(1, "10.77.0.1:80"), "node2 -> x/a");
 
     lab.apply(&format!(
         "{NP}metadata: {{name: deny, namespace: x}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n"
@@ -669,7 +695,16 @@ fn tenant_policies() {
             "  - {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}, host: {host}, tenant: {tenant}}}"
         );
     }
-    let lab = TestLab::with_pods(&format!("tp{}", std::process::id() % 10_000), &pods, &["TCP", "UDP"]);
+    // `lab up` from a shell set up for one enforcer: every simulated host still gets its own
+    // socket and pin directory.
+    let (sock, pins) = (format!("/tmp/ztseg-tp-{}.sock", std::process::id()), "/sys/fs/bpf/ztseg-tp-shell");
+    let lab = TestLab::with_pods_env(
+        &format!("tp{}", std::process::id() % 10_000),
+        &pods,
+        &["TCP", "UDP"],
+        &[("ZTSEG_SOCKET", &sock), ("ZTSEG_PIN_DIR", pins), ("ZTSEG_CONTROLLER", "ctl.example:7443")],
+    );
+    assert!(!std::path::Path::new(&sock).exists() && !std::path::Path::new(pins).exists());
     lab.check("no policy: tenants isolated", |f, t, _, _| ns(f) == ns(t));
 
     // x denies all ingress (NetworkPolicy), yet the admin Allow acme -> globex on TCP 80 and

@@ -83,6 +83,10 @@ pub struct Config {
     /// Events all workloads together may emit on a CPU back to back.
     #[serde(default = "default_event_burst_total")]
     pub event_burst_total: u32,
+    /// `ZTSEG_*` environment variables that are neither an override nor a variable of the
+    /// `ztseg` CLI: ignored, and named in a warning at start.
+    #[serde(skip)]
+    pub unknown_env: Vec<String>,
 }
 
 fn default_event_rate_limit() -> u32 {
@@ -294,7 +298,10 @@ impl WorkloadConfig {
 }
 
 impl Config {
-    /// Read `path`, apply `ZTSEG_*` overrides from `env`, validate.
+    /// Read `path`, apply `ZTSEG_*` overrides from `env`, validate. Other `ZTSEG_*` variables
+    /// do not stop the daemon: those the `ztseg` CLI reads (`ZTSEG_CONTROLLER`,
+    /// `ZTSEG_IDENTITY_DIR`, ...) are ignored, any other one is listed in
+    /// [`Config::unknown_env`].
     pub fn load(path: &Path, env: impl Iterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -307,6 +314,8 @@ impl Config {
             field: "-".into(),
             message: e.to_string(),
         })?;
+        let mut unknown_env = Vec::new();
+        let mut client_vars = None;
         for (k, v) in env {
             let Some(key) = k.strip_prefix(ENV_PREFIX) else { continue };
             let key = key.to_ascii_lowercase();
@@ -344,22 +353,23 @@ impl Config {
                     message: format!("{v:?} is not a number"),
                 })?),
                 _ => {
-                    return Err(ConfigError {
-                        source_name: format!("environment {k}"),
-                        field: key,
-                        message: "unknown override".into(),
-                    });
+                    if !client_vars.get_or_insert_with(crate::cli::client_env_vars).contains(&k) {
+                        unknown_env.push(k);
+                    }
+                    continue;
                 }
             };
             value.insert(key, typed);
         }
-        let cfg: Config =
+        let mut cfg: Config =
             serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| ConfigError {
                 source_name: name.clone(),
                 field: e.path().to_string(),
                 message: e.inner().to_string(),
             })?;
         cfg.validate(&name)?;
+        unknown_env.sort();
+        cfg.unknown_env = unknown_env;
         Ok(cfg)
     }
 
@@ -440,6 +450,7 @@ impl Config {
                 ));
             }
         }
+        self.check_labels(name)?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let f = |s: &str| format!("workloads[{i}].{s}");
@@ -462,6 +473,24 @@ impl Config {
             }
             if w.namespace != "default" && !self.namespaces.iter().any(|n| n.name == w.namespace) {
                 return Err(err(f("namespace"), format!("namespace {:?} is not declared", w.namespace)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Namespace and workload labels follow Kubernetes label syntax.
+    fn check_labels(&self, name: &str) -> Result<(), ConfigError> {
+        let namespaces =
+            self.namespaces.iter().enumerate().map(|(i, n)| (format!("namespaces[{i}]"), &n.labels));
+        let workloads =
+            self.workloads.iter().enumerate().map(|(i, w)| (format!("workloads[{i}]"), &w.labels));
+        for (at, labels) in namespaces.chain(workloads) {
+            for (k, v) in labels {
+                ztseg_policy::check_label(k, v).map_err(|message| ConfigError {
+                    source_name: name.into(),
+                    field: format!("{at}.labels.{k}"),
+                    message,
+                })?;
             }
         }
         Ok(())
@@ -502,7 +531,7 @@ pub fn tenant_of(name: Option<&str>) -> u32 {
     name.map_or(0, |t| 1 + fnv1a(t) % (1 << 30))
 }
 
-fn fnv1a(s: &str) -> u32 {
+pub(crate) fn fnv1a(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 
@@ -557,8 +586,6 @@ mod tests {
         assert_eq!(e.field, "failsafe[0]", "{e}");
         let e = load("", &[("ZTSEG_POLICY_POLL_MS", "soon")]).unwrap_err();
         assert_eq!(e.field, "policy_poll_ms", "{e}");
-        let e = load("", &[("ZTSEG_BOGUS", "1")]).unwrap_err();
-        assert_eq!(e.field, "bogus", "{e}");
         let e = load("", &[("ZTSEG_LOCAL_DELIVERY", "maybe")]).unwrap_err();
         assert_eq!(e.field, "local_delivery", "{e}");
         let e = load("local_delivery = \"yes\"\n", &[]).unwrap_err();
@@ -615,6 +642,47 @@ mod tests {
         assert!(load("", &[]).unwrap().local_delivery);
         assert!(!load("local_delivery = false\n", &[]).unwrap().local_delivery);
         assert!(!load("", &[("ZTSEG_LOCAL_DELIVERY", "false")]).unwrap().local_delivery);
+    }
+
+    #[test]
+    fn labels_follow_kubernetes_label_syntax() {
+        let w = |labels: &str| {
+            format!(
+                "[[workloads]]\nname = \"a\"\nipv4 = \"10.0.0.1\"\ninterface = \"v\"\nlabels = {{ {labels} }}\n"
+            )
+        };
+        assert!(load(&w("app = \"web\", \"example.com/tier\" = \"\""), &[]).is_ok());
+        let e = load(&w("\"bad key\" = \"x\""), &[]).unwrap_err();
+        assert_eq!(e.field, "workloads[0].labels.bad key", "{e}");
+        assert!(e.message.contains("invalid label key `bad key`"), "{e}");
+        let e = load(&w("app = \"-web\""), &[]).unwrap_err();
+        assert_eq!(e.field, "workloads[0].labels.app", "{e}");
+        assert!(e.message.contains("invalid label value `-web`"), "{e}");
+        let e = load("[[namespaces]]\nname = \"x\"\nlabels = { team = \"a b\" }\n", &[]).unwrap_err();
+        assert_eq!(e.field, "namespaces[0].labels.team", "{e}");
+    }
+
+    #[test]
+    fn other_ztseg_variables_do_not_stop_the_daemon() {
+        // Variables of the `ztseg` CLI (a shell set up for it) are ignored silently; anything
+        // else is reported, not fatal.
+        let cfg = load(
+            "",
+            &[
+                ("ZTSEG_CONTROLLER", "ctl:7443"),
+                ("ZTSEG_IDENTITY_DIR", "/etc/ztseg/admin"),
+                ("ZTSEG_JOIN_TOKEN", "t"),
+                ("ZTSEG_CONTROLLER_DATA_DIR", "/var/lib/ztseg/controller"),
+                ("ZTSEG_TEST_TIMEOUT_MIN", "5"),
+                ("ZTSEG_BOGUS", "1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.unknown_env, ["ZTSEG_BOGUS", "ZTSEG_TEST_TIMEOUT_MIN"]);
+        // Overrides still apply, and still fail on bad values.
+        let cfg = load("", &[("ZTSEG_SOCKET", "/run/x.sock"), ("ZTSEG_CONTROLLER", "ctl:7443")]).unwrap();
+        assert_eq!(cfg.socket, PathBuf::from("/run/x.sock"));
+        assert!(cfg.unknown_env.is_empty() && cfg.controller.is_none());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! registered workload drops everything), then workloads are registered, then policy loads.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
@@ -13,7 +13,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use enforcer::{Datapath, Rule, TcHook, Workload, writer::Action};
-use enforcer_common::{DIR_EGRESS, DIR_INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use enforcer_common::{
+    DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, TENANT_NONE,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -93,6 +95,9 @@ pub struct Engine {
     pub controller_retry: std::time::Duration,
     /// The last update received from the controller since start: (snapshot, base version).
     pub controller_last_update: Option<(bool, u64)>,
+    /// The host's own addresses, registered with identity `IDENTITY_HOST`; `None` until they
+    /// are (and after a failed attempt, so that the next one starts over).
+    pub host_addrs: Option<BTreeSet<IpAddr>>,
     /// Called after each step of a policy change (`admin-deny`, `tenant`, `admin`) with the
     /// data plane as it is at that moment: a way to observe the transition (tests, tracing).
     pub after_step: Option<StepObserver>,
@@ -222,6 +227,7 @@ impl Engine {
             controller_error: None,
             controller_retry: std::time::Duration::ZERO,
             controller_last_update: None,
+            host_addrs: None,
             after_step: None,
         })
     }
@@ -248,6 +254,7 @@ impl Engine {
         }
         self.attached = true;
         log::info("attached", &[("pin_dir", &self.cfg.pin_dir.display().to_string())]);
+        self.refresh_host_addresses()?;
         self.reload_policy(true);
         Ok(true)
     }
@@ -327,6 +334,72 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Bring the host's own addresses (of the network namespace the daemon runs in) to the
+    /// data plane with identity `IDENTITY_HOST`, so that traffic from this node is known as
+    /// such (upstream `NetworkPolicy` always lets a pod's node in): register new ones, forget
+    /// those the host no longer has (also those an earlier run left in the pins), and
+    /// recompile the policy when the set changed (an `ipBlock` holding a host address allows
+    /// the host). Loopback addresses and addresses of workloads are left out. Cheap when
+    /// nothing changed; the daemon calls it every second.
+    pub fn refresh_host_addresses(&mut self) -> Result<()> {
+        if !self.attached {
+            return Ok(());
+        }
+        let workload_addrs: BTreeSet<IpAddr> = self
+            .workloads
+            .iter()
+            .flat_map(|w| w.ipv4.map(IpAddr::V4).into_iter().chain(w.ipv6.map(IpAddr::V6)))
+            .collect();
+        let now: BTreeSet<IpAddr> = enforcer::netns::addresses()
+            .context("listing the host's addresses")?
+            .into_iter()
+            .filter(|ip| !ip.is_loopback() && !workload_addrs.contains(ip))
+            .collect();
+        if self.host_addrs.as_ref() == Some(&now) {
+            return Ok(());
+        }
+        self.register_host_addresses(&now).inspect_err(|_| self.host_addrs = None)?;
+        let list: Vec<String> = now.iter().map(ToString::to_string).collect();
+        log::info("host addresses", &[("addresses", &list.join(","))]);
+        Ok(())
+    }
+
+    /// Addresses the host lost resolve as any other address from now on; then the policy
+    /// follows the new set; then the new addresses become the host's.
+    fn register_host_addresses(&mut self, now: &BTreeSet<IpAddr>) -> Result<()> {
+        {
+            let mut w = self.dp.writer();
+            for (ip, info) in w.identities()? {
+                if info.identity == IDENTITY_HOST && !now.contains(&ip) {
+                    w.remove_identity(ip)?;
+                }
+            }
+        }
+        self.host_addrs = Some(now.clone());
+        if self.policy_loaded {
+            let policies = self.policies.clone();
+            self.apply(&policies)?;
+        }
+        {
+            let mut w = self.dp.writer();
+            for ip in now {
+                if w.identity(*ip).map(|i| i.identity) != Some(IDENTITY_HOST) {
+                    w.set_identity(*ip, IDENTITY_HOST, TENANT_NONE)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What the compiler needs besides the policy: the installed CIDR prefixes, the host's
+    /// addresses.
+    fn compile_context(&self) -> Result<compile::Context> {
+        Ok(compile::Context {
+            installed: compile::installed_cidrs(&self.dp.writer())?,
+            host: self.host_addrs.clone().unwrap_or_default(),
+        })
     }
 
     fn api_workloads_path(&self) -> PathBuf {
@@ -516,22 +589,16 @@ impl Engine {
     pub fn apply_documents(&mut self, docs: &BTreeMap<String, String>) -> Result<(), String> {
         let mut policies = Vec::new();
         let mut tenant_policies = Vec::new();
-        let mut errors = Vec::new();
-        for (name, text) in docs {
-            match ztseg_policy::parse_documents(Path::new(name), text) {
-                Ok(parsed) => {
-                    for d in parsed {
-                        match d {
-                            ztseg_policy::Document::Network(p) => policies.push(p),
-                            ztseg_policy::Document::Tenant(t) => tenant_policies.push(t),
-                        }
+        match ztseg_policy::parse_set(docs.iter().map(|(name, text)| (Path::new(name), text.as_str()))) {
+            Ok(parsed) => {
+                for d in parsed {
+                    match d {
+                        ztseg_policy::Document::Network(p) => policies.push(p),
+                        ztseg_policy::Document::Tenant(t) => tenant_policies.push(t),
                     }
                 }
-                Err(es) => errors.extend(es.iter().map(ToString::to_string)),
             }
-        }
-        if !errors.is_empty() {
-            return Err(self.reject(&errors));
+            Err(es) => return Err(self.reject(&es.iter().map(ToString::to_string).collect::<Vec<_>>())),
         }
         // Admin DENYs first, then the tenant tier, then the rest of the admin tier (see
         // `compile::AdminSync`): never a moment that allows what neither version allows.
@@ -645,7 +712,7 @@ impl Engine {
     fn apply(&mut self, policies: &[ztseg_policy::NetworkPolicy]) -> Result<()> {
         let cluster = self.cluster();
         let eval = ztseg_policy::evaluate(&cluster, policies);
-        let compiled = compile::compile(&cluster, &eval, &self.identities)?;
+        let compiled = compile::compile(&cluster, &eval, &self.identities, &self.compile_context()?)?;
         let local: Vec<bool> = self.workloads.iter().map(|w| self.cfg.is_local(w)).collect();
         let grant_cookies: std::collections::BTreeSet<u32> = self.own.grants.keys().copied().collect();
         let ids: Vec<String> = self.workloads.iter().map(WorkloadConfig::id).collect();
@@ -750,7 +817,7 @@ impl Engine {
     ) -> Result<()> {
         let cluster = self.cluster();
         let eval = ztseg_policy::evaluate(&cluster, &self.policies);
-        let compiled = compile::compile(&cluster, &eval, &self.identities)?;
+        let compiled = compile::compile(&cluster, &eval, &self.identities, &self.compile_context()?)?;
         let local: Vec<bool> = self.workloads.iter().map(|w| self.cfg.is_local(w)).collect();
         let mut w = self.dp.writer();
         let ids: Vec<String> = self.workloads.iter().map(WorkloadConfig::id).collect();
@@ -847,9 +914,12 @@ impl Engine {
         Ok(out)
     }
 
-    /// Name of the workload with `identity`, if known.
+    /// Name of the workload with `identity`, if known (`host` for this host).
     #[must_use]
     pub fn workload_name(&self, identity: u32) -> Option<String> {
+        if identity == IDENTITY_HOST {
+            return Some("host".into());
+        }
         self.identities.iter().position(|i| *i == identity).map(|i| self.workloads[i].id())
     }
 

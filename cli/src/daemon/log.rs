@@ -19,6 +19,10 @@ pub fn info(msg: &str, fields: &[(&str, &str)]) {
     emit("info", msg, fields);
 }
 
+pub fn warn(msg: &str, fields: &[(&str, &str)]) {
+    emit("warn", msg, fields);
+}
+
 pub fn error(msg: &str, fields: &[(&str, &str)]) {
     emit("error", msg, fields);
 }

@@ -8,7 +8,10 @@ use std::{
     time::Duration,
 };
 
-use enforcer_common::Reason;
+use enforcer_common::{
+    Reason,
+    map_names::{ADMIN, CIDR, CONNTRACK4, CONNTRACK6, IDENTITY},
+};
 use tokio::net::TcpListener;
 
 use super::engine::Engine;
@@ -124,14 +127,15 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE ztseg_map_capacity gauge");
         let (slots, slot_cap) = w.slots();
         let ct = w.conntrack_len();
-        let ct_cap: u64 = [enforcer_common::map_names::CONNTRACK4, enforcer_common::map_names::CONNTRACK6]
-            .iter()
-            .map(|m| engine.dp.map_capacity(m).map_or(0, u64::from))
-            .sum();
+        let cap =
+            |maps: &[&'static str]| maps.iter().map(|m| engine.dp.map_capacity(m).map_or(0, u64::from)).sum();
         for (map, used, cap) in [
             ("policy", w.policy_len() as u64, u64::from(w.policy_capacity())),
             ("rules", u64::from(slots), u64::from(slot_cap)),
-            ("conntrack", ct as u64, ct_cap),
+            ("conntrack", ct as u64, cap(&[CONNTRACK4, CONNTRACK6])),
+            ("admin", w.admin_len() as u64, cap(&[ADMIN])),
+            ("identity", w.identity_len() as u64, cap(&[IDENTITY])),
+            ("cidr", w.cidr_len() as u64, cap(&[CIDR])),
         ] {
             let _ = writeln!(out, "ztseg_map_entries{{map=\"{map}\"}} {used}");
             if cap > 0 {

@@ -45,6 +45,9 @@ pub fn run(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    for var in &cfg.unknown_env {
+        log::warn("unknown environment variable ignored", &[("variable", var)]);
+    }
     match serve(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -81,8 +84,7 @@ fn serve(cfg: config::Config) -> Result<()> {
         tokio::spawn(metrics::serve(metrics_listener, engine.clone(), metrics.clone()));
 
         if let Some(dir) = socket.parent() {
-            std::fs::create_dir_all(dir)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+            create_socket_dir(dir)?;
         }
         let _ = std::fs::remove_file(&socket);
         let listener = tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
@@ -114,6 +116,9 @@ fn serve(cfg: config::Config) -> Result<()> {
                     }
                     tokio::time::sleep(poll.min(Duration::from_secs(1))).await;
                     let mut e = engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if let Err(err) = e.refresh_host_addresses() {
+                        log::error("host addresses", &[("error", &format!("{err:#}"))]);
+                    }
                     e.reload_policy(false);
                     if gc_tick.elapsed() >= Duration::from_secs(1) {
                         gc_tick = tokio::time::Instant::now();
@@ -147,6 +152,24 @@ fn serve(cfg: config::Config) -> Result<()> {
         pending.keep_for_next_start();
         Ok(())
     })
+}
+
+/// Create the socket's directory and any missing parent, each mode 0755 (root writes, others
+/// may look: the socket itself is 0600). Directories that exist keep their mode (`/tmp` its
+/// sticky bit, say).
+fn create_socket_dir(dir: &Path) -> Result<()> {
+    let missing: Vec<&Path> =
+        dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("setting the mode of {}", d.display()))?,
+            // Created meanwhile by someone else: theirs, mode included.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),
+        }
+    }
+    Ok(())
 }
 
 /// Read kernel events on a dedicated thread: count them per workload and publish them to

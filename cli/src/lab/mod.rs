@@ -183,6 +183,21 @@ fn protocol(name: &str) -> ztseg_policy::Protocol {
     }
 }
 
+/// A lab process (host daemon, controller, pod server) started detached with `setsid`,
+/// without the caller's `ZTSEG_*` variables: a shell set up for the CLI (`ZTSEG_SOCKET`,
+/// `ZTSEG_PIN_DIR`, ...) must not reach the simulated hosts, which would otherwise share that
+/// socket or pin directory.
+fn lab_process() -> Command {
+    let mut cmd = Command::new("setsid");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with(crate::daemon::config::ENV_PREFIX) {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
 /// Run a command, failing with its output.
 pub fn sh(args: &[&str]) -> Result<()> {
     let out =
@@ -212,20 +227,17 @@ pub fn in_netns<R: Send>(ns: &str, f: impl FnOnce() -> Result<R> + Send) -> Resu
 }
 
 fn read_policies(lab: &LabFile, lab_path: &Path) -> Result<Vec<ztseg_policy::Document>> {
-    let mut all = Vec::new();
-    let mut errors = Vec::new();
-    for f in lab.policy_files(lab_path)? {
-        let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-        match ztseg_policy::parse_documents(&f, &text) {
-            Ok(p) => all.extend(p),
-            Err(e) => errors.extend(e),
-        }
+    let files = lab.policy_files(lab_path)?;
+    let mut texts = Vec::new();
+    for f in &files {
+        texts.push(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?);
     }
-    if !errors.is_empty() {
-        let msg: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        bail!("policy errors:\n{}", msg.join("\n"));
-    }
-    Ok(all)
+    ztseg_policy::parse_set(files.iter().map(PathBuf::as_path).zip(texts.iter().map(String::as_str))).map_err(
+        |errors| {
+            let msg: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("policy errors:\n{}", msg.join("\n"))
+        },
+    )
 }
 
 /// `ztseg lab up -f LAB.yaml`
@@ -523,14 +535,13 @@ fn start_controller(state: &mut LabState, exe: &Path) -> Result<()> {
     }
     let log_path = dir.join("controller.log");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-    let child = Command::new("setsid")
+    let child = lab_process()
         .args(["ip", "netns", "exec", &ctl.netns])
         .arg(exe)
         .args(["controller", "run", "--name", "lab", "--listen", &ctl.endpoint, "--data-dir"])
         .arg(&ctl.data_dir)
         .arg("--siem")
         .arg(format!("file:{}", dir.join("siem.jsonl").display()))
-        .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
@@ -667,11 +678,10 @@ fn spawn_daemon(state: &mut LabState, h: usize, exe: &Path) -> Result<()> {
         .create(true)
         .append(true)
         .open(dir.join(format!("{}.log", state.hosts[h].name)))?;
-    let child = Command::new("setsid")
+    let child = lab_process()
         .arg(exe)
         .args(["enforcer", "run", "--config"])
         .arg(&cfg)
-        .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
@@ -775,11 +785,10 @@ fn start_servers(state: &mut LabState, exe: &Path) -> Result<()> {
     let served = state.served_protocols();
     for pod in &mut state.pods {
         let log = std::fs::File::create(log_dir.join(format!("{}.log", pod.netns)))?;
-        let child = Command::new("setsid")
+        let child = lab_process()
             .arg(exe)
             .args(["lab", "serve", "--netns", &pod.netns, "--ports", &ports.join(","), "--protocols"])
             .arg(served.join(","))
-            .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -855,8 +864,18 @@ fn restart_daemons(state: &mut LabState, exe: &Path) -> Result<()> {
 }
 
 /// `ztseg lab label -f LAB.yaml [ns/]pod|ns:NAME key=value|key- ...`: change labels of a pod
-/// or namespace and re-apply the lab file's policies.
+/// or namespace and re-apply the lab file's policies. The change lasts until the next `lab
+/// apply`, which sets every label from the lab file again.
 pub fn label(lab_path: &Path, target: &str, changes: &[String], exe: &Path) -> Result<LabState> {
+    for c in changes {
+        let (k, v) = match c.strip_suffix('-') {
+            Some(k) if !c.contains('=') => (k, ""),
+            _ => c
+                .split_once('=')
+                .with_context(|| format!("label change {c:?}: expected key=value or key-"))?,
+        };
+        ztseg_policy::check_label(k, v).map_err(|m| anyhow::anyhow!("label change {c:?}: {m}"))?;
+    }
     let lab = LabFile::load(lab_path)?;
     let mut state = LabState::load(lab.name())?;
     let labels = if let Some(ns) = target.strip_prefix("ns:") {
@@ -877,12 +896,14 @@ pub fn label(lab_path: &Path, target: &str, changes: &[String], exe: &Path) -> R
             .labels
     };
     for c in changes {
-        if let Some(k) = c.strip_suffix('-') {
-            labels.remove(k);
-        } else if let Some((k, v)) = c.split_once('=') {
-            labels.insert(k.to_owned(), v.to_owned());
-        } else {
-            bail!("label change {c:?}: expected key=value or key-");
+        match (c.strip_suffix('-'), c.split_once('=')) {
+            (_, Some((k, v))) => {
+                labels.insert(k.to_owned(), v.to_owned());
+            }
+            (Some(k), None) => {
+                labels.remove(k);
+            }
+            (None, None) => bail!("label change {c:?}: expected key=value or key-"),
         }
     }
     restart_daemons(&mut state, exe)?;
@@ -925,4 +946,26 @@ pub fn down(name: &str) -> Result<()> {
     let _ = std::fs::remove_dir_all(Path::new(STATE_DIR).join(name));
     std::fs::remove_file(state_path(name))?;
     if errors.is_empty() { Ok(()) } else { bail!("lab {name} removed with errors:\n{}", errors.join("\n")) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_changes_are_checked_before_anything_happens() {
+        // No lab file and no lab: the change itself is refused first.
+        let nowhere = std::path::Path::new("/nonexistent/lab.yaml");
+        for (change, want) in [
+            ("bad key=x", "invalid label key `bad key`"),
+            ("app=-x", "invalid label value `-x`"),
+            ("tier=front-", "invalid label value `front-`"),
+            ("app", "expected key=value or key-"),
+        ] {
+            let e = super::label(nowhere, "x/a", &[change.to_owned()], nowhere).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains(change), "{change}: {e}");
+        }
+        // A valid change gets as far as the lab file.
+        let e =
+            super::label(nowhere, "x/a", &["app=web".to_owned(), "old-".to_owned()], nowhere).unwrap_err();
+        assert!(e.to_string().contains("reading /nonexistent/lab.yaml"), "{e}");
+    }
 }

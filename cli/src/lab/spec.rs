@@ -163,8 +163,18 @@ impl LabFile {
         if self.hosts.len() > 200 {
             bail!("{}: hosts: at most 200 hosts", path.display());
         }
+        for (i, n) in self.namespaces.iter().enumerate() {
+            for (k, v) in &n.labels {
+                ztseg_policy::check_label(k, v)
+                    .map_err(|m| anyhow::anyhow!("{}: namespaces[{i}].labels.{k}: {m}", path.display()))?;
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         for (i, p) in self.pods.iter().enumerate() {
+            for (k, v) in &p.labels {
+                ztseg_policy::check_label(k, v)
+                    .map_err(|m| anyhow::anyhow!("{}: pods[{i}].labels.{k}: {m}", path.display()))?;
+            }
             if !seen.insert((p.namespace.clone(), p.name.clone())) {
                 bail!("{}: pods[{i}]: duplicate pod {}/{}", path.display(), p.namespace, p.name);
             }
@@ -299,5 +309,27 @@ mod tests {
         }
         let e = load("  - {name: a, namespace: x}\n", "[TCP, ICMP]").unwrap_err().to_string();
         assert!(e.contains("protocols[1]: \"ICMP\" is not probed (TCP, UDP, SCTP)"), "{e}");
+    }
+
+    #[test]
+    fn labels_follow_kubernetes_label_syntax() {
+        let dir = std::env::temp_dir().join(format!("ztseg-labspec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lab.yaml");
+        let load = |pods: &str| {
+            std::fs::write(
+                &file,
+                format!("namespaces: [{{name: x, labels: {{ns: x}}}}]\npods:\n{pods}ports: [80]\n"),
+            )
+            .unwrap();
+            LabFile::load(&file).map(drop).map_err(|e| e.to_string())
+        };
+        assert_eq!(load("  - {name: a, namespace: x, labels: {app: web, example.com/tier: ''}}\n"), Ok(()));
+        let e = load("  - {name: a, namespace: x, labels: {app: web}}\n  - {name: b, labels: {'a b': x}}\n")
+            .unwrap_err();
+        assert!(e.contains("pods[1].labels.a b: invalid label key `a b`"), "{e}");
+        let e = load("  - {name: a, labels: {app: web_}}\n").unwrap_err();
+        assert!(e.contains("pods[0].labels.app: invalid label value `web_`"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -334,3 +334,87 @@ fn every_error_of_a_document_is_reported() {
         "{errs:#?}"
     );
 }
+
+// ---- policy sets ---------------------------------------------------------------------------------
+
+const TENANT: &str = "apiVersion: ztseg.io/v1alpha1\nkind: TenantPolicy\n";
+
+fn set_errors(files: &[(&str, &str)]) -> Vec<PolicyError> {
+    match crate::parse_set(files.iter().map(|(f, t)| (Path::new(*f), *t))) {
+        Ok(p) => panic!("expected errors, parsed {p:#?}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn a_set_refuses_a_network_policy_defined_in_two_files() {
+    let policy = format!("{HEAD}spec:\n  podSelector: {{}}\n");
+    let other = format!("{HEAD}spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n");
+    let errs = set_errors(&[("a.yaml", &policy), ("b.yaml", &format!("# b\n---\n{other}"))]);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    let e = &errs[0];
+    assert_eq!((e.file.as_path(), e.line, e.column), (Path::new("b.yaml"), 6, 9), "{e}");
+    assert_eq!(e.field, "metadata.name");
+    assert!(
+        e.message.contains("duplicate NetworkPolicy `prod/web`") && e.message.contains("a.yaml:1"),
+        "{e}"
+    );
+    // The same name in another namespace is another policy.
+    let elsewhere = policy.replace("namespace: prod", "namespace: dev");
+    assert_eq!(
+        crate::parse_set([(Path::new("a.yaml"), policy.as_str()), (Path::new("b.yaml"), elsewhere.as_str())])
+            .map(|d| d.len()),
+        Ok(2)
+    );
+}
+
+#[test]
+fn a_set_refuses_tenant_policies_of_two_files_with_one_admin_key() {
+    let tp = |name: &str, action: &str| {
+        format!(
+            "{TENANT}metadata: {{name: {name}}}\nspec:\n  priority: 10\n  action: {action}\n  from: {{tenant: acme}}\n  \
+             to: {{tenant: globex}}\n  ports:\n  - {{protocol: UDP}}\n  - {{protocol: TCP, port: 443}}\n"
+        )
+    };
+    let errs = set_errors(&[("a.yaml", &tp("allow-web", "Allow")), ("b.yaml", &tp("deny-web", "Deny"))]);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    let e = &errs[0];
+    assert_eq!((e.file.as_path(), e.field.as_str()), (Path::new("b.yaml"), "spec.ports[0]"), "{e}");
+    assert_eq!((e.line, e.column), (10, 5), "{e}");
+    assert!(
+        e.message.contains("`deny-web`") && e.message.contains("`allow-web` (a.yaml:1)"),
+        "names both policies and where the first is: {e}"
+    );
+}
+
+#[test]
+fn a_set_refuses_port_ranges_the_enforcer_cannot_expand() {
+    let range = |from: u32, to: u32| {
+        format!(
+            "{HEAD}spec:\n  podSelector: {{}}\n  egress:\n  - ports:\n    - {{port: 53}}\n    - port: {from}\n      \
+             endPort: {to}\n"
+        )
+    };
+    let errs = set_errors(&[("p.yaml", &range(1024, 65_535))]);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    let e = &errs[0];
+    assert_eq!((e.line, e.column, e.field.as_str()), (12, 16, "spec.egress[0].ports[1].endPort"), "{e}");
+    assert!(e.message.contains("1024-65535") && e.message.contains("4096"), "{e}");
+    for (from, to) in [(1, 65_535), (1000, 5095), (8080, 8080)] {
+        let text = range(from, to);
+        assert!(crate::parse_set([(Path::new("p.yaml"), text.as_str())]).is_ok(), "{from}-{to}");
+    }
+    assert_eq!(set_errors(&[("p.yaml", &range(1000, 5096))]).len(), 1);
+}
+
+#[test]
+fn a_set_reports_every_file() {
+    let bad = format!("{HEAD}spec:\n  podSelector: {{}}\n  ingress:\n  - ports:\n    - {{port: 70000}}\n");
+    let wide = format!(
+        "{HEAD}spec:\n  podSelector: {{}}\n  ingress:\n  - ports:\n    - {{port: 2, endPort: 9000}}\n"
+    )
+    .replace("name: web", "name: api");
+    let errs = set_errors(&[("a.yaml", &bad), ("b.yaml", &wide)]);
+    let files: Vec<&Path> = errs.iter().map(|e| e.file.as_path()).collect();
+    assert_eq!(files, [Path::new("a.yaml"), Path::new("b.yaml")], "{errs:#?}");
+}

@@ -113,6 +113,7 @@ fn main() -> Result<()> {
     match (&result, down) {
         (Ok(()), Ok(_)) => {
             println!("\nztseg demo finished: every step held; lab, enforcers and pins removed.");
+            where_next(demo.lab_arg());
         }
         (Err(e), _) => eprintln!("\nztseg demo FAILED: {e:#}"),
         (Ok(()), Err(e)) => eprintln!("\nztseg demo: cleanup failed: {e:#}"),
@@ -226,7 +227,7 @@ fn run(d: &Demo) -> Result<()> {
         &Demo::socket("node2"),
     ])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
-    let cookie = v[0]["cookie"].as_str().context("grant cookie")?.to_owned();
+    let cookie = v[0]["cookie"].as_u64().context("grant cookie")?.to_string();
     let mut conn =
         connect(2, "10.77.1.1:5432", Duration::from_secs(2)).context("granted connection did not open")?;
     conn.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -254,7 +255,7 @@ fn run(d: &Demo) -> Result<()> {
         d.run_ctl(&["policy", "apply", dir.to_str().unwrap_or_default(), "-m", "cache needs the db"])?
     );
     let _ = std::fs::remove_dir_all(&dir);
-    let enforced = |v: &str| -> Result<bool> {
+    let enforced = |v: u64| -> Result<bool> {
         Ok(["node1", "node2"].iter().all(|h| {
             d.run_quiet(&["-o", "json", "enforcer", "status", "--socket", &Demo::socket(h)])
                 .ok()
@@ -263,11 +264,11 @@ fn run(d: &Demo) -> Result<()> {
         }))
     };
     let t = Instant::now();
-    while !enforced("2")? && t.elapsed() < Duration::from_secs(10) {
+    while !enforced(2)? && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
     }
     check(
-        enforced("2")?,
+        enforced(2)?,
         &format!(
             "both enforcers enforce version 2 ({:.0} ms after the apply)",
             t.elapsed().as_secs_f64() * 1000.0
@@ -280,7 +281,7 @@ fn run(d: &Demo) -> Result<()> {
     print!("{}", d.run_ctl(&["policy", "history"])?);
     print!("{}", d.run_ctl(&["policy", "rollback", "1", "-m", "back to the reviewed version"])?);
     let t = Instant::now();
-    while !enforced("3")? && t.elapsed() < Duration::from_secs(10) {
+    while !enforced(3)? && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
     }
     check(
@@ -303,7 +304,7 @@ fn run(d: &Demo) -> Result<()> {
     let count = |r: &str| {
         v.as_array()
             .and_then(|a| a.iter().find(|c| c["reason"] == r))
-            .and_then(|c| c["packets"].as_str()?.parse::<u64>().ok())
+            .and_then(|c| c["packets"].as_u64())
             .unwrap_or(0)
     };
     println!(
@@ -321,7 +322,14 @@ fn run(d: &Demo) -> Result<()> {
         "same-host traffic (cache -> db) took local delivery, checks included",
     )?;
 
-    println!("\nWhere to look next (while a lab is up):");
+    Ok(())
+}
+
+/// What to try next. The demo has taken its lab down by now: the commands start with
+/// bringing it up again.
+fn where_next(lab: &str) {
+    println!("\nWhere to look next: the demo removed its lab; bring it up again first (as root):");
+    println!("  up:       ztseg lab up -f {lab}");
     println!("  metrics:  ip netns exec zl-demo-h1 curl -s 127.0.0.1:9464/metrics   (readiness: /readyz)");
     println!("  flows:    ztseg flows --socket {} --verdict DROP", Demo::socket("node2"));
     println!("  status:   ztseg enforcer status --socket {}", Demo::socket("node2"));
@@ -332,6 +340,6 @@ fn run(d: &Demo) -> Result<()> {
     println!("  policy:   ip netns exec zl-demo-ctl env ZTSEG_CONTROLLER=10.75.0.1:7443 \\");
     println!("              ZTSEG_IDENTITY_DIR=/run/ztseg/lab/demo/controller/admin ztseg policy history");
     println!("  audit:    /run/ztseg/lab/demo/siem.jsonl (OCSF JSON lines)   (docs/controller.md)");
+    println!("  down:     ztseg lab down -f {lab}");
     println!("  your own: ztseg lab up|probe|explain|apply|label|down -f YOUR-LAB.yaml   (docs/lab.md)");
-    Ok(())
 }
