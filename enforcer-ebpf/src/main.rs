@@ -637,8 +637,9 @@ fn housekeeping(flow: &Flow, ep: &Endpoint, dir: u8) -> bool {
     if dir == DIR_EGRESS {
         (link_local_unicast(&flow.saddr) || flow.saddr == [0; 4] || own(&flow.saddr))
             && (link_dst
-                // SAFETY: read-only access to a map value the kernel keeps alive for this run.
-                || unsafe { ZT_IDENTITY.get(&flow.daddr) }.is_some_and(|p| p.flags & IDENTITY_F_LOCAL != 0))
+                || (!own(&flow.daddr)
+                    // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+                    && unsafe { ZT_IDENTITY.get(&flow.daddr) }.is_some_and(|p| p.flags & IDENTITY_F_LOCAL != 0)))
     } else {
         link_dst || own(&flow.daddr)
     }
