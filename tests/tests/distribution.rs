@@ -352,16 +352,13 @@ fn revoked_host_backs_off(host: &str, i: usize) {
         .unwrap();
     assert!(out.status.success(), "revoke {host}: {}", String::from_utf8_lossy(&out.stderr));
     let took = Lab::wait(host, "refused as revoked", |s| {
-        s["policy_stale"] == "true"
+        s["policy_stale"] == true
             && s["controller_error"].as_str().is_some_and(|e| e.contains("revoked"))
-            && s["controller_retry_ms"]
-                .as_str()
-                .and_then(|m| m.parse::<u64>().ok())
-                .is_some_and(|m| m >= 5000)
+            && s["controller_retry_ms"].as_u64().is_some_and(|m| m >= 5000)
     });
     eprintln!("{host} noticed its revocation after {took:?}: {}", Lab::status(host));
     Lab::wait(host, "a longer wait after the next refusal", |s| {
-        s["controller_retry_ms"].as_str().and_then(|m| m.parse::<u64>().ok()).is_some_and(|m| m >= 10_000)
+        s["controller_retry_ms"].as_u64().is_some_and(|m| m >= 10_000)
     });
     let m = host_metrics(i);
     assert!(metric_is(&m, "ztseg_controller_connected", 0.0), "{m:?}");
