@@ -1219,3 +1219,42 @@ fn wildcard_deny_beats_exact_allow() {
     );
     assert_eq!(dp.writer().counters().unwrap()[&Reason::DropPolicy], before + 2);
 }
+
+/// A conntrack generation move interrupted after the config write, before the endpoints had
+/// it (a crash in between), is completed when the data plane is opened again: the endpoint
+/// takes the new generation, and the established flow is judged again on its next packet
+/// (still allowed: re-created under the current generation).
+#[test]
+fn reopening_completes_an_interrupted_generation_move() {
+    use enforcer_common::{Config, Endpoint, map_names};
+    let mut dp = setup("epochsync");
+    dp.writer().install(&allow(DIR_EGRESS, Some(B), TCP, 80)).unwrap();
+    let c = connection("10.0.0.2", 80);
+    establish(&mut dp, &c);
+    let array = |name: &str| aya::maps::Map::Array(aya::maps::MapData::from_pin(dp.dir.join(name)).unwrap());
+    let mut config: aya::maps::Array<_, Config> =
+        aya::maps::Array::try_from(array(map_names::CONFIG)).unwrap();
+    let endpoints: aya::maps::Array<_, Endpoint> =
+        aya::maps::Array::try_from(array(map_names::ENDPOINTS)).unwrap();
+    // The move's first half only: the config's generation, not the endpoint's.
+    let mut cfg = config.get(&0, 0).unwrap();
+    cfg.ct_epoch = cfg.ct_epoch.wrapping_add(1);
+    config.set(0, cfg, 0).unwrap();
+    assert_ne!(endpoints.get(&1, 0).unwrap().ct_epoch, cfg.ct_epoch);
+    let before = dp.writer().counters().unwrap();
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &c[2]).unwrap(), TC_ACT_OK);
+    let after = dp.writer().counters().unwrap();
+    assert_eq!(
+        after[&Reason::AllowEstablished],
+        before[&Reason::AllowEstablished] + 1,
+        "not judged again yet"
+    );
+    // Opened again, as a restarted enforcer does.
+    let again = enforcer::Datapath::open(&dp.dir, &ztseg_integration::small_options()).unwrap();
+    assert_eq!(endpoints.get(&1, 0).unwrap().ct_epoch, cfg.ct_epoch, "the move is completed");
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &c[2]).unwrap(), TC_ACT_OK);
+    let last = dp.writer().counters().unwrap();
+    assert_eq!(last[&Reason::AllowPolicy], after[&Reason::AllowPolicy] + 1, "judged again, still allowed");
+    let ct = again.writer().conntrack().unwrap();
+    assert!(ct.iter().any(|(k, v)| k.dport == 80 && v.epoch == cfg.ct_epoch), "re-created: {ct:?}");
+}
