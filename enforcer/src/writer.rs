@@ -288,10 +288,10 @@ impl Writer {
             if slot != ep.event_slot {
                 ep.event_slot = slot;
                 self.reset_event_budget(slot)?;
-                self.put_endpoint(key, ep)?;
+                self.put_endpoint_at(key, ep, epoch)?;
             } else if ep.ct_epoch != epoch {
                 // A generation move that a crash interrupted before it reached every endpoint.
-                self.put_endpoint(key, ep)?;
+                self.put_endpoint_at(key, ep, epoch)?;
             }
         }
         Ok(())
@@ -307,8 +307,14 @@ impl Writer {
     }
 
     /// Write an endpoint, with the conntrack generation in force.
-    fn put_endpoint(&mut self, key: EndpointKey, mut ep: Endpoint) -> Result<(), Error> {
-        ep.ct_epoch = self.config()?.ct_epoch;
+    fn put_endpoint(&mut self, key: EndpointKey, ep: Endpoint) -> Result<(), Error> {
+        let epoch = self.config()?.ct_epoch;
+        self.put_endpoint_at(key, ep, epoch)
+    }
+
+    /// Write an endpoint with conntrack generation `epoch` (the caller has just read it).
+    fn put_endpoint_at(&mut self, key: EndpointKey, mut ep: Endpoint, epoch: u32) -> Result<(), Error> {
+        ep.ct_epoch = epoch;
         match key {
             EndpointKey::Interface(i) if i < ENDPOINT_ARRAY_SIZE => {
                 self.endpoints.set(i, ep, 0).map_err(|e| self.full_or(e, map_names::ENDPOINTS))
@@ -470,7 +476,7 @@ impl Writer {
         let keys: Vec<EndpointKey> = self.event_slots.endpoints().collect();
         for key in keys {
             if let Some(ep) = self.registered_endpoint(key) {
-                self.put_endpoint(key, ep)?;
+                self.put_endpoint_at(key, ep, cfg.ct_epoch)?;
             }
         }
         Ok(())
