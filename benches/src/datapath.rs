@@ -122,6 +122,7 @@ fn prepare(dir: &Path, entries: u32) -> Result<Datapath> {
         w.set_identity("10.0.0.2".parse()?, PEER, 1)?;
         w.set_identity("fd00::2".parse()?, PEER, 1)?;
         w.install(&Rule {
+            ranges: Vec::new(),
             keys: vec![Rule::key(DIR_EGRESS, LOCAL, Some(PEER), frame::TCP, 80)],
             action: Action::Allow,
             ttl: None,

@@ -37,7 +37,12 @@ pub fn install_filler(
     while n < count {
         let chunk = (count - n).min(1000);
         let keys = (n..n + chunk).map(&key).collect();
-        w.install(&enforcer::Rule { keys, action: enforcer::writer::Action::Allow, ttl: None })?;
+        w.install(&enforcer::Rule {
+            ranges: Vec::new(),
+            keys,
+            action: enforcer::writer::Action::Allow,
+            ttl: None,
+        })?;
         n += chunk;
     }
     Ok(())

@@ -314,6 +314,7 @@ fn ztseg(t: &Topo, dir: &Path, entries: u32) -> Result<Datapath> {
         }
         // The allowing rule (both ends of A -> B on any TCP port) plus filler entries.
         w.install(&Rule {
+            ranges: Vec::new(),
             keys: vec![
                 Rule::key(DIR_EGRESS, A, Some(B), TCP, PORT_ANY),
                 Rule::key(DIR_INGRESS, B, Some(A), TCP, PORT_ANY),
@@ -420,6 +421,7 @@ fn grant_latency(t: &Topo, dp: &Datapath) -> Result<(Vec<f64>, usize)> {
     for i in 0..GRANTS {
         let start = Instant::now();
         let h = dp.writer().install(&Rule {
+            ranges: Vec::new(),
             keys: vec![
                 Rule::key(DIR_EGRESS, A, Some(B), udp, 7000),
                 Rule::key(DIR_INGRESS, B, Some(A), udp, 7000),

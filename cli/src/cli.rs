@@ -1079,6 +1079,7 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                         ("owner", r.owner.into()),
                         ("action", r.action.into()),
                         ("keys", r.keys.into()),
+                        ("port_ranges", r.port_ranges.into()),
                         ("expires_in", ms(r.expires_in_ms).into()),
                     ]
                 })

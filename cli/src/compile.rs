@@ -26,7 +26,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use enforcer::Rule;
+use enforcer::{RangeKey, Rule};
 use enforcer_common::{
     DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PORT_ANY, PROTO_ANY,
     PolicyKey,
@@ -38,15 +38,18 @@ use ztseg_policy::{Cluster, IpNetwork, Isolation, PeerMatch, PodPolicy, PortMatc
 pub const CIDR_IDENTITY_BASE: u32 = 1 << 31;
 /// CIDR identities are `CIDR_IDENTITY_BASE .. CIDR_IDENTITY_BASE + CIDR_IDENTITY_SPAN`.
 pub const CIDR_IDENTITY_SPAN: u32 = 1 << 30;
-/// Largest port range expanded into exact keys for one rule (`ztseg_policy::parse_set` refuses
-/// wider ones with the file and position).
-pub const MAX_RANGE: u32 = ztseg_policy::MAX_PORT_RANGE;
+/// Widest port range expanded into exact keys (the fastest lookup, and no per-key limit);
+/// wider ones become data-plane port ranges.
+pub const EXPAND_MAX: u32 = 16;
 
 /// The compiled form: per pod and direction the keys to allow, plus the CIDR identities.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
     /// (pod index, direction) → keys. A missing entry means "allow nothing".
     pub keys: BTreeMap<(usize, u8), BTreeSet<PolicyKey>>,
+    /// (pod index, direction) → port ranges to allow (overlapping and adjacent ranges of one
+    /// key merged).
+    pub ranges: BTreeMap<(usize, u8), BTreeSet<RangeKey>>,
     /// Prefix → CIDR identity: every prefix this version names.
     pub cidrs: BTreeMap<IpNetwork, u32>,
     /// Prefixes of `cidrs` not installed yet.
@@ -59,9 +62,11 @@ impl Compiled {
     /// The rule for one pod and direction, if it allows anything.
     #[must_use]
     pub fn rule(&self, pod: usize, dir: u8) -> Option<Rule> {
-        let keys = self.keys.get(&(pod, dir))?;
-        (!keys.is_empty()).then(|| Rule {
-            keys: keys.iter().copied().collect(),
+        let keys: Vec<PolicyKey> = self.keys.get(&(pod, dir)).into_iter().flatten().copied().collect();
+        let ranges: Vec<RangeKey> = self.ranges.get(&(pod, dir)).into_iter().flatten().copied().collect();
+        (!keys.is_empty() || !ranges.is_empty()).then_some(Rule {
+            keys,
+            ranges,
             action: enforcer::writer::Action::Allow,
             ttl: None,
         })
@@ -110,6 +115,7 @@ pub fn compile(cluster: &Cluster, eval: &[PodPolicy], identity: &[u32], ctx: &Co
         let local = identity[pod];
         for (iso, dir) in [(&pp.ingress, DIR_INGRESS), (&pp.egress, DIR_EGRESS)] {
             let mut keys = BTreeSet::new();
+            let mut ranges = Vec::new();
             match iso {
                 Isolation::NotIsolated => {
                     keys.insert(Rule::key(dir, local, None, PROTO_ANY, PORT_ANY));
@@ -122,11 +128,14 @@ pub fn compile(cluster: &Cluster, eval: &[PodPolicy], identity: &[u32], ctx: &Co
                     for r in rules {
                         let peers = peer_identities(cluster, identity, &out.cidrs, &ctx.host, &r.peers);
                         for pm in &r.ports {
-                            for (proto, lo, hi) in port_ranges(*pm)? {
-                                for peer in &peers {
+                            let (proto, lo, hi) = port_range(*pm);
+                            for peer in &peers {
+                                if u32::from(hi) - u32::from(lo) < EXPAND_MAX {
                                     for port in lo..=hi {
                                         keys.insert(Rule::key(dir, local, *peer, proto, port));
                                     }
+                                } else {
+                                    ranges.push(Rule::range(dir, local, *peer, proto, lo, hi));
                                 }
                             }
                         }
@@ -135,6 +144,9 @@ pub fn compile(cluster: &Cluster, eval: &[PodPolicy], identity: &[u32], ctx: &Co
             }
             if !keys.is_empty() {
                 out.keys.insert((pod, dir), keys);
+            }
+            if !ranges.is_empty() {
+                out.ranges.insert((pod, dir), merge_ranges(ranges));
             }
         }
     }
@@ -218,23 +230,32 @@ fn peer_identities(
     out
 }
 
-/// (protocol, first port, last port); (`PROTO_ANY`, 0, 0) for any port of any protocol.
-fn port_ranges(pm: PortMatch) -> Result<Vec<(u8, u16, u16)>> {
-    Ok(match pm {
-        PortMatch::Any => vec![(PROTO_ANY, PORT_ANY, PORT_ANY)],
-        PortMatch::Proto(p) => vec![(proto(p), PORT_ANY, PORT_ANY)],
-        PortMatch::Range { proto: p, from, to } => {
-            if u32::from(to) - u32::from(from) + 1 > MAX_RANGE {
-                if from <= 1 && to == u16::MAX {
-                    return Ok(vec![(proto(p), PORT_ANY, PORT_ANY)]);
-                }
-                bail!(
-                    "port range {from}-{to} is wider than {MAX_RANGE} ports, which this data plane expands into exact keys"
-                );
-            }
-            vec![(proto(p), from, to)]
+/// (protocol, first port, last port); (`PROTO_ANY`, 0, 0) for any port of any protocol, and
+/// (protocol, 0, 0) for any port of one (a range over every port included).
+fn port_range(pm: PortMatch) -> (u8, u16, u16) {
+    match pm {
+        PortMatch::Any => (PROTO_ANY, PORT_ANY, PORT_ANY),
+        PortMatch::Proto(p) => (proto(p), PORT_ANY, PORT_ANY),
+        PortMatch::Range { proto: p, from, to } if from <= 1 && to == u16::MAX => {
+            (proto(p), PORT_ANY, PORT_ANY)
         }
-    })
+        PortMatch::Range { proto: p, from, to } => (proto(p), from, to),
+    }
+}
+
+/// Merge overlapping and adjacent ranges of the same key (one data-plane range each).
+fn merge_ranges(mut ranges: Vec<RangeKey>) -> BTreeSet<RangeKey> {
+    ranges.sort();
+    let mut out: Vec<RangeKey> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(prev) if prev.key == r.key && u32::from(r.lo) <= u32::from(prev.hi) + 1 => {
+                prev.hi = prev.hi.max(r.hi);
+            }
+            _ => out.push(r),
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// Bring `w` to `compiled` for the pods `local` says this host enforces: install, replace
@@ -268,7 +289,7 @@ pub fn sync_rules(
             let mut want = compiled.rule(pod, dir);
             if let Some(r) = &mut want {
                 r.keys.retain(|k| !reserved(k));
-                if r.keys.is_empty() {
+                if r.keys.is_empty() && r.ranges.is_empty() {
                     want = None;
                 }
             }
@@ -287,6 +308,10 @@ pub fn sync_rules(
                         let mut a = k.to_vec();
                         a.sort();
                         a == rule.keys
+                    }) && w.rule_ranges(c).is_some_and(|r| {
+                        let mut a = r.to_vec();
+                        a.sort();
+                        a == rule.ranges
                     });
                     if !same {
                         let h = w.replace(c, &rule)?;
@@ -473,6 +498,44 @@ mod tests {
         let offline = compile(&cluster, &eval, &ids, &Context::default()).unwrap();
         assert!(!offline.keys[&(1, DIR_EGRESS)].contains(&host_key(DIR_EGRESS, 301)));
         assert!(offline.keys[&(0, DIR_INGRESS)].contains(&host_key(DIR_INGRESS, 300)));
+    }
+
+    #[test]
+    fn wide_port_ranges_become_data_plane_ranges() {
+        let cluster = Cluster {
+            namespaces: vec![ztseg_policy::Namespace { name: "default".into(), labels: BTreeMap::new() }],
+            pods: vec![ztseg_policy::Pod {
+                name: "a".into(),
+                namespace: "default".into(),
+                labels: [("app".to_owned(), "a".to_owned())].into(),
+                ips: vec!["10.0.0.1".parse().unwrap()],
+                ports: Vec::new(),
+            }],
+        };
+        let policies = ztseg_policy::parse_file(
+            std::path::Path::new("p.yaml"),
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec:\n  \
+             podSelector: {}\n  ingress:\n  - ports:\n    - {port: 8000, endPort: 8003}\n    \
+             - {port: 9000, endPort: 9999}\n    - {port: 9500, endPort: 10500}\n    - {port: 10501, endPort: 11000}\n    \
+             - {protocol: UDP, port: 1, endPort: 65535}\n",
+        )
+        .unwrap();
+        let eval = ztseg_policy::evaluate(&cluster, &policies);
+        let c = compile(&cluster, &eval, &[300], &Context::default()).unwrap();
+        let keys = &c.keys[&(0, DIR_INGRESS)];
+        // Narrow: one exact key per port. Every port of a protocol: its wildcard key.
+        for port in 8000..=8003 {
+            assert!(keys.contains(&Rule::key(DIR_INGRESS, 300, None, IPPROTO_TCP, port)));
+        }
+        assert!(keys.contains(&Rule::key(DIR_INGRESS, 300, None, IPPROTO_UDP, PORT_ANY)));
+        // Wide: ranges, overlapping and adjacent ones merged.
+        assert_eq!(
+            c.ranges[&(0, DIR_INGRESS)],
+            [Rule::range(DIR_INGRESS, 300, None, IPPROTO_TCP, 9000, 11000)].into()
+        );
+        let rule = c.rule(0, DIR_INGRESS).unwrap();
+        assert_eq!(rule.ranges.len(), 1);
+        assert_eq!(rule.keys.len(), keys.len());
     }
 
     #[test]

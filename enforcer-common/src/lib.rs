@@ -20,7 +20,7 @@ pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 /// Layout version of every pinned map. Bump on any change to a type in this crate, and on any
 /// change to what the programs pass each other (the local delivery hand-over: the eBPF crate's
 /// parsed flow and the packet control buffer).
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 // ---- reserved identities and tenants -------------------------------------------------------
 
@@ -166,6 +166,79 @@ pub struct PolicyValue {
     pub pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 16);
+
+/// Ranges of rules one range key can hold ([`RangeSet::rules`]).
+pub const RANGES_PER_KEY: usize = 8;
+/// Disjoint intervals those ranges may split into ([`RangeSet::intervals`]); the programs scan
+/// all of them, a power of two.
+pub const INTERVALS_PER_KEY: usize = 8;
+const _: () = assert!(INTERVALS_PER_KEY.is_power_of_two());
+
+/// Range probe shapes, in probe order: (peer, proto, range), (*, proto, range). A range key is
+/// a [`PolicyKey`] with `dport` [`PORT_ANY`] and a specific TCP, UDP or SCTP `proto`.
+pub const RANGE_SHAPES: usize = 2;
+
+/// One destination port interval `lo..=hi` of a range set and the rules that decide it: of the
+/// live deny rules whose ranges cover it, the one that lives longest, and the same of the
+/// allow rules (cookie 0: none). Userspace splits overlapping ranges into disjoint intervals,
+/// so a port falls into at most one, and the kernel checks two rule slots per probe: the deny
+/// first, then the allow. Picking the longest-lived rule of each kind keeps expiry exact: when
+/// the chosen one has expired, so has every other rule of its kind covering the interval.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortInterval {
+    pub lo: u16,
+    pub hi: u16,
+    pub deny_cookie: u32,
+    pub deny_slot: u32,
+    pub allow_cookie: u32,
+    pub allow_slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<PortInterval>() == 20);
+
+impl PortInterval {
+    /// An unused interval: it contains no port.
+    pub const UNUSED: Self =
+        Self { lo: 1, hi: 0, deny_cookie: 0, deny_slot: 0, allow_cookie: 0, allow_slot: 0 };
+}
+
+/// A rule's range as userspace wrote it (the programs never read it): what a restarted
+/// enforcer rebuilds its index from and splits again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RangeRule {
+    pub lo: u16,
+    pub hi: u16,
+    pub cookie: u32,
+    pub slot: u32,
+    pub action: u32,
+}
+const _: () = assert!(core::mem::size_of::<RangeRule>() == 16);
+
+/// Value of a range entry: the disjoint port intervals of every rule under one range key,
+/// sorted, the first `len` in use (the rest [`PortInterval::UNUSED`]), followed by the rules'
+/// ranges themselves. Userspace rewrites a set as a whole (one map update), so a packet sees
+/// it before or after a change, never half-way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RangeSet {
+    pub len: u32,
+    pub intervals: [PortInterval; INTERVALS_PER_KEY],
+    pub rules_len: u32,
+    pub rules: [RangeRule; RANGES_PER_KEY],
+}
+const _: () = assert!(core::mem::size_of::<RangeSet>() == 8 + 20 * INTERVALS_PER_KEY + 16 * RANGES_PER_KEY);
+
+impl Default for RangeSet {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            intervals: [PortInterval::UNUSED; INTERVALS_PER_KEY],
+            rules_len: 0,
+            rules: [RangeRule { lo: 0, hi: 0, cookie: 0, slot: 0, action: 0 }; RANGES_PER_KEY],
+        }
+    }
+}
 
 /// Rule-state flag: the slot holds a live rule or grant.
 pub const RULE_F_ACTIVE: u32 = 1;
@@ -316,10 +389,18 @@ pub struct Config {
     /// either tier, an identity changed or removed, the failsafe list changed) and then
     /// mirrors it into every endpoint ([`Endpoint::ct_epoch`]), which the programs compare.
     pub ct_epoch: u32,
+    /// Port ranges (as rules wrote them) per range probe shape ([`RANGE_SHAPES`]); the kernel
+    /// probes only shapes that have one.
+    pub range_shape_count: [u32; RANGE_SHAPES],
+    /// Number of DENY port ranges (as rules wrote them, before the split into intervals);
+    /// while 0 a flow an exact or wildcard key allows skips the range probes.
+    pub range_deny_count: u32,
     pub failsafe: [Failsafe; MAX_FAILSAFE],
 }
-const _: () =
-    assert!(core::mem::size_of::<Config>() == 4 * (POLICY_SHAPES + ADMIN_SHAPES + 11) + 4 * MAX_FAILSAFE);
+const _: () = assert!(
+    core::mem::size_of::<Config>()
+        == 4 * (POLICY_SHAPES + ADMIN_SHAPES + RANGE_SHAPES + 12) + 4 * MAX_FAILSAFE
+);
 
 // ---- conntrack ---------------------------------------------------------------------------------
 
@@ -605,6 +686,8 @@ pub mod map_names {
     pub const ENDPOINTS_HASH: &str = "ZT_ENDPOINTS_HASH";
     pub const CGROUPS: &str = "ZT_CGROUPS";
     pub const POLICY: &str = "ZT_POLICY";
+    /// Port ranges ([`super::RangeSet`] per range key).
+    pub const RANGES: &str = "ZT_RANGES";
     pub const ADMIN: &str = "ZT_ADMIN";
     pub const RULES: &str = "ZT_RULES";
     pub const CONFIG: &str = "ZT_CONFIG";
@@ -648,7 +731,7 @@ pub mod program_names {
 mod pod {
     use super::{
         AdminKey, AdminValue, CidrAddr, Config, CtKey, CtKey4, CtValue, Endpoint, Event, IdentityInfo,
-        PolicyKey, PolicyValue, RuleState, SuppressedKey,
+        PolicyKey, PolicyValue, RangeSet, RuleState, SuppressedKey,
     };
     // SAFETY: every type is repr(C), Copy, has explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for IdentityInfo {}
@@ -656,6 +739,7 @@ mod pod {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for RangeSet {}
     unsafe impl aya::Pod for RuleState {}
     unsafe impl aya::Pod for AdminKey {}
     unsafe impl aya::Pod for AdminValue {}

@@ -73,6 +73,8 @@ static EMPTY_CONFIG: Config = Config {
     event_total_burst: 0,
     abi_version: 0,
     ct_epoch: 0,
+    range_shape_count: [0; enforcer_common::RANGE_SHAPES],
+    range_deny_count: 0,
     failsafe: [enforcer_common::Failsafe { port: 0, proto: 0, pad: 0 }; MAX_FAILSAFE],
 };
 

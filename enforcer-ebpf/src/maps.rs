@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     Addr, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtKey4, CtValue, ENDPOINT_ARRAY_SIZE, EVENT_SLOTS,
-    Endpoint, IdentityInfo, PolicyKey, PolicyValue, REASON_COUNT, RuleState, SuppressedKey,
+    Endpoint, IdentityInfo, PolicyKey, PolicyValue, REASON_COUNT, RangeSet, RuleState, SuppressedKey,
 };
 
 /// Exact /32 and /128 address (16 bytes, IPv4 mapped) → identity.
@@ -35,6 +35,10 @@ pub static ZT_CGROUPS: HashMap<u64, Endpoint> = HashMap::pinned(4096, 0);
 /// Tenant tier: exact key plus wildcard probes.
 #[map]
 pub static ZT_POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(65536, 0);
+
+/// Tenant tier: destination port ranges, per range key (a policy key without a port).
+#[map]
+pub static ZT_RANGES: HashMap<PolicyKey, RangeSet> = HashMap::pinned(8192, 0);
 
 /// Admin tier: tenant pairs and cluster-wide rules.
 #[map]

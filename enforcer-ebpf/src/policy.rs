@@ -1,16 +1,17 @@
 //! Verdict for a new flow: admin tier, then the tenant tier's exact key and wildcard probes,
-//! then default deny. Every rule is honoured only while its rule-state slot admits it, so an
-//! expired grant denies from the next packet without userspace.
+//! then its port ranges, then default deny. Every rule is honoured only while its rule-state
+//! slot admits it, so an expired grant denies from the next packet without userspace.
 
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_PASS, ADMIN_SHAPES, AdminKey, Config, DIR_EGRESS, IDENTITY_ANY,
-    IdentityInfo, POLICY_SHAPE_PEER, POLICY_SHAPE_PORT, POLICY_SHAPE_PROTO, POLICY_SHAPES, PORT_ANY,
-    PROTO_ANY, PolicyKey, RULE_F_ACTIVE, Reason, TENANT_ANY, TENANT_NONE,
+    INTERVALS_PER_KEY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IdentityInfo, POLICY_SHAPE_PEER,
+    POLICY_SHAPE_PORT, POLICY_SHAPE_PROTO, POLICY_SHAPES, PORT_ANY, PROTO_ANY, PolicyKey, RANGE_SHAPES,
+    RULE_F_ACTIVE, RangeSet, Reason, TENANT_ANY, TENANT_NONE,
 };
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
-use crate::maps::{ZT_ADMIN, ZT_POLICY, ZT_RULES};
+use crate::maps::{ZT_ADMIN, ZT_POLICY, ZT_RANGES, ZT_RULES};
 
 pub struct Decision {
     pub allow: bool,
@@ -62,6 +63,34 @@ fn admin_key(src_tenant: u32, dst_tenant: u32, dport: u16, proto: u8) -> AdminKe
     let w = [src_tenant, dst_tenant, u32::from(dport) | (u32::from(proto) << 16)];
     // SAFETY: AdminKey is repr(C): two tenants, then dport/proto/zero pad in the third word.
     unsafe { core::mem::transmute::<[u32; 3], AdminKey>(w) }
+}
+
+/// The deny (or, with `ALLOW`, the allow) rule of the interval of `set` that holds `port`, as
+/// `cookie << 32 | slot`; 0 if no interval holds it. Branch-free over every interval: the
+/// intervals are disjoint, so masking each one's fields by whether it holds the port and
+/// OR-ing them picks the one that does, and the verifier walks the scan once per path. Not
+/// inlined: the unrolled scan would need more of the caller's stack than the programs have.
+#[inline(never)]
+fn interval_rule<const ALLOW: bool>(set: &RangeSet, port: u16) -> u64 {
+    let p = i64::from(port);
+    let len = i64::from(set.len);
+    let mut found = 0u64;
+    let mut i = 0usize;
+    while i < INTERVALS_PER_KEY {
+        let r = &set.intervals[i];
+        let d = p - i64::from(r.lo);
+        let width = i64::from(r.hi) - i64::from(r.lo) + 1;
+        // All ones iff 0 <= d < width and i < len: the sign bits of !d, d - width, i - len.
+        let m = ((!d & (d - width) & (i as i64 - len)) >> 63) as u64;
+        let rule = if ALLOW {
+            (u64::from(r.allow_cookie) << 32) | u64::from(r.allow_slot)
+        } else {
+            (u64::from(r.deny_cookie) << 32) | u64::from(r.deny_slot)
+        };
+        found |= rule & m;
+        i += 1;
+    }
+    found
 }
 
 pub struct Local {
@@ -148,6 +177,38 @@ pub fn decide(cfg: &Config, local: &Local, peer: &IdentityInfo, dir: u8, proto: 
             }
         }
         shape += 1;
+    }
+
+    // ---- port ranges (only probed while some exist; once allowed, only for their denies).
+    if (!allowed || cfg.range_deny_count != 0)
+        && (cfg.range_shape_count[0] | cfg.range_shape_count[1]) != 0
+        && matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
+    {
+        let mut shape = 0usize;
+        while shape < RANGE_SHAPES {
+            if cfg.range_shape_count[shape] != 0 {
+                let peer_id = if shape == 0 { peer.identity } else { IDENTITY_ANY };
+                let (src, dst) = if egress { (local.identity, peer_id) } else { (peer_id, local.identity) };
+                // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+                if let Some(set) = unsafe { ZT_RANGES.get(&policy_key(src, dst, PORT_ANY, proto, dir)) } {
+                    let deny = interval_rule::<false>(set, port);
+                    let (cookie, slot) = ((deny >> 32) as u32, deny as u32);
+                    if cookie != 0 && rule_admits(slot, cookie) {
+                        return Decision::new(false, Reason::DropPolicy, cookie, slot);
+                    }
+                    if !allowed {
+                        let rule = interval_rule::<true>(set, port);
+                        let (cookie, slot) = ((rule >> 32) as u32, rule as u32);
+                        if cookie != 0 && rule_admits(slot, cookie) {
+                            allowed = true;
+                            allow_cookie = cookie;
+                            allow_slot = slot;
+                        }
+                    }
+                }
+            }
+            shape += 1;
+        }
     }
     if allowed {
         Decision::new(true, Reason::AllowPolicy, allow_cookie, allow_slot)

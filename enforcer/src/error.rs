@@ -68,6 +68,8 @@ pub enum Error {
     SlotsExhausted { capacity: u32 },
     #[error("policy key {key:?} already belongs to rule cookie {owner}; nothing was applied")]
     KeyOwned { key: PolicyKey, owner: u32 },
+    #[error("port ranges under {key:?}: {reason}; nothing was applied")]
+    RangeLimit { key: PolicyKey, reason: String },
     #[error("rule {field} is invalid: {reason}")]
     InvalidRule { field: &'static str, reason: String },
     #[error("no active rule or grant with cookie {cookie}")]

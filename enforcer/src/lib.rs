@@ -19,7 +19,7 @@ pub mod writer;
 pub use datapath::{Datapath, DatapathOptions, TcHook};
 pub use error::Error;
 pub use events::{EventReader, FlowEvent};
-pub use writer::{AdminRule, EventRateLimit, Rule, RuleHandle, Workload};
+pub use writer::{AdminRule, EventRateLimit, RangeKey, Rule, RuleHandle, Workload};
 
 /// The eBPF object built from `enforcer-ebpf`, embedded at compile time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztseg"));

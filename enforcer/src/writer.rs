@@ -9,6 +9,10 @@
 //!   admitted stops at once), then frees the keys.
 //! - Probe-shape counters in the config map are raised before entries appear and lowered after
 //!   they disappear, so the kernel never skips a shape that has entries.
+//! - Port ranges live in one set per range key, which every rule's ranges under that key share;
+//!   a set is rewritten whole with one map update. A rule's ranges go in before its slot is
+//!   switched on without displacing any live rule's (see `ranges::Member::deferred`), and
+//!   leave before its slot is cleared.
 //! - Nothing is ever flushed and refilled. Expiry is enforced by the kernel; [`Writer::gc`]
 //!   only frees memory.
 
@@ -28,15 +32,16 @@ use aya::{
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_PASS, AdminKey, AdminValue, CidrAddr, Config, CtKey, CtKey4, CtValue,
     DIR_EGRESS, ENDPOINT_ARRAY_SIZE, ENDPOINT_F_AUDIT, ENDPOINT_F_HAS_V4, ENDPOINT_F_HAS_V6,
-    ENDPOINT_F_VALID, Endpoint, Failsafe, IDENTITY_ANY, IDENTITY_F_LOCAL, IdentityInfo, MAX_FAILSAFE,
-    PORT_ANY, PROTO_ANY, PolicyKey, PolicyValue, RULE_F_ACTIVE, Reason, RuleState, SLOT_NONE, admin_shape,
-    map_names, policy_shape,
+    ENDPOINT_F_VALID, Endpoint, Failsafe, IDENTITY_ANY, IDENTITY_F_LOCAL, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, IdentityInfo, MAX_FAILSAFE, PORT_ANY, PROTO_ANY, PolicyKey, PolicyValue, RANGE_SHAPES,
+    RULE_F_ACTIVE, RangeSet, Reason, RuleState, SLOT_NONE, admin_shape, map_names, policy_shape,
 };
 
 use crate::{Error, addr, time};
 
 mod event_slots;
 pub mod explain;
+mod ranges;
 
 use event_slots::{EndpointKey, EventSlots};
 
@@ -67,10 +72,24 @@ impl Action {
     }
 }
 
-/// A tenant-tier rule or grant: policy keys sharing one action, lifetime and cookie.
+/// A destination port range of a tenant-tier rule: `key` names the check as a policy key
+/// without a port (`dport` [`PORT_ANY`], `proto` TCP, UDP or SCTP), `lo..=hi` the ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RangeKey {
+    pub key: PolicyKey,
+    pub lo: u16,
+    pub hi: u16,
+}
+
+/// A tenant-tier rule or grant: policy keys and port ranges sharing one action, lifetime and
+/// cookie.
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub keys: Vec<PolicyKey>,
+    /// Destination port ranges (at most [`enforcer_common::RANGES_PER_KEY`] rules' ranges
+    /// per range key, splitting into at most [`enforcer_common::INTERVALS_PER_KEY`] disjoint
+    /// intervals).
+    pub ranges: Vec<RangeKey>,
     pub action: Action,
     /// `None`: until revoked. `Some(ttl)`: the kernel stops honouring it `ttl` from now.
     pub ttl: Option<Duration>,
@@ -84,6 +103,13 @@ impl Rule {
         let peer = peer.unwrap_or(IDENTITY_ANY);
         let (src, dst) = if dir == DIR_EGRESS { (local, peer) } else { (peer, local) };
         PolicyKey { src_identity: src, dst_identity: dst, dport: port, proto, dir }
+    }
+
+    /// Port range `lo..=hi` of `proto` for `local`'s check in direction `dir` against `peer`
+    /// (`None` = any peer).
+    #[must_use]
+    pub fn range(dir: u8, local: u32, peer: Option<u32>, proto: u8, lo: u16, hi: u16) -> RangeKey {
+        RangeKey { key: Self::key(dir, local, peer, proto, PORT_ANY), lo, hi }
     }
 }
 
@@ -114,6 +140,7 @@ pub struct RuleInfo {
     pub action: Action,
     pub expires_at: u64,
     pub policy_keys: Vec<PolicyKey>,
+    pub ranges: Vec<RangeKey>,
     pub admin_key: Option<AdminKey>,
     pub priority: u32,
 }
@@ -166,6 +193,7 @@ struct Record {
     action: Action,
     expires_at: u64,
     keys: Vec<PolicyKey>,
+    ranges: Vec<RangeKey>,
     admin: Option<(AdminKey, u32)>,
 }
 
@@ -180,6 +208,7 @@ pub struct Writer {
     cgroups: HashMap<MapData, u64, Endpoint>,
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
     admin: HashMap<MapData, AdminKey, AdminValue>,
+    ranges: HashMap<MapData, PolicyKey, RangeSet>,
     rules: Array<MapData, RuleState>,
     config: Array<MapData, Config>,
     conntrack4: HashMap<MapData, CtKey4, CtValue>,
@@ -191,12 +220,15 @@ pub struct Writer {
     event_slots: EventSlots,
     records: BTreeMap<u32, Record>,
     owners: StdHashMap<PolicyKey, u32>,
+    /// Range key → the ranges its set holds, (lo, hi, cookie) in set order.
+    range_index: BTreeMap<PolicyKey, Vec<(u16, u16, u32)>>,
     admin_owners: StdHashMap<AdminKey, u32>,
     free_slots: Vec<u32>,
     next_slot: u32,
     next_cookie: u32,
     policy_capacity: u32,
     admin_capacity: u32,
+    ranges_capacity: u32,
 }
 
 impl std::fmt::Debug for Writer {
@@ -230,6 +262,7 @@ impl Writer {
         let rules: Array<MapData, RuleState> = take(ebpf, map_names::RULES)?;
         let policy_capacity = capacity(pin_dir, map_names::POLICY)?;
         let admin_capacity = capacity(pin_dir, map_names::ADMIN)?;
+        let ranges_capacity = capacity(pin_dir, map_names::RANGES)?;
         let mut w = Self {
             identity: take(ebpf, map_names::IDENTITY)?,
             cidr: take(ebpf, map_names::CIDR)?,
@@ -238,6 +271,7 @@ impl Writer {
             cgroups: take(ebpf, map_names::CGROUPS)?,
             policy,
             admin,
+            ranges: take(ebpf, map_names::RANGES)?,
             rules,
             config: take(ebpf, map_names::CONFIG)?,
             conntrack4: take(ebpf, map_names::CONNTRACK4)?,
@@ -249,12 +283,14 @@ impl Writer {
             event_slots: EventSlots::default(),
             records: BTreeMap::new(),
             owners: StdHashMap::new(),
+            range_index: BTreeMap::new(),
             admin_owners: StdHashMap::new(),
             free_slots: Vec::new(),
             next_slot: 0,
             next_cookie: 1,
             policy_capacity,
             admin_capacity,
+            ranges_capacity,
             pin_dir: pin_dir.to_path_buf(),
         };
         w.rebuild()?;
@@ -363,6 +399,7 @@ impl Writer {
                 action: Action::from_code(v.action).unwrap_or(Action::Deny),
                 expires_at: st.expires_at,
                 keys: Vec::new(),
+                ranges: Vec::new(),
                 admin: None,
             });
             rec.keys.push(k);
@@ -385,11 +422,13 @@ impl Writer {
                     action: Action::from_code(v.action).unwrap_or(Action::Deny),
                     expires_at: st.expires_at,
                     keys: Vec::new(),
+                    ranges: Vec::new(),
                     admin: Some((k, v.priority)),
                 },
             );
             self.admin_owners.insert(k, v.cookie);
         }
+        self.rebuild_ranges(&mut states, &mut max_cookie, &mut max_slot)?;
         for k in stale_policy {
             let _ = self.policy.remove(&k);
         }
@@ -420,13 +459,65 @@ impl Writer {
         self.recount()
     }
 
+    /// Rebuild the range index and the records' ranges from the sets (after `rebuild` read the
+    /// policy map); ranges of rules no longer live leave their sets.
+    fn rebuild_ranges(
+        &mut self,
+        states: &mut StdHashMap<u32, RuleState>,
+        max_cookie: &mut u32,
+        max_slot: &mut Option<u32>,
+    ) -> Result<(), Error> {
+        let mut stale_ranges = std::collections::BTreeSet::new();
+        for item in &self.ranges {
+            let (k, set) = item.map_err(Error::map(map_names::RANGES))?;
+            let n = usize::try_from(set.rules_len).unwrap_or(usize::MAX).min(set.rules.len());
+            let mut kept = Vec::new();
+            for r in &set.rules[..n] {
+                let st =
+                    *states.entry(r.slot).or_insert_with(|| self.rules.get(&r.slot, 0).unwrap_or_default());
+                *max_cookie = (*max_cookie).max(r.cookie);
+                if st.cookie != r.cookie || st.flags & RULE_F_ACTIVE == 0 {
+                    stale_ranges.insert(k);
+                    continue;
+                }
+                *max_slot = (*max_slot).max(Some(r.slot));
+                let rec = self.records.entry(r.cookie).or_insert_with(|| Record {
+                    slot: r.slot,
+                    action: Action::from_code(r.action).unwrap_or(Action::Deny),
+                    expires_at: st.expires_at,
+                    keys: Vec::new(),
+                    ranges: Vec::new(),
+                    admin: None,
+                });
+                rec.ranges.push(RangeKey { key: k, lo: r.lo, hi: r.hi });
+                kept.push((r.lo, r.hi, r.cookie));
+            }
+            self.range_index.insert(k, kept);
+        }
+        if !stale_ranges.is_empty() {
+            let plan = self.plan_ranges(&stale_ranges, None, &[])?;
+            self.write_ranges(plan)?;
+        }
+        Ok(())
+    }
+
     /// Recompute the probe-shape counters from the index and write them.
     fn recount(&mut self) -> Result<(), Error> {
         let mut cfg = self.config()?;
         cfg.policy_shape_count = [0; enforcer_common::POLICY_SHAPES];
         cfg.admin_shape_count = [0; enforcer_common::ADMIN_SHAPES];
         cfg.policy_deny_count = 0;
+        cfg.range_shape_count = [0; RANGE_SHAPES];
+        cfg.range_deny_count = 0;
         for rec in self.records.values() {
+            for r in &rec.ranges {
+                if let Some(s) = range_shape(&r.key) {
+                    cfg.range_shape_count[s] += 1;
+                }
+                if rec.action == Action::Deny {
+                    cfg.range_deny_count += 1;
+                }
+            }
             for k in &rec.keys {
                 if let Some(s) = key_shape(k) {
                     cfg.policy_shape_count[s] += 1;
@@ -551,9 +642,11 @@ impl Writer {
             cfg.policy_deny_count += needed;
         }
         self.set_config(cfg)?;
+        self.count_ranges(&rule.ranges, rule.action, true)?;
         let value = PolicyValue { cookie, slot, action: rule.action.code(), pad: 0 };
         if let Err(e) = self.insert_all(&rule.keys, value) {
             self.lower_counts(&shapes, rule.action, needed)?;
+            self.count_ranges(&rule.ranges, rule.action, false)?;
             self.free_slots.push(slot);
             return Err(match e {
                 aya::maps::MapError::SyscallError(ref s)
@@ -564,14 +657,19 @@ impl Writer {
                 other => Error::Map { name: map_names::POLICY, source: Box::new(other) },
             });
         }
-        self.activate(slot, cookie, expires_at)?;
-        for k in &rule.keys {
-            self.owners.insert(*k, cookie);
+        // Once the slot is on, the sets are split again without the staging reserve.
+        let range_keys: std::collections::BTreeSet<PolicyKey> = rule.ranges.iter().map(|r| r.key).collect();
+        if let Err(e) = self.stage_ranges(rule, cookie, slot, expires_at, &range_keys) {
+            for k in &rule.keys {
+                let _ = self.policy.remove(k);
+            }
+            self.lower_counts(&shapes, rule.action, needed)?;
+            self.count_ranges(&rule.ranges, rule.action, false)?;
+            self.free_slots.push(slot);
+            return Err(e);
         }
-        self.records.insert(
-            cookie,
-            Record { slot, action: rule.action, expires_at, keys: rule.keys.clone(), admin: None },
-        );
+        self.activate(slot, cookie, expires_at)?;
+        self.record_rule(rule, RuleHandle { cookie, slot, expires_at }, &range_keys, None)?;
         if rule.action == Action::Deny {
             self.rejudge_flows()?;
         }
@@ -586,8 +684,35 @@ impl Writer {
                 reason: "pass is an admin-tier action".into(),
             });
         }
-        if rule.keys.is_empty() {
-            return Err(Error::InvalidRule { field: "keys", reason: "a rule needs at least one key".into() });
+        if rule.keys.is_empty() && rule.ranges.is_empty() {
+            return Err(Error::InvalidRule {
+                field: "keys",
+                reason: "a rule needs at least one key or port range".into(),
+            });
+        }
+        let mut seen_ranges = std::collections::HashSet::new();
+        for r in &rule.ranges {
+            if range_shape(&r.key).is_none() {
+                return Err(Error::InvalidRule {
+                    field: "ranges",
+                    reason: format!(
+                        "{r:?}: a port range needs TCP, UDP or SCTP, a key without a port, and a local side \
+                         that is not a wildcard"
+                    ),
+                });
+            }
+            if r.lo == 0 || r.lo > r.hi {
+                return Err(Error::InvalidRule {
+                    field: "ranges",
+                    reason: format!(
+                        "ports {}-{}: a range runs from 1 to 65535, first port first",
+                        r.lo, r.hi
+                    ),
+                });
+            }
+            if !seen_ranges.insert(*r) {
+                return Err(Error::InvalidRule { field: "ranges", reason: format!("{r:?} appears twice") });
+            }
         }
         let mut shapes = Vec::with_capacity(rule.keys.len());
         let mut seen = std::collections::HashSet::new();
@@ -679,16 +804,33 @@ impl Writer {
         }
         cfg.policy_deny_count += new_denies;
         self.set_config(cfg)?;
-        let value = PolicyValue { cookie, slot, action: rule.action.code(), pad: 0 };
-        if let Err(e) = self.insert_all(&added, value) {
-            let mut cfg = self.config()?;
+        self.count_ranges(&rule.ranges, rule.action, true)?;
+        let undo_counts = |w: &mut Self| -> Result<(), Error> {
+            let mut cfg = w.config()?;
             for s in &added_shapes {
                 cfg.policy_shape_count[*s] = cfg.policy_shape_count[*s].saturating_sub(1);
             }
             cfg.policy_deny_count = cfg.policy_deny_count.saturating_sub(new_denies);
-            self.set_config(cfg)?;
+            w.set_config(cfg)?;
+            w.count_ranges(&rule.ranges, rule.action, false)
+        };
+        let value = PolicyValue { cookie, slot, action: rule.action.code(), pad: 0 };
+        if let Err(e) = self.insert_all(&added, value) {
+            undo_counts(self)?;
             self.free_slots.push(slot);
             return Err(Error::Map { name: map_names::POLICY, source: Box::new(e) });
+        }
+        // The new ranges join the old rule's while the new slot is off, then replace them
+        // once it is on.
+        let range_keys: std::collections::BTreeSet<PolicyKey> =
+            rule.ranges.iter().chain(&old_rec.ranges).map(|r| r.key).collect();
+        if let Err(e) = self.stage_ranges(rule, cookie, slot, expires_at, &range_keys) {
+            for k in &added {
+                let _ = self.policy.remove(k);
+            }
+            undo_counts(self)?;
+            self.free_slots.push(slot);
+            return Err(e);
         }
         self.activate(slot, cookie, expires_at)?;
         for k in &kept {
@@ -697,23 +839,31 @@ impl Writer {
         if rule.action == Action::Deny {
             self.rejudge_flows()?;
         }
-        for k in &rule.keys {
-            self.owners.insert(*k, cookie);
-        }
-        self.records.insert(
-            cookie,
-            Record { slot, action: rule.action, expires_at, keys: rule.keys.clone(), admin: None },
-        );
-        // Retire the old rule.
+        self.record_rule(rule, RuleHandle { cookie, slot, expires_at }, &range_keys, Some(old))?;
+        self.retire_replaced(old, &old_rec, &removed, n(&kept), rule.action)?;
+        Ok(RuleHandle { cookie, slot, expires_at })
+    }
+
+    /// The last step of [`Self::replace`]: retire rule `old` (its slot cleared, keys only it
+    /// had removed, its counts lowered). `kept`: keys both rules have.
+    fn retire_replaced(
+        &mut self,
+        old: u32,
+        old_rec: &Record,
+        removed: &[PolicyKey],
+        kept: u32,
+        new_action: Action,
+    ) -> Result<(), Error> {
+        let n = |v: &[PolicyKey]| u32::try_from(v.len()).unwrap_or(u32::MAX);
         self.records.remove(&old);
         self.clear_slot(old_rec.slot)?;
-        for k in &removed {
+        for k in removed {
             let _ = self.policy.remove(k);
             self.owners.remove(k);
         }
         let removed_shapes: Vec<usize> = removed.iter().filter_map(key_shape).collect();
         let old_denies = if old_rec.action == Action::Deny {
-            n(&removed) + if rule.action == Action::Deny { 0 } else { n(&kept) }
+            n(removed) + if new_action == Action::Deny { 0 } else { kept }
         } else {
             0
         };
@@ -723,14 +873,21 @@ impl Writer {
         }
         cfg.policy_deny_count = cfg.policy_deny_count.saturating_sub(old_denies);
         self.set_config(cfg)?;
+        self.count_ranges(&old_rec.ranges, old_rec.action, false)?;
         self.free_slots.push(old_rec.slot);
-        Ok(RuleHandle { cookie, slot, expires_at })
+        Ok(())
     }
 
     /// Keys of an installed rule.
     #[must_use]
     pub fn rule_keys(&self, cookie: u32) -> Option<&[PolicyKey]> {
         self.records.get(&cookie).map(|r| r.keys.as_slice())
+    }
+
+    /// Port ranges of an installed rule.
+    #[must_use]
+    pub fn rule_ranges(&self, cookie: u32) -> Option<&[RangeKey]> {
+        self.records.get(&cookie).map(|r| r.ranges.as_slice())
     }
 
     fn lower_counts(&mut self, shapes: &[usize], action: Action, n: u32) -> Result<(), Error> {
@@ -742,6 +899,180 @@ impl Writer {
             cfg.policy_deny_count = cfg.policy_deny_count.saturating_sub(n);
         }
         self.set_config(cfg)
+    }
+
+    /// Record a rule whose slot `h` is on (its keys owned, its record kept) and split the range
+    /// sets under `range_keys` into their final form, without the ranges of `replaced`.
+    fn record_rule(
+        &mut self,
+        rule: &Rule,
+        h: RuleHandle,
+        range_keys: &std::collections::BTreeSet<PolicyKey>,
+        replaced: Option<u32>,
+    ) -> Result<(), Error> {
+        for k in &rule.keys {
+            self.owners.insert(*k, h.cookie);
+        }
+        let record = Record {
+            slot: h.slot,
+            action: rule.action,
+            expires_at: h.expires_at,
+            keys: rule.keys.clone(),
+            ranges: rule.ranges.clone(),
+            admin: None,
+        };
+        self.records.insert(h.cookie, record);
+        if range_keys.is_empty() {
+            return Ok(());
+        }
+        let plan = self.plan_ranges(range_keys, replaced, &[])?;
+        self.write_ranges(plan)
+    }
+
+    /// Put the ranges of `rule` (to be `cookie` in `slot`, still off) into the sets of
+    /// `keys`: they decide only intervals no live rule of their kind covers, so nothing a live
+    /// rule admits or denies changes before the slot is switched on.
+    fn stage_ranges(
+        &mut self,
+        rule: &Rule,
+        cookie: u32,
+        slot: u32,
+        expires_at: u64,
+        keys: &std::collections::BTreeSet<PolicyKey>,
+    ) -> Result<(), Error> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let action = rule.action.code();
+        let extra: Vec<(RangeKey, ranges::Member)> = rule
+            .ranges
+            .iter()
+            .map(|r| {
+                let m =
+                    ranges::Member { lo: r.lo, hi: r.hi, cookie, slot, action, expires_at, deferred: true };
+                (*r, m)
+            })
+            .collect();
+        let plan = self.plan_ranges(keys, None, &extra)?;
+        self.write_ranges(plan)
+    }
+
+    /// Raise (or lower) the range counters for `ranges` of a rule with `action`.
+    fn count_ranges(&mut self, ranges: &[RangeKey], action: Action, up: bool) -> Result<(), Error> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let mut cfg = self.config()?;
+        let n = u32::try_from(ranges.len()).unwrap_or(u32::MAX);
+        for r in ranges {
+            if let Some(s) = range_shape(&r.key) {
+                let c = &mut cfg.range_shape_count[s];
+                *c = if up { c.saturating_add(1) } else { c.saturating_sub(1) };
+            }
+        }
+        if action == Action::Deny {
+            let c = &mut cfg.range_deny_count;
+            *c = if up { c.saturating_add(n) } else { c.saturating_sub(n) };
+        }
+        self.set_config(cfg)
+    }
+
+    /// The new value of each range set under `keys`: the ranges its set holds now, without
+    /// those of rule `exclude`, plus `extra` (a rule not recorded yet). A set that would exceed its limits, or a map that would
+    /// need more entries than it has, is an error and nothing is planned.
+    fn plan_ranges(
+        &self,
+        keys: &std::collections::BTreeSet<PolicyKey>,
+        exclude: Option<u32>,
+        extra: &[(RangeKey, ranges::Member)],
+    ) -> Result<Vec<(PolicyKey, Option<RangeSet>)>, Error> {
+        let mut plan = Vec::with_capacity(keys.len());
+        let mut entries = self.range_index.len();
+        for key in keys {
+            let mut members: Vec<ranges::Member> = self
+                .range_index
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter(|(_, _, cookie)| Some(*cookie) != exclude)
+                .filter_map(|&(lo, hi, cookie)| {
+                    let rec = self.records.get(&cookie)?;
+                    Some(ranges::Member {
+                        lo,
+                        hi,
+                        cookie,
+                        slot: rec.slot,
+                        action: rec.action.code(),
+                        expires_at: rec.expires_at,
+                        deferred: false,
+                    })
+                })
+                .collect();
+            members.extend(extra.iter().filter(|(r, _)| r.key == *key).map(|(_, m)| *m));
+            let value = ranges::set_value(&members).map_err(|over| Error::RangeLimit {
+                key: *key,
+                reason: match over {
+                    ranges::Overflow::Ranges(n) => format!(
+                        "{n} ranges, at most {} rules' ranges fit under one key",
+                        enforcer_common::RANGES_PER_KEY
+                    ),
+                    ranges::Overflow::Intervals(n) => format!(
+                        "the overlapping ranges split into {n} intervals, at most {} fit",
+                        enforcer_common::INTERVALS_PER_KEY
+                    ),
+                },
+            })?;
+            match (self.range_index.contains_key(key), value.is_some()) {
+                (false, true) => entries += 1,
+                (true, false) => entries -= 1,
+                _ => {}
+            }
+            plan.push((*key, value));
+        }
+        if u32::try_from(entries).unwrap_or(u32::MAX) > self.ranges_capacity {
+            let needed = u32::try_from(entries - self.range_index.len()).unwrap_or(u32::MAX);
+            return Err(Error::MapFull { map: map_names::RANGES, capacity: self.ranges_capacity, needed });
+        }
+        Ok(plan)
+    }
+
+    /// Write planned range sets, each with one map update; on a failure the sets already
+    /// written are put back and nothing of the plan stays.
+    fn write_ranges(&mut self, plan: Vec<(PolicyKey, Option<RangeSet>)>) -> Result<(), Error> {
+        let mut done: Vec<(PolicyKey, Option<RangeSet>)> = Vec::with_capacity(plan.len());
+        for (key, value) in &plan {
+            let before = self.ranges.get(key, 0).ok();
+            if before == *value {
+                continue;
+            }
+            let r = match value {
+                Some(v) => self.ranges.insert(key, v, 0).map_err(|e| self.full_or(e, map_names::RANGES)),
+                None => self.ranges.remove(key).map_err(Error::map(map_names::RANGES)),
+            };
+            if let Err(e) = r {
+                for (k, old) in done.into_iter().rev() {
+                    let _ = match old {
+                        Some(v) => self.ranges.insert(k, v, 0),
+                        None => self.ranges.remove(&k),
+                    };
+                }
+                return Err(e);
+            }
+            done.push((*key, before));
+        }
+        for (key, value) in plan {
+            match value {
+                Some(v) => {
+                    let n = usize::try_from(v.rules_len).unwrap_or(0).min(v.rules.len());
+                    self.range_index
+                        .insert(key, v.rules[..n].iter().map(|r| (r.lo, r.hi, r.cookie)).collect());
+                }
+                None => {
+                    self.range_index.remove(&key);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Replace admin rule `old` by `rule` with the same key, make-before-break: the new slot
@@ -778,8 +1109,10 @@ impl Writer {
     fn record_admin(&mut self, rule: &AdminRule, cookie: u32, slot: u32, expires_at: u64) -> RuleHandle {
         self.admin_owners.insert(rule.key, cookie);
         let admin = Some((rule.key, rule.priority));
-        self.records
-            .insert(cookie, Record { slot, action: rule.action, expires_at, keys: Vec::new(), admin });
+        self.records.insert(
+            cookie,
+            Record { slot, action: rule.action, expires_at, keys: Vec::new(), ranges: Vec::new(), admin },
+        );
         RuleHandle { cookie, slot, expires_at }
     }
 
@@ -825,7 +1158,16 @@ impl Writer {
     /// admitted pass. Then its entries are freed.
     pub fn revoke(&mut self, cookie: u32) -> Result<(), Error> {
         let rec = self.records.remove(&cookie).ok_or(Error::UnknownCookie { cookie })?;
+        // Its ranges leave the sets first (the other rules decide their intervals from then
+        // on); the slot is cleared whatever happens, then the rest is freed.
+        let range_keys: std::collections::BTreeSet<PolicyKey> = rec.ranges.iter().map(|r| r.key).collect();
+        let ranges_out = if range_keys.is_empty() {
+            Ok(())
+        } else {
+            self.plan_ranges(&range_keys, Some(cookie), &[]).and_then(|p| self.write_ranges(p))
+        };
         self.clear_slot(rec.slot)?;
+        self.count_ranges(&rec.ranges, rec.action, false)?;
         for k in &rec.keys {
             let _ = self.policy.remove(k);
             self.owners.remove(k);
@@ -842,7 +1184,7 @@ impl Writer {
             }
         }
         self.free_slots.push(rec.slot);
-        Ok(())
+        ranges_out
     }
 
     /// Change the lifetime of a rule or grant (`None` = no expiry). One write; applies to
@@ -852,7 +1194,13 @@ impl Writer {
         let rec = self.records.get_mut(&cookie).ok_or(Error::UnknownCookie { cookie })?;
         rec.expires_at = expires_at;
         let slot = rec.slot;
+        let range_keys: std::collections::BTreeSet<PolicyKey> = rec.ranges.iter().map(|r| r.key).collect();
         self.activate(slot, cookie, expires_at)?;
+        // Which rule decides an interval depends on how long each lives.
+        if !range_keys.is_empty() {
+            let plan = self.plan_ranges(&range_keys, None, &[])?;
+            self.write_ranges(plan)?;
+        }
         Ok(RuleHandle { cookie, slot, expires_at })
     }
 
@@ -867,6 +1215,7 @@ impl Writer {
                 action: r.action,
                 expires_at: r.expires_at,
                 policy_keys: r.keys.clone(),
+                ranges: r.ranges.clone(),
                 admin_key: r.admin.map(|(k, _)| k),
                 priority: r.admin.map_or(0, |(_, p)| p),
             })
@@ -1295,6 +1644,20 @@ fn dead_entries<K: aya::Pod>(
         }
     }
     Ok(out)
+}
+
+/// Range probe shape of a range key: 0 for a specific peer, 1 for any peer (`None` if it is
+/// not a range key: a port, a protocol without ports, a wildcard local side).
+fn range_shape(k: &PolicyKey) -> Option<usize> {
+    let (local, peer) =
+        if k.dir == DIR_EGRESS { (k.src_identity, k.dst_identity) } else { (k.dst_identity, k.src_identity) };
+    if local == IDENTITY_ANY
+        || k.dport != PORT_ANY
+        || !matches!(k.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
+    {
+        return None;
+    }
+    Some(usize::from(peer == IDENTITY_ANY))
 }
 
 fn key_shape(k: &PolicyKey) -> Option<usize> {

@@ -48,9 +48,7 @@ pub use eval::{
     AllowRule, Direction, Endpoint, Isolation, PeerMatch, PodPolicy, PortMatch, allowed, evaluate,
 };
 pub use net::{IpNetwork, IpNetworkError};
-pub use parse::{
-    Document, MAX_PORT_RANGE, PolicyError, parse_documents, parse_file, parse_set, yaml_position,
-};
+pub use parse::{Document, PolicyError, parse_documents, parse_file, parse_set, yaml_position};
 pub use tenant::{
     TENANT_POLICY_API_VERSION, TENANT_POLICY_KIND, TenantAction, TenantPolicy, TenantPolicyMeta,
     TenantPolicySpec, TenantPort, TenantSelector, tenant_conflicts,

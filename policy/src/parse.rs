@@ -81,10 +81,6 @@ pub fn parse_documents(path: &Path, text: &str) -> Result<Vec<Document>, Vec<Pol
     FileParser { file: path, text, accept: &[Kind::Network, Kind::Tenant], errors: Vec::new() }.run()
 }
 
-/// Widest `port`..`endPort` range the ztseg enforcer accepts: it expands a range into one exact
-/// data-plane key per port. `port: 1, endPort: 65535` is the exception: it means every port.
-pub const MAX_PORT_RANGE: u32 = 4096;
-
 /// Parses a policy set as the ztseg enforcer loads it (a policy directory, a controller version):
 /// every file as [`parse_documents`] does, in the order given, then the checks that need the
 /// whole set, each error located in its file:
@@ -92,9 +88,7 @@ pub const MAX_PORT_RANGE: u32 = 4096;
 /// - `NetworkPolicy` names are unique per namespace across the set (two files defining the same
 ///   policy are an error, not a union), and `TenantPolicy` names are unique;
 /// - no two `TenantPolicy` objects of different files produce the same admin key
-///   ([`TenantPolicy::keys`]);
-/// - every `port`..`endPort` range spans at most [`MAX_PORT_RANGE`] ports, or is exactly
-///   1..65535 (the enforcer's limit, not the API server's).
+///   ([`TenantPolicy::keys`]).
 ///
 /// Errors in one file do not hide those of others; the set checks compare the files that parsed.
 pub fn parse_set<'a>(
@@ -119,9 +113,6 @@ pub fn parse_set<'a>(
     let name_path = [Seg::Key("metadata".to_owned()), Seg::Key("name".to_owned())];
     let mut seen: BTreeMap<(bool, String), (usize, usize)> = BTreeMap::new();
     for (f, index, document) in &all {
-        for (path, message) in port_range_findings(document) {
-            errors.push(at(*f, *index, &path, message));
-        }
         let (kind, name) = match document {
             Document::Network(p) => (KIND, format!("{}/{}", p.metadata.namespace, p.metadata.name)),
             Document::Tenant(p) => (TENANT_POLICY_KIND, p.metadata.name.clone()),
@@ -176,45 +167,6 @@ pub fn parse_set<'a>(
     errors.sort_by_key(|e| (order.get(e.file.as_path()).copied(), e.line, e.column));
     errors.dedup();
     Err(errors)
-}
-
-/// `port`..`endPort` ranges of a `NetworkPolicy` wider than [`MAX_PORT_RANGE`] (other than
-/// 1..65535): the path of each `endPort` and what is wrong.
-fn port_range_findings(document: &Document) -> Vec<(Vec<Seg>, String)> {
-    let Document::Network(policy) = document else { return Vec::new() };
-    let rules = policy
-        .spec
-        .ingress
-        .iter()
-        .map(|r| ("ingress", &r.ports))
-        .enumerate()
-        .chain(policy.spec.egress.iter().map(|r| ("egress", &r.ports)).enumerate());
-    let mut out = Vec::new();
-    for (i, (direction, ports)) in rules {
-        for (j, port) in ports.iter().enumerate() {
-            let (Some(crate::IntOrString::Int(from)), Some(to)) = (&port.port, port.end_port) else {
-                continue;
-            };
-            let width = i64::from(to) - i64::from(*from) + 1;
-            if width > i64::from(MAX_PORT_RANGE) && !(*from == 1 && to == 65_535) {
-                out.push((
-                    vec![
-                        Seg::Key("spec".to_owned()),
-                        Seg::Key(direction.to_owned()),
-                        Seg::Index(i),
-                        Seg::Key("ports".to_owned()),
-                        Seg::Index(j),
-                        Seg::Key("endPort".to_owned()),
-                    ],
-                    format!(
-                        "port range {from}-{to} spans {width} ports; the enforcer expands a range into one \
-                         key per port and accepts at most {MAX_PORT_RANGE} (or exactly 1-65535, every port)"
-                    ),
-                ));
-            }
-        }
-    }
-    out
 }
 
 /// Path of the `ports` entry of `policy` giving the (first) key of `conflict`.

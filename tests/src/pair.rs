@@ -55,6 +55,7 @@ impl Pair {
     pub fn a_to_b(&self, proto: u8, port: u16, ttl: Option<Duration>) -> Rule {
         let [a, b] = self.identity;
         Rule {
+            ranges: Vec::new(),
             keys: vec![
                 Rule::key(DIR_EGRESS, a, Some(b), proto, port),
                 Rule::key(DIR_INGRESS, b, Some(a), proto, port),

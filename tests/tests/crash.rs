@@ -68,6 +68,7 @@ fn crash(lab: &Lab, name: &str, local: bool) {
     let rule = dp
         .writer()
         .install(&Rule {
+            ranges: Vec::new(),
             keys: vec![
                 Rule::key(DIR_EGRESS, 700, Some(701), TCP, 8080),
                 Rule::key(DIR_INGRESS, 701, Some(700), TCP, 8080),

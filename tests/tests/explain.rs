@@ -11,7 +11,7 @@ use enforcer::{
     AdminRule, Rule,
     writer::{
         Action,
-        explain::{CheckPoint, PeerSource, Query, RuleStatus},
+        explain::{CheckPoint, PeerSource, ProbeKey, Query, RuleStatus},
     },
 };
 use enforcer_common::{
@@ -74,6 +74,7 @@ fn random_policy(rng: &mut SmallRng, dp: &TestDatapath, round: u32) {
         let dir = pick(rng, &[DIR_EGRESS, DIR_INGRESS]);
         let peer = if rng.random_bool(0.3) { None } else { Some(pick(rng, &[301, 302, 303, 304, 400, 2])) };
         let rule = Rule {
+            ranges: Vec::new(),
             keys: vec![Rule::key(dir, A, peer, proto, port)],
             action: if rng.random_bool(0.3) { Action::Deny } else { Action::Allow },
             ttl: rng.random_bool(0.2).then_some(Duration::from_millis(1)),
@@ -83,6 +84,23 @@ fn random_policy(rng: &mut SmallRng, dp: &TestDatapath, round: u32) {
         if rule.ttl.is_some() {
             expiring.push(h.cookie);
         } else if rng.random_bool(0.1) {
+            w.revoke(h.cookie).unwrap();
+        }
+    }
+    // Port ranges around the ports flows use, overlapping each other and the exact keys.
+    for _ in 0..rng.random_range(0..5) {
+        let dir = pick(rng, &[DIR_EGRESS, DIR_INGRESS]);
+        let peer = if rng.random_bool(0.3) { None } else { Some(pick(rng, &[301, 302, 303, 304, 400, 2])) };
+        let (a, b) = (pick(rng, &PORTS), pick(rng, &PORTS));
+        let (lo, hi) = (a.min(b).saturating_sub(rng.random_range(0..3)).max(1), a.max(b));
+        let rule = Rule {
+            keys: Vec::new(),
+            ranges: vec![Rule::range(dir, A, peer, pick(rng, &[IPPROTO_TCP, IPPROTO_UDP]), lo, hi)],
+            action: if rng.random_bool(0.3) { Action::Deny } else { Action::Allow },
+            ttl: rng.random_bool(0.2).then_some(Duration::from_millis(1)),
+        };
+        let Ok(h) = w.install(&rule) else { continue };
+        if rule.ttl.is_none() && rng.random_bool(0.1) {
             w.revoke(h.cookie).unwrap();
         }
     }
@@ -125,7 +143,15 @@ fn moved(
         .collect()
 }
 
+/// Whether a port range's rule decided the flow.
+fn decided_by_range(x: &enforcer::writer::explain::Explanation) -> bool {
+    x.tenant
+        .iter()
+        .any(|p| matches!(p.key, ProbeKey::Range { .. }) && p.hit.is_some_and(|h| h.cookie == x.cookie))
+}
+
 #[test]
+#[expect(clippy::too_many_lines, reason = "one differential loop: build a flow, explain it, run it, compare")]
 fn explain_agrees_with_the_programs_on_random_policies_and_flows() {
     ztseg_integration::require_root();
     let seed: u64 = std::env::var("ZT_EXPLAIN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_2026);
@@ -133,6 +159,7 @@ fn explain_agrees_with_the_programs_on_random_policies_and_flows() {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut ephemeral: u16 = 20_000;
     let (mut compared, mut passed, mut by_reason) = (0u32, 0u32, std::collections::BTreeMap::new());
+    let mut by_range = 0u32;
     for round in 0..16 {
         let mut dp = TestDatapath::new("explain");
         random_policy(&mut rng, &dp, round);
@@ -200,6 +227,7 @@ fn explain_agrees_with_the_programs_on_random_policies_and_flows() {
             if x.reason == Reason::AllowPolicy || x.reason == Reason::DropPolicy {
                 let hit = x.tenant.iter().filter_map(|p| p.hit).find(|h| h.cookie == x.cookie);
                 assert_eq!(hit.map(|h| h.status), Some(RuleStatus::Live), "{ctx}");
+                by_range += u32::from(decided_by_range(&x));
             }
             let expected_source = match peer {
                 p if p == CIDR_ADDR.0 || p == CIDR_ADDR.1 => [PeerSource::Cidr, PeerSource::World],
@@ -212,7 +240,10 @@ fn explain_agrees_with_the_programs_on_random_policies_and_flows() {
             *by_reason.entry(x.reason).or_insert(0u32) += 1;
         }
     }
-    eprintln!("{compared} flows compared, {passed} passed; by reason: {by_reason:?}");
+    eprintln!(
+        "{compared} flows compared, {passed} passed, {by_range} decided by a port range; by reason: {by_reason:?}"
+    );
+    assert!(by_range > 0, "no flow was decided by a port range");
     // The random policies (of the default seed) reached every decision explained here.
     for r in [
         Reason::AllowPolicy,
@@ -262,6 +293,7 @@ fn explain_at_a_cgroup_check_point() {
         w.set_cgroup_workload(4242, &wl).unwrap();
         w.set_identity(ip("10.0.1.1"), 301, 1).unwrap();
         w.install(&Rule {
+            ranges: Vec::new(),
             keys: vec![Rule::key(DIR_EGRESS, A, Some(301), IPPROTO_TCP, 443)],
             action: Action::Allow,
             ttl: None,

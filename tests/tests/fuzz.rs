@@ -192,6 +192,7 @@ fn million_frames_none_passes_without_a_rule() {
         w.set_identity(ip("10.0.0.2"), 801, 1).unwrap();
         w.set_identity(ip("fd00::2"), 801, 1).unwrap();
         w.install(&Rule {
+            ranges: Vec::new(),
             keys: vec![Rule::key(DIR_EGRESS, 800, Some(801), frame::TCP, 80)],
             action: Action::Allow,
             ttl: None,

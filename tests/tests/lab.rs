@@ -353,6 +353,14 @@ fn network_policy_scenarios() {
     ));
     lab.check("endPort range", |_, t, _, proto| t != "x/a" || proto == "UDP");
 
+    // Ranges wider than the compiler expands into exact keys: data-plane port ranges.
+    lab.apply(&format!(
+        "{NP}metadata: {{name: range, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n  - ports:\n    - {{port: 81, endPort: 40000}}\n    - {{protocol: UDP, port: 2, endPort: 80}}\n"
+    ));
+    lab.check("wide endPort ranges", |_, t, port, proto| {
+        t != "x/a" || (port == 81 && proto == "TCP") || (port == 80 && proto == "UDP")
+    });
+
     lab.apply(&format!(
         "{NP}metadata: {{name: named, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n  - ports:\n    - {{protocol: UDP, port: serve-81-udp}}\n"
     ));

@@ -191,6 +191,7 @@ fn flows_the_host_translated_keep_the_host_path() {
     // identity.
     s.dp.writer()
         .install(&Rule {
+            ranges: Vec::new(),
             keys: vec![Rule::key(DIR_EGRESS, A, Some(IDENTITY_WORLD), TCP, 80)],
             action: Action::Allow,
             ttl: None,

@@ -178,6 +178,7 @@ fn cgroup_process_gets_eperm_on_denied_connect() {
     let (pa, pd) = (allowed.local_addr().unwrap().port(), denied.local_addr().unwrap().port());
     dp.writer()
         .install(&Rule {
+            ranges: Vec::new(),
             keys: vec![Rule::key(DIR_EGRESS, 600, Some(601), TCP, pa)],
             action: Action::Allow,
             ttl: None,
@@ -226,6 +227,7 @@ fn cgroup_udp_server_answers_admitted_requests() {
         let rule = dp
             .writer()
             .install(&Rule {
+                ranges: Vec::new(),
                 keys: vec![Rule::key(DIR_INGRESS, 610, Some(611), UDP, port)],
                 action: Action::Allow,
                 ttl: None,

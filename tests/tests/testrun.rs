@@ -25,11 +25,21 @@ const D: u32 = 303; // tenant 1
 const NET: u32 = 400; // CIDR peer, no tenant
 
 fn allow(dir: u8, peer: Option<u32>, proto: u8, port: u16) -> Rule {
-    Rule { keys: vec![Rule::key(dir, A, peer, proto, port)], action: Action::Allow, ttl: None }
+    Rule {
+        ranges: Vec::new(),
+        keys: vec![Rule::key(dir, A, peer, proto, port)],
+        action: Action::Allow,
+        ttl: None,
+    }
 }
 
 fn deny(dir: u8, peer: Option<u32>, proto: u8, port: u16) -> Rule {
-    Rule { keys: vec![Rule::key(dir, A, peer, proto, port)], action: Action::Deny, ttl: None }
+    Rule {
+        ranges: Vec::new(),
+        keys: vec![Rule::key(dir, A, peer, proto, port)],
+        action: Action::Deny,
+        ttl: None,
+    }
 }
 
 /// Data plane with workload A at ifindex 1 and its peers mapped.
@@ -648,9 +658,12 @@ fn full_policy_map_is_an_error_and_nothing_partial() {
     dp.writer().set_interface_workload(1, &workload(A, 1, Some("10.0.0.1"), None)).unwrap();
     dp.writer().set_identity(ip("10.0.0.2"), B, 1).unwrap();
     let five: Vec<_> = (1..=5).map(|p| Rule::key(DIR_EGRESS, A, Some(B), TCP, p)).collect();
-    dp.writer().install(&Rule { keys: five, action: Action::Allow, ttl: None }).unwrap();
+    dp.writer().install(&Rule { ranges: Vec::new(), keys: five, action: Action::Allow, ttl: None }).unwrap();
     let too_many: Vec<_> = (100..=104).map(|p| Rule::key(DIR_EGRESS, A, Some(B), TCP, p)).collect();
-    let err = dp.writer().install(&Rule { keys: too_many, action: Action::Allow, ttl: None }).unwrap_err();
+    let err = dp
+        .writer()
+        .install(&Rule { ranges: Vec::new(), keys: too_many, action: Action::Allow, ttl: None })
+        .unwrap_err();
     assert!(matches!(err, enforcer::Error::MapFull { .. }), "{err}");
     assert!(err.to_string().contains("nothing was applied"));
     assert_eq!(dp.writer().policy_len(), 5);
@@ -696,6 +709,7 @@ fn replace_is_make_before_break() {
     let old = dp
         .writer()
         .install(&Rule {
+            ranges: Vec::new(),
             keys: vec![
                 Rule::key(DIR_EGRESS, A, Some(B), TCP, 80),
                 Rule::key(DIR_EGRESS, A, Some(B), TCP, 81),
@@ -714,6 +728,7 @@ fn replace_is_make_before_break() {
         .replace(
             old.cookie,
             &Rule {
+                ranges: Vec::new(),
                 keys: vec![
                     Rule::key(DIR_EGRESS, A, Some(B), TCP, 80),
                     Rule::key(DIR_EGRESS, A, Some(B), TCP, 82),
@@ -1092,6 +1107,7 @@ fn replace_keeps_flows_when_the_peer_speaks_first() {
         .replace(
             old.cookie,
             &Rule {
+                ranges: Vec::new(),
                 keys: vec![
                     Rule::key(DIR_EGRESS, A, Some(B), TCP, 80),
                     Rule::key(DIR_EGRESS, A, Some(B), TCP, 81),
@@ -1119,6 +1135,7 @@ fn replace_keeps_flows_when_the_peer_speaks_first() {
         .replace(
             new.cookie,
             &Rule {
+                ranges: Vec::new(),
                 keys: vec![Rule::key(DIR_EGRESS, A, Some(B), TCP, 80)],
                 action: Action::Allow,
                 ttl: None,
@@ -1257,4 +1274,211 @@ fn reopening_completes_an_interrupted_generation_move() {
     assert_eq!(last[&Reason::AllowPolicy], after[&Reason::AllowPolicy] + 1, "judged again, still allowed");
     let ct = again.writer().conntrack().unwrap();
     assert!(ct.iter().any(|(k, v)| k.dport == 80 && v.epoch == cfg.ct_epoch), "re-created: {ct:?}");
+}
+
+/// A rule of port ranges only.
+fn ranges(action: Action, ttl: Option<Duration>, ranges: Vec<enforcer::writer::RangeKey>) -> Rule {
+    Rule { keys: Vec::new(), ranges, action, ttl }
+}
+
+#[test]
+fn port_ranges_decide_like_exact_keys() {
+    let mut dp = setup("ranges");
+    let allow_b = {
+        let mut w = dp.writer();
+        let h = w
+            .install(&ranges(
+                Action::Allow,
+                None,
+                vec![
+                    Rule::range(DIR_EGRESS, A, Some(B), TCP, 1000, 2000),
+                    Rule::range(DIR_EGRESS, A, Some(B), TCP, 30000, 65535),
+                    Rule::range(DIR_INGRESS, A, Some(B), UDP, 7000, 7999),
+                ],
+            ))
+            .unwrap();
+        w.install(&ranges(Action::Allow, None, vec![Rule::range(DIR_EGRESS, A, None, UDP, 5000, 6000)]))
+            .unwrap();
+        // A deny range inside the allowed one, and an exact allow inside the deny: deny wins.
+        w.install(&ranges(Action::Deny, None, vec![Rule::range(DIR_EGRESS, A, Some(B), TCP, 1500, 1599)]))
+            .unwrap();
+        w.install(&allow(DIR_EGRESS, Some(B), TCP, 1550)).unwrap();
+        h
+    };
+    let f = TC_FROM_WORKLOAD;
+    let t = TC_TO_WORKLOAD;
+    use Reason::*;
+    let to_b = |port| frame::tcp4("10.0.0.1", 40000, "10.0.0.2", port);
+    let udp_to = |dst, port| frame::frame4("10.0.0.1", dst, UDP, &frame::udp(40000, port, b"x"));
+    run_table(
+        &mut dp,
+        vec![
+            case("below the range", f, to_b(999), false, DropDefault),
+            case("first port", f, to_b(1000), true, AllowPolicy),
+            case("last port", f, to_b(2000), true, AllowPolicy),
+            case("past the range", f, to_b(2001), false, DropDefault),
+            case("deny range inside", f, to_b(1500), false, DropPolicy),
+            case("deny range beats an exact allow", f, to_b(1550), false, DropPolicy),
+            case("deny range end", f, to_b(1599), false, DropPolicy),
+            case("after the deny range", f, to_b(1600), true, AllowPolicy),
+            case("up to 65535", f, to_b(65535), true, AllowPolicy),
+            case("ranges are per protocol", f, udp_to("10.0.0.2", 1000), false, DropDefault),
+            case("any-peer range", f, udp_to("10.0.1.3", 5500), false, DropCrossTenant),
+            case("any-peer range, same tenant", f, udp_to("10.0.0.4", 5500), true, AllowPolicy),
+            case("any-peer range end", f, udp_to("10.0.0.4", 6001), false, DropDefault),
+            case(
+                "ranges are per peer",
+                f,
+                frame::tcp4("10.0.0.1", 40000, "10.0.0.4", 1000),
+                false,
+                DropDefault,
+            ),
+            case(
+                "ingress range",
+                t,
+                frame::frame4("10.0.0.2", "10.0.0.1", UDP, &frame::udp(1, 7999, b"x")),
+                true,
+                AllowPolicy,
+            ),
+            case(
+                "ranges are per direction",
+                t,
+                frame::tcp4("10.0.0.2", 1, "10.0.0.1", 1000),
+                false,
+                DropDefault,
+            ),
+            case("IPv6", f, frame::tcp6("fd00::1", 40000, "fd00::2", 31000), true, AllowPolicy),
+        ],
+    );
+    // The flow carries the cookie of the rule whose range admitted it.
+    let ct = dp.writer().conntrack().unwrap();
+    assert!(ct.iter().any(|(k, v)| k.dport == 1000 && v.cookie == allow_b.cookie), "{ct:?}");
+    let info = dp.writer().rules().into_iter().find(|r| r.cookie == allow_b.cookie).unwrap();
+    assert_eq!(info.ranges.len(), 3);
+}
+
+/// Overlapping ranges: the interval two rules share belongs to the one that lives longer, so a
+/// grant's expiry closes only what nothing else allows — in the kernel, with no userspace
+/// action — and cuts the established flows it admitted there.
+#[test]
+fn expiring_range_grant_closes_only_its_own_ports() {
+    let mut dp = setup("rangettl");
+    dp.writer()
+        .install(&ranges(Action::Allow, None, vec![Rule::range(DIR_EGRESS, A, Some(B), TCP, 1000, 2000)]))
+        .unwrap();
+    let grant = dp
+        .writer()
+        .install(&ranges(
+            Action::Allow,
+            Some(Duration::from_millis(300)),
+            vec![Rule::range(DIR_EGRESS, A, Some(B), TCP, 1500, 3000)],
+        ))
+        .unwrap();
+    let shared = connection("10.0.0.2", 1600);
+    let granted = connection("10.0.0.2", 2500);
+    establish(&mut dp, &shared);
+    establish(&mut dp, &granted);
+    assert!(
+        dp.writer().conntrack().unwrap().iter().any(|(k, v)| k.dport == 2500 && v.cookie == grant.cookie)
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &shared[2]).unwrap(), TC_ACT_OK, "the permanent rule's ports stay");
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &granted[2]).unwrap(), TC_ACT_SHOT, "established flow cut");
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &granted[0]).unwrap(), TC_ACT_SHOT, "new flow denied");
+    // Garbage collection removes the grant and its range; nothing else changes.
+    assert_eq!(dp.writer().gc(Duration::from_mins(5)).unwrap().rules_removed, 1);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &connection("10.0.0.2", 1999)[0]).unwrap(), TC_ACT_OK);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &connection("10.0.0.2", 2001)[0]).unwrap(), TC_ACT_SHOT);
+}
+
+#[test]
+fn revoking_a_range_rule_leaves_overlapping_rules_in_force() {
+    let mut dp = setup("rangerevoke");
+    let wide = dp
+        .writer()
+        .install(&ranges(Action::Allow, None, vec![Rule::range(DIR_EGRESS, A, Some(B), TCP, 1000, 2000)]))
+        .unwrap();
+    dp.writer()
+        .install(&ranges(Action::Allow, None, vec![Rule::range(DIR_EGRESS, A, Some(B), TCP, 1800, 2200)]))
+        .unwrap();
+    let c = connection("10.0.0.2", 1900);
+    establish(&mut dp, &c);
+    dp.writer().revoke(wide.cookie).unwrap();
+    // The flow was admitted by the wider rule (lower cookie of two permanent ones); it is
+    // judged again and the other rule carries it.
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &c[0]).unwrap(), TC_ACT_OK);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &connection("10.0.0.2", 1799)[0]).unwrap(), TC_ACT_SHOT);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &connection("10.0.0.2", 2200)[0]).unwrap(), TC_ACT_OK);
+}
+
+#[test]
+fn range_limits_are_errors_and_apply_nothing() {
+    let mut dp = setup("rangelimit");
+    let r = |lo: u16| Rule::range(DIR_EGRESS, A, Some(B), TCP, lo, lo + 5);
+    for i in 0..8u16 {
+        dp.writer().install(&ranges(Action::Allow, None, vec![r(1000 + i * 10)])).unwrap();
+    }
+    let before = dp.writer().rules().len();
+    // A ninth range under the same key, in a rule that also has an exact key.
+    let mut ninth = ranges(Action::Allow, None, vec![r(2000)]);
+    ninth.keys.push(Rule::key(DIR_EGRESS, A, Some(B), TCP, 80));
+    let err = dp.writer().install(&ninth).unwrap_err();
+    assert!(matches!(err, enforcer::Error::RangeLimit { .. }), "{err}");
+    assert!(err.to_string().contains("at most 8"), "{err}");
+    assert_eq!(dp.writer().rules().len(), before);
+    assert_eq!(
+        dp.run(TC_FROM_WORKLOAD, &connection("10.0.0.2", 80)[0]).unwrap(),
+        TC_ACT_SHOT,
+        "nothing applied"
+    );
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &connection("10.0.0.2", 2000)[0]).unwrap(), TC_ACT_SHOT);
+    // Invalid ranges.
+    for bad in [
+        Rule::range(DIR_EGRESS, A, Some(B), TCP, 0, 10),
+        Rule::range(DIR_EGRESS, A, Some(B), TCP, 10, 9),
+        Rule::range(DIR_EGRESS, A, Some(B), ICMP, 1, 10),
+        Rule::range(DIR_EGRESS, A, Some(B), PROTO_ANY, 1, 10),
+    ] {
+        let err = dp.writer().install(&ranges(Action::Allow, None, vec![bad])).unwrap_err();
+        assert!(matches!(err, enforcer::Error::InvalidRule { field: "ranges", .. }), "{bad:?}: {err}");
+    }
+}
+
+#[test]
+fn ranges_survive_a_restart_and_replace_is_make_before_break() {
+    let mut dp = setup("rangerestart");
+    let old = dp
+        .writer()
+        .install(&ranges(Action::Allow, None, vec![Rule::range(DIR_EGRESS, A, Some(B), TCP, 1000, 2000)]))
+        .unwrap();
+    let kept = connection("10.0.0.2", 1500);
+    let dropped = connection("10.0.0.2", 1100);
+    establish(&mut dp, &kept);
+    establish(&mut dp, &dropped);
+    let dir = dp.dir.clone();
+    let again = enforcer::Datapath::open(&dir, &ztseg_integration::small_options()).unwrap();
+    let rules = again.writer().rules();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].ranges, vec![Rule::range(DIR_EGRESS, A, Some(B), TCP, 1000, 2000)]);
+    drop(again);
+    // The new version keeps 1200-2000 and adds 4000-4100.
+    let new = dp
+        .writer()
+        .replace(
+            old.cookie,
+            &ranges(
+                Action::Allow,
+                None,
+                vec![
+                    Rule::range(DIR_EGRESS, A, Some(B), TCP, 1200, 2000),
+                    Rule::range(DIR_EGRESS, A, Some(B), TCP, 4000, 4100),
+                ],
+            ),
+        )
+        .unwrap();
+    assert_ne!(new.cookie, old.cookie);
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &kept[2]).unwrap(), TC_ACT_OK, "kept port's flow carries on");
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &dropped[2]).unwrap(), TC_ACT_SHOT, "removed port's flow cut");
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &connection("10.0.0.2", 4050)[0]).unwrap(), TC_ACT_OK);
+    assert_eq!(dp.writer().rules().len(), 1);
 }

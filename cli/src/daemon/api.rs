@@ -251,6 +251,7 @@ impl enforcer_server::Enforcer for Api {
                 .rules()
                 .into_iter()
                 .map(|r| Rule {
+                    port_ranges: u32::try_from(r.ranges.len()).unwrap_or(u32::MAX),
                     cookie: r.cookie,
                     owner: owners.get(&r.cookie).cloned().unwrap_or_else(|| "unowned".into()),
                     action: format!("{:?}", r.action).to_uppercase(),

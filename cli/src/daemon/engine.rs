@@ -787,7 +787,7 @@ impl Engine {
                 self.reapply_without(&reserved)?;
             }
             let mut w = self.dp.writer();
-            w.install(&Rule { keys, action: Action::Allow, ttl: Some(ttl) })?
+            w.install(&Rule { ranges: Vec::new(), keys, action: Action::Allow, ttl: Some(ttl) })?
         };
         let info = GrantInfo {
             from: from.into(),

@@ -14,8 +14,9 @@ use aya::maps::lpm_trie::Key as LpmKey;
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_PASS, ADMIN_SHAPES, AdminKey, CidrAddr, DIR_EGRESS,
     ENDPOINT_ARRAY_SIZE, ENDPOINT_F_AUDIT, ENDPOINT_F_VALID, Endpoint, IDENTITY_ANY, IDENTITY_WORLD,
-    IPPROTO_ICMP, IPPROTO_ICMPV6, IdentityInfo, POLICY_SHAPE_PEER, POLICY_SHAPE_PORT, POLICY_SHAPE_PROTO,
-    POLICY_SHAPES, PORT_ANY, PROTO_ANY, PolicyKey, RULE_F_ACTIVE, Reason, TENANT_ANY, TENANT_NONE, map_names,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IdentityInfo, POLICY_SHAPE_PEER,
+    POLICY_SHAPE_PORT, POLICY_SHAPE_PROTO, POLICY_SHAPES, PORT_ANY, PROTO_ANY, PolicyKey, RANGE_SHAPES,
+    RULE_F_ACTIVE, Reason, TENANT_ANY, TENANT_NONE, map_names,
 };
 
 use super::Writer;
@@ -80,6 +81,9 @@ pub enum ProbeKey {
     Admin { src_tenant: u32, dst_tenant: u32, proto: u8, port: u16 },
     /// Tenant tier: source and destination identities, checked in `dir`.
     Policy { dir: u8, src: u32, dst: u32, proto: u8, port: u16 },
+    /// Tenant tier's port ranges under a range key: the interval that holds the port, if one
+    /// does.
+    Range { dir: u8, src: u32, dst: u32, proto: u8, port: u16, interval: Option<(u16, u16)> },
 }
 
 impl ProbeKey {
@@ -100,6 +104,13 @@ impl ProbeKey {
                 any(src, &name),
                 any(dst, &name),
                 proto_port(proto, port)
+            ),
+            Self::Range { dir, src, dst, proto, port, interval } => format!(
+                "{} {} -> {} proto {proto} port ranges: {}",
+                if dir == DIR_EGRESS { "egress" } else { "ingress" },
+                any(src, &name),
+                any(dst, &name),
+                interval.map_or_else(|| format!("none holds port {port}"), |(lo, hi)| format!("{lo}-{hi}"))
             ),
         }
     }
@@ -323,10 +334,73 @@ impl Writer {
                 }
             }
         }
+        if let Some(denied) = self.decide_ranges(cfg, ep, q, now, &mut allowed, x) {
+            return (false, Reason::DropPolicy, denied);
+        }
         match allowed {
             Some(cookie) => (true, Reason::AllowPolicy, cookie),
             None => (false, Reason::DropDefault, 0),
         }
+    }
+
+    /// The programs' port-range probes (after the tenant tier's keys): the cookie of a live
+    /// deny that decides the flow, or `None`, with the first live allow recorded in `allowed`.
+    fn decide_ranges(
+        &self,
+        cfg: &enforcer_common::Config,
+        ep: &Endpoint,
+        q: &Query,
+        now: u64,
+        allowed: &mut Option<u32>,
+        x: &mut Explanation,
+    ) -> Option<u32> {
+        let egress = q.dir == DIR_EGRESS;
+        let probe_ranges = (allowed.is_none() || cfg.range_deny_count != 0)
+            && cfg.range_shape_count.iter().any(|n| *n != 0)
+            && matches!(q.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP);
+        for shape in (0..RANGE_SHAPES).filter(|s| probe_ranges && cfg.range_shape_count[*s] != 0) {
+            let peer_id = if shape == 0 { x.peer.identity } else { IDENTITY_ANY };
+            let (src, dst) = if egress { (ep.identity, peer_id) } else { (peer_id, ep.identity) };
+            let key = PolicyKey {
+                src_identity: src,
+                dst_identity: dst,
+                dport: PORT_ANY,
+                proto: q.proto,
+                dir: q.dir,
+            };
+            let interval = self.ranges.get(&key, 0).ok().and_then(|set| {
+                let n = usize::try_from(set.len).unwrap_or(0).min(set.intervals.len());
+                set.intervals[..n].iter().find(|i| i.lo <= q.port && q.port <= i.hi).copied()
+            });
+            let probe_key = |kind: Option<(u16, u16)>| ProbeKey::Range {
+                dir: q.dir,
+                src,
+                dst,
+                proto: q.proto,
+                port: q.port,
+                interval: kind,
+            };
+            let Some(iv) = interval else {
+                x.tenant.push(Probe { key: probe_key(None), hit: None });
+                continue;
+            };
+            for (action, cookie, slot) in
+                [(ACTION_DENY, iv.deny_cookie, iv.deny_slot), (ACTION_ALLOW, iv.allow_cookie, iv.allow_slot)]
+            {
+                if cookie == 0 {
+                    continue;
+                }
+                let hit = Hit { action, cookie, priority: 0, status: self.status(slot, cookie, now) };
+                x.tenant.push(Probe { key: probe_key(Some((iv.lo, iv.hi))), hit: Some(hit) });
+                if hit.status == RuleStatus::Live {
+                    if action == ACTION_DENY {
+                        return Some(cookie);
+                    }
+                    *allowed = allowed.or(Some(cookie));
+                }
+            }
+        }
+        None
     }
 }
 
