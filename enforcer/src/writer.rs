@@ -1351,6 +1351,12 @@ impl Writer {
         self.admin_owners.len()
     }
 
+    /// Number of entries (range keys) in the port-range map.
+    #[must_use]
+    pub fn ranges_len(&self) -> usize {
+        self.range_index.len()
+    }
+
     /// Register a workload behind the interface `ifindex` (TC attachment) and map its
     /// addresses to its identity.
     /// All or nothing: if a map is full, the addresses keep what they had.

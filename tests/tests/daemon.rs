@@ -496,7 +496,7 @@ fn policy_reload_metrics_and_malformed_policy() {
     // no ipBlock here; a and b (and the host's addresses) have identities.
     assert_eq!(metric(&body, "ztseg_map_capacity{map=\"identity\"}"), 65_536, "{body}");
     assert!(metric(&body, "ztseg_map_entries{map=\"identity\"}") >= 2, "{body}");
-    for map in ["admin", "cidr"] {
+    for map in ["admin", "ranges", "cidr"] {
         assert!(body.contains(&format!("ztseg_map_entries{{map=\"{map}\"}} 0\n")), "{map}: {body}");
         assert!(metric(&body, &format!("ztseg_map_capacity{{map=\"{map}\"}}")) > 0, "{map}: {body}");
     }

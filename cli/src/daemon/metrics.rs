@@ -10,7 +10,7 @@ use std::{
 
 use enforcer_common::{
     Reason,
-    map_names::{ADMIN, CIDR, CONNTRACK4, CONNTRACK6, IDENTITY},
+    map_names::{ADMIN, CIDR, CONNTRACK4, CONNTRACK6, IDENTITY, RANGES},
 };
 use tokio::net::TcpListener;
 
@@ -134,6 +134,7 @@ impl Metrics {
             ("rules", u64::from(slots), u64::from(slot_cap)),
             ("conntrack", ct as u64, cap(&[CONNTRACK4, CONNTRACK6])),
             ("admin", w.admin_len() as u64, cap(&[ADMIN])),
+            ("ranges", w.ranges_len() as u64, cap(&[RANGES])),
             ("identity", w.identity_len() as u64, cap(&[IDENTITY])),
             ("cidr", w.cidr_len() as u64, cap(&[CIDR])),
         ] {
