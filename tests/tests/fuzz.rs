@@ -1,5 +1,5 @@
 //! Fuzz the real TC programs with at least 1,000,000 random and mutated frames through
-//! `BPF_PROG_TEST_RUN`. Oracle: with one allow rule installed (A → B tcp/80), every frame that
+//! `BPF_PROG_TEST_RUN`, and the `cgroup_skb` programs with as many more. Oracle: with one allow rule installed (A → B tcp/80), every frame that
 //! passes is, by a parser of this test's own (not the data plane's), ARP, neighbour discovery
 //! or MLD that stays on the link, or a well-formed TCP packet of the flow the rule admits (A
 //! to B port 80 leaving A, or B's answer from port 80 entering A); allow events carry the
@@ -9,18 +9,22 @@
 use enforcer::{Rule, events::Verdict, writer::Action};
 use enforcer_common::{
     DIR_EGRESS, Reason,
-    program_names::{TC_FROM_WORKLOAD, TC_TO_WORKLOAD},
+    program_names::{CGROUP_SKB_EGRESS, CGROUP_SKB_INGRESS, TC_FROM_WORKLOAD, TC_TO_WORKLOAD},
 };
 use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
 use ztseg_integration::{TC_ACT_OK, TC_ACT_SHOT, TestDatapath, frame, ip, workload};
 
 const FRAMES: u64 = 1_000_000;
+const CGROUP_FRAMES: u64 = 1_000_000;
 
 fn seeds() -> Vec<Vec<u8>> {
     vec![
         frame::tcp4("10.0.0.1", 1000, "10.0.0.2", 80),
         frame::tcp4("10.0.0.1", 1000, "10.0.0.2", 81),
         frame::tcp6("fd00::1", 1000, "fd00::2", 80),
+        // B's answers (replies to the flows above once those are tracked).
+        frame::frame4("10.0.0.2", "10.0.0.1", frame::TCP, &frame::tcp(80, 1000, frame::SYN | frame::ACK)),
+        frame::frame6("fd00::2", "fd00::1", frame::TCP, &frame::tcp(80, 1000, frame::ACK)),
         frame::frame4("10.0.0.1", "10.0.0.2", frame::UDP, &frame::udp(1, 80, b"abc")),
         frame::frame4("10.0.0.1", "10.0.0.2", frame::SCTP, &frame::sctp(1, 80)),
         frame::frame4("10.0.0.1", "10.0.0.2", frame::ICMP, &frame::icmp(8, 0, 1)),
@@ -91,12 +95,33 @@ const B4: [u8; 4] = [10, 0, 0, 2];
 const A6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const B6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
-/// Whether frame `f`, checked leaving A (`egress`) or entering it, may pass with only the
-/// rule A → B tcp/80 installed; `Err` says why not. Written from the protocols' definitions,
-/// independently of the data plane's parser.
-fn may_pass(f: &[u8], egress: bool) -> Result<(), String> {
+/// Where a frame is checked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    /// TC on A's interface: Ethernet first, and A's own address checked on every packet.
+    Tc,
+    /// `cgroup_skb` of A's cgroup: the network header first (the kernel hands these programs
+    /// IP packets only, so the ethertype says nothing), and no address check (a process of a
+    /// cgroup may use any of the host's addresses).
+    Cgroup,
+}
+
+/// Whether frame `f`, checked leaving A (`egress`) or entering it at `hook`, may pass with
+/// only the rule A → B tcp/80 installed; `Err` says why not. Written from the protocols'
+/// definitions, independently of the data plane's parser.
+fn may_pass(f: &[u8], egress: bool, hook: Hook) -> Result<(), String> {
     let at = |i: usize, n: usize| f.get(i..i + n).ok_or_else(|| format!("truncated at byte {i}"));
-    match u16::from_be_bytes([f[12], f[13]]) {
+    let family = match hook {
+        Hook::Tc => u16::from_be_bytes([f[12], f[13]]),
+        Hook::Cgroup => match f.get(14).map(|b| b >> 4) {
+            Some(4) => 0x0800,
+            Some(6) => 0x86dd,
+            _ => return Err("not an IP packet".into()),
+        },
+    };
+    // Whether the local end is A: checked at TC, anything at the cgroup hooks.
+    let is_a = |a: &[u8], own: &[u8]| hook == Hook::Cgroup || a == own;
+    match family {
         0x0806 => Ok(()),
         0x0800 => {
             let ip = at(14, 20)?;
@@ -109,7 +134,14 @@ fn may_pass(f: &[u8], egress: bool) -> Result<(), String> {
                 return Err("IPv4 fragment".into());
             }
             let (src, dst) = (&ip[12..16], &ip[16..20]);
-            tcp_of_the_rule(f, 14 + ihl, ip[9], src == A4 && dst == B4, src == B4 && dst == A4, egress)
+            tcp_of_the_rule(
+                f,
+                14 + ihl,
+                ip[9],
+                is_a(src, &A4) && dst == B4,
+                src == B4 && is_a(dst, &A4),
+                egress,
+            )
         }
         0x86dd => {
             let ip = at(14, 40)?;
@@ -134,7 +166,7 @@ fn may_pass(f: &[u8], egress: bool) -> Result<(), String> {
             if next == 58 && neighbour_housekeeping(at(off, 8)?[0], ip[7], src, dst, egress) {
                 return Ok(());
             }
-            tcp_of_the_rule(f, off, next, src == A6 && dst == B6, src == B6 && dst == A6, egress)
+            tcp_of_the_rule(f, off, next, is_a(src, &A6) && dst == B6, src == B6 && is_a(dst, &A6), egress)
         }
         other => Err(format!("ethertype {other:#06x}")),
     }
@@ -182,49 +214,90 @@ fn tcp_of_the_rule(
     if of_rule { Ok(()) } else { Err(format!("TCP {sport} -> {dport} not of the rule's flow")) }
 }
 
-#[test]
-fn million_frames_none_passes_without_a_rule() {
-    let mut dp = TestDatapath::new("fuzz");
+/// The data plane with A (identity 800) behind interface 1 and in this process's cgroup, B
+/// (801) mapped, and the one rule A → B tcp/80; the rule's cookie.
+fn setup(dp: &TestDatapath) -> u32 {
+    let mut w = dp.writer();
+    let a = workload(800, 1, Some("10.0.0.1"), Some("fd00::1"));
+    w.set_interface_workload(1, &a).unwrap();
+    w.set_cgroup_workload(own_cgroup_id(), &a).unwrap();
+    w.set_identity(ip("10.0.0.2"), 801, 1).unwrap();
+    w.set_identity(ip("fd00::2"), 801, 1).unwrap();
+    w.install(&Rule {
+        ranges: Vec::new(),
+        keys: vec![Rule::key(DIR_EGRESS, 800, Some(801), frame::TCP, 80)],
+        action: Action::Allow,
+        ttl: None,
+    })
+    .unwrap()
+    .cookie
+}
+
+/// The cgroup v2 id of this process's cgroup (test runs of `cgroup_skb` programs give the
+/// packet a socket in it): the inode of its directory in the cgroup2 mount.
+fn own_cgroup_id() -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::")).expect("a cgroup v2 line");
+    std::fs::metadata(format!("{}{rel}", ztseg_integration::cgroup2_root().display())).unwrap().ino()
+}
+
+/// Run one frame through program `name`: its verdict as pass or drop, `None` when the kernel
+/// refuses to build an skb from it (shorter than its headers).
+fn run(dp: &mut TestDatapath, name: &'static str, hook: Hook, f: &[u8]) -> Option<bool> {
+    use aya::programs::{CgroupSkb, TestRun as _, TestRunOptions};
+    let r = match hook {
+        Hook::Tc => dp.run(name, f),
+        Hook::Cgroup => {
+            let prog: &mut CgroupSkb = dp.dp.program_mut(name).unwrap().try_into().unwrap();
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(f);
+            prog.test_run(opts).map(|r| r.return_value)
+        }
+    };
+    match r {
+        Ok(v) => {
+            let (pass, drop) = if hook == Hook::Tc { (TC_ACT_OK, TC_ACT_SHOT) } else { (1, 0) };
+            assert!(v == pass || v == drop, "unexpected verdict {v} of {name}");
+            Some(v == pass)
+        }
+        Err(aya::programs::ProgramError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
+        {
+            None
+        }
+        Err(e) => panic!("test run error of {name} on {f:02x?}: {e}"),
+    }
+}
+
+/// Run `frames` mutated frames through the egress program (80%) and the ingress program of
+/// `hook`, checking every pass against the oracle and every allow event; returns (frames
+/// run, passed).
+fn fuzz(dp: &mut TestDatapath, hook: Hook, frames: u64, seed: u64) -> (u64, u64) {
     let mut events = dp.events().unwrap();
-    let cookie = {
-        let mut w = dp.writer();
-        w.set_interface_workload(1, &workload(800, 1, Some("10.0.0.1"), Some("fd00::1"))).unwrap();
-        w.set_identity(ip("10.0.0.2"), 801, 1).unwrap();
-        w.set_identity(ip("fd00::2"), 801, 1).unwrap();
-        w.install(&Rule {
-            ranges: Vec::new(),
-            keys: vec![Rule::key(DIR_EGRESS, 800, Some(801), frame::TCP, 80)],
-            action: Action::Allow,
-            ttl: None,
-        })
-        .unwrap()
-        .cookie
+    let cookie = setup(dp);
+    let (egress, ingress) = match hook {
+        Hook::Tc => (TC_FROM_WORKLOAD, TC_TO_WORKLOAD),
+        Hook::Cgroup => (CGROUP_SKB_EGRESS, CGROUP_SKB_INGRESS),
     };
     let seeds = seeds();
-    let mut rng = SmallRng::seed_from_u64(0x2757_0001);
+    let mut rng = SmallRng::seed_from_u64(seed);
     let (mut ran, mut refused, mut passed) = (0u64, 0u64, 0u64);
     let mut bad = Vec::new();
-    while ran < FRAMES {
+    while ran < frames {
         let f = mutate(&mut rng, &seeds);
-        let prog = if rng.random_bool(0.8) { TC_FROM_WORKLOAD } else { TC_TO_WORKLOAD };
-        match dp.run(prog, &f) {
-            Ok(v) => {
+        let out = rng.random_bool(0.8);
+        match run(dp, if out { egress } else { ingress }, hook, &f) {
+            Some(pass) => {
                 ran += 1;
-                assert!(v == TC_ACT_OK || v == TC_ACT_SHOT, "unexpected verdict {v}");
-                if v == TC_ACT_OK {
+                if pass {
                     passed += 1;
-                    if let Err(why) = may_pass(&f, prog == TC_FROM_WORKLOAD) {
+                    if let Err(why) = may_pass(&f, out, hook) {
                         bad.push(format!("{why}, yet it passed: {f:02x?}"));
                     }
                 }
             }
-            // The kernel refuses to build an skb from frames shorter than their L3 header.
-            Err(aya::programs::ProgramError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
-            {
-                refused += 1;
-            }
-            Err(e) => panic!("test run error on {f:02x?}: {e}"),
+            None => refused += 1,
         }
         if ran % 4096 == 0 {
             check_events(&mut events, cookie, &mut bad);
@@ -233,8 +306,14 @@ fn million_frames_none_passes_without_a_rule() {
     }
     check_events(&mut events, cookie, &mut bad);
     assert!(bad.is_empty(), "violations:\n{}", bad.join("\n"));
-    // Every pass is explained by a counter of an allowed reason; nothing was let through by
-    // any other path (audit is off, no admin rules, no failsafe).
+    eprintln!("fuzz: {ran} frames run, {refused} refused by the kernel, {passed} passed");
+    (ran, passed)
+}
+
+/// Every pass is explained by a counter of an allowed reason; nothing was let through by any
+/// other path (audit is off, no admin rules, no failsafe); the mutations reached the
+/// malformed paths.
+fn check_counters(dp: &TestDatapath, passed: u64, malformed_at_least: u64) {
     let c = dp.writer().counters().unwrap();
     let explained = c[&Reason::AllowPolicy]
         + c[&Reason::AllowEstablished]
@@ -242,8 +321,24 @@ fn million_frames_none_passes_without_a_rule() {
         + c[&Reason::PassLinkLocal];
     assert_eq!(explained, passed, "{c:?}");
     assert_eq!(c[&Reason::AllowAdmin] + c[&Reason::Audit] + c[&Reason::AllowFailsafe], 0);
-    assert!(c[&Reason::DropMalformed] > 10_000, "mutations reach the malformed paths: {c:?}");
-    eprintln!("fuzz: {ran} frames run, {refused} refused by the kernel, {passed} passed; counters {c:?}");
+    assert!(c[&Reason::AllowReply] > 0, "replies of the rule's flow were exercised: {c:?}");
+    assert!(c[&Reason::DropMalformed] > malformed_at_least, "mutations reach the malformed paths: {c:?}");
+    eprintln!("counters {c:?}");
+}
+
+#[test]
+fn million_frames_none_passes_without_a_rule() {
+    let mut dp = TestDatapath::new("fuzz");
+    let (_, passed) = fuzz(&mut dp, Hook::Tc, FRAMES, 0x2757_0001);
+    check_counters(&dp, passed, 10_000);
+}
+
+#[test]
+fn cgroup_frames_none_passes_without_a_rule() {
+    let mut dp = TestDatapath::new("fuzzcg");
+    let (_, passed) = fuzz(&mut dp, Hook::Cgroup, CGROUP_FRAMES, 0x2757_0002);
+    assert!(passed > 0, "some frames of the rule's flow passed");
+    check_counters(&dp, passed, 10_000);
 }
 
 /// Every allow event must be the rule's flow: cookie, peer B, tcp, port 80.
