@@ -81,19 +81,19 @@ fn errors_across_files_are_reported_with_file_and_position() {
 }
 
 #[test]
-fn port_ranges_wider_than_the_enforcer_expands_are_reported() {
+fn port_ranges_are_valid_at_any_width_and_inverted_ones_are_reported() {
     let d = Dir::new("range");
-    d.write(
-        "wide.yaml",
-        &format!(
-            "{NP}metadata: {{name: wide, namespace: prod}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports:\n    - port: 1024\n      endPort: 65535\n"
-        ),
-    );
+    let range = |from: u32, to: u32| {
+        format!(
+            "{NP}metadata: {{name: wide, namespace: prod}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports:\n    - port: {from}\n      endPort: {to}\n"
+        )
+    };
+    d.write("wide.yaml", &range(1024, 65_535));
+    let (ok, out, err) = d.validate();
+    assert!(ok && out.contains("valid"), "{out}{err}");
+    d.write("wide.yaml", &range(2000, 1999));
     let (ok, _, err) = d.validate();
     assert!(!ok, "{err}");
     let f = d.0.join("wide.yaml").display().to_string();
-    assert!(
-        err.contains(&format!("{f}:9:16: spec.ingress[0].ports[0].endPort: port range 1024-65535")),
-        "{err}"
-    );
+    assert!(err.contains(&format!("{f}:9:16: spec.ingress[0].ports[0].endPort: must be greater")), "{err}");
 }

@@ -20,7 +20,7 @@ pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 /// Layout version of every pinned map. Bump on any change to a type in this crate, and on any
 /// change to what the programs pass each other (the local delivery hand-over: the eBPF crate's
 /// parsed flow and the packet control buffer).
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 // ---- reserved identities and tenants -------------------------------------------------------
 
@@ -612,9 +612,12 @@ pub enum Reason {
     /// Not a verdict: the local delivery program found the sender's hand-over slot holding
     /// another packet and parsed this one again (never expected; a non-zero count is a bug).
     HandoffReparsed = 21,
+    /// An ICMP or `ICMPv6` error about a tracked flow of the workload (destination unreachable,
+    /// packet too big, time exceeded, parameter problem), passed as related to that flow.
+    AllowRelated = 22,
 }
 
-pub const REASON_COUNT: u32 = 22;
+pub const REASON_COUNT: u32 = 23;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -640,6 +643,7 @@ impl Reason {
         Reason::LocalDelivery,
         Reason::EventSuppressed,
         Reason::HandoffReparsed,
+        Reason::AllowRelated,
     ];
 
     #[must_use]
@@ -673,6 +677,7 @@ impl Reason {
             Reason::LocalDelivery => "local_delivery",
             Reason::EventSuppressed => "event_suppressed",
             Reason::HandoffReparsed => "handoff_reparsed",
+            Reason::AllowRelated => "allow_related",
         }
     }
 }
@@ -705,6 +710,8 @@ pub mod map_names {
     pub const LINKS: &str = "ZT_LINKS";
     /// Program array: slot 0 holds the local delivery program.
     pub const DELIVER: &str = "ZT_DELIVER";
+    /// Program array: slot 0 the egress, slot 1 the ingress check of ICMP errors.
+    pub const RELATED: &str = "ZT_RELATED";
     /// Per-CPU hand-over of a parsed packet from the sender's check to the local delivery
     /// program (kernel only; pinned so programs of two loads of one build can hand over).
     pub const HANDOFF: &str = "ZT_HANDOFF";
@@ -717,6 +724,10 @@ pub mod program_names {
     pub const TC_TO_WORKLOAD: &str = "zt_tc_to_wl";
     /// Local delivery: tail-called from `zt_tc_from_wl`, never attached.
     pub const TC_DELIVER: &str = "zt_tc_deliver";
+    /// ICMP errors leaving a workload: tail-called from `zt_tc_from_wl`, never attached.
+    pub const TC_RELATED_FROM: &str = "zt_tc_related_from";
+    /// ICMP errors entering a workload: tail-called from `zt_tc_to_wl`, never attached.
+    pub const TC_RELATED_TO: &str = "zt_tc_related_to";
     pub const CGROUP_SKB_INGRESS: &str = "zt_cg_ingress";
     pub const CGROUP_SKB_EGRESS: &str = "zt_cg_egress";
     pub const CONNECT4: &str = "zt_connect4";

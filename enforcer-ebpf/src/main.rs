@@ -19,6 +19,7 @@ mod local;
 mod maps;
 mod parse;
 mod policy;
+mod related;
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_OK, TC_ACT_SHOT},
@@ -36,7 +37,7 @@ use enforcer_common::{
 };
 use maps::{
     ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_COUNTERS, ZT_CT4, ZT_CT6, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH,
-    ZT_EVENT_BUDGET, ZT_EVENTS, ZT_IDENTITY, ZT_SUPPRESSED,
+    ZT_EVENT_BUDGET, ZT_EVENTS, ZT_IDENTITY, ZT_RELATED, ZT_SUPPRESSED,
 };
 use parse::{Flow, ParseError};
 use policy::{Local, decide, still_admitted};
@@ -691,6 +692,12 @@ fn tc_main(ctx: &mut TcContext, dir: u8) -> i32 {
         return TC_ACT_SHOT;
     }
     flow.set_dir(dir);
+    if flow.untracked && parse::icmp_error(&flow) {
+        // An error about one of the workload's flows passes as related to it (`related.rs`);
+        // with no program in the slot, policy judges it below.
+        // SAFETY: tail call with the program's own context; on success control never returns.
+        let _ = unsafe { ZT_RELATED.tail_call(ctx, u32::from(dir != DIR_EGRESS)) };
+    }
     // Local delivery is decided where a workload's packet enters the host, for the first
     // packet of a flow or a later one of a flow whose first packet took it. Entries the first
     // packet creates are marked for it (and unmarked if the way turns out to be another).
@@ -726,6 +733,19 @@ pub fn zt_tc_from_wl(mut ctx: TcContext) -> i32 {
 #[classifier]
 pub fn zt_tc_to_wl(mut ctx: TcContext) -> i32 {
     tc_main(&mut ctx, DIR_INGRESS)
+}
+
+/// ICMP errors leaving a workload (tail call from `zt_tc_from_wl`, never attached): passed if
+/// related to a tracked flow, else judged by policy. See `related.rs`.
+#[classifier]
+pub fn zt_tc_related_from(ctx: TcContext) -> i32 {
+    related::check(&ctx, DIR_EGRESS)
+}
+
+/// ICMP errors entering a workload (tail call from `zt_tc_to_wl`, never attached).
+#[classifier]
+pub fn zt_tc_related_to(ctx: TcContext) -> i32 {
+    related::check(&ctx, DIR_INGRESS)
 }
 
 /// Local delivery (tail call from `zt_tc_from_wl`, never attached): the receiving workload's

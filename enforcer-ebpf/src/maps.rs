@@ -96,3 +96,8 @@ pub static ZT_HANDOFF: PerCpuArray<crate::local::Handoff> = PerCpuArray::pinned(
 /// programs. Empty, the tail call fails and packets take the kernel path.
 #[map]
 pub static ZT_DELIVER: ProgramArray = ProgramArray::pinned(1, 0);
+
+/// Slot 0: `zt_tc_related_from`, slot 1: `zt_tc_related_to` (ICMP errors, see `related.rs`),
+/// set by userspace when it loads the programs. Empty, ICMP errors are judged by policy.
+#[map]
+pub static ZT_RELATED: ProgramArray = ProgramArray::pinned(2, 0);

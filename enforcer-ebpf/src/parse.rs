@@ -272,8 +272,16 @@ fn parse_ipv6<P: Packet>(skb: &P, off: usize) -> Result<Flow, ParseError> {
     if (u32::from_be(ip.ver_tc_flow) >> 28) != 6 || (payload != 0 && off + 40 + payload > skb.len()) {
         return Err(ParseError::Malformed);
     }
-    let mut next = ip.next_hdr;
-    let mut l4 = off + 40;
+    let (l4, next) = walk_extensions(skb, off + 40, ip.next_hdr)?;
+    parse_l4(skb, l4, ip.saddr, ip.daddr, next, 6, ip.hop_limit)
+}
+
+/// Walk the IPv6 extension headers starting at `off` with next header `next`: the offset and
+/// protocol of the upper-layer header.
+#[inline(always)]
+fn walk_extensions<P: Packet>(skb: &P, off: usize, next: u8) -> Result<(usize, u8), ParseError> {
+    let mut next = next;
+    let mut l4 = off;
     let mut done = false;
     // One more round than headers allowed: the last can only find the upper-layer header.
     for _ in 0..=MAX_EXT_HEADERS {
@@ -300,7 +308,81 @@ fn parse_ipv6<P: Packet>(skb: &P, off: usize) -> Result<Flow, ParseError> {
     if !done {
         return Err(ParseError::Malformed);
     }
-    parse_l4(skb, l4, ip.saddr, ip.daddr, next, 6, ip.hop_limit)
+    Ok((l4, next))
+}
+
+/// The packet an ICMP or ICMPv6 error quotes (RFC 792, RFC 4443: the invoking packet's IP
+/// header and the start of its payload), in the word layout of an IPv6 conntrack key: the
+/// flow in the quoted packet's own orientation, the direction left zero.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Quoted {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// Source port | destination port << 16 (an echo request's identifier as the source
+    /// port, an echo reply's as the destination port, as the parser keys them).
+    pub ports: u32,
+    pub proto: u32,
+}
+
+/// Parse the packet quoted by the ICMP error in the Ethernet frame `skb` (of address family
+/// `family`, already parsed as an error by [`parse_l2`]) into `out`, initialised exactly when
+/// `Ok` is returned. Only what conntrack can know is accepted: TCP, UDP or SCTP ports, or an
+/// echo request or reply, of a quoted IPv4 packet that is not a later fragment, or of a quoted
+/// IPv6 packet without extension headers.
+#[inline(never)]
+pub fn quoted<P: Packet>(skb: &P, family: u8, out: &mut MaybeUninit<Quoted>) -> Result<(), ParseError> {
+    let (saddr, daddr, proto, l4) = if family == 4 {
+        let outer = skb.load::<Ipv4Hdr>(ETH_HLEN)?;
+        let inner = ETH_HLEN + usize::from(outer.ver_ihl & 0x0f) * 4 + 8;
+        let ip = skb.load::<Ipv4Hdr>(inner)?;
+        let ihl = usize::from(ip.ver_ihl & 0x0f) * 4;
+        if ip.ver_ihl >> 4 != 4 || ihl < 20 || u16::from_be(ip.frag_off) & 0x1fff != 0 {
+            return Err(ParseError::Malformed);
+        }
+        (mapped(ip.saddr), mapped(ip.daddr), ip.proto, inner + ihl)
+    } else {
+        let outer = skb.load::<Ipv6Hdr>(ETH_HLEN)?;
+        let (icmp, _) = walk_extensions(skb, ETH_HLEN + 40, outer.next_hdr)?;
+        let ip = skb.load::<Ipv6Hdr>(icmp + 8)?;
+        if (u32::from_be(ip.ver_tc_flow) >> 28) != 6 {
+            return Err(ParseError::Malformed);
+        }
+        (ip.saddr, ip.daddr, ip.next_hdr, icmp + 8 + 40)
+    };
+    let ports = match proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let p = skb.load::<[u16; 2]>(l4)?;
+            u32::from(u16::from_be(p[0])) | (u32::from(u16::from_be(p[1])) << 16)
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let h = skb.load::<IcmpHead>(l4)?;
+            let id = u32::from(u16::from_be(h.id));
+            let (request, reply) = if proto == IPPROTO_ICMPV6 { (128, 129) } else { (8, 0) };
+            if h.ty == request {
+                id
+            } else if h.ty == reply {
+                id << 16
+            } else {
+                return Err(ParseError::Malformed);
+            }
+        }
+        _ => return Err(ParseError::Malformed),
+    };
+    out.write(Quoted { saddr, daddr, ports, proto: u32::from(proto) });
+    Ok(())
+}
+
+/// Whether a parsed flow is an ICMP or ICMPv6 error (destination unreachable, time exceeded,
+/// parameter problem; for ICMPv6 also packet too big), which quotes the packet it is about.
+#[inline(always)]
+pub fn icmp_error(flow: &Flow) -> bool {
+    let ty = flow.policy_port & 0xff;
+    match flow.proto() {
+        IPPROTO_ICMP => matches!(ty, 3 | 11 | 12),
+        IPPROTO_ICMPV6 => matches!(ty, 1..=4),
+        _ => false,
+    }
 }
 
 /// Policy port of an ICMP/ICMPv6 type (see `enforcer_common::icmp_port`).

@@ -174,26 +174,35 @@ impl Datapath {
             }
         }
 
-        for name in
-            [program_names::TC_FROM_WORKLOAD, program_names::TC_TO_WORKLOAD, program_names::TC_DELIVER]
-        {
+        for name in [
+            program_names::TC_FROM_WORKLOAD,
+            program_names::TC_TO_WORKLOAD,
+            program_names::TC_DELIVER,
+            program_names::TC_RELATED_FROM,
+            program_names::TC_RELATED_TO,
+        ] {
             let prog: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             prog.load().map_err(Error::program(name))?;
         }
-        // The delivery program of this load replaces the one in the pinned program array; the
-        // replacement is atomic, and a program attached by an earlier load uses it too.
-        {
+        // The tail-called programs of this load replace those in the pinned program arrays; a
+        // replacement is atomic, and a program attached by an earlier load uses them too.
+        for (array, slot, name) in [
+            (map_names::DELIVER, 0, program_names::TC_DELIVER),
+            (map_names::RELATED, 0, program_names::TC_RELATED_FROM),
+            (map_names::RELATED, 1, program_names::TC_RELATED_TO),
+        ] {
             let fd = {
-                let prog: &mut SchedClassifier = program_mut(&mut ebpf, program_names::TC_DELIVER)?;
-                prog.fd().map_err(Error::program(program_names::TC_DELIVER))?.try_clone().map_err(|e| {
-                    Error::Pin { what: "program fd", path: pin_dir.into(), source: Box::new(e) }
+                let prog: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
+                prog.fd().map_err(Error::program(name))?.try_clone().map_err(|e| Error::Pin {
+                    what: "program fd",
+                    path: pin_dir.into(),
+                    source: Box::new(e),
                 })?
             };
-            let map =
-                ebpf.map_mut(map_names::DELIVER).ok_or(Error::MissingMap { name: map_names::DELIVER })?;
+            let map = ebpf.map_mut(array).ok_or(Error::MissingMap { name: array })?;
             let mut jump: ProgramArray<&mut MapData> =
-                ProgramArray::try_from(map).map_err(Error::map(map_names::DELIVER))?;
-            jump.set(0, &fd, 0).map_err(Error::map(map_names::DELIVER))?;
+                ProgramArray::try_from(map).map_err(Error::map(array))?;
+            jump.set(slot, &fd, 0).map_err(Error::map(array))?;
         }
         for name in [program_names::CGROUP_SKB_INGRESS, program_names::CGROUP_SKB_EGRESS] {
             let prog: &mut CgroupSkb = program_mut(&mut ebpf, name)?;

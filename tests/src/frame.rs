@@ -155,3 +155,16 @@ pub fn arp() -> Vec<u8> {
     let body = [0u8, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 2];
     eth(ETH_P_ARP, &body)
 }
+
+/// An ICMP (or `ICMPv6`) error frame from `src` to `dst` of type `ty` and code `code`, quoting
+/// the IP packet of `quoted_frame` (a complete frame of the same family; its Ethernet header
+/// is dropped) as routers do: the IP header and the start of its payload.
+#[must_use]
+pub fn icmp_error(src: &str, dst: &str, ty: u8, code: u8, quoted_frame: &[u8]) -> Vec<u8> {
+    let quoted = &quoted_frame[14..];
+    let v6 = src.contains(':');
+    let keep = quoted.len().min(if v6 { 40 + 8 } else { 20 + 8 });
+    let mut l4 = vec![ty, code, 0, 0, 0, 0, 0, 0];
+    l4.extend_from_slice(&quoted[..keep]);
+    if v6 { frame6(src, dst, ICMPV6, &l4) } else { frame4(src, dst, ICMP, &l4) }
+}

@@ -1,10 +1,11 @@
 //! Fuzz the real TC programs with at least 1,000,000 random and mutated frames through
-//! `BPF_PROG_TEST_RUN`, and the `cgroup_skb` programs with as many more. Oracle: with one allow rule installed (A → B tcp/80), every frame that
-//! passes is, by a parser of this test's own (not the data plane's), ARP, neighbour discovery
-//! or MLD that stays on the link, or a well-formed TCP packet of the flow the rule admits (A
-//! to B port 80 leaving A, or B's answer from port 80 entering A); allow events carry the
-//! rule's cookie and name B, tcp, 80; the kernel never returns an error other than refusing
-//! to build an skb from a frame shorter than its headers.
+//! `BPF_PROG_TEST_RUN`, and the `cgroup_skb` programs with as many more. Oracle: with one
+//! allow rule installed (A → B tcp/80), every frame that passes is, by a parser of this test's
+//! own (not the data plane's), ARP, neighbour discovery or MLD that stays on the link, an ICMP
+//! error quoting a packet of the rule's flow, or a well-formed TCP packet of the flow the rule
+//! admits (A to B port 80 leaving A, or B's answer from port 80 entering A); allow events
+//! carry the rule's cookie and name B, tcp, 80; the kernel never returns an error other than
+//! refusing to build an skb from a frame shorter than its headers.
 
 use enforcer::{Rule, events::Verdict, writer::Action};
 use enforcer_common::{
@@ -40,6 +41,9 @@ fn seeds() -> Vec<Vec<u8>> {
             ),
         ),
         frame::arp(),
+        // Errors about the rule's flow (they pass as related while it is tracked).
+        frame::icmp_error("192.0.2.1", "10.0.0.1", 3, 4, &frame::tcp4("10.0.0.1", 1000, "10.0.0.2", 80)),
+        frame::icmp_error("2001:db8::1", "fd00::1", 2, 0, &frame::tcp6("fd00::1", 1000, "fd00::2", 80)),
         // Neighbour discovery on the link, and to a global address (which policy must judge).
         frame::hop_limit(
             frame::frame6("fe80::1", "ff02::1:ff00:2", frame::ICMPV6, &frame::icmp(135, 0, 0)),
@@ -134,6 +138,9 @@ fn may_pass(f: &[u8], egress: bool, hook: Hook) -> Result<(), String> {
                 return Err("IPv4 fragment".into());
             }
             let (src, dst) = (&ip[12..16], &ip[16..20]);
+            if ip[9] == 1 && quotes_the_rule(f, 14 + ihl, 4) {
+                return Ok(());
+            }
             tcp_of_the_rule(
                 f,
                 14 + ihl,
@@ -163,6 +170,9 @@ fn may_pass(f: &[u8], egress: bool, hook: Hook) -> Result<(), String> {
                 }
             }
             let (src, dst) = (&ip[8..24], &ip[24..40]);
+            if next == 58 && quotes_the_rule(f, off, 6) {
+                return Ok(());
+            }
             if next == 58 && neighbour_housekeeping(at(off, 8)?[0], ip[7], src, dst, egress) {
                 return Ok(());
             }
@@ -170,6 +180,27 @@ fn may_pass(f: &[u8], egress: bool, hook: Hook) -> Result<(), String> {
         }
         other => Err(format!("ethertype {other:#06x}")),
     }
+}
+
+/// Whether the ICMP (`family` 4) or `ICMPv6` message at `off` is an error quoting a packet of
+/// the rule's flow, either way (errors about a tracked flow pass as related to it).
+fn quotes_the_rule(f: &[u8], off: usize, family: u8) -> bool {
+    let Some(&ty) = f.get(off) else { return false };
+    let error = if family == 4 { matches!(ty, 3 | 11 | 12) } else { matches!(ty, 1..=4) };
+    let inner = off + 8;
+    let quoted = if family == 4 {
+        f.get(inner..inner + 20).and_then(|ip| {
+            let l4 = inner + usize::from(ip[0] & 0x0f) * 4;
+            Some((&ip[12..16], &ip[16..20], ip[9], f.get(l4..l4 + 4)?))
+        })
+    } else {
+        f.get(inner..inner + 40)
+            .and_then(|ip| Some((&ip[8..24], &ip[24..40], ip[6], f.get(inner + 40..inner + 44)?)))
+    };
+    let Some((src, dst, proto, ports)) = quoted else { return false };
+    let (a, b): (&[u8], &[u8]) = if family == 4 { (&A4, &B4) } else { (&A6, &B6) };
+    let (sport, dport) = (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]));
+    error && proto == 6 && ((src == a && dst == b && dport == 80) || (src == b && dst == a && sport == 80))
 }
 
 /// Neighbour discovery or MLD with the hop limit of an unrouted packet, on A's link: leaving
@@ -318,7 +349,8 @@ fn check_counters(dp: &TestDatapath, passed: u64, malformed_at_least: u64) {
     let explained = c[&Reason::AllowPolicy]
         + c[&Reason::AllowEstablished]
         + c[&Reason::AllowReply]
-        + c[&Reason::PassLinkLocal];
+        + c[&Reason::PassLinkLocal]
+        + c[&Reason::AllowRelated];
     assert_eq!(explained, passed, "{c:?}");
     assert_eq!(c[&Reason::AllowAdmin] + c[&Reason::Audit] + c[&Reason::AllowFailsafe], 0);
     assert!(c[&Reason::AllowReply] > 0, "replies of the rule's flow were exercised: {c:?}");

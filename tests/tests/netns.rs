@@ -265,3 +265,60 @@ fn cgroup_udp_server_answers_admitted_requests() {
         dp.writer().revoke(rule.cookie).unwrap();
     }
 }
+
+/// Path MTU discovery through the checks: the host's way to an outside peer is narrower than
+/// the pod's link, so the pod's full-size segments (DF set) make the host answer with ICMP
+/// "fragmentation needed" from an address no policy names. The error passes A's ingress check
+/// as related to the connection, the pod lowers its path MTU and the transfer completes;
+/// dropped, the connection would stall.
+#[test]
+fn path_mtu_discovery_works_through_the_checks() {
+    use std::io::{Read as _, Write as _};
+    let lab = Lab::routed(1);
+    let ext = lab.external(0, &["10.99.0.2"]);
+    lab.host.sh("ip link set hx0 mtu 1280");
+    let mut dp = TestDatapath::new("pmtu");
+    let ifindex = lab.host.enter(|| {
+        dp.attach_tc(&Lab::iface(0), enforcer::TcHook::FromWorkload).unwrap();
+        dp.attach_tc(&Lab::iface(0), enforcer::TcHook::ToWorkload).unwrap();
+        enforcer::datapath::ifindex(&Lab::iface(0)).unwrap()
+    });
+    let a = Workload {
+        identity: A,
+        tenant: 1,
+        ipv4: Some(Lab::v4(0).parse().unwrap()),
+        ipv6: None,
+        audit: false,
+    };
+    dp.writer().set_interface_workload(ifindex, &a).unwrap();
+    dp.writer()
+        .install(&Rule {
+            keys: vec![Rule::key(DIR_EGRESS, A, None, TCP, 9000)],
+            ranges: Vec::new(),
+            action: Action::Allow,
+            ttl: None,
+        })
+        .unwrap();
+    // The peer reads everything and answers with the number of bytes (small segments only:
+    // its own link to the host is the narrow one).
+    let listener = ext.enter(|| std::net::TcpListener::bind("10.99.0.2:9000").unwrap());
+    std::thread::spawn(move || {
+        if let Ok((mut c, _)) = listener.accept() {
+            let mut all = Vec::new();
+            if c.read_to_end(&mut all).is_ok() {
+                let _ = c.write_all(&(all.len() as u64).to_be_bytes());
+            }
+        }
+    });
+    let mut s = tcp_connect(&lab.pods[0], "10.99.0.2:9000", OPEN).expect("connect");
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let sent = vec![0x5a_u8; 256 * 1024];
+    s.write_all(&sent).expect("send");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = [0u8; 8];
+    s.read_exact(&mut got).expect("the peer's count: the transfer stalled");
+    assert_eq!(u64::from_be_bytes(got), sent.len() as u64);
+    let related = dp.writer().counters().unwrap()[&Reason::AllowRelated];
+    assert!(related >= 1, "the host's fragmentation-needed errors passed as related: {related}");
+}

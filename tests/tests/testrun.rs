@@ -1482,3 +1482,122 @@ fn ranges_survive_a_restart_and_replace_is_make_before_break() {
     assert_eq!(dp.run(TC_FROM_WORKLOAD, &connection("10.0.0.2", 4050)[0]).unwrap(), TC_ACT_OK);
     assert_eq!(dp.writer().rules().len(), 1);
 }
+
+/// ICMP errors about a tracked flow pass as related to it whoever sends them (path MTU
+/// discovery keeps working); errors about anything else are judged by policy, and so are
+/// errors about a flow whose rule is gone.
+#[test]
+fn icmp_errors_about_tracked_flows_pass_as_related() {
+    let mut dp = setup("related");
+    let web = dp.writer().install(&allow(DIR_EGRESS, Some(B), TCP, 80)).unwrap();
+    dp.writer().install(&allow(DIR_EGRESS, Some(B), ICMP, icmp_port(8))).unwrap();
+    dp.writer().install(&allow(DIR_INGRESS, Some(B), UDP, 53)).unwrap();
+    let c = connection("10.0.0.2", 80);
+    establish(&mut dp, &c);
+    let c6 = [
+        frame::tcp6("fd00::1", 40000, "fd00::2", 80),
+        frame::frame6("fd00::2", "fd00::1", TCP, &frame::tcp(80, 40000, frame::SYN | frame::ACK)),
+    ];
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &c6[0]).unwrap(), TC_ACT_OK);
+    assert_eq!(dp.run(TC_TO_WORKLOAD, &c6[1]).unwrap(), TC_ACT_OK);
+    let ping = frame::frame4("10.0.0.1", "10.0.0.2", ICMP, &frame::icmp(8, 0, 7));
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &ping).unwrap(), TC_ACT_OK);
+    // B's DNS query to A, admitted at A's ingress.
+    let query = frame::frame4("10.0.0.2", "10.0.0.1", UDP, &frame::udp(5353, 53, b"q"));
+    assert_eq!(dp.run(TC_TO_WORKLOAD, &query).unwrap(), TC_ACT_OK);
+    let router = "192.0.2.1";
+    let f = TC_FROM_WORKLOAD;
+    let t = TC_TO_WORKLOAD;
+    use Reason::*;
+    run_table(
+        &mut dp,
+        vec![
+            case(
+                "fragmentation needed, tracked flow",
+                t,
+                frame::icmp_error(router, "10.0.0.1", 3, 4, &c[2]),
+                true,
+                AllowRelated,
+            ),
+            case(
+                "time exceeded, tracked flow",
+                t,
+                frame::icmp_error(router, "10.0.0.1", 11, 0, &c[0]),
+                true,
+                AllowRelated,
+            ),
+            case(
+                "time exceeded, tracked echo",
+                t,
+                frame::icmp_error(router, "10.0.0.1", 11, 0, &ping),
+                true,
+                AllowRelated,
+            ),
+            case(
+                "packet too big, IPv6 flow",
+                t,
+                frame::icmp_error("2001:db8::1", "fd00::1", 2, 0, &c6[0]),
+                true,
+                AllowRelated,
+            ),
+            case(
+                "unreachable about another port",
+                t,
+                frame::icmp_error(router, "10.0.0.1", 3, 4, &connection("10.0.0.2", 81)[2]),
+                false,
+                DropDefault,
+            ),
+            case(
+                "unreachable about another source port",
+                t,
+                frame::icmp_error(router, "10.0.0.1", 3, 4, &frame::tcp4("10.0.0.1", 40001, "10.0.0.2", 80)),
+                false,
+                DropDefault,
+            ),
+            // A's port unreachable about B's query: leaving A, about a flow A admitted.
+            case(
+                "leaving: error about a query A admitted",
+                f,
+                frame::icmp_error("10.0.0.1", "10.0.0.2", 3, 3, &query),
+                true,
+                AllowRelated,
+            ),
+            case(
+                "leaving: error about a flow A does not have",
+                f,
+                frame::icmp_error(
+                    "10.0.0.1",
+                    "10.0.0.2",
+                    3,
+                    3,
+                    &frame::frame4("10.0.0.2", "10.0.0.1", UDP, &frame::udp(1, 99, b"x")),
+                ),
+                false,
+                DropDefault,
+            ),
+            case(
+                "a quoted packet too short for ports",
+                t,
+                {
+                    let mut l4 = vec![3, 4, 0, 0, 0, 0, 0, 0];
+                    l4.extend_from_slice(&c[2][14..14 + 22]);
+                    frame::frame4(router, "10.0.0.1", ICMP, &l4)
+                },
+                false,
+                DropDefault,
+            ),
+        ],
+    );
+    // The rule is gone: its flow's errors are judged by policy again.
+    dp.writer().revoke(web.cookie).unwrap();
+    assert_eq!(
+        dp.run(TC_TO_WORKLOAD, &frame::icmp_error(router, "10.0.0.1", 3, 4, &c[2])).unwrap(),
+        TC_ACT_SHOT
+    );
+    // Policy can still allow ICMP errors by type.
+    dp.writer().install(&allow(DIR_INGRESS, None, ICMP, icmp_port(3))).unwrap();
+    assert_eq!(
+        dp.run(TC_TO_WORKLOAD, &frame::icmp_error(router, "10.0.0.1", 3, 4, &c[2])).unwrap(),
+        TC_ACT_OK
+    );
+}
