@@ -37,6 +37,8 @@ pub struct DatapathOptions {
     pub rule_slots: u32,
     pub conntrack_entries: u32,
     pub identity_entries: u32,
+    /// Range keys (port ranges per peer pair, protocol and direction).
+    pub range_entries: u32,
     /// Emit an event for every new allowed flow (drops and audits are always reported).
     pub flow_events: bool,
     /// Local delivery between workloads on this host (see `docs/datapath.md`).
@@ -50,6 +52,7 @@ impl Default for DatapathOptions {
             rule_slots: 65_536,
             conntrack_entries: 131_072,
             identity_entries: 65_536,
+            range_entries: 8192,
             flow_events: true,
             local_delivery: true,
         }
@@ -150,7 +153,8 @@ impl Datapath {
             .map_max_entries(map_names::RULES, opts.rule_slots)
             .map_max_entries(map_names::CONNTRACK4, opts.conntrack_entries)
             .map_max_entries(map_names::CONNTRACK6, opts.conntrack_entries)
-            .map_max_entries(map_names::IDENTITY, opts.identity_entries);
+            .map_max_entries(map_names::IDENTITY, opts.identity_entries)
+            .map_max_entries(map_names::RANGES, opts.range_entries);
         let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
 
         // The layout version lives in the config map's first element, in a field userspace
@@ -244,6 +248,7 @@ impl Datapath {
             (map_names::CONNTRACK4, opts.conntrack_entries),
             (map_names::CONNTRACK6, opts.conntrack_entries),
             (map_names::IDENTITY, opts.identity_entries),
+            (map_names::RANGES, opts.range_entries),
         ] {
             let have = self.map_capacity(name)?;
             if have != want {

@@ -134,6 +134,9 @@ pub struct MapsConfig {
     /// Addresses with a known identity (workloads on every host).
     #[serde(default = "default_identity_entries")]
     pub identity_entries: u32,
+    /// Port-range keys: one per (local workload, peer, protocol, direction) with ranges.
+    #[serde(default = "default_range_entries")]
+    pub range_entries: u32,
 }
 
 impl Default for MapsConfig {
@@ -143,6 +146,7 @@ impl Default for MapsConfig {
             rule_slots: default_rule_slots(),
             conntrack_entries: default_conntrack_entries(),
             identity_entries: default_identity_entries(),
+            range_entries: default_range_entries(),
         }
     }
 }
@@ -158,17 +162,19 @@ impl MapsConfig {
             rule_slots: self.rule_slots,
             conntrack_entries: self.conntrack_entries,
             identity_entries: self.identity_entries,
+            range_entries: self.range_entries,
             ..enforcer::DatapathOptions::default()
         }
     }
 
-    fn fields(&self) -> [(&'static str, u32, u32); 4] {
+    fn fields(&self) -> [(&'static str, u32, u32); 5] {
         // (field, value, minimum)
         [
             ("policy_entries", self.policy_entries, 64),
             ("rule_slots", self.rule_slots, 64),
             ("conntrack_entries", self.conntrack_entries, 1024),
             ("identity_entries", self.identity_entries, 64),
+            ("range_entries", self.range_entries, 64),
         ]
     }
 }
@@ -184,6 +190,9 @@ fn default_conntrack_entries() -> u32 {
 }
 fn default_identity_entries() -> u32 {
     enforcer::DatapathOptions::default().identity_entries
+}
+fn default_range_entries() -> u32 {
+    enforcer::DatapathOptions::default().range_entries
 }
 
 /// `[controller]`: where the controller is and which enrolled identity to use.
