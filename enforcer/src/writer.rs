@@ -10,9 +10,10 @@
 //! - Probe-shape counters in the config map are raised before entries appear and lowered after
 //!   they disappear, so the kernel never skips a shape that has entries.
 //! - Port ranges live in one set per range key, which every rule's ranges under that key share;
-//!   a set is rewritten whole with one map update. A rule's ranges go in before its slot is
-//!   switched on without displacing any live rule's (see `ranges::Member::deferred`), and
-//!   leave before its slot is cleared.
+//!   a set is rewritten whole with one map update. A new rule's ranges go in before its slot
+//!   is switched on without displacing any live rule's (see `ranges::Member::deferred`); a
+//!   replacing rule's take the old one's place after its slot is on; a revoked rule's leave
+//!   before its slot is cleared.
 //! - Nothing is ever flushed and refilled. Expiry is enforced by the kernel; [`Writer::gc`]
 //!   only frees memory.
 
@@ -669,7 +670,7 @@ impl Writer {
             return Err(e);
         }
         self.activate(slot, cookie, expires_at)?;
-        self.record_rule(rule, RuleHandle { cookie, slot, expires_at }, &range_keys, None)?;
+        self.record_rule(rule, RuleHandle { cookie, slot, expires_at }, &range_keys, None, &[])?;
         if rule.action == Action::Deny {
             self.rejudge_flows()?;
         }
@@ -820,11 +821,13 @@ impl Writer {
             self.free_slots.push(slot);
             return Err(Error::Map { name: map_names::POLICY, source: Box::new(e) });
         }
-        // The new ranges join the old rule's while the new slot is off, then replace them
-        // once it is on.
+        // The new ranges replace the old rule's in one write per range key once the new slot
+        // is on (until then the old rule's decide, its slot still on); the sets they make are
+        // checked against the limits now, before anything is switched.
         let range_keys: std::collections::BTreeSet<PolicyKey> =
             rule.ranges.iter().chain(&old_rec.ranges).map(|r| r.key).collect();
-        if let Err(e) = self.stage_ranges(rule, cookie, slot, expires_at, &range_keys) {
+        let members = range_members(rule, cookie, slot, expires_at, false);
+        if let Err(e) = self.plan_ranges(&range_keys, Some(old), &members) {
             for k in &added {
                 let _ = self.policy.remove(k);
             }
@@ -836,10 +839,12 @@ impl Writer {
         for k in &kept {
             self.policy.insert(k, value, 0).map_err(Error::map(map_names::POLICY))?;
         }
+        // Established flows are judged again once every part of the new rule, its deny ranges
+        // included, is in force.
+        self.record_rule(rule, RuleHandle { cookie, slot, expires_at }, &range_keys, Some(old), &members)?;
         if rule.action == Action::Deny {
             self.rejudge_flows()?;
         }
-        self.record_rule(rule, RuleHandle { cookie, slot, expires_at }, &range_keys, Some(old))?;
         self.retire_replaced(old, &old_rec, &removed, n(&kept), rule.action)?;
         Ok(RuleHandle { cookie, slot, expires_at })
     }
@@ -902,13 +907,15 @@ impl Writer {
     }
 
     /// Record a rule whose slot `h` is on (its keys owned, its record kept) and split the range
-    /// sets under `range_keys` into their final form, without the ranges of `replaced`.
+    /// sets under `range_keys` into their final form: without the ranges of `replaced`, with
+    /// `extra` (the rule's ranges when they are not in the sets yet).
     fn record_rule(
         &mut self,
         rule: &Rule,
         h: RuleHandle,
         range_keys: &std::collections::BTreeSet<PolicyKey>,
         replaced: Option<u32>,
+        extra: &[(RangeKey, ranges::Member)],
     ) -> Result<(), Error> {
         for k in &rule.keys {
             self.owners.insert(*k, h.cookie);
@@ -925,7 +932,7 @@ impl Writer {
         if range_keys.is_empty() {
             return Ok(());
         }
-        let plan = self.plan_ranges(range_keys, replaced, &[])?;
+        let plan = self.plan_ranges(range_keys, replaced, extra)?;
         self.write_ranges(plan)
     }
 
@@ -943,17 +950,7 @@ impl Writer {
         if keys.is_empty() {
             return Ok(());
         }
-        let action = rule.action.code();
-        let extra: Vec<(RangeKey, ranges::Member)> = rule
-            .ranges
-            .iter()
-            .map(|r| {
-                let m =
-                    ranges::Member { lo: r.lo, hi: r.hi, cookie, slot, action, expires_at, deferred: true };
-                (*r, m)
-            })
-            .collect();
-        let plan = self.plan_ranges(keys, None, &extra)?;
+        let plan = self.plan_ranges(keys, None, &range_members(rule, cookie, slot, expires_at, true))?;
         self.write_ranges(plan)
     }
 
@@ -1650,6 +1647,21 @@ fn dead_entries<K: aya::Pod>(
         }
     }
     Ok(out)
+}
+
+/// The ranges of `rule`, to be `cookie` in `slot`, as set members.
+fn range_members(
+    rule: &Rule,
+    cookie: u32,
+    slot: u32,
+    expires_at: u64,
+    deferred: bool,
+) -> Vec<(RangeKey, ranges::Member)> {
+    let action = rule.action.code();
+    rule.ranges
+        .iter()
+        .map(|r| (*r, ranges::Member { lo: r.lo, hi: r.hi, cookie, slot, action, expires_at, deferred }))
+        .collect()
 }
 
 /// Range probe shape of a range key: 0 for a specific peer, 1 for any peer (`None` if it is

@@ -1601,3 +1601,31 @@ fn icmp_errors_about_tracked_flows_pass_as_related() {
         TC_ACT_OK
     );
 }
+
+/// A replacement may use all of a key's range capacity although the rule it replaces did too:
+/// the new ranges take the old ones' place, they are never both in the set.
+#[test]
+fn replacing_a_rule_with_a_full_set_of_ranges() {
+    let mut dp = setup("rangefull");
+    let five = |base: u16| -> Vec<enforcer::RangeKey> {
+        (0..5u16)
+            .map(|i| Rule::range(DIR_EGRESS, A, Some(B), TCP, base + i * 100, base + i * 100 + 50))
+            .collect()
+    };
+    let old = dp.writer().install(&ranges(Action::Allow, None, five(1000))).unwrap();
+    let c = connection("10.0.0.2", 1010);
+    establish(&mut dp, &c);
+    let new = dp.writer().replace(old.cookie, &ranges(Action::Allow, None, five(1010))).unwrap();
+    assert_eq!(dp.run(TC_FROM_WORKLOAD, &c[2]).unwrap(), TC_ACT_OK, "1010 is in both versions");
+    assert_eq!(
+        dp.run(TC_FROM_WORKLOAD, &connection("10.0.0.2", 1005)[0]).unwrap(),
+        TC_ACT_SHOT,
+        "only the old"
+    );
+    assert_eq!(
+        dp.run(TC_FROM_WORKLOAD, &connection("10.0.0.2", 1455)[0]).unwrap(),
+        TC_ACT_OK,
+        "only the new"
+    );
+    assert_eq!(dp.writer().rules().into_iter().map(|r| r.cookie).collect::<Vec<_>>(), vec![new.cookie]);
+}
