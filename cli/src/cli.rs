@@ -272,14 +272,15 @@ enum WorkloadCommands {
 
 #[derive(Subcommand)]
 enum GrantCommands {
-    /// Open a grant FROM → TO (workloads as namespace/name) on one port for a TTL.
+    /// Open a grant FROM → TO (workloads as namespace/name) on a port or a port range for a TTL.
     Open {
         #[command(flatten)]
         socket: SocketArgs,
         from: String,
         to: String,
-        #[arg(long)]
-        port: u16,
+        /// Destination port, or a range such as 8000-8100.
+        #[arg(long, value_parser = parse_ports)]
+        port: (u16, u16),
         #[arg(long, default_value = "TCP")]
         protocol: String,
         /// Lifetime, e.g. 30s, 10m, 2h (at most 24h).
@@ -297,6 +298,21 @@ enum GrantCommands {
         socket: SocketArgs,
         cookie: u32,
     },
+}
+
+/// `8080` or `8000-8100` → (first, last) destination port.
+fn parse_ports(s: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str| {
+        p.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or(format!("{p:?}: not a port 1-65535"))
+    };
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (port(a)?, port(b)?),
+        None => (port(s)?, port(s)?),
+    };
+    if hi < lo {
+        return Err(format!("{s}: the first port comes first"));
+    }
+    Ok((lo, hi))
 }
 
 /// `30s`, `10m`, `2h` or plain seconds → seconds.
@@ -1094,7 +1110,8 @@ async fn remote(command: Commands, output: Output) -> Result<ExitCode> {
                         from,
                         to,
                         protocol,
-                        port: u32::from(port),
+                        port: u32::from(port.0),
+                        end_port: if port.1 == port.0 { 0 } else { u32::from(port.1) },
                         ttl_seconds: ttl,
                         reason,
                     })
@@ -1186,6 +1203,7 @@ fn grant_row(g: ztseg_api::enforcer::Grant) -> Vec<(&'static str, serde_json::Va
         ("to", g.to.into()),
         ("protocol", g.protocol.into()),
         ("port", g.port.into()),
+        ("end_port", if g.end_port == 0 { serde_json::Value::Null } else { g.end_port.into() }),
         ("expires_in", ms(g.expires_in_ms).into()),
         ("reason", g.reason.into()),
     ]

@@ -65,6 +65,7 @@ fn grant_msg(cookie: u32, g: &super::engine::GrantInfo) -> Grant {
         port: u32::from(g.port),
         expires_in_ms: expires_in_ms(g.expires_at),
         reason: g.reason.clone(),
+        end_port: u32::from(g.end_port),
     }
 }
 
@@ -281,6 +282,12 @@ impl enforcer_server::Enforcer for Api {
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or_else(|| Status::invalid_argument("port must be 1-65535"))?;
+            let end = match r.end_port {
+                0 => port,
+                e => u16::try_from(e).ok().filter(|e| *e >= port).ok_or_else(|| {
+                    Status::invalid_argument(format!("end_port {e}: must be {port}-65535 (or 0, one port)"))
+                })?,
+            };
             if r.ttl_seconds == 0 || r.ttl_seconds > 86_400 {
                 return Err(Status::invalid_argument("ttl_seconds must be between 1 and 86400"));
             }
@@ -305,7 +312,14 @@ impl enforcer_server::Enforcer for Api {
                 )));
             }
             let (cookie, g) = e
-                .open_grant(&r.from, &r.to, &r.protocol, port, Duration::from_secs(r.ttl_seconds), &r.reason)
+                .open_grant(
+                    &r.from,
+                    &r.to,
+                    &r.protocol,
+                    port..=end,
+                    Duration::from_secs(r.ttl_seconds),
+                    &r.reason,
+                )
                 .map_err(|err| status_of(&err))?;
             Ok(grant_msg(cookie, &g))
         })();

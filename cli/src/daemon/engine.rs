@@ -39,6 +39,9 @@ pub struct GrantInfo {
     pub to: String,
     pub protocol: String,
     pub port: u16,
+    /// Last port of the range `port..=end_port`; 0: the one port.
+    #[serde(default)]
+    pub end_port: u16,
     /// Monotonic nanoseconds.
     pub expires_at: u64,
     pub reason: String,
@@ -740,14 +743,15 @@ impl Engine {
         self.workloads.iter().position(|w| w.id() == id).with_context(|| format!("no workload {id:?}"))
     }
 
-    /// Open a grant `from` → `to` on `protocol`/`port` for `ttl`. Installs the egress key of
-    /// `from` and the ingress key of `to` (those that are local) before returning.
+    /// Open a grant `from` → `to` on `protocol` and the destination ports `ports` for `ttl`.
+    /// Installs the egress check of `from` and the ingress check of `to` (those that are
+    /// local) before returning: exact keys for one port, port ranges for several.
     pub fn open_grant(
         &mut self,
         from: &str,
         to: &str,
         protocol: &str,
-        port: u16,
+        ports: std::ops::RangeInclusive<u16>,
         ttl: Duration,
         reason: &str,
     ) -> Result<(u32, GrantInfo)> {
@@ -756,21 +760,27 @@ impl Engine {
         }
         // Grants the kernel already expired are released first.
         self.release_expired()?;
-        if port == 0 {
-            bail!("port must be 1-65535");
+        let (port, end) = (*ports.start(), *ports.end());
+        if port == 0 || end < port {
+            bail!("ports must be 1-65535, the first not after the last");
         }
         let (f, t) = (self.find(from)?, self.find(to)?);
         let proto = proto_number(protocol)?;
-        let mut keys = Vec::new();
+        let mut checks = Vec::new();
         if self.cfg.is_local(&self.workloads[f]) {
-            keys.push(Rule::key(DIR_EGRESS, self.identities[f], Some(self.identities[t]), proto, port));
+            checks.push((DIR_EGRESS, self.identities[f], self.identities[t]));
         }
         if self.cfg.is_local(&self.workloads[t]) {
-            keys.push(Rule::key(DIR_INGRESS, self.identities[t], Some(self.identities[f]), proto, port));
+            checks.push((DIR_INGRESS, self.identities[t], self.identities[f]));
         }
-        if keys.is_empty() {
+        if checks.is_empty() {
             bail!("neither {from} nor {to} runs on this node ({})", self.cfg.node);
         }
+        if end > port {
+            return self.open_range_grant(&checks, proto, (port, end), ttl, from, to, protocol, reason);
+        }
+        let keys: Vec<_> =
+            checks.iter().map(|&(dir, local, peer)| Rule::key(dir, local, Some(peer), proto, port)).collect();
         let handle = {
             let w = self.dp.writer();
             // Keys the policy already owns are handed to the grant for its lifetime: the
@@ -794,21 +804,62 @@ impl Engine {
             to: to.into(),
             protocol: protocol.to_ascii_uppercase(),
             port,
+            end_port: 0,
             expires_at: handle.expires_at,
             reason: reason.into(),
         };
-        self.own.grants.insert(handle.cookie, info.clone());
+        self.record_grant(handle.cookie, info)
+    }
+
+    /// A grant over a port range: port ranges of its own (they share the data plane's range
+    /// sets with the policy's, so no key changes hands).
+    #[expect(clippy::too_many_arguments, reason = "the grant's fields, passed through from open_grant")]
+    fn open_range_grant(
+        &mut self,
+        checks: &[(u8, u32, u32)],
+        proto: u8,
+        (port, end): (u16, u16),
+        ttl: Duration,
+        from: &str,
+        to: &str,
+        protocol: &str,
+        reason: &str,
+    ) -> Result<(u32, GrantInfo)> {
+        let ranges = checks
+            .iter()
+            .map(|&(dir, local, peer)| Rule::range(dir, local, Some(peer), proto, port, end))
+            .collect();
+        let handle = self.dp.writer().install(&Rule {
+            keys: Vec::new(),
+            ranges,
+            action: Action::Allow,
+            ttl: Some(ttl),
+        })?;
+        let info = GrantInfo {
+            from: from.into(),
+            to: to.into(),
+            protocol: protocol.to_ascii_uppercase(),
+            port,
+            end_port: end,
+            expires_at: handle.expires_at,
+            reason: reason.into(),
+        };
+        self.record_grant(handle.cookie, info)
+    }
+
+    fn record_grant(&mut self, cookie: u32, info: GrantInfo) -> Result<(u32, GrantInfo)> {
+        self.own.grants.insert(cookie, info.clone());
         self.save_ownership()?;
+        let ports = if info.end_port == 0 {
+            info.port.to_string()
+        } else {
+            format!("{}-{}", info.port, info.end_port)
+        };
         log::info(
             "grant opened",
-            &[
-                ("cookie", &handle.cookie.to_string()),
-                ("from", from),
-                ("to", to),
-                ("port", &port.to_string()),
-            ],
+            &[("cookie", &cookie.to_string()), ("from", &info.from), ("to", &info.to), ("port", &ports)],
         );
-        Ok((handle.cookie, info))
+        Ok((cookie, info))
     }
 
     fn reapply_without(
