@@ -25,7 +25,7 @@ use std::{
     net::IpAddr,
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use enforcer::{RangeKey, Rule};
 use enforcer_common::{
     DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PORT_ANY, PROTO_ANY,
@@ -296,7 +296,7 @@ pub fn sync_rules(
             match (old, want) {
                 (None, None) => {}
                 (None, Some(rule)) => {
-                    let h = w.install(&rule)?;
+                    let h = w.install(&rule).with_context(|| format!("installing the rule of {id}"))?;
                     rules.insert(id, h.cookie);
                 }
                 (Some(c), None) => {
@@ -314,7 +314,7 @@ pub fn sync_rules(
                         a == rule.ranges
                     });
                     if !same {
-                        let h = w.replace(c, &rule)?;
+                        let h = w.replace(c, &rule).with_context(|| format!("replacing the rule of {id}"))?;
                         rules.insert(id, h.cookie);
                     }
                 }

@@ -601,7 +601,8 @@ fn grants_through_the_cli() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!((v[0]["port"].as_u64(), v[0]["end_port"].as_u64()), (Some(9000), Some(9100)), "{out}");
     assert!(tcp_connect(a, "10.77.0.2:9050", Duration::from_secs(2)).is_some(), "port inside the range");
-    let (ok, out) = d.cli(&["grants", "open", "default/a", "default/b", "--port", "9100-9000", "--ttl", "1h"]);
+    let (ok, out) =
+        d.cli(&["grants", "open", "default/a", "default/b", "--port", "9100-9000", "--ttl", "1h"]);
     assert!(!ok && out.contains("first port comes first"), "{out}");
     // The policy's own allow is untouched by the grants.
     tcp_echo(b, "10.77.0.2:8080");
