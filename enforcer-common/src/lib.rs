@@ -712,6 +712,9 @@ pub mod map_names {
     pub const DELIVER: &str = "ZT_DELIVER";
     /// Program array: slot 0 the egress, slot 1 the ingress check of ICMP errors.
     pub const RELATED: &str = "ZT_RELATED";
+    /// Program arrays (one slot) of the `cgroup_skb` checks of ICMP errors, per direction.
+    pub const RELATED_CG_EGRESS: &str = "ZT_RELATED_CG_EGRESS";
+    pub const RELATED_CG_INGRESS: &str = "ZT_RELATED_CG_INGRESS";
     /// Per-CPU hand-over of a parsed packet from the sender's check to the local delivery
     /// program (kernel only; pinned so programs of two loads of one build can hand over).
     pub const HANDOFF: &str = "ZT_HANDOFF";
@@ -728,6 +731,9 @@ pub mod program_names {
     pub const TC_RELATED_FROM: &str = "zt_tc_related_from";
     /// ICMP errors entering a workload: tail-called from `zt_tc_to_wl`, never attached.
     pub const TC_RELATED_TO: &str = "zt_tc_related_to";
+    /// The same for cgroup-scoped workloads, tail-called from `zt_cg_egress` / `zt_cg_ingress`.
+    pub const CGROUP_RELATED_EGRESS: &str = "zt_cg_related_egress";
+    pub const CGROUP_RELATED_INGRESS: &str = "zt_cg_related_ingress";
     pub const CGROUP_SKB_INGRESS: &str = "zt_cg_ingress";
     pub const CGROUP_SKB_EGRESS: &str = "zt_cg_egress";
     pub const CONNECT4: &str = "zt_connect4";

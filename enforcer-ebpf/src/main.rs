@@ -37,7 +37,8 @@ use enforcer_common::{
 };
 use maps::{
     ZT_CGROUPS, ZT_CIDR, ZT_CONFIG, ZT_COUNTERS, ZT_CT4, ZT_CT6, ZT_ENDPOINTS, ZT_ENDPOINTS_HASH,
-    ZT_EVENT_BUDGET, ZT_EVENTS, ZT_IDENTITY, ZT_RELATED, ZT_SUPPRESSED,
+    ZT_EVENT_BUDGET, ZT_EVENTS, ZT_IDENTITY, ZT_RELATED, ZT_RELATED_CG_EGRESS, ZT_RELATED_CG_INGRESS,
+    ZT_SUPPRESSED,
 };
 use parse::{Flow, ParseError};
 use policy::{Local, decide, still_admitted};
@@ -748,6 +749,19 @@ pub fn zt_tc_related_to(ctx: TcContext) -> i32 {
     related::check(&ctx, DIR_INGRESS)
 }
 
+/// ICMP errors leaving a cgroup-scoped workload (tail call from `zt_cg_egress`, never
+/// attached). See `related.rs`.
+#[cgroup_skb(egress)]
+pub fn zt_cg_related_egress(ctx: SkBuffContext) -> i32 {
+    related::check_cgroup(&ctx, DIR_EGRESS)
+}
+
+/// ICMP errors entering a cgroup-scoped workload (tail call from `zt_cg_ingress`).
+#[cgroup_skb(ingress)]
+pub fn zt_cg_related_ingress(ctx: SkBuffContext) -> i32 {
+    related::check_cgroup(&ctx, DIR_INGRESS)
+}
+
 /// Local delivery (tail call from `zt_tc_from_wl`, never attached): the receiving workload's
 /// ingress check, then the packet goes straight to its namespace. See `local.rs`.
 #[classifier]
@@ -785,6 +799,17 @@ fn cg_main(ctx: &SkBuffContext, dir: u8) -> i32 {
         flow.link_local = false;
     }
     flow.set_dir(dir);
+    if flow.untracked && parse::icmp_error(&flow) {
+        // As for TC workloads (`related.rs`); with no program in the slot, policy judges it.
+        // SAFETY: tail call with the program's own context; on success control never returns.
+        let _ = unsafe {
+            if dir == DIR_EGRESS {
+                ZT_RELATED_CG_EGRESS.tail_call(ctx, 0)
+            } else {
+                ZT_RELATED_CG_INGRESS.tail_call(ctx, 0)
+            }
+        };
+    }
     i32::from(verdict(&flow, ep, dir, ifindex) != DROP)
 }
 

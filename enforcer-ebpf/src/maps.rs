@@ -101,3 +101,12 @@ pub static ZT_DELIVER: ProgramArray = ProgramArray::pinned(1, 0);
 /// set by userspace when it loads the programs. Empty, ICMP errors are judged by policy.
 #[map]
 pub static ZT_RELATED: ProgramArray = ProgramArray::pinned(2, 0);
+
+/// The same for `cgroup_skb` workloads, one array per direction (a program array only holds
+/// and serves programs of one attach type): `zt_cg_related_egress` in slot 0 of this one...
+#[map]
+pub static ZT_RELATED_CG_EGRESS: ProgramArray = ProgramArray::pinned(1, 0);
+
+/// ...and `zt_cg_related_ingress` in slot 0 of this one.
+#[map]
+pub static ZT_RELATED_CG_INGRESS: ProgramArray = ProgramArray::pinned(1, 0);

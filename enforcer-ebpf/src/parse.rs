@@ -325,16 +325,21 @@ pub struct Quoted {
     pub proto: u32,
 }
 
-/// Parse the packet quoted by the ICMP error in the Ethernet frame `skb` (of address family
-/// `family`, already parsed as an error by [`parse_l2`]) into `out`, initialised exactly when
-/// `Ok` is returned. Only what conntrack can know is accepted: TCP, UDP or SCTP ports, or an
+/// Parse the packet quoted by the ICMP error in `skb`, whose network header starts at `l3`
+/// ([`ETH_HLEN`] for a TC program, 0 for `cgroup_skb`; address family `family`, already parsed
+/// as an error) into `out`, initialised exactly when `Ok` is returned. Only what conntrack can know is accepted: TCP, UDP or SCTP ports, or an
 /// echo request or reply, of a quoted IPv4 packet that is not a later fragment, or of a quoted
 /// IPv6 packet without extension headers.
 #[inline(never)]
-pub fn quoted<P: Packet>(skb: &P, family: u8, out: &mut MaybeUninit<Quoted>) -> Result<(), ParseError> {
+pub fn quoted<P: Packet>(
+    skb: &P,
+    l3: usize,
+    family: u8,
+    out: &mut MaybeUninit<Quoted>,
+) -> Result<(), ParseError> {
     let (saddr, daddr, proto, l4) = if family == 4 {
-        let outer = skb.load::<Ipv4Hdr>(ETH_HLEN)?;
-        let inner = ETH_HLEN + usize::from(outer.ver_ihl & 0x0f) * 4 + 8;
+        let outer = skb.load::<Ipv4Hdr>(l3)?;
+        let inner = l3 + usize::from(outer.ver_ihl & 0x0f) * 4 + 8;
         let ip = skb.load::<Ipv4Hdr>(inner)?;
         let ihl = usize::from(ip.ver_ihl & 0x0f) * 4;
         if ip.ver_ihl >> 4 != 4 || ihl < 20 || u16::from_be(ip.frag_off) & 0x1fff != 0 {
@@ -342,8 +347,8 @@ pub fn quoted<P: Packet>(skb: &P, family: u8, out: &mut MaybeUninit<Quoted>) -> 
         }
         (mapped(ip.saddr), mapped(ip.daddr), ip.proto, inner + ihl)
     } else {
-        let outer = skb.load::<Ipv6Hdr>(ETH_HLEN)?;
-        let (icmp, _) = walk_extensions(skb, ETH_HLEN + 40, outer.next_hdr)?;
+        let outer = skb.load::<Ipv6Hdr>(l3)?;
+        let (icmp, _) = walk_extensions(skb, l3 + 40, outer.next_hdr)?;
         let ip = skb.load::<Ipv6Hdr>(icmp + 8)?;
         if (u32::from_be(ip.ver_tc_flow) >> 28) != 6 {
             return Err(ParseError::Malformed);

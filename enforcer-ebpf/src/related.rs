@@ -13,11 +13,12 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    programs::{TcContext, sk_buff::SkBuff},
+    helpers::bpf_skb_cgroup_id,
+    programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
 };
 use enforcer_common::{CtKey, CtKey4, DIR_EGRESS, DIR_INGRESS, Endpoint, Reason};
 
-use crate::{DROP, Tuple, count, ct_live, endpoint, parse, verdict};
+use crate::{DROP, Tuple, count, ct_live, endpoint, maps::ZT_CGROUPS, parse, verdict};
 
 /// Whether conntrack holds a live entry of `ep` under `key` (read only: an error never moves
 /// a flow's state).
@@ -27,14 +28,15 @@ fn tracked<K: Tuple>(key: &K, ep: &Endpoint) -> bool {
     unsafe { K::map().get(key) }.is_some_and(|ct| ct_live(ct, ep))
 }
 
-/// Whether the packet the error in `skb` quotes is of a flow this check point of `ep` tracks:
-/// the packet went the other way than the error (it was checked in the other direction), and
-/// it was either the flow's own packet or a reply to it. Not inlined: the quoted packet and the
-/// keys live in its own stack frame, released before the verdict runs.
+/// Whether the packet the error in `pkt` (network header at `l3`) quotes is of a flow this
+/// check point of `ep` tracks: the packet went the other way than the error (it was checked in
+/// the other direction), and it was either the flow's own packet or a reply to it. Not
+/// inlined: the quoted packet and the keys live in its own stack frame, released before the
+/// verdict runs.
 #[inline(never)]
-fn related(skb: &SkBuff, ep: &Endpoint, family: u8, dir: u8) -> bool {
+fn related<P: parse::Packet>(pkt: &P, l3: usize, ep: &Endpoint, family: u8, dir: u8) -> bool {
     let mut q = MaybeUninit::<parse::Quoted>::uninit();
-    if parse::quoted(&parse::Direct::new(skb), family, &mut q).is_err() {
+    if parse::quoted(pkt, l3, family, &mut q).is_err() {
         return false;
     }
     // SAFETY: initialised, as `quoted` does whenever it returns Ok.
@@ -80,9 +82,43 @@ pub fn check(ctx: &TcContext, dir: u8) -> i32 {
         return TC_ACT_SHOT;
     };
     flow.set_dir(dir);
-    if related(skb, ep, flow.family, dir) {
+    if related(&parse::Direct::new(skb), parse::ETH_HLEN, ep, flow.family, dir) {
         count(Reason::AllowRelated);
         return TC_ACT_OK;
     }
     if verdict(&flow, ep, dir, ifindex) == DROP { TC_ACT_SHOT } else { TC_ACT_OK }
+}
+
+/// The same for a cgroup-scoped workload: the body of `zt_cg_related_egress` /
+/// `zt_cg_related_ingress` (1 pass, 0 drop).
+#[inline(always)]
+pub fn check_cgroup(ctx: &SkBuffContext, dir: u8) -> i32 {
+    let skb: &SkBuff = &ctx.skb;
+    let pkt = parse::Loaded(skb);
+    let mut flow = MaybeUninit::<parse::Flow>::uninit();
+    if parse::parse_l3(&pkt, &mut flow).is_err() {
+        count(Reason::DropMalformed);
+        return 0;
+    }
+    // SAFETY: the parser initialised the flow, as it does whenever it returns Ok.
+    let mut flow = unsafe { flow.assume_init() };
+    if !flow.untracked || !parse::icmp_error(&flow) {
+        count(Reason::DropMalformed);
+        return 0;
+    }
+    // SAFETY: helper on the program's own context.
+    let cgid = unsafe { bpf_skb_cgroup_id(skb.skb) };
+    // SAFETY: read-only access to a map value the kernel keeps alive for this run.
+    let Some(ep) = (unsafe { ZT_CGROUPS.get(&cgid) }) else {
+        count(Reason::DropNoEndpoint);
+        return 0;
+    };
+    flow.set_dir(dir);
+    if related(&pkt, 0, ep, flow.family, dir) {
+        count(Reason::AllowRelated);
+        return 1;
+    }
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*skb.skb).ifindex };
+    i32::from(verdict(&flow, ep, dir, ifindex) != DROP)
 }

@@ -188,29 +188,27 @@ impl Datapath {
             let prog: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             prog.load().map_err(Error::program(name))?;
         }
-        // The tail-called programs of this load replace those in the pinned program arrays; a
-        // replacement is atomic, and a program attached by an earlier load uses them too.
         for (array, slot, name) in [
             (map_names::DELIVER, 0, program_names::TC_DELIVER),
             (map_names::RELATED, 0, program_names::TC_RELATED_FROM),
             (map_names::RELATED, 1, program_names::TC_RELATED_TO),
         ] {
-            let fd = {
-                let prog: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
-                prog.fd().map_err(Error::program(name))?.try_clone().map_err(|e| Error::Pin {
-                    what: "program fd",
-                    path: pin_dir.into(),
-                    source: Box::new(e),
-                })?
-            };
-            let map = ebpf.map_mut(array).ok_or(Error::MissingMap { name: array })?;
-            let mut jump: ProgramArray<&mut MapData> =
-                ProgramArray::try_from(map).map_err(Error::map(array))?;
-            jump.set(slot, &fd, 0).map_err(Error::map(array))?;
+            set_tail_call(&mut ebpf, pin_dir, array, slot, name)?;
         }
-        for name in [program_names::CGROUP_SKB_INGRESS, program_names::CGROUP_SKB_EGRESS] {
+        for name in [
+            program_names::CGROUP_SKB_INGRESS,
+            program_names::CGROUP_SKB_EGRESS,
+            program_names::CGROUP_RELATED_EGRESS,
+            program_names::CGROUP_RELATED_INGRESS,
+        ] {
             let prog: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
             prog.load().map_err(Error::program(name))?;
+        }
+        for (array, name) in [
+            (map_names::RELATED_CG_EGRESS, program_names::CGROUP_RELATED_EGRESS),
+            (map_names::RELATED_CG_INGRESS, program_names::CGROUP_RELATED_INGRESS),
+        ] {
+            set_tail_call(&mut ebpf, pin_dir, array, 0, name)?;
         }
         for name in &CGROUP_PROGRAMS[2..] {
             let prog: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
@@ -402,6 +400,27 @@ fn remove_link(path: &Path) -> Result<(), Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(Error::PinDir { path: path.into(), source }),
     }
+}
+
+/// Put the loaded program `name` into slot `slot` of the program array `array`. The tail-called
+/// programs of a load replace those in the pinned arrays; a replacement is atomic, and a
+/// program attached by an earlier load uses them too.
+fn set_tail_call(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    array: &'static str,
+    slot: u32,
+    name: &'static str,
+) -> Result<(), Error> {
+    let prog = ebpf.program(name).ok_or(Error::MissingProgram { name })?;
+    let fd = prog.fd().map_err(Error::program(name))?.try_clone().map_err(|e| Error::Pin {
+        what: "program fd",
+        path: pin_dir.into(),
+        source: Box::new(e),
+    })?;
+    let map = ebpf.map_mut(array).ok_or(Error::MissingMap { name: array })?;
+    let mut jump: ProgramArray<&mut MapData> = ProgramArray::try_from(map).map_err(Error::map(array))?;
+    jump.set(slot, &fd, 0).map_err(Error::map(array))
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>

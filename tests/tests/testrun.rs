@@ -1629,3 +1629,29 @@ fn replacing_a_rule_with_a_full_set_of_ranges() {
     );
     assert_eq!(dp.writer().rules().into_iter().map(|r| r.cookie).collect::<Vec<_>>(), vec![new.cookie]);
 }
+
+/// The same for a cgroup-scoped workload: its `cgroup_skb` checks hand ICMP errors to their
+/// own related check.
+#[test]
+fn icmp_errors_reach_cgroup_workloads_as_related() {
+    use aya::programs::{CgroupSkb, TestRun, TestRunOptions};
+    let mut dp = setup("cgrelated");
+    dp.writer().set_cgroup_workload(own_cgroup_id(), &workload(A, 1, Some("10.0.0.1"), None)).unwrap();
+    dp.writer().install(&allow(DIR_EGRESS, Some(B), TCP, 80)).unwrap();
+    let mut run = |name: &'static str, frame: &[u8]| {
+        let prog: &mut CgroupSkb = dp.dp.program_mut(name).unwrap().try_into().unwrap();
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        prog.test_run(opts).unwrap().return_value
+    };
+    use enforcer_common::program_names::{CGROUP_SKB_EGRESS, CGROUP_SKB_INGRESS};
+    let syn = frame::tcp4("10.0.0.1", 40000, "10.0.0.2", 80);
+    assert_eq!(run(CGROUP_SKB_EGRESS, &syn), 1);
+    let related = frame::icmp_error("192.0.2.1", "10.0.0.1", 3, 4, &syn);
+    assert_eq!(run(CGROUP_SKB_INGRESS, &related), 1, "error about the tracked flow");
+    let other =
+        frame::icmp_error("192.0.2.1", "10.0.0.1", 3, 4, &frame::tcp4("10.0.0.1", 40000, "10.0.0.2", 81));
+    assert_eq!(run(CGROUP_SKB_INGRESS, &other), 0, "error about another flow: judged, denied");
+    let c = dp.writer().counters().unwrap();
+    assert_eq!((c[&Reason::AllowRelated], c[&Reason::DropDefault]), (1, 1), "{c:?}");
+}
