@@ -378,14 +378,16 @@ pub fn quoted<P: Packet>(
     Ok(())
 }
 
-/// Whether a parsed flow is an ICMP or ICMPv6 error (destination unreachable, time exceeded,
-/// parameter problem; for ICMPv6 also packet too big), which quotes the packet it is about.
+/// Whether a parsed flow is an ICMP error over IPv4 or an ICMPv6 error over IPv6 (destination
+/// unreachable, time exceeded, parameter problem; for ICMPv6 also packet too big), which quotes
+/// the packet it is about. (Either protocol over the other IP version is just a protocol
+/// number: policy judges it.)
 #[inline(always)]
 pub fn icmp_error(flow: &Flow) -> bool {
     let ty = flow.policy_port & 0xff;
     match flow.proto() {
-        IPPROTO_ICMP => matches!(ty, 3 | 11 | 12),
-        IPPROTO_ICMPV6 => matches!(ty, 1..=4),
+        IPPROTO_ICMP => flow.family == 4 && matches!(ty, 3 | 11 | 12),
+        IPPROTO_ICMPV6 => flow.family == 6 && matches!(ty, 1..=4),
         _ => false,
     }
 }

@@ -138,7 +138,7 @@ fn may_pass(f: &[u8], egress: bool, hook: Hook) -> Result<(), String> {
                 return Err("IPv4 fragment".into());
             }
             let (src, dst) = (&ip[12..16], &ip[16..20]);
-            if ip[9] == 1 && quotes_the_rule(f, 14 + ihl, 4) {
+            if ip[9] == 1 && quotes_the_rule(f, 14 + ihl, 4, hook) {
                 return Ok(());
             }
             tcp_of_the_rule(
@@ -170,7 +170,7 @@ fn may_pass(f: &[u8], egress: bool, hook: Hook) -> Result<(), String> {
                 }
             }
             let (src, dst) = (&ip[8..24], &ip[24..40]);
-            if next == 58 && quotes_the_rule(f, off, 6) {
+            if next == 58 && quotes_the_rule(f, off, 6, hook) {
                 return Ok(());
             }
             if next == 58 && neighbour_housekeeping(at(off, 8)?[0], ip[7], src, dst, egress) {
@@ -183,8 +183,9 @@ fn may_pass(f: &[u8], egress: bool, hook: Hook) -> Result<(), String> {
 }
 
 /// Whether the ICMP (`family` 4) or `ICMPv6` message at `off` is an error quoting a packet of
-/// the rule's flow, either way (errors about a tracked flow pass as related to it).
-fn quotes_the_rule(f: &[u8], off: usize, family: u8) -> bool {
+/// the rule's flow, either way (errors about a tracked flow pass as related to it); at the
+/// cgroup hooks the local end may be any address, as for the flow itself.
+fn quotes_the_rule(f: &[u8], off: usize, family: u8, hook: Hook) -> bool {
     let Some(&ty) = f.get(off) else { return false };
     let error = if family == 4 { matches!(ty, 3 | 11 | 12) } else { matches!(ty, 1..=4) };
     let inner = off + 8;
@@ -200,7 +201,8 @@ fn quotes_the_rule(f: &[u8], off: usize, family: u8) -> bool {
     let Some((src, dst, proto, ports)) = quoted else { return false };
     let (a, b): (&[u8], &[u8]) = if family == 4 { (&A4, &B4) } else { (&A6, &B6) };
     let (sport, dport) = (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]));
-    error && proto == 6 && ((src == a && dst == b && dport == 80) || (src == b && dst == a && sport == 80))
+    let is_a = |x: &[u8]| hook == Hook::Cgroup || x == a;
+    error && proto == 6 && ((is_a(src) && dst == b && dport == 80) || (src == b && is_a(dst) && sport == 80))
 }
 
 /// Neighbour discovery or MLD with the hop limit of an unrouted packet, on A's link: leaving

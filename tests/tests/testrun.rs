@@ -1541,6 +1541,17 @@ fn icmp_errors_about_tracked_flows_pass_as_related() {
                 AllowRelated,
             ),
             case(
+                "an ICMPv6 error over IPv4 is only a protocol number",
+                t,
+                {
+                    let mut l4 = vec![2, 0, 0, 0, 0, 0, 0, 0];
+                    l4.extend_from_slice(&c[2][14..14 + 28]);
+                    frame::frame4(router, "10.0.0.1", ICMPV6, &l4)
+                },
+                false,
+                DropDefault,
+            ),
+            case(
                 "unreachable about another port",
                 t,
                 frame::icmp_error(router, "10.0.0.1", 3, 4, &connection("10.0.0.2", 81)[2]),
